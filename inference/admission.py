@@ -1,0 +1,158 @@
+"""Admission: a bounded priority queue in front of each model's running slots.
+
+Requests wait here until the engine (or upstream) has a free slot. The order is effective priority
+(the ``X-Wattson-Priority`` hint, capped by the key's tier), then tier, then arrival. Over the
+queue's depth the lowest-priority waiting request is shed; past the longest allowed wait a request
+is shed too. Shed requests get 503 with ``Retry-After`` (the API's job); a waiting client that goes
+away simply leaves the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+from inference.config import Tier
+
+PriorityName = Literal["low", "normal", "high"]
+PRIORITY_RANK: dict[str, int] = {"low": 0, "normal": 1, "high": 2}
+TIER_RANK: dict[str, int] = {"free": 0, "standard": 1, "premium": 2}
+# The highest priority each tier may ask for: free keys cannot jump the queue.
+TIER_PRIORITY_CAP: dict[str, PriorityName] = {"free": "normal", "standard": "high", "premium": "high"}
+
+
+def effective_priority(hint: PriorityName, tier: Tier) -> PriorityName:
+    cap = TIER_PRIORITY_CAP[tier]
+    return hint if PRIORITY_RANK[hint] <= PRIORITY_RANK[cap] else cap
+
+
+ShedReason = Literal["queue_full", "queue_timeout", "displaced"]
+
+
+class Shed(Exception):
+    """The request was not admitted; ``retry_after_s`` says when trying again is sensible."""
+
+    def __init__(self, reason: ShedReason, retry_after_s: int, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(order=True)
+class _Waiter:
+    key: tuple[int, int, int]
+    future: asyncio.Future[Slot] = field(compare=False)
+    enqueued_at: float = field(compare=False)
+    done: bool = field(default=False, compare=False)
+
+
+class Slot:
+    """A running slot held by one request; ``release`` it exactly once when the request ends."""
+
+    def __init__(self, queue: AdmissionQueue, *, queue_wait_s: float, depth_at_admit: int) -> None:
+        self._queue = queue
+        self.queue_wait_s = queue_wait_s
+        self.depth_at_admit = depth_at_admit
+        self._held_since = time.perf_counter()
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._queue._release(time.perf_counter() - self._held_since)
+
+
+class AdmissionQueue:
+    def __init__(self, *, capacity: int, max_depth: int, max_wait_s: float) -> None:
+        self.capacity = capacity
+        self.max_depth = max_depth
+        self.max_wait_s = max_wait_s
+        self.in_use = 0
+        self._heap: list[_Waiter] = []
+        self._depth = 0
+        self._arrivals = itertools.count()
+        self._mean_service_s: float | None = None
+        self.shed_total: dict[ShedReason, int] = {"queue_full": 0, "queue_timeout": 0, "displaced": 0}
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting now (not counting those running)."""
+        return self._depth
+
+    async def admit(self, *, priority: PriorityName, tier: Tier) -> Slot:
+        """Wait for a running slot; raise ``Shed`` if the request is not to be served."""
+        depth_at_admit = self._depth
+        if self.in_use < self.capacity and self._depth == 0:
+            self.in_use += 1
+            return Slot(self, queue_wait_s=0.0, depth_at_admit=0)
+        key = (-PRIORITY_RANK[priority], -TIER_RANK[tier], next(self._arrivals))
+        if self._depth >= self.max_depth:
+            lowest = max((w for w in self._heap if not w.done), default=None)
+            if lowest is None or lowest.key < key:
+                self._count_shed("queue_full")
+                raise Shed("queue_full", self.retry_after_s(), "The queue is full; try again later.")
+            self._drop(lowest)
+            self._count_shed("displaced")
+            lowest.future.set_exception(
+                Shed("displaced", self.retry_after_s(), "Shed for higher-priority work; try again later.")
+            )
+        waiter = _Waiter(key, asyncio.get_running_loop().create_future(), time.perf_counter())
+        heapq.heappush(self._heap, waiter)
+        self._depth += 1
+        try:
+            slot = await asyncio.wait_for(asyncio.shield(waiter.future), timeout=self.max_wait_s)
+        except TimeoutError:
+            if waiter.future.done() and not waiter.future.exception():
+                waiter.future.result().release()  # granted at the last moment: give it back
+            elif not waiter.future.done():
+                self._drop(waiter)
+                waiter.future.cancel()
+            self._count_shed("queue_timeout")
+            raise Shed(
+                "queue_timeout",
+                self.retry_after_s(),
+                f"The request waited over {self.max_wait_s:g} s in the queue; try again later.",
+            ) from None
+        except asyncio.CancelledError:  # the client went away while waiting
+            if waiter.future.done() and not waiter.future.cancelled() and not waiter.future.exception():
+                waiter.future.result().release()
+            elif not waiter.future.done():
+                self._drop(waiter)
+                waiter.future.cancel()
+            raise
+        slot.depth_at_admit = depth_at_admit
+        return slot
+
+    def retry_after_s(self) -> int:
+        """A client's sensible wait: the queue ahead drained at the observed service rate."""
+        service = self._mean_service_s if self._mean_service_s is not None else 1.0
+        estimate = (self._depth + 1) * service / max(1, self.capacity)
+        return int(min(60, max(1, math.ceil(estimate))))
+
+    def _drop(self, waiter: _Waiter) -> None:
+        if not waiter.done:
+            waiter.done = True
+            self._depth -= 1
+
+    def _count_shed(self, reason: ShedReason) -> None:
+        self.shed_total[reason] += 1
+
+    def _release(self, held_s: float) -> None:
+        self._mean_service_s = held_s if self._mean_service_s is None else 0.9 * self._mean_service_s + 0.1 * held_s
+        self.in_use -= 1
+        while self._heap and self.in_use < self.capacity:
+            waiter = heapq.heappop(self._heap)
+            if waiter.done:
+                continue
+            self._drop(waiter)
+            if waiter.future.done():
+                continue
+            self.in_use += 1
+            waiter.future.set_result(
+                Slot(self, queue_wait_s=time.perf_counter() - waiter.enqueued_at, depth_at_admit=0)
+            )

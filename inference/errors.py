@@ -1,0 +1,102 @@
+"""The OpenAI error body for every failure, with the right status and never a stack trace."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("inference.api")
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "internal_error",
+    502: "upstream_error",
+    503: "server_overloaded",
+    504: "upstream_timeout",
+}
+
+
+class ApiError(Exception):
+    """A failure the client should see, in OpenAI's shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        retry_after_s: int | None = None,
+        error_type: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.retry_after_s = retry_after_s
+        self.error_type = error_type or _TYPES.get(status, "invalid_request_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"type": self.error_type, "message": self.message, "code": self.code,
+                          "param": self.param}}
+
+    def headers(self) -> dict[str, str]:
+        headers = {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else {}
+        if self.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers())
+
+
+def validation_error(exc: RequestValidationError | Exception) -> ApiError:
+    """Describe the first problem of a pydantic validation failure as a 400 naming the field."""
+    errors = exc.errors() if hasattr(exc, "errors") else []
+    if not errors:
+        return ApiError(400, "The request body is not valid.", code="invalid_request")
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    message = str(first.get("msg", "invalid value"))
+    if first.get("type") == "json_invalid":
+        return ApiError(400, "The request body is not valid JSON.", code="invalid_json")
+    if first.get("type") == "missing":
+        return ApiError(400, f"Missing required parameter: '{param}'.", code="missing_required_parameter",
+                        param=param)
+    return ApiError(400, f"Invalid value for '{param}': {message}.", code="invalid_value", param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = {404: "Not found.", 405: "Method not allowed."}.get(exc.status_code, str(exc.detail))
+        return ApiError(exc.status_code, message, code=f"http_{exc.status_code}").response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return ApiError(500, "The server failed to process the request.", code="internal_error").response()

@@ -1,0 +1,89 @@
+"""One request's measurement, from arrival to the request event it becomes (DESIGN.md contract).
+
+Times are taken with ``time.perf_counter`` for durations and the wall clock only for the
+``started_at``/``finished_at`` stamps, so a clock step never makes a latency negative.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from inference.contracts import EventStatus, Priority, RequestEvent
+from inference.engine.engine import GenerationResult
+
+
+@dataclass
+class RequestMeasurement:
+    runtime_id: str
+    tenant: str
+    api_key_id: str
+    feature: str
+    priority: Priority
+    model_requested: str = ""
+    end_user: str | None = None
+    model_served: str | None = None
+    route_reason: str = "requested"
+    device: str | None = None
+    status: EventStatus = "ok"
+    http_status: int = 200
+    error_type: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_wait_s: float | None = None
+    queue_depth_at_admit: int | None = None
+    result: GenerationResult | None = None
+    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    t0: float = field(default_factory=time.perf_counter)
+    t_end: float | None = None
+
+    def fail(self, status: EventStatus, http_status: int, error_type: str | None) -> None:
+        self.status, self.http_status, self.error_type = status, http_status, error_type
+
+    def finish(self, result: GenerationResult | None = None) -> None:
+        if result is not None:
+            self.result = result
+            self.prompt_tokens = result.prompt_tokens
+            self.completion_tokens = result.completion_tokens
+        self.t_end = result.finished_at if result is not None else time.perf_counter()
+
+    def to_event(self) -> RequestEvent:
+        end = self.t_end if self.t_end is not None else time.perf_counter()
+        e2e_s = max(0.0, end - self.t0)
+        r = self.result
+        ttft_ms = tpot_ms = None
+        if r is not None and r.first_token_at is not None:
+            ttft_ms = max(0.0, r.first_token_at - self.t0) * 1000
+            if r.completion_tokens > 1:
+                tpot_ms = max(0.0, r.finished_at - r.first_token_at) * 1000 / (r.completion_tokens - 1)
+        return RequestEvent(
+            event_id=self.event_id,
+            runtime_id=self.runtime_id,
+            started_at=self.started_at,
+            finished_at=self.started_at + timedelta(seconds=e2e_s),
+            tenant=self.tenant,
+            feature=self.feature,
+            end_user=self.end_user,
+            api_key_id=self.api_key_id,
+            model_requested=self.model_requested,
+            model_served=self.model_served,
+            route_reason=self.route_reason,
+            priority=self.priority,
+            status=self.status,
+            http_status=self.http_status,
+            error_type=self.error_type,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            queue_wait_ms=None if self.queue_wait_s is None else self.queue_wait_s * 1000,
+            ttft_ms=ttft_ms,
+            e2e_ms=e2e_s * 1000,
+            tpot_ms=tpot_ms,
+            queue_depth_at_admit=self.queue_depth_at_admit,
+            mean_batch_size=r.mean_batch_size if r else None,
+            gpu_seconds=r.gpu_seconds if r else None,
+            energy_joules=r.energy_joules if r else None,
+            device=self.device,
+        )

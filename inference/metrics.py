@@ -1,0 +1,93 @@
+"""Prometheus metrics: counters and histograms fed by request events and engine steps, and gauges
+read from the live runtime at scrape time (queue depth, running sequences, GPUs, spool)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from inference.contracts import RequestEvent
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
+
+# `_created` timestamps double every series and no dashboard reads them.
+disable_created_metrics()
+
+GaugeReader = Callable[[], Iterable[tuple[str, str, dict[str, str], float]]]
+
+
+class _LiveGauges(Collector):
+    """Reads current values when scraped: (name, help, labels, value) rows from the runtime."""
+
+    def __init__(self, read: GaugeReader) -> None:
+        self._read = read
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        families: dict[str, GaugeMetricFamily] = {}
+        for name, help_text, labels, value in self._read():
+            family = families.get(name)
+            if family is None:
+                family = families[name] = GaugeMetricFamily(name, help_text, labels=sorted(labels))
+            family.add_metric([labels[k] for k in sorted(labels)], value)
+        return families.values()
+
+
+class RuntimeMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("wattson_requests", "Requests by model and outcome",
+                                ["model", "status"], registry=r)
+        self.tokens = Counter("wattson_tokens", "Tokens processed", ["model", "kind"], registry=r)
+        self.gpu_seconds = Counter("wattson_attributed_gpu_seconds", "Engine busy time attributed to requests",
+                                   ["model"], registry=r)
+        self.ttft = Histogram("wattson_ttft_seconds", "Time to first token", ["model"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("wattson_queue_wait_seconds", "Time waiting for a running slot",
+                                    ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("wattson_e2e_latency_seconds", "Request latency, arrival to last byte",
+                             ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("wattson_engine_batch_size", "Sequences in each engine step",
+                                    ["model", "kind"], buckets=BATCH_BUCKETS, registry=r)
+        self.step_seconds = Histogram("wattson_engine_step_seconds", "Wall time of each engine step",
+                                      ["model", "kind"], buckets=LATENCY_BUCKETS, registry=r)
+        self.telemetry_dropped = Counter("wattson_telemetry_dropped_records",
+                                         "Records the exporter could not keep", registry=r)
+
+    def watch(self, read: GaugeReader) -> None:
+        self.registry.register(_LiveGauges(read))
+
+    def observe_event(self, event: RequestEvent) -> None:
+        model = event.model_served or event.model_requested
+        self.requests.labels(model, event.status).inc()
+        self.tokens.labels(model, "prompt").inc(event.prompt_tokens)
+        self.tokens.labels(model, "completion").inc(event.completion_tokens)
+        if event.gpu_seconds:
+            self.gpu_seconds.labels(model).inc(event.gpu_seconds)
+        if event.ttft_ms is not None:
+            self.ttft.labels(model).observe(event.ttft_ms / 1000)
+        if event.queue_wait_ms is not None:
+            self.queue_wait.labels(model).observe(event.queue_wait_ms / 1000)
+        self.e2e.labels(model).observe(event.e2e_ms / 1000)
+
+    def step_observer(self, model: str) -> Callable[[str, int, float], None]:
+        def observe(kind: str, batch_size: int, seconds: float) -> None:
+            self.batch_size.labels(model, kind).observe(batch_size)
+            self.step_seconds.labels(model, kind).observe(seconds)
+
+        return observe
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), "text/plain; version=0.0.4; charset=utf-8"
+
+
+def gauge(name: str, help_text: str, value: float | None, **labels: Any) -> list[tuple[str, str, dict, float]]:
+    """A gauge row, or none when the value was not measured (absent, never zero)."""
+    if value is None:
+        return []
+    return [(name, help_text, {k: str(v) for k, v in labels.items()}, float(value))]

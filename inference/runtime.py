@@ -1,0 +1,202 @@
+"""The runtime: the models it serves, their admission queues, metrics and telemetry, wired together.
+
+``Runtime`` owns every long-lived part and their start and stop order; the HTTP layer (``api.py``)
+only asks it to authenticate, to find a model's backend and to record what happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable, Iterable
+
+import httpx
+
+from inference.admission import AdmissionQueue
+from inference.backends import LocalBackend, UpstreamBackend
+from inference.config import ApiKey, RuntimeConfig
+from inference.contracts import RequestEvent
+from inference.engine.engine import Engine
+from inference.engine.models import LoadedModel, load_model, resolve_device
+from inference.errors import ApiError
+from inference.gpu import GpuMonitor
+from inference.measurement import RequestMeasurement
+from inference.metrics import RuntimeMetrics, gauge
+from inference.telemetry.exporter import TelemetryExporter
+from inference.telemetry.sampler import RuntimeSampler
+
+log = logging.getLogger("inference.runtime")
+
+Backend = LocalBackend | UpstreamBackend
+
+
+class Runtime:
+    def __init__(
+        self,
+        config: RuntimeConfig,
+        *,
+        gpu: GpuMonitor | None = None,
+        preloaded: Iterable[LoadedModel] = (),
+    ) -> None:
+        self.config = config
+        self.gpu = gpu
+        self.metrics = RuntimeMetrics()
+        self.backends: dict[str, Backend] = {}
+        self.exporter: TelemetryExporter | None = None
+        self.sampler: RuntimeSampler | None = None
+        self._preloaded = {m.name: m for m in preloaded}
+        self._keys = {_digest(k.key): k for k in config.api_keys}
+        self._http: httpx.AsyncClient | None = None
+        self.ready = False
+        self._listeners: list[Callable[[RequestEvent], None]] = []
+        self.metrics.watch(self._live_gauges)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        config = self.config
+        if self.gpu is None:
+            self.gpu = await asyncio.to_thread(GpuMonitor)
+        device = resolve_device(config.device)
+        for spec in config.models:
+            loaded = self._preloaded.get(spec) or await asyncio.to_thread(
+                load_model, spec, device=device, cache_dir=config.model_cache_dir,
+                max_model_len=config.max_model_len,
+            )
+            self.backends[loaded.name] = self._local_backend(loaded)
+        if config.upstreams:
+            self._http = httpx.AsyncClient(
+                timeout=httpx.Timeout(config.upstream_timeout_s, connect=5.0),
+                limits=httpx.Limits(max_connections=config.upstream_max_concurrency * len(config.upstreams),
+                                    max_keepalive_connections=config.upstream_max_concurrency),
+            )
+            for upstream in config.upstreams:
+                admission = self._admission(config.upstream_max_concurrency)
+                self.backends[upstream.name] = UpstreamBackend(upstream, self._http, admission)
+        if config.finops_url:
+            self.exporter = TelemetryExporter(
+                url=config.finops_url,
+                token=config.finops_token,
+                spool_dir=config.spool_dir,
+                spool_max_bytes=int(config.spool_max_mb * 1024 * 1024),
+                batch_size=config.export_batch_size,
+                interval_s=config.export_interval_s,
+            )
+            self.exporter.start()
+        self.sampler = RuntimeSampler(self, interval_s=config.sample_interval_s)
+        self.sampler.start()
+        self.ready = True
+        log.info("serving %s on %s:%d", ", ".join(self.backends), config.host, config.port)
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self.sampler is not None:
+            self.sampler.stop()
+        for backend in self.backends.values():
+            if isinstance(backend, LocalBackend):
+                await asyncio.to_thread(backend.engine.stop)
+        if self._http is not None:
+            await self._http.aclose()
+        if self.exporter is not None:
+            await asyncio.to_thread(self.exporter.close)
+        if self.gpu is not None:
+            self.gpu.close()
+
+    def _admission(self, capacity: int) -> AdmissionQueue:
+        return AdmissionQueue(capacity=capacity, max_depth=self.config.max_queue_depth,
+                              max_wait_s=self.config.max_queue_wait_s)
+
+    def _local_backend(self, loaded: LoadedModel) -> LocalBackend:
+        energy_reader = None
+        if self.gpu is not None and loaded.device.type == "cuda":
+            index = self.gpu.index_of(loaded.device_label)
+            if index is not None:
+                gpu = self.gpu
+                energy_reader = lambda: gpu.energy_joules(index)  # noqa: E731
+        engine = Engine(
+            loaded,
+            max_batch_size=self.config.max_batch_size,
+            max_prefill_tokens=self.config.max_prefill_tokens,
+            energy_reader=energy_reader,
+            on_step=self.metrics.step_observer(loaded.name),
+        )
+        engine.start()
+        return LocalBackend(loaded, engine, self._admission(self.config.max_batch_size),
+                            default_max_tokens=self.config.default_max_tokens)
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def authenticate(self, authorization: str | None) -> ApiKey:
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(401, "Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key")
+        key = self._keys.get(_digest(token.strip()))
+        if key is None:
+            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+        return key
+
+    def backend(self, model: str) -> Backend:
+        backend = self.backends.get(model)
+        if backend is None:
+            raise ApiError(404, f"The model '{model}' does not exist on this runtime. Available: "
+                           f"{', '.join(sorted(self.backends))}.", code="model_not_found", param="model")
+        return backend
+
+    def record(self, measurement: RequestMeasurement) -> None:
+        """Count a finished request and hand its event to the exporter (never blocks)."""
+        event = measurement.to_event()
+        self.metrics.observe_event(event)
+        if self.exporter is not None:
+            self.exporter.record_event(event)
+        for listener in self._listeners:
+            listener(event)
+
+    def subscribe(self, listener: Callable[[RequestEvent], None]) -> None:
+        """Also hand every request event to ``listener`` (called on the event loop; must not block)."""
+        self._listeners.append(listener)
+
+    # -- state for /metrics, /health and samples ------------------------------------------------
+
+    def queue_depth(self) -> int:
+        return sum(b.admission.depth for b in self.backends.values())
+
+    def running(self) -> int:
+        return sum(b.admission.in_use for b in self.backends.values())
+
+    def _live_gauges(self) -> list[tuple[str, str, dict, float]]:
+        rows: list[tuple[str, str, dict, float]] = []
+        for name, b in self.backends.items():
+            rows += gauge("wattson_queue_depth", "Requests waiting for a slot", b.admission.depth, model=name)
+            rows += gauge("wattson_running_requests", "Requests holding a slot", b.admission.in_use, model=name)
+            for reason, count in b.admission.shed_total.items():
+                rows += gauge("wattson_shed_requests_total", "Requests shed by admission", count,
+                              model=name, reason=reason)
+            if isinstance(b, LocalBackend):
+                s = b.engine.stats
+                rows += gauge("wattson_running_sequences", "Sequences in the engine's batch", s.running, model=name)
+                rows += gauge("wattson_kv_cache_tokens", "KV cache slots held, padding included",
+                              s.kv_tokens_held, model=name)
+                rows += gauge("wattson_engine_busy_seconds_total", "Measured engine step time",
+                              s.busy_seconds_total, model=name)
+                rows += gauge("wattson_engine_energy_joules_total", "Measured energy of engine steps",
+                              s.energy_joules_total, model=name)
+        for d in self.gpu.sample() if self.gpu is not None else []:
+            for field, help_text in (("gpu_util", "GPU utilisation %"), ("mem_used", "GPU memory used bytes"),
+                                     ("mem_total", "GPU memory bytes"), ("power_w", "GPU power W"),
+                                     ("energy_joules_total", "GPU energy counter J"),
+                                     ("temperature_c", "GPU temperature C")):
+                rows += gauge(f"wattson_gpu_{field}", help_text, getattr(d, field), device=d.device)
+        if self.exporter is not None:
+            stats = self.exporter.stats()
+            for key in ("queued", "spooled_records", "spooled_bytes", "sent_records", "failed_posts",
+                        "dropped_records", "rejected_records"):
+                rows += gauge(f"wattson_telemetry_{key}", f"Telemetry exporter: {key}", stats.get(key))  # type: ignore[arg-type]
+            rows += gauge("wattson_telemetry_spool_full", "1 while the spool refuses records",
+                          1.0 if stats.get("spool_full") else 0.0)
+        return rows
+
+
+def _digest(key: str) -> str:
+    # Keys are looked up by their hash, so lookup time says nothing about a key's characters.
+    return hashlib.sha256(key.encode()).hexdigest()

@@ -1,0 +1,82 @@
+"""A live runtime for tests: the real FastAPI app under a real uvicorn server on a free port."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import uvicorn
+
+from inference.api import create_app
+from inference.config import ApiKey, RuntimeConfig
+from inference.contracts import RequestEvent
+from inference.engine.models import LoadedModel
+from inference.runtime import Runtime
+
+KEYS = (
+    ApiKey("sk-acme-premium-0001", "acme", "premium"),
+    ApiKey("sk-globex-standard-02", "globex", "standard"),
+    ApiKey("sk-initech-free-0003", "initech", "free"),
+)
+ACME, GLOBEX, INITECH = (k.key for k in KEYS)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclasses.dataclass
+class LiveRuntime:
+    base_url: str
+    runtime: Runtime
+    events: list[RequestEvent]
+
+    def client(self, key: str = ACME, **headers: str) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, headers={"Authorization": f"Bearer {key}", **headers},
+                            timeout=60)
+
+    def wait_for_events(self, count: int, timeout: float = 10.0) -> list[RequestEvent]:
+        deadline = time.monotonic() + timeout
+        while len(self.events) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return list(self.events)
+
+
+@contextmanager
+def serve(config: RuntimeConfig, preloaded: tuple[LoadedModel, ...] = (), **runtime_kwargs: Any
+          ) -> Iterator[LiveRuntime]:
+    """Serve ``config`` on a free port until the block ends."""
+    port = free_port()
+    config = dataclasses.replace(config, port=port)
+    runtime = Runtime(config, preloaded=preloaded, **runtime_kwargs)
+    events: list[RequestEvent] = []
+    runtime.subscribe(events.append)
+    server = uvicorn.Server(uvicorn.Config(create_app(config, runtime), host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the runtime did not start")
+        time.sleep(0.02)
+    try:
+        yield LiveRuntime(f"http://127.0.0.1:{port}", runtime, events)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def tiny_config(**overrides: Any) -> RuntimeConfig:
+    base = RuntimeConfig(models=("tiny-random",), device="cpu", api_keys=KEYS, runtime_id="test-runtime",
+                         sample_interval_s=60.0, max_batch_size=8, max_queue_depth=16, max_queue_wait_s=30.0,
+                         default_max_tokens=16)
+    return dataclasses.replace(base, **overrides)
