@@ -75,32 +75,38 @@ def _batch_body(records: list[SpoolRecord]) -> bytes:
 
 
 class _DropLog:
-    """Counts dropped records by reason and reports them at ERROR at most every few seconds."""
+    """Counts dropped records by reason and logs each reason at ERROR at most every few seconds."""
 
     def __init__(self, interval_s: float = DROP_LOG_INTERVAL_S) -> None:
         self._interval_s = interval_s
         self._lock = threading.Lock()
         self._unreported: Counter[str] = Counter()
-        self._last_report = float("-inf")
+        self._details: dict[str, str] = {}
+        self._last_report: dict[str, float] = {}
         self.total = 0
 
-    def note(self, reason: str, count: int = 1) -> None:
+    def note(self, reason: str, count: int = 1, detail: str = "") -> None:
+        """Count ``count`` records dropped for ``reason`` (a fixed phrase; ``detail`` may vary)."""
         with self._lock:
             self._unreported[reason] += count
+            self._details[reason] = detail
             self.total += count
 
     def report(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        lines: list[tuple[str, int, float | None, str]] = []
         with self._lock:
-            now = time.monotonic()
-            if not self._unreported or (not force and now - self._last_report < self._interval_s):
-                return
-            unreported, self._unreported = self._unreported, Counter()
-            since = now - self._last_report
-            self._last_report = now
-        window = f"in the last {since:.0f} s" if since != float("inf") else "so far"
-        for reason, count in unreported.items():
-            logger.error("telemetry: dropped %d records %s: %s (%d dropped in all)",
-                         count, window, reason, self.total)
+            for reason, count in list(self._unreported.items()):
+                last = self._last_report.get(reason)
+                if force or last is None or now - last >= self._interval_s:
+                    lines.append((reason, count, None if last is None else now - last, self._details[reason]))
+                    self._last_report[reason] = now
+                    del self._unreported[reason]
+            total = self.total
+        for reason, count, since, detail in lines:
+            window = "" if since is None else f" in the last {since:.0f} s"
+            logger.error("telemetry: dropped %d records%s: %s%s (%d dropped in all)",
+                         count, window, reason, f" ({detail})" if detail else "", total)
 
 
 class TelemetryExporter:
@@ -183,7 +189,7 @@ class TelemetryExporter:
             try:
                 self._queue.put_nowait((kind, data))
             except queue.Full:
-                self._drops.note(f"in-memory queue full ({self._queue.maxsize} records)")
+                self._drops.note("in-memory queue full", 1, f"{self._queue.maxsize} records")
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -335,11 +341,10 @@ class TelemetryExporter:
         refused = len(records) - self._spool.append(records)
         if refused:
             if self._spool.full:
-                reason = (f"spool full ({self._spool.size_bytes} of {self._spool.max_bytes} bytes at "
-                          f"{self._spool.directory}; is the collector down?)")
+                self._drops.note("spool full", refused, f"{self._spool.size_bytes} of {self._spool.max_bytes} "
+                                 f"bytes at {self._spool.directory}; is the collector down?")
             else:
-                reason = f"spool write failed ({self._spool.write_error})"
-            self._drops.note(reason, refused)
+                self._drops.note("spool write failed", refused, str(self._spool.write_error))
 
     # -- sender thread -----------------------------------------------------------------------
 

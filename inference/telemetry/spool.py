@@ -353,7 +353,7 @@ class Spool:
             if p.name[len(_SEGMENT_PREFIX) : -len(_SEGMENT_SUFFIX)].isdigit()
         )
         if found:
-            pass
+            self._truncate_torn_tail(found[-1])
         cursor = self._read_cursor() or Cursor(found[0] if found else 0, 0)
         for segment in found:
             if segment < cursor.segment:
