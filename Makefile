@@ -28,7 +28,7 @@ lint: $(INSTALLED)
 	$(BIN)/ruff check .
 
 test: install lint
-	$(BIN)/pytest
+	WATTSON_REQUIRE_REAL_MODEL=1 $(BIN)/pytest
 
 demo: install
 	$(BIN)/python -m demo

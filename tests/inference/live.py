@@ -80,3 +80,19 @@ def tiny_config(**overrides: Any) -> RuntimeConfig:
                          sample_interval_s=60.0, max_batch_size=8, max_queue_depth=16, max_queue_wait_s=30.0,
                          default_max_tokens=16)
     return dataclasses.replace(base, **overrides)
+
+
+def slowed(loaded: LoadedModel, seconds_per_step: float) -> LoadedModel:
+    """The same model made slower by ``seconds_per_step`` a forward pass, so that a test can act
+    while a request is still generating."""
+    import copy
+
+    model = copy.copy(loaded.model)
+    forward = loaded.model.forward
+
+    def slow_forward(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(seconds_per_step)
+        return forward(*args, **kwargs)
+
+    model.forward = slow_forward  # type: ignore[method-assign]
+    return dataclasses.replace(loaded, model=model)

