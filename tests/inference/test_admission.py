@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import pytest
 
 from inference.admission import AdmissionQueue, Shed, Slot, effective_priority
 
+T = TypeVar("T")
 
-def run(coro):
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
