@@ -200,7 +200,7 @@ class UpstreamBackend:
     async def _call(self, path: str, prepared: Prepared, gen: Generation, state: _UpstreamProgress) -> None:
         response = await self.client.post(self.upstream.url + path, json=prepared.payload)
         if response.status_code >= 400:
-            gen.outputs.put_nowait(_relay_error(self.name, response.status_code, response.content))
+            gen.outputs.put_nowait(_relay_error(self.name, response, response.content))
             return
         body = response.json()
         choice = body["choices"][0]
@@ -214,7 +214,7 @@ class UpstreamBackend:
     async def _stream(self, path: str, prepared: Prepared, gen: Generation, state: _UpstreamProgress) -> None:
         async with self.client.stream("POST", self.upstream.url + path, json=prepared.payload) as response:
             if response.status_code >= 400:
-                gen.outputs.put_nowait(_relay_error(self.name, response.status_code, await response.aread()))
+                gen.outputs.put_nowait(_relay_error(self.name, response, await response.aread()))
                 return
             finish_reason = "stop"
             async for line in response.aiter_lines():
@@ -274,12 +274,18 @@ class _UpstreamProgress:
         )
 
 
-def _relay_error(name: str, status: int, content: bytes) -> ApiError:
-    """Pass an upstream's refusal on: its 4xx is the client's problem, its 5xx is ours (502)."""
+def _relay_error(name: str, response: httpx.Response, content: bytes) -> ApiError:
+    """Pass an upstream's refusal on: its 4xx is the client's problem, its overload (429, 503) is
+    passed on with when to retry, any other failure of its own is ours (502)."""
+    status = response.status_code
     message = f"Upstream '{name}' answered {status}."
     detail = _error_message(content)
     if detail:
         message += f" {detail[:500]}"
+    if status in (429, 503):
+        retry_after = response.headers.get("retry-after", "")
+        seconds = int(retry_after) if retry_after.isdigit() else 1
+        return ApiError(status, message, code="upstream_overloaded", retry_after_s=min(max(seconds, 1), 600))
     if 400 <= status < 500 and status not in (401, 403, 408):
         return ApiError(status, message, code="upstream_rejected")
     return ApiError(502, message, code="upstream_error")

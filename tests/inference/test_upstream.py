@@ -219,6 +219,16 @@ def test_an_upstream_server_error_is_a_502(gateway: LiveRuntime, fake: FakeUpstr
     assert only_event(gateway).http_status == 502
 
 
+@pytest.mark.parametrize("status", [429, 503])
+def test_an_overloaded_upstream_is_passed_on_with_when_to_retry(gateway: LiveRuntime, fake: FakeUpstream,
+                                                                status: int) -> None:
+    fake.fail(status, "too busy")
+    response = gateway.client().post("/v1/chat/completions", json=CHAT)
+    error = assert_openai_error(response, status)
+    assert error["code"] == "upstream_overloaded" and "too busy" in error["message"]
+    assert int(response.headers["Retry-After"]) >= 1
+
+
 def test_a_malformed_upstream_answer_is_a_502_not_a_hang(gateway: LiveRuntime, fake: FakeUpstream) -> None:
     fake.answer_raw({"id": "x", "object": "chat.completion", "choices": []})
     response = gateway.client().post("/v1/chat/completions", json=CHAT, timeout=5)

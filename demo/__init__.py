@@ -1,0 +1,1 @@
+"""`make demo`: Wattson on a fresh machine, serving real traffic."""
