@@ -23,20 +23,35 @@ BENCHMARKS = {
 }
 
 
-def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+def parse_args(argv: Sequence[str]) -> tuple[list[str], bool, list[str]]:
+    """Split ``argv`` into benchmark names, ``--quick``, and the options meant for one benchmark
+    (everything from the first other option on, so their values are never read as names)."""
     listing = "\n".join(f"  {name:<20} {what}" for name, what in BENCHMARKS.items())
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      epilog=f"benchmarks:\n{listing}",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", metavar="NAME", help="benchmarks to run (default: all)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that each benchmark works")
-    args, rest = parser.parse_known_args(argv)
-    unknown = [n for n in args.names if n not in BENCHMARKS]
-    if unknown:
-        parser.error(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
-    if rest and len(args.names) != 1:
-        parser.error(f"options {' '.join(rest)} need exactly one benchmark NAME to go to")
-    return args, rest
+    names: list[str] = []
+    quick = False
+    rest: list[str] = []
+    for arg in argv:
+        if rest:
+            rest.append(arg)
+        elif arg == "--quick":
+            quick = True
+        elif arg in ("-h", "--help") and not names:
+            parser.print_help()
+            sys.exit(0)
+        elif arg.startswith("-"):
+            rest.append(arg)
+        elif arg in BENCHMARKS:
+            names.append(arg)
+        else:
+            parser.error(f"unknown benchmark {arg!r}; choose from {', '.join(BENCHMARKS)}")
+    if rest and len(names) != 1:
+        parser.error(f"options {' '.join(rest)} need exactly one benchmark NAME before them")
+    return names, quick, rest
 
 
 def run_one(name: str, argv: list[str]) -> bool:
@@ -53,10 +68,9 @@ def run_one(name: str, argv: list[str]) -> bool:
 
 
 def main(argv: Sequence[str]) -> int:
-    args, rest = parse_args(argv)
+    names, quick, rest = parse_args(argv)
     print_machine()
-    failed = [name for name in args.names or BENCHMARKS
-              if not run_one(name, [*(["--quick"] if args.quick else []), *rest])]
+    failed = [name for name in names or BENCHMARKS if not run_one(name, [*(["--quick"] if quick else []), *rest])]
     if failed:
         print(f"\nfailed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

@@ -118,7 +118,7 @@ def report(settings: Settings, on: Side, off: Side, exporter: dict[str, Any], co
     spread = max((max(s.rates) - min(s.rates)) / s.median_rate for s in (on, off))
     verdict = "met" if cost < GOAL_COST else "NOT met"
     if spread > GOAL_COST:
-        verdict += f" (inconclusive: rounds on one side spread by {spread:.0%}, more than the goal)"
+        verdict = f"inconclusive (rounds on one side spread by {spread:.0%}, more than the goal itself)"
     notes = [
         f"model {settings.model}, {settings.clients} streaming clients x {settings.requests_per_client} "
         f"completions of {settings.new_tokens} tokens per round, rounds alternating on/off",

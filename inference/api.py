@@ -132,7 +132,15 @@ async def _serve(runtime: Runtime, request: Request,
     assert watcher is not None
 
     m.queue_wait_s, m.queue_depth_at_admit = slot.queue_wait_s, slot.depth_at_admit
-    gen = backend.start(prepared)
+    try:
+        gen = backend.start(prepared)
+    except RuntimeError:  # the engine is stopping: nothing was started, so nothing is lost
+        slot.release()
+        _stop(watcher)
+        m.fail("error", 503, "shutting_down")
+        runtime.record(m)
+        raise ApiError(503, "The runtime is shutting down; try again shortly.", code="shutting_down",
+                       retry_after_s=5) from None
     exchange = _Exchange(runtime, m, gen, slot.release, model=backend.name, kind=prepared.kind)
     try:
         first = await _unless_gone(watcher, gen.next())
