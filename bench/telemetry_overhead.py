@@ -9,12 +9,18 @@ machine's drift hits both alike; each side's figure is the median of its rounds.
 
 Only one runtime is loaded at a time; the idle one only wakes for its periodic sample.
 
+On two cores the round-to-round noise of that comparison is larger than the 1% goal, so the
+benchmark also measures the cost directly: CPU time per event on the serving path
+(``record_event``) and for the whole export (serialize, spool, POST), against the machine time one
+request took in the "off" rounds.
+
     python -m bench telemetry_overhead [--quick] [--model smollm2] [--clients 16] [--alternations 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -110,7 +116,49 @@ def exporter_stats(on_url: str, collector_url: str) -> tuple[dict[str, Any], dic
     return exporter, collected
 
 
-def report(settings: Settings, on: Side, off: Side, exporter: dict[str, Any], collected: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class ExportCost:
+    events: int
+    record_us: float  # serving-path wall time of one record_event call
+    export_cpu_us: float  # process CPU per event for record + spool + POST, until acknowledged
+
+
+def export_cost(collector_url: str, events: int) -> ExportCost:
+    """Ship ``events`` request events through a real exporter to the collector, timing the serving
+    path's call and the process CPU the whole export took."""
+    import uuid
+    from datetime import UTC, datetime
+    from pathlib import Path
+
+    from inference.contracts import RequestEvent
+    from inference.telemetry.exporter import TelemetryExporter
+
+    now = datetime.now(UTC)
+    batch = [RequestEvent(event_id=uuid.uuid4(), runtime_id="bench", started_at=now, finished_at=now,
+                          tenant="acme", feature="search", end_user="u1", api_key_id="acme:…0001",
+                          model_requested="smollm2", model_served="smollm2", route_reason="requested",
+                          priority="normal", status="ok", http_status=200, prompt_tokens=32, completion_tokens=64,
+                          queue_wait_ms=1.5, ttft_ms=120.0, e2e_ms=900.0, tpot_ms=12.0, queue_depth_at_admit=0,
+                          mean_batch_size=12.5, gpu_seconds=0.42, energy_joules=None, device="cpu")
+             for _ in range(events)]
+    with tempfile.TemporaryDirectory(prefix="bench-cost-spool-") as spool:
+        exporter = TelemetryExporter(url=collector_url, token="bench", spool_dir=Path(spool),
+                                     spool_max_bytes=1 << 30, batch_size=500, interval_s=0.2)
+        exporter.start()
+        cpu_before = time.process_time()
+        wall_before = time.perf_counter()
+        for event in batch:
+            exporter.record_event(event)
+        record_s = time.perf_counter() - wall_before
+        if not exporter.flush(timeout=60):
+            raise RuntimeError("the exporter did not deliver every event within 60 s")
+        cpu_s = time.process_time() - cpu_before
+        exporter.close()
+    return ExportCost(events=events, record_us=record_s / events * 1e6, export_cpu_us=cpu_s / events * 1e6)
+
+
+def report(settings: Settings, on: Side, off: Side, exporter: dict[str, Any], collected: dict[str, Any],
+           cost_direct: ExportCost) -> None:
     cost = (off.median_rate - on.median_rate) / off.median_rate
     headers = ["telemetry", "median tok/s", "min tok/s", "max tok/s", "rounds"]
     rows = [[s.label, s.median_rate, min(s.rates), max(s.rates), len(s.rates)] for s in (on, off)]
@@ -126,9 +174,22 @@ def report(settings: Settings, on: Side, off: Side, exporter: dict[str, Any], co
         f"collector received {collected.get('events')} events and {collected.get('samples')} samples in "
         f"{collected.get('posts')} POSTs; exporter: sent {exporter.get('sent_records')}, "
         f"dropped {exporter.get('dropped_records')}, still spooled {exporter.get('spooled_records')}",
-        f"goal: < {GOAL_COST:.0%} cost: {verdict}",
+        f"on/off comparison against the goal (< {GOAL_COST:.0%} cost): {verdict}",
     ]
     print_table("Telemetry export overhead: serving tokens/s with export on vs off", headers, rows, notes)
+
+    # Machine time one request took in the "off" rounds: both cores, divided among the requests served.
+    request_s = settings.new_tokens / off.median_rate
+    machine_us = request_s * (os.cpu_count() or 1) * 1e6
+    share = cost_direct.export_cpu_us / machine_us
+    print_table(
+        "Telemetry export cost measured directly",
+        ["events", "record_event us", "export CPU us/event", "machine us/request (off)", "share"],
+        [[cost_direct.events, cost_direct.record_us, cost_direct.export_cpu_us, machine_us, f"{share:.3%}"]],
+        ["record_event: serving-path wall time per call; export CPU: this process's CPU per event for record, "
+         "spool, batch and POST until the collector acknowledged it",
+         f"goal: < {GOAL_COST:.0%} cost: {'met' if share < GOAL_COST else 'NOT met'} ({share:.3%} of a request's "
+         "machine time)"])
 
 
 def main(argv: Sequence[str]) -> int:
@@ -141,7 +202,9 @@ def main(argv: Sequence[str]) -> int:
         on, off = Side("on", on_url), Side("off", off_url)
         measure(on, off, bodies, settings)
         exporter, collected = exporter_stats(on_url, collector)
-    report(settings, on, off, exporter, collected)
+        progress("measuring the export's own CPU cost")
+        cost_direct = export_cost(collector, 2_000 if settings.model == "tiny-random" else 20_000)
+    report(settings, on, off, exporter, collected, cost_direct)
     return 0
 
 
