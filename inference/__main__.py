@@ -37,6 +37,7 @@ def _serve(argv: list[str]) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per telemetry POST is noise
     if not config.api_keys:
         logging.getLogger("inference").warning("no API keys configured (INFERENCE_API_KEYS): every request "
                                                "will be refused with 401")

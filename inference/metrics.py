@@ -56,8 +56,6 @@ class RuntimeMetrics:
                                     ["model", "kind"], buckets=BATCH_BUCKETS, registry=r)
         self.step_seconds = Histogram("wattson_engine_step_seconds", "Wall time of each engine step",
                                       ["model", "kind"], buckets=LATENCY_BUCKETS, registry=r)
-        self.telemetry_dropped = Counter("wattson_telemetry_dropped_records",
-                                         "Records the exporter could not keep", registry=r)
 
     def watch(self, read: GaugeReader) -> None:
         self.registry.register(_LiveGauges(read))
