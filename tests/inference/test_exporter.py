@@ -22,14 +22,6 @@ from tests.inference.collector import Collector
 TOKEN = "ingest-t0ken"
 
 
-@pytest.fixture
-def collector() -> Iterator[Collector]:
-    collector = Collector()
-    collector.up()
-    yield collector
-    collector.down()
-
-
 # -- factories --------------------------------------------------------------------------------
 
 

@@ -4,11 +4,10 @@ collector outage and a runtime restart, with runtime samples beside the events."
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import openai
-import pytest
 
 from inference.engine.models import LoadedModel
 from inference.gpu import GpuMonitor
@@ -17,14 +16,6 @@ from tests.inference.fake_nvml import FakeGpu, FakeNvml
 from tests.inference.live import ACME, LiveRuntime, serve, tiny_config
 
 TOKEN = "ingest-token-1"
-
-
-@pytest.fixture
-def collector() -> Iterator[Collector]:
-    collector = Collector()
-    collector.up()
-    yield collector
-    collector.down()
 
 
 def ask(live: LiveRuntime, n: int, feature: str) -> None:
