@@ -27,8 +27,9 @@ $(MODEL_CACHE)/smollm2/config.json: | $(INSTALLED)
 lint: $(INSTALLED)
 	$(BIN)/ruff check .
 
+# DATABASE_URL=postgres://... runs the control plane's tests on PostgreSQL (SQLite otherwise).
 test: install lint
-	WATTSON_REQUIRE_REAL_MODEL=1 $(BIN)/pytest
+	WATTSON_REQUIRE_REAL_MODEL=1 $(if $(DATABASE_URL),DATABASE_URL=$(DATABASE_URL)) $(BIN)/pytest $(PYTEST_ARGS)
 
 demo: install
 	$(BIN)/python -m demo

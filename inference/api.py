@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from inference import __version__
 from inference.admission import PRIORITY_RANK, Shed, effective_priority
@@ -122,10 +123,16 @@ async def _serve(runtime: Runtime, request: Request,
         m.fail("error", exc.status, exc.code)
         runtime.record(m)
         raise
-    except _ClientGone:
+    except (_ClientGone, ClientDisconnect):
+        _stop(watcher)
         m.fail("cancelled", 499, "client_disconnected")
         runtime.record(m)
         return Response(status_code=499)
+    except Exception:  # a bug of ours: the client gets a 500, and the request is still counted
+        _stop(watcher)
+        m.fail("error", 500, "internal_error")
+        runtime.record(m)
+        raise
     except BaseException:
         _stop(watcher)
         raise
@@ -139,8 +146,7 @@ async def _serve(runtime: Runtime, request: Request,
         _stop(watcher)
         m.fail("error", 503, "shutting_down")
         runtime.record(m)
-        raise ApiError(503, "The runtime is shutting down; try again shortly.", code="shutting_down",
-                       retry_after_s=5) from None
+        raise SHUTTING_DOWN from None
     exchange = _Exchange(runtime, m, gen, slot.release, model=backend.name, kind=prepared.kind)
     try:
         first = await _unless_gone(watcher, gen.next())
@@ -153,9 +159,9 @@ async def _serve(runtime: Runtime, request: Request,
         raise first
     if prepared.stream:
         watcher.cancel()  # from here the streaming response notices a disconnect itself
-        return StreamingResponse(exchange.sse(first, include_usage=body.include_usage()),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _ExchangeStream(exchange, exchange.sse(first, include_usage=body.include_usage()),
+                               media_type="text/event-stream",
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
         result = await _unless_gone(watcher, exchange.collect(first))
     except _ClientGone:
@@ -166,9 +172,29 @@ async def _serve(runtime: Runtime, request: Request,
     return JSONResponse(result)
 
 
+SHUTTING_DOWN = ApiError(503, "The runtime is shutting down; try again shortly.", code="shutting_down",
+                         retry_after_s=5)
+ENGINE_FAILED = ApiError(500, "The engine failed while generating.", code="engine_error")
+
+
+class _ExchangeStream(StreamingResponse):
+    """A stream that accounts for its exchange however it ends, even when the client leaves
+    before the body iterator has started (when its own ``finally`` would never run)."""
+
+    def __init__(self, exchange: _Exchange, content: AsyncIterator[bytes], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._exchange = exchange
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._exchange.abandon()  # nothing to do once the event is recorded
+
+
 class _Exchange:
     """One admitted request from its first output to its event: streamed or collected, finished
-    or abandoned, it releases its slot and records exactly one event."""
+    or abandoned, it releases its slot once and records exactly one event."""
 
     def __init__(self, runtime: Runtime, m: RequestMeasurement, gen: Generation, release: Any, *,
                  model: str, kind: str) -> None:
@@ -176,7 +202,9 @@ class _Exchange:
         self.model, self.kind = model, kind
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
-        self._closed = False
+        self._settled = False
+        self._recorded = False
+        self._abandoned = False
 
     async def collect(self, first: Output) -> dict[str, Any]:
         output = first
@@ -187,7 +215,9 @@ class _Exchange:
             output = await self.gen.next()
         self.close(output)
         if output.finish_reason == "error":
-            raise ApiError(500, "The engine failed while generating.", code="engine_error")
+            raise ENGINE_FAILED
+        if output.finish_reason == "cancelled":  # the engine stopped under a client still waiting
+            raise SHUTTING_DOWN
         finish = _FINISH_REASONS.get(output.finish_reason, "stop")
         if self.kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": output.text},
@@ -204,29 +234,26 @@ class _Exchange:
                 yield self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
                                    "logprobs": None, "finish_reason": None})
             output = first
-            while True:
-                if isinstance(output, TokenDelta):
-                    yield self._piece(output.text, None)
-                elif isinstance(output, GenerationResult):
-                    self.close(output)
-                    if output.finish_reason == "error":
-                        yield _sse({"error": ApiError(500, "The engine failed while generating.",
-                                                      code="engine_error").body()["error"]})
-                    else:
-                        yield self._piece("", _FINISH_REASONS.get(output.finish_reason, "stop"))
-                        if include_usage:
-                            yield self._chunk(None, usage=usage_dict(output.prompt_tokens,
-                                                                     output.completion_tokens))
-                    yield b"data: [DONE]\n\n"
-                    return
-                else:  # an upstream failed mid-stream: say so in the stream, then end it
-                    self.close_with_error(output)
-                    yield _sse(output.body())
-                    yield b"data: [DONE]\n\n"
-                    return
+            while isinstance(output, TokenDelta):
+                yield self._piece(output.text, None)
                 output = await self.gen.next()
+            if isinstance(output, GenerationResult):
+                self.settle(output)
+                if output.finish_reason in ("error", "cancelled"):
+                    failure = ENGINE_FAILED if output.finish_reason == "error" else SHUTTING_DOWN
+                    yield _sse(failure.body())
+                else:
+                    yield self._piece("", _FINISH_REASONS.get(output.finish_reason, "stop"))
+                    if include_usage:
+                        yield self._chunk(None, usage=usage_dict(output.prompt_tokens, output.completion_tokens))
+            else:  # an upstream failed mid-stream: say so in the stream, then end it
+                self.settle_error(output)
+                yield _sse(output.body())
+            yield b"data: [DONE]\n\n"
+            self.m.t_end = time.perf_counter()  # the last byte is with the server
+            self.record()
         finally:
-            if not self._closed:
+            if not self._recorded:
                 self.abandon()
 
     def _piece(self, text: str, finish: str | None) -> bytes:
@@ -244,40 +271,61 @@ class _Exchange:
             body["usage"] = usage
         return _sse(body)
 
-    def close(self, result: GenerationResult) -> None:
-        if self._closed:
+    def settle(self, result: GenerationResult) -> None:
+        """The work is over: free the slot and take the result into the measurement."""
+        if self._settled:
             return
-        self._closed = True
+        self._settled = True
         self._release()
         if result.finish_reason == "error":
             self.m.fail("error", 500, "engine_error")
         elif result.finish_reason == "cancelled":
             self.m.fail("cancelled", 499, "client_disconnected")
         self.m.finish(result)
-        self.runtime.record(self.m)
 
-    def close_with_error(self, error: ApiError) -> None:
-        if self._closed:
+    def settle_error(self, error: ApiError) -> None:
+        if self._settled:
             return
-        self._closed = True
+        self._settled = True
         self._release()
         self.m.fail("timeout" if error.status == 504 else "error", error.status, error.code)
         self.m.finish()
-        self.runtime.record(self.m)
+
+    def record(self) -> None:
+        if not self._recorded:
+            self._recorded = True
+            self.runtime.record(self.m)
+
+    def close(self, result: GenerationResult) -> None:
+        self.settle(result)
+        self.record()
+
+    def close_with_error(self, error: ApiError) -> None:
+        self.settle_error(error)
+        self.record()
 
     def abandon(self) -> None:
         """The client went away: stop the work, and record the event once the backend reports
         what it had spent (in a task of its own, since this may run inside a cancellation)."""
-        if self._closed:
+        if self._recorded or self._abandoned:
             return
+        if self._settled:  # it had finished; the client left during the last chunks
+            self.record()
+            return
+        # Once only: a second cancel would interrupt the backend's own clean-up (closing the
+        # upstream connection, say) while it runs.
+        self._abandoned = True
         self.gen.cancel()
 
         async def account() -> None:
             outcome = await self.gen.result()
             if isinstance(outcome, ApiError):
-                self.close_with_error(outcome)
+                self.settle_error(outcome)
             else:
-                self.close(outcome)
+                self.settle(outcome)
+            # Whatever the backend managed, the client never got it.
+            self.m.fail("cancelled", 499, "client_disconnected")
+            self.record()
 
         _background(account())
 
@@ -339,7 +387,7 @@ def _priority(request: Request) -> Any:
 
 async def _parse(request: Request, model_cls: type[T]) -> T:
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+    if declared is not None and (not (declared.isascii() and declared.isdigit()) or int(declared) > MAX_BODY_BYTES):
         raise ApiError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.", code="body_too_large")
     raw = bytearray()
     async for chunk in request.stream():
@@ -349,7 +397,9 @@ async def _parse(request: Request, model_cls: type[T]) -> T:
                            code="body_too_large")
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        if b"\\u" in raw:  # escapes can spell lone surrogates, which no tokenizer can encode
+            json.dumps(data, ensure_ascii=False).encode()
+    except (ValueError, UnicodeError, RecursionError):
         raise ApiError(400, "The request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")

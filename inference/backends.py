@@ -256,8 +256,9 @@ class _UpstreamProgress:
     def take_usage(self, usage: dict[str, Any] | None) -> None:
         if usage:
             self._usage_seen = True
-            self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-            self.completion_tokens = int(usage.get("completion_tokens") or 0)
+            # An upstream's numbers are external input: a negative or non-numeric count is not a count.
+            self.prompt_tokens = _count(usage.get("prompt_tokens"))
+            self.completion_tokens = _count(usage.get("completion_tokens"))
 
     def result(self, finish_reason: str) -> GenerationResult:
         return GenerationResult(
@@ -272,6 +273,10 @@ class _UpstreamProgress:
             energy_joules=None,
             mean_batch_size=None,
         )
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def _relay_error(name: str, response: httpx.Response, content: bytes) -> ApiError:

@@ -148,12 +148,19 @@ class Runtime:
 
     def record(self, measurement: RequestMeasurement) -> None:
         """Count a finished request and hand its event to the exporter (never blocks)."""
-        event = measurement.to_event()
+        try:
+            event = measurement.to_event()
+        except ValueError:  # a measurement outside the contract is a bug: say so, never fail the response
+            log.exception("request %s could not be recorded", measurement.event_id)
+            return
         self.metrics.observe_event(event)
         if self.exporter is not None:
             self.exporter.record_event(event)
         for listener in self._listeners:
-            listener(event)
+            try:
+                listener(event)
+            except Exception:
+                log.exception("an event listener failed")
 
     def subscribe(self, listener: Callable[[RequestEvent], None]) -> None:
         """Also hand every request event to ``listener`` (called on the event loop; must not block)."""

@@ -12,15 +12,20 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
+# Prompt tokens decoded ahead of the first generated one, so that tokenizers which strip a leading
+# space at the start of a decode (SentencePiece: Llama 2, Mistral) keep the first token's space.
+PROMPT_CONTEXT_TOKENS = 5
+
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str] = (),
+                 prompt_ids: Sequence[int] = ()) -> None:
         self._tokenizer = tokenizer
         self._stop = tuple(s for s in stop if s)
         self._holdback = max((len(s) for s in self._stop), default=1) - 1
-        self._ids: list[int] = []
+        self._ids: list[int] = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:])
         self._prefix_offset = 0
-        self._read_offset = 0
+        self._read_offset = len(self._ids)
         self.text = ""  # everything decoded so far
         self._emitted = 0  # characters of ``text`` already handed out
         self.stopped = False

@@ -116,6 +116,14 @@ class _Sequence:
         return len(self.request.prompt_ids)
 
 
+class _PrefillFailed(Exception):
+    """A prefill failed before its sequences joined the running batch: fail them, not the batch."""
+
+    def __init__(self, group: list[_Sequence]) -> None:
+        super().__init__("prefill failed")
+        self.group = group
+
+
 EnergyReader = Callable[[], float | None]
 StepObserver = Callable[[str, int, float], None]
 
@@ -177,7 +185,7 @@ class Engine:
             request=request,
             sink=sink,
             sampler=SamplerState.create(request.params, self.loaded.device),
-            detokenizer=IncrementalDetokenizer(tokenizer, request.params.stop),
+            detokenizer=IncrementalDetokenizer(tokenizer, request.params.stop, request.prompt_ids),
             submitted_at=time.perf_counter(),
             energy_joules=0.0 if self._energy_reader else None,
         )
@@ -200,13 +208,17 @@ class Engine:
                     break
                 self._waiting.extend(self._inbox)
                 self._inbox.clear()
-            self._drop_cancelled()
             try:
+                self._drop_cancelled()
                 with torch.inference_mode():
                     if self._waiting and len(self._running) < self.max_batch_size:
                         self._prefill()
                     if self._running:
                         self._decode()
+            except _PrefillFailed as failed:  # only the sequences being prefilled fail
+                log.error("prefill failed: %s", failed.__cause__, exc_info=failed.__cause__)
+                for seq in failed.group:
+                    self._finish(seq, "error", error=str(failed.__cause__))
             except Exception as exc:  # a failed step fails its sequences, never the engine
                 log.exception("engine step failed")
                 self._fail_all(f"{type(exc).__name__}: {exc}")
@@ -264,9 +276,10 @@ class Engine:
                 self._batch = new_rows
             else:
                 self._batch.extend(new_rows)
-        except Exception:
-            self._waiting.extendleft(reversed(group))  # let _fail_all fail them with the rest
-            raise
+        except Exception as exc:
+            if self._batch is not None and self._batch.rows != len(self._running):
+                raise  # the running batch was half-extended: nothing in it can be trusted
+            raise _PrefillFailed(group) from exc
         self._running.extend(group)
         now = time.perf_counter()
         self._account(group, [s.prompt_len for s in group], now - started, energy_before, "prefill")

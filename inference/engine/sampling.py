@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+MIN_TEMPERATURE = 1e-4
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -22,7 +24,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, dividing logits by the temperature overflows float32 (and bf16) to inf/nan:
+        # such a temperature is greedy in all but name.
+        return self.temperature < MIN_TEMPERATURE
 
 
 @dataclass
@@ -55,8 +59,12 @@ def sample_next_tokens(logits: torch.Tensor, states: Sequence[SamplerState]) -> 
         top_ps = [states[i].params.top_p for i in sampled_rows]
         if any(p < 1.0 for p in top_ps):
             probs = _apply_top_p(probs, torch.tensor(top_ps, device=logits.device).unsqueeze(-1))
+        # A row whose distribution is not finite (a model that emitted nan) keeps its argmax rather
+        # than failing every sequence in the batch.
+        usable = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
         for j, i in enumerate(sampled_rows):
-            chosen[i] = torch.multinomial(probs[j], 1, generator=states[i].generator)[0]
+            if usable[j]:
+                chosen[i] = torch.multinomial(probs[j], 1, generator=states[i].generator)[0]
     return chosen.tolist()
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
@@ -87,7 +87,9 @@ def test_stream_disconnect_before_first_chunk_releases_slot_and_records_event(ru
             return {"type": "http.disconnect"}  # gone by the time the stream starts
 
         async def send(message: dict[str, Any]) -> None:
-            pass
+            # A send that is a checkpoint (any ASGI middleware that awaits, a server under flow
+            # control): the task-group cancellation lands here, before the generator starts.
+            await asyncio.sleep(0)
 
         try:
             await app(_scope(), receive, send)
@@ -119,7 +121,8 @@ def test_disconnect_during_body_upload_is_recorded_not_a_500(runtime: Runtime) -
             sent.append(message)
 
         try:
-            await app(_scope(), receive, send)
+            with contextlib.suppress(Exception):  # Starlette re-raises after its 500 page
+                await app(_scope(), receive, send)
             await asyncio.sleep(0.1)
             return sent, list(events)
         finally:
@@ -223,7 +226,7 @@ def test_first_generated_token_keeps_its_leading_space_with_a_sentencepiece_deco
     tok = _sentencepiece_like_tokenizer()
     prompt, generated = [1, 2, 3], [4, 5]
     expected = tok.decode(prompt + generated)[len(tok.decode(prompt)):]  # " Paris."
-    detok = IncrementalDetokenizer(tok)
+    detok = IncrementalDetokenizer(tok, prompt_ids=prompt)
     text = "".join(detok.add(t) for t in generated) + detok.finish()
     assert text == expected
 
@@ -247,7 +250,8 @@ def test_unicode_digit_content_length_is_not_a_500(runtime: Runtime) -> None:
 
         headers = [(b"authorization", f"Bearer {ACME}".encode()), (b"content-length", "\u00b2".encode("latin-1"))]
         try:
-            await app(_scope(headers=headers), receive, send)
+            with contextlib.suppress(Exception):  # Starlette re-raises after its 500 page
+                await app(_scope(headers=headers), receive, send)
         finally:
             await runtime.stop()
         return [m["status"] for m in sent if m["type"] == "http.response.start"]
@@ -265,7 +269,3 @@ def test_stop_string_prefix_is_never_streamed(tiny_model: LoadedModel) -> None:
     streamed = "".join(detok.add(i) for i in ids) + detok.finish()
     assert streamed == "The capital of France is "
     assert detok.stopped
-
-
-def _unused(_: Any) -> None:  # keep imports used by optional checks
-    _ = httpx
