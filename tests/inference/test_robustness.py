@@ -1,4 +1,5 @@
-"""Review findings: each test demonstrates one bug or robustness hole (they fail until it is fixed)."""
+"""Robustness: hostile input, clients that vanish at awkward moments, and failures inside the engine
+never cost a slot, an event or the other requests in the batch."""
 
 from __future__ import annotations
 
