@@ -1,15 +1,100 @@
-"""The ingest API, ``POST /api/v1/events``: thin — authenticate, hand the body to the service."""
+"""The ingest API, ``POST /api/v1/events``: thin — authenticate, bound the body, hand it to the service.
+
+Answers: 202 ``{"accepted", "duplicates", "refused": [...]}`` when anything in the batch could be
+kept (or the batch was empty); 422, the same body plus an ``error``, when every record was refused
+(so the runtime sets the batch aside rather than resending it forever); 400 / 401 / 413 with the
+OpenAI-style error body for a body that is not a batch, a bad token, or too much at once.
+"""
 
 from __future__ import annotations
 
+import logging
+
+from django.conf import settings
+from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_POST
+
+from finops.telemetry.contracts import BatchMalformed, BatchTooLarge
+from finops.telemetry.services import runtime_token_authenticate, telemetry_ingest
+
+logger = logging.getLogger("finops.telemetry")
+
+
+def api_error(status: int, message: str, *, error_type: str = "invalid_request_error", code: str | None = None,
+              param: str | None = None, extra: dict | None = None) -> JsonResponse:
+    """The error body both services answer with: ``{"error": {"type", "message", "code", "param"}}``."""
+    body = {**(extra or {}), "error": {"type": error_type, "message": message, "code": code, "param": param}}
+    return JsonResponse(body, status=status)
+
+
+class _Refused(Exception):
+    def __init__(self, response: JsonResponse) -> None:
+        self.response = response
 
 
 @csrf_exempt
-@require_POST
 def ingest_events(request: HttpRequest) -> JsonResponse:
-    from finops.telemetry.services import ingest_request
+    try:
+        return _ingest(request)
+    except _Refused as refused:
+        return refused.response
+    except (OperationalError, InterfaceError) as exc:
+        logger.error("ingest: database unavailable: %s", exc)
+        response = api_error(503, "The telemetry database is unavailable; retry later.", error_type="server_error",
+                             code="database_unavailable")
+        response["Retry-After"] = "5"
+        return response
+    except Exception:
+        logger.exception("ingest: unexpected failure")
+        return api_error(500, "The control plane failed to store this batch; it may be retried.",
+                         error_type="server_error", code="internal_error")
 
-    return ingest_request(request)
+
+def _ingest(request: HttpRequest) -> JsonResponse:
+    if request.method != "POST":
+        response = api_error(405, "Use POST to send telemetry.", code="method_not_allowed")
+        response["Allow"] = "POST"
+        return response
+    token = _bearer_token(request)
+    runtime = runtime_token_authenticate(token=token) if token else None
+    if runtime is None:
+        response = api_error(401, "A valid runtime token is required: 'Authorization: Bearer <token>'.",
+                             error_type="authentication_error", code="invalid_token" if token else "missing_token")
+        response["WWW-Authenticate"] = 'Bearer realm="wattson"'
+        return response
+    body = _read_body(request)
+    try:
+        result = telemetry_ingest(runtime=runtime, body=body)
+    except BatchTooLarge as exc:
+        return api_error(413, f"{exc}; send smaller batches.", code="too_many_records")
+    except BatchMalformed as exc:
+        return api_error(400, str(exc), code="invalid_batch")
+    if result.all_refused:
+        return api_error(422, f"All {result.received} records were refused; see 'refused'.",
+                         code="all_records_refused", extra=result.as_dict())
+    return JsonResponse(result.as_dict(), status=202)
+
+
+def _bearer_token(request: HttpRequest) -> str:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def _read_body(request: HttpRequest) -> bytes:
+    """The body, refused before it is read when its declared length is too large, and refused
+    while it is read when it runs past the limit anyway."""
+    limit = settings.INGEST_MAX_BODY_BYTES
+    declared = (request.META.get("CONTENT_LENGTH") or "0").strip()
+    if not (declared.isascii() and declared.isdigit()):
+        raise _Refused(api_error(400, "Content-Length must be a whole number of bytes.", code="invalid_length"))
+    if len(declared) > 18 or int(declared) > limit:
+        raise _Refused(_too_large(limit))
+    body = request.read(limit + 1)
+    if len(body) > limit:
+        raise _Refused(_too_large(limit))
+    return body
+
+
+def _too_large(limit: int) -> JsonResponse:
+    return api_error(413, f"The body is larger than {limit} bytes; send smaller batches.", code="body_too_large")

@@ -1,0 +1,761 @@
+"""The queries behind the dashboards: usage, cost, latency and capacity, returned as plain data.
+
+Rollups plus the raw tail
+-------------------------
+Request measures come from two places that never overlap:
+
+* **rollups** — ``Rollup`` rows for whole buckets in the range, at the coarsest granularity that
+  tiles it exactly: whole UTC days inside the range, whole hours at its edges, minutes for the rest
+  (``rollup_plan``). A rollup row counts only events received at or before the ``requests``
+  ``FillState`` watermark.
+* **the raw tail** — ``RequestEvent`` rows that started in the range and were received after that
+  watermark, so the last seconds ("now") are always included.
+
+An event is in exactly one of the two, so the sums are exact and nothing is counted twice. With no
+``FillState`` yet, everything is tail. The watermark and the rollup rows are read so that they agree
+with each other (``_read_rollups``): a rollup run that commits between the two reads makes the read
+start again instead of counting the freshly rolled events a second time from the tail.
+
+Minute rollups are deleted after ``MINUTE_ROLLUP_RETENTION_DAYS``. A range whose minute-sized edge
+is older than that is widened outward to whole hours at that edge (``Plan.start``/``Plan.end`` say
+what was actually counted, and ``Totals`` repeats them), so the answer covers slightly more time
+instead of silently missing the expired minutes. A minute-step series that reaches past the
+retention is refused (``ValueError``): there is nothing left to draw it from.
+
+Every aggregate is computed by the database, grouped by status class plus whatever the caller asks
+for; Python only adds up those few rows (and merges latency histograms of rollup rows).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Literal, TypeVar
+
+from django.conf import settings
+from django.db import connection
+from django.db.models import (
+    Aggregate,
+    Avg,
+    Case,
+    Count,
+    Expression,
+    F,
+    IntegerField,
+    Max,
+    Min,
+    Q,
+    QuerySet,
+    Sum,
+    Value,
+    When,
+)
+from django.db.models.functions import Coalesce, Trunc, TruncMinute
+from django.utils import timezone
+
+from finops.pricing.services import QUANTUM, PriceCatalog, Prices
+from finops.runtimes.models import Runtime
+from finops.telemetry import sketch
+from finops.telemetry.models import Device, DeviceSample, FillState, RequestEvent, Rollup, RuntimeSample
+from finops.telemetry.rollups import cost_sum, cost_value  # exact cost sums on SQLite too
+
+logger = logging.getLogger(__name__)
+
+Dimension = Literal["tenant", "feature", "model"]
+Step = Literal["minute", "hour", "day"]
+Metric = Literal["e2e", "ttft"]
+
+ROLLUP_FILL_STATE = "requests"
+DIMENSIONS: tuple[Dimension, ...] = ("tenant", "feature", "model")
+STEPS: tuple[Step, ...] = ("minute", "hour", "day")
+METRICS: tuple[Metric, ...] = ("e2e", "ttft")
+STEP_LENGTH = {"minute": dt.timedelta(minutes=1), "hour": dt.timedelta(hours=1), "day": dt.timedelta(days=1)}
+# Minute rollups younger than the retention by this margin are trusted to exist, whichever way the
+# retention job rounds its cutoff.
+MINUTE_RETENTION_MARGIN = dt.timedelta(hours=1)
+# How often the watermark/rollup read is retried when a rollup run commits in between.
+CONSISTENT_READ_ATTEMPTS = 5
+THOUSAND = Decimal(1000)
+SECONDS_PER_HOUR = Decimal(3600)
+ZERO = Decimal(0)
+
+T = TypeVar("T")
+
+
+# -- filters and the rollup plan ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What to count: requests that started in ``[start, end)`` (minute-aligned, UTC), limited to
+    the listed tenants, features and served models (empty: all). The model of a request no model
+    served (a rejection) is ``""``."""
+
+    start: dt.datetime
+    end: dt.datetime
+    tenants: tuple[str, ...] = ()
+    features: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("start", "end"):
+            moment = getattr(self, name)
+            if moment.tzinfo is None or moment.utcoffset() != dt.timedelta(0):
+                raise ValueError(f"{name} must be an aware UTC datetime, got {moment!r}")
+            if moment.second or moment.microsecond:
+                raise ValueError(f"{name} must be on a whole minute, got {moment.isoformat()}")
+            object.__setattr__(self, name, moment.astimezone(dt.UTC))
+        if self.start >= self.end:
+            raise ValueError("start must be before end")
+        for name in ("tenants", "features", "models"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Rollup rows of one granularity whose buckets lie in ``[start, end)``."""
+
+    granularity: Step
+    start: dt.datetime
+    end: dt.datetime
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The range actually counted (wider than asked only where minute rollups have expired) and
+    the rollup tiles that cover it exactly."""
+
+    start: dt.datetime
+    end: dt.datetime
+    tiles: tuple[Tile, ...]
+
+
+def rollup_plan(*, filters: Filters, coarsest: Step = "day", now: dt.datetime | None = None) -> Plan:
+    """Tile the filters' range with rollup buckets no coarser than ``coarsest``: whole UTC days
+    inside it, whole hours at its edges, minutes for the rest.
+
+    Where a minute-sized edge is older than ``MINUTE_ROLLUP_RETENTION_DAYS`` (its minute rollups may
+    be gone), that edge is moved outward to the hour. With ``coarsest="minute"`` there is no coarser
+    fallback, so a range that starts that far back raises ``ValueError``.
+    """
+    now = now or timezone.now()
+    available_from = now - dt.timedelta(days=settings.MINUTE_ROLLUP_RETENTION_DAYS) + MINUTE_RETENTION_MARGIN
+    start, end = filters.start, filters.end
+    if coarsest == "minute":
+        if start < available_from:
+            raise ValueError(
+                f"minute detail is kept for {settings.MINUTE_ROLLUP_RETENTION_DAYS} days; "
+                "use an hourly step for a range that starts earlier"
+            )
+    else:
+        if start < available_from:
+            start = _floor(start, "hour")
+        if max(_floor(end, "hour"), start) < available_from:
+            end = _ceil(end, "hour")
+    return Plan(start, end, tuple(_tiles(start, end, coarsest)))
+
+
+def _tiles(start: dt.datetime, end: dt.datetime, coarsest: Step) -> list[Tile]:
+    if start >= end:
+        return []
+    for granularity, finer in (("day", "hour"), ("hour", "minute")):
+        if STEPS.index(coarsest) >= STEPS.index(granularity):
+            first, last = _ceil(start, granularity), _floor(end, granularity)
+            if first < last:
+                return [*_tiles(start, first, finer), Tile(granularity, first, last), *_tiles(last, end, finer)]
+    return [Tile("minute", start, end)]
+
+
+def _floor(moment: dt.datetime, step: str) -> dt.datetime:
+    moment = moment.replace(second=0, microsecond=0)
+    if step in ("hour", "day"):
+        moment = moment.replace(minute=0)
+    if step == "day":
+        moment = moment.replace(hour=0)
+    return moment
+
+
+def _ceil(moment: dt.datetime, step: str) -> dt.datetime:
+    floor = _floor(moment, step)
+    return floor if floor == moment else floor + STEP_LENGTH[step]
+
+
+# -- the two sources ------------------------------------------------------------------------------
+
+
+def _watermark() -> dt.datetime | None:
+    return FillState.objects.filter(name=ROLLUP_FILL_STATE).values_list("watermark", flat=True).first()
+
+
+def _read_rollups(read: Callable[[], T], empty: T) -> tuple[dt.datetime | None, T]:
+    """Read rollup rows together with the watermark they were filled to.
+
+    A rollup run writes its rows and advances the watermark in one transaction, and the watermark
+    only moves forward; so if it reads the same before and after ``read``, the rows read are
+    exactly the events received up to it (a seqlock). Without a watermark nothing is rolled up.
+    """
+    after: dt.datetime | None = None
+    result = empty
+    for _ in range(CONSISTENT_READ_ATTEMPTS):
+        before = _watermark()
+        if before is None:
+            return None, empty
+        result = read()
+        after = _watermark()
+        if after == before:
+            return before, result
+    # Rollup runs kept committing mid-read; counting from the later watermark can miss the
+    # events of one run until the next refresh, but never counts one twice.
+    logger.warning("rollups kept changing while being read; using watermark %s", after)
+    return after, result
+
+
+def _rollups(plan: Plan, filters: Filters) -> QuerySet[Rollup]:
+    buckets = Q()
+    for tile in plan.tiles:
+        buckets |= Q(granularity=tile.granularity, bucket__gte=tile.start, bucket__lt=tile.end)
+    rows = Rollup.objects.filter(buckets)
+    if filters.tenants:
+        rows = rows.filter(tenant__in=filters.tenants)
+    if filters.features:
+        rows = rows.filter(feature__in=filters.features)
+    if filters.models:
+        rows = rows.filter(model__in=filters.models)
+    return rows
+
+
+_TAIL_MODEL = Coalesce("model_served", Value(""))
+
+
+def _tail(plan: Plan, filters: Filters, watermark: dt.datetime | None) -> QuerySet[RequestEvent]:
+    events = RequestEvent.objects.filter(started_at__gte=plan.start, started_at__lt=plan.end)
+    if watermark is not None:
+        events = events.filter(received_at__gt=watermark)
+    if filters.tenants:
+        events = events.filter(tenant__in=filters.tenants)
+    if filters.features:
+        events = events.filter(feature__in=filters.features)
+    if filters.models:
+        served = Q(model_served__in=filters.models)
+        if "" in filters.models:
+            served |= Q(model_served__isnull=True)
+        events = events.filter(served)
+    return events
+
+
+def _dimension_key(dimension: Dimension) -> tuple[Expression, Expression]:
+    """The (rollup, raw event) expressions for a dimension."""
+    if dimension not in DIMENSIONS:
+        raise ValueError(f"dimension must be one of {DIMENSIONS}, got {dimension!r}")
+    return F(dimension), (_TAIL_MODEL if dimension == "model" else F(dimension))
+
+
+# -- request measures -----------------------------------------------------------------------------
+
+def _rollup_sums() -> dict[str, Aggregate]:
+    return {
+        "total_requests": Sum("requests"),
+        "total_prompt_tokens": Sum("prompt_tokens"),
+        "total_completion_tokens": Sum("completion_tokens"),
+        "total_cache_hits": Sum("cache_hits"),
+        "total_gpu_seconds": Sum("gpu_seconds"),
+        "total_energy_joules": Sum("energy_joules"),
+        "total_energy_measured": Sum("energy_measured"),
+        "total_list_cost": cost_sum("list_cost"),
+        "total_hardware_cost": cost_sum("hardware_cost"),
+        "total_unpriced": Sum("unpriced"),
+    }
+
+
+def _tail_sums() -> dict[str, Aggregate]:
+    return {
+        "total_requests": Count("id"),
+        "total_prompt_tokens": Sum("prompt_tokens"),
+        "total_completion_tokens": Sum("completion_tokens"),
+        "total_cache_hits": Count("id", filter=Q(cache_hit=True)),
+        "total_gpu_seconds": Sum("gpu_seconds"),
+        "total_energy_joules": Sum("energy_joules"),
+        "total_energy_measured": Count("energy_joules"),
+        "total_list_cost": cost_sum("list_cost"),
+        "total_hardware_cost": cost_sum("hardware_cost"),
+        # Unpriced: no list price applied (the rollups' rule).
+        "total_unpriced": Count("id", filter=Q(list_cost__isnull=True)),
+    }
+
+
+# Aliases are prefixed so that no aggregate hides the column a later one reads.
+_STATUS_COUNTERS = {"ok": "ok", "error": "errors", "rejected": "rejections", "cancelled": "cancelled"}
+
+
+@dataclass
+class _Sums:
+    requests: int = 0
+    ok: int = 0
+    errors: int = 0
+    rejections: int = 0
+    cancelled: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cache_hits: int = 0
+    gpu_seconds: float = 0.0
+    energy_joules: float = 0.0
+    energy_measured: int = 0
+    list_cost: Decimal = ZERO
+    hardware_cost: Decimal = ZERO
+    unpriced: int = 0
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        requests = int(row["total_requests"] or 0)
+        self.requests += requests
+        counter = _STATUS_COUNTERS.get(row["status_class"])
+        if counter:
+            setattr(self, counter, getattr(self, counter) + requests)
+        for name in ("prompt_tokens", "completion_tokens", "cache_hits", "energy_measured", "unpriced"):
+            setattr(self, name, getattr(self, name) + int(row[f"total_{name}"] or 0))
+        self.gpu_seconds += float(row["total_gpu_seconds"] or 0.0)
+        self.energy_joules += float(row["total_energy_joules"] or 0.0)
+        self.list_cost += cost_value(row["total_list_cost"])
+        self.hardware_cost += cost_value(row["total_hardware_cost"])
+
+
+@dataclass(frozen=True)
+class Measures:
+    """Request counts, tokens, device use and cost. Rates are None when there were no requests;
+    energy figures are None when no request had its energy measured (a CPU or upstream runtime),
+    never 0. Costs are sums over priced requests; ``unpriced`` counts requests no list price
+    applied to."""
+
+    requests: int
+    ok: int
+    errors: int  # status error or timeout
+    rejections: int  # rejected by a rule or budget, or shed
+    cancelled: int
+    prompt_tokens: int
+    completion_tokens: int
+    tokens: int
+    cache_hits: int
+    cache_hit_rate: float | None  # cache hits / requests
+    error_rate: float | None  # errors / requests
+    rejection_rate: float | None  # rejections / requests
+    gpu_seconds: float
+    energy_joules: float | None
+    energy_per_1k_tokens: float | None  # measured joules per 1,000 tokens of all requests
+    list_cost: Decimal
+    hardware_cost: Decimal
+    unpriced: int
+    cost_per_1k_tokens: Decimal | None  # list cost per 1,000 tokens
+    hardware_cost_per_1k_tokens: Decimal | None
+
+
+@dataclass(frozen=True)
+class Totals(Measures):
+    start: dt.datetime  # the range counted (see rollup_plan)
+    end: dt.datetime
+
+
+@dataclass(frozen=True)
+class Row(Measures):
+    dimension: Dimension
+    value: str
+
+
+@dataclass(frozen=True)
+class SeriesPoint(Measures):
+    at: dt.datetime  # the step's first moment
+    value: str | None  # the dimension's value, None for an unsplit series
+
+
+def _measures(sums: _Sums) -> dict[str, Any]:
+    tokens = sums.prompt_tokens + sums.completion_tokens
+    energy = sums.energy_joules if sums.energy_measured else None
+
+    def rate(part: int) -> float | None:
+        return part / sums.requests if sums.requests else None
+
+    def per_1k(cost: Decimal) -> Decimal | None:
+        return cost * THOUSAND / tokens if tokens else None
+
+    return {
+        "requests": sums.requests,
+        "ok": sums.ok,
+        "errors": sums.errors,
+        "rejections": sums.rejections,
+        "cancelled": sums.cancelled,
+        "prompt_tokens": sums.prompt_tokens,
+        "completion_tokens": sums.completion_tokens,
+        "tokens": tokens,
+        "cache_hits": sums.cache_hits,
+        "cache_hit_rate": rate(sums.cache_hits),
+        "error_rate": rate(sums.errors),
+        "rejection_rate": rate(sums.rejections),
+        "gpu_seconds": sums.gpu_seconds,
+        "energy_joules": energy,
+        "energy_per_1k_tokens": energy * 1000 / tokens if energy is not None and tokens else None,
+        "list_cost": sums.list_cost,
+        "hardware_cost": sums.hardware_cost,
+        "unpriced": sums.unpriced,
+        "cost_per_1k_tokens": per_1k(sums.list_cost),
+        "hardware_cost_per_1k_tokens": per_1k(sums.hardware_cost),
+    }
+
+
+def _usage(
+    *,
+    filters: Filters,
+    plan: Plan,
+    rollup_keys: Mapping[str, Expression],
+    tail_keys: Mapping[str, Expression],
+    rekey: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None = None,
+) -> dict[tuple[Any, ...], _Sums]:
+    """Measures grouped by ``keys`` (plus status class, folded in), rollups and tail added up;
+    ``rekey`` maps each group's key before they are added up."""
+    names = tuple(rollup_keys)
+
+    def read() -> list[dict[str, Any]]:
+        rows = _rollups(plan, filters).values("status_class", **rollup_keys).annotate(**_rollup_sums())
+        return list(rows.order_by())
+
+    watermark, rolled = _read_rollups(read, empty=[])
+    tail = _tail(plan, filters, watermark).values("status_class", **tail_keys).annotate(**_tail_sums())
+    groups: dict[tuple[Any, ...], _Sums] = {}
+    for row in [*rolled, *tail.order_by()]:
+        key = tuple(row[name] for name in names)
+        groups.setdefault(rekey(key) if rekey else key, _Sums()).add(row)
+    return groups
+
+
+def usage_totals(*, filters: Filters) -> Totals:
+    """Every measure over the filtered requests."""
+    plan = rollup_plan(filters=filters)
+    groups = _usage(filters=filters, plan=plan, rollup_keys={}, tail_keys={})
+    return Totals(**_measures(groups.get((), _Sums())), start=plan.start, end=plan.end)
+
+
+def usage_by(*, filters: Filters, dimension: Dimension) -> list[Row]:
+    """The measures per tenant, feature or served model, highest list cost first."""
+    rollup_key, tail_key = _dimension_key(dimension)
+    plan = rollup_plan(filters=filters)
+    groups = _usage(filters=filters, plan=plan, rollup_keys={"value": rollup_key}, tail_keys={"value": tail_key})
+    rows = [Row(**_measures(sums), dimension=dimension, value=key[0]) for key, sums in groups.items()]
+    rows.sort(key=lambda row: (-row.list_cost, -row.requests, row.value))
+    return rows
+
+
+def usage_series(*, filters: Filters, step: Step = "hour", dimension: Dimension | None = None) -> list[SeriesPoint]:
+    """The measures per ``step`` (UTC minutes, hours or days), optionally split by a dimension.
+
+    Every step of the counted range is present (zero where nothing happened; for a split series,
+    for every value seen), ordered by time, then value. Summed, the points equal ``usage_totals``
+    over the same range. A step coarser than the range's alignment makes its first and last points
+    partial (they count only the part of the step inside the range).
+    """
+    if step not in STEPS:
+        raise ValueError(f"step must be one of {STEPS}, got {step!r}")
+    plan = rollup_plan(filters=filters, coarsest=step)
+    # Rollup rows are grouped by their own bucket (the database then hashes on an indexed column
+    # whose distinct count it knows) and the few finer edge buckets are folded into steps here.
+    rollup_keys: dict[str, Expression] = {"at": F("bucket")}
+    tail_keys: dict[str, Expression] = {"at": Trunc("started_at", step, tzinfo=dt.UTC)}
+    if dimension is not None:
+        rollup_keys["value"], tail_keys["value"] = _dimension_key(dimension)
+    groups = _usage(filters=filters, plan=plan, rollup_keys=rollup_keys, tail_keys=tail_keys,
+                    rekey=lambda key: (_floor(key[0].astimezone(dt.UTC), step), *key[1:]))
+    values: Iterable[str | None] = sorted({key[1] for key in groups}) if dimension else [None]
+    points = []
+    at = _floor(plan.start, step)
+    while at < plan.end:
+        for value in values:
+            key = (at, value) if dimension else (at,)
+            points.append(SeriesPoint(**_measures(groups.get(key, _Sums())), at=at, value=value))
+        at += STEP_LENGTH[step]
+    return points
+
+
+def dimension_values(*, filters: Filters, dimension: Dimension) -> list[str]:
+    """The values of a dimension seen in the range (for filter menus), sorted."""
+    rollup_key, tail_key = _dimension_key(dimension)
+    plan = rollup_plan(filters=filters)
+
+    def read() -> set[str]:
+        return set(_rollups(plan, filters).order_by().values_list(rollup_key, flat=True).distinct())
+
+    watermark, rolled = _read_rollups(read, empty=set())
+    tail = _tail(plan, filters, watermark).order_by().annotate(value=tail_key).values_list("value", flat=True)
+    return sorted(rolled | set(tail.distinct()))
+
+
+# -- latency --------------------------------------------------------------------------------------
+
+
+def latency_percentiles(
+    *, filters: Filters, metric: Metric = "e2e", quantiles: Iterable[float] = (0.5, 0.95, 0.99)
+) -> dict[float, float | None]:
+    """Quantiles of end-to-end latency or time to first token, in milliseconds.
+
+    Rollup histograms and the tail's values (bucketed with ``sketch.bucket_index``, counted by the
+    database) are merged into one sketch, so each quantile is within 2% (``sketch.ALPHA``) relative
+    error of the exact quantile of the same requests, however the range is tiled. A quantile is
+    None when no request in range had the metric measured (e.g. TTFT of rejected requests).
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    quantiles = tuple(quantiles)
+    plan = rollup_plan(filters=filters)
+    hist_field, bucket_field, value_field = f"{metric}_hist", f"{metric}_bucket", f"{metric}_ms"
+
+    def read() -> dict[int, int]:
+        return _merged_histogram(_rollups(plan, filters), hist_field)
+
+    watermark, merged = _read_rollups(read, empty={})
+    tail = _tail(plan, filters, watermark).order_by()
+    for index, count in tail.filter(**{f"{bucket_field}__isnull": False}).values_list(bucket_field).annotate(
+        count=Count("id")
+    ):
+        merged[index] = merged.get(index, 0) + count
+    # Ingest buckets every event on arrival; an event stored without its bucket is bucketed here.
+    unbucketed = tail.filter(**{f"{bucket_field}__isnull": True, f"{value_field}__isnull": False})
+    for value in unbucketed.values_list(value_field, flat=True):
+        index = sketch.bucket_index(value)
+        merged[index] = merged.get(index, 0) + 1
+    return {q: sketch.quantile(merged, q) for q in quantiles}
+
+
+# Sparse histograms are added up by the database: a month of day rows is tens of thousands of
+# JSON documents, too many to decode in Python within a page load.
+_HISTOGRAM_SUM_SQL = {
+    "postgresql": "SELECT h.key, SUM(h.value::bigint) FROM ({rows}) r CROSS JOIN LATERAL jsonb_each_text(r.hist) h "
+                  "GROUP BY h.key",
+    "sqlite": "SELECT h.key, SUM(h.value) FROM ({rows}) r, json_each(r.hist) h GROUP BY h.key",
+}
+
+
+def _merged_histogram(rows: QuerySet[Rollup], hist_field: str) -> dict[int, int]:
+    template = _HISTOGRAM_SUM_SQL.get(connection.vendor)
+    if template is None:
+        return sketch.merge(rows.values_list(hist_field, flat=True))
+    sql, params = rows.order_by().values(hist=F(hist_field)).query.sql_with_params()
+    with connection.cursor() as cursor:
+        cursor.execute(template.format(rows=sql), params)
+        return {int(key): int(count) for key, count in cursor.fetchall() if count}
+
+
+# -- runtimes and devices -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceGauge:
+    runtime_id: str
+    device: str
+    name: str | None
+    samples: int
+    gpu_util_avg: float | None
+    mem_used_max: int | None
+    mem_total: int | None
+    power_avg_w: float | None
+    temperature_max_c: float | None
+    energy_joules: float | None  # growth of the device's energy counter over the range
+
+
+@dataclass(frozen=True)
+class RuntimeGauge:
+    """A runtime's samples over a range. None where nothing was measured (no samples, or a CPU
+    runtime's GPU figures); device figures add up across the runtime's devices."""
+
+    runtime_id: str
+    samples: int
+    last_sample_at: dt.datetime | None
+    queue_depth_avg: float | None
+    queue_depth_max: int | None
+    running_avg: float | None
+    tokens_per_s_avg: float | None
+    gpu_util_avg: float | None  # mean over devices
+    power_avg_w: float | None  # sum over devices
+    energy_joules: float | None  # sum over devices
+    devices: tuple[DeviceGauge, ...] = field(default=())
+
+
+def runtime_gauges(*, start: dt.datetime, end: dt.datetime) -> list[RuntimeGauge]:
+    """Queue, throughput and device gauges per runtime from samples taken in ``[start, end)``;
+    registered runtimes that sent none are listed with ``samples == 0``.
+
+    Energy is the growth of each device's cumulative counter (last minus first reading), which a
+    driver restart inside the range would understate.
+    """
+    runtime_rows = (
+        RuntimeSample.objects.filter(at__gte=start, at__lt=end)
+        .values("runtime_id")
+        .annotate(
+            samples=Count("id"),
+            last_sample_at=Max("at"),
+            queue_depth_avg=Avg("queue_depth"),
+            queue_depth_max=Max("queue_depth"),
+            running_avg=Avg("running"),
+            tokens_per_s_avg=Avg("tokens_per_s"),
+        )
+        .order_by()
+    )
+    device_rows = (
+        DeviceSample.objects.filter(at__gte=start, at__lt=end)
+        .values("runtime_id", "device")
+        .annotate(
+            name=Max("name"),
+            samples=Count("id"),
+            gpu_util_avg=Avg("gpu_util"),
+            mem_used_max=Max("mem_used"),
+            mem_total=Max("mem_total"),
+            power_avg_w=Avg("power_w"),
+            temperature_max_c=Max("temperature_c"),
+            energy_first=Min("energy_joules_total"),
+            energy_last=Max("energy_joules_total"),
+        )
+        .order_by("runtime_id", "device")
+    )
+    devices: dict[str, list[DeviceGauge]] = {}
+    for row in device_rows:
+        first, last = row.pop("energy_first"), row.pop("energy_last")
+        energy = last - first if first is not None and last is not None else None
+        devices.setdefault(row["runtime_id"], []).append(DeviceGauge(**row, energy_joules=energy))
+    by_runtime = {row["runtime_id"]: row for row in runtime_rows}
+    names = set(by_runtime) | set(devices) | set(Runtime.objects.values_list("name", flat=True))
+    gauges = []
+    for name in sorted(names):
+        row = by_runtime.get(name, {})
+        own = tuple(devices.get(name, ()))
+        utils = [d.gpu_util_avg for d in own if d.gpu_util_avg is not None]
+        powers = [d.power_avg_w for d in own if d.power_avg_w is not None]
+        energies = [d.energy_joules for d in own if d.energy_joules is not None]
+        gauges.append(RuntimeGauge(
+            runtime_id=name,
+            samples=row.get("samples", 0),
+            last_sample_at=row.get("last_sample_at"),
+            queue_depth_avg=row.get("queue_depth_avg"),
+            queue_depth_max=row.get("queue_depth_max"),
+            running_avg=row.get("running_avg"),
+            tokens_per_s_avg=row.get("tokens_per_s_avg"),
+            gpu_util_avg=sum(utils) / len(utils) if utils else None,
+            power_avg_w=sum(powers) if powers else None,
+            energy_joules=sum(energies) if energies else None,
+            devices=own,
+        ))
+    return gauges
+
+
+@dataclass(frozen=True)
+class DeviceIdle:
+    """Device time paid for against the time requests were attributed, and what the gap cost."""
+
+    runtime_id: str
+    device: str  # GPU uuid, or "cpu"
+    device_type: str | None  # NVML's name, "cpu", or None when unknown
+    paid_seconds: float
+    attributed_seconds: float
+    idle_seconds: float
+    idle_fraction: float | None
+    idle_cost: Decimal | None  # None when no price book prices the device type
+
+
+CPU = "cpu"
+SAMPLED_SLOT = dt.timedelta(minutes=1)
+
+
+def idle_capacity(*, start: dt.datetime, end: dt.datetime) -> list[DeviceIdle]:
+    """Idle capacity per device over ``[start, end)``, most costly first.
+
+    *Paid* time is the number of distinct minutes in which the device was sampled, times 60 s: the
+    runtime samples every few seconds, so a minute with a sample is a minute the device was up, and
+    a stretch without samples (the runtime was down) is not counted. Partial minutes at a runtime's
+    start and stop count as whole ones. A runtime with no device samples is a CPU runtime: its
+    device ``"cpu"`` is paid for the minutes its runtime samples cover.
+
+    *Attributed* time is the ``gpu_seconds`` of requests that started in the range on that device.
+    Idle = paid − attributed, never negative. It is priced at the ``per_gpu_hour`` of the device
+    type (``telemetry.Device`` name, ``"*"`` fallback) in the price book in force at each minute —
+    the range is split at book changes, and idle is clamped at zero in each part. Only devices
+    with samples in the range are listed (device samples are kept for ``SAMPLE_RETENTION_DAYS``).
+    """
+    catalog = PriceCatalog.load()
+    books = [book for book in catalog.books if start < book.effective_from < end]
+    first_book = catalog.at(start)
+    # Each part of the range is labelled by the index of its book in `parts` (0: in force at start).
+    parts: list[Prices | None] = [first_book, *books]
+
+    def part_of(moment: str) -> Expression:
+        if not books:
+            return Value(0, output_field=IntegerField())
+        whens = [When(**{f"{moment}__gte": book.effective_from}, then=Value(i + 1)) for i, book in enumerate(books)]
+        return Case(*reversed(whens), default=Value(0), output_field=IntegerField())
+
+    paid: dict[tuple[str, str], dict[int, float]] = {}
+    device_names: dict[tuple[str, str], str | None] = {}
+    sampled = (
+        DeviceSample.objects.filter(at__gte=start, at__lt=end)
+        .annotate(minute=TruncMinute("at", tzinfo=dt.UTC))
+        .annotate(part=part_of("minute"))
+        .values("runtime_id", "device", "part")
+        .annotate(minutes=Count("minute", distinct=True), name=Max("name"))
+        .order_by()
+    )
+    for row in sampled:
+        key = (row["runtime_id"], row["device"])
+        paid.setdefault(key, {})[row["part"]] = row["minutes"] * SAMPLED_SLOT.total_seconds()
+        device_names[key] = device_names.get(key) or row["name"]
+    gpu_runtimes = {runtime_id for runtime_id, _ in paid}
+    cpu_sampled = (
+        RuntimeSample.objects.filter(at__gte=start, at__lt=end)
+        .exclude(runtime_id__in=gpu_runtimes)
+        .annotate(minute=TruncMinute("at", tzinfo=dt.UTC))
+        .annotate(part=part_of("minute"))
+        .values("runtime_id", "part")
+        .annotate(minutes=Count("minute", distinct=True))
+        .order_by()
+    )
+    for row in cpu_sampled:
+        paid.setdefault((row["runtime_id"], CPU), {})[row["part"]] = row["minutes"] * SAMPLED_SLOT.total_seconds()
+    if not paid:
+        return []
+
+    attributed: dict[tuple[str, str], dict[int, float]] = {}
+    events = (
+        RequestEvent.objects.filter(started_at__gte=start, started_at__lt=end, gpu_seconds__isnull=False)
+        .filter(runtime_id__in={runtime_id for runtime_id, _ in paid}, device__in={device for _, device in paid})
+        .annotate(part=part_of("started_at"))
+        .values("runtime_id", "device", "part")
+        .annotate(seconds=Sum("gpu_seconds"))
+        .order_by()
+    )
+    for row in events:
+        attributed.setdefault((row["runtime_id"], row["device"]), {})[row["part"]] = row["seconds"] or 0.0
+
+    known_types = dict(Device.objects.filter(uuid__in={d for _, d in paid}).values_list("uuid", "name"))
+    result = []
+    for key, paid_parts in paid.items():
+        runtime_id, device = key
+        device_type = CPU if device == CPU else known_types.get(device) or device_names.get(key)
+        used_parts = attributed.get(key, {})
+        idle_seconds = 0.0
+        idle_cost: Decimal | None = ZERO
+        for part in set(paid_parts) | set(used_parts):
+            idle = max(0.0, paid_parts.get(part, 0.0) - used_parts.get(part, 0.0))
+            idle_seconds += idle
+            price = parts[part].for_device(device_type) if parts[part] else None
+            if price is None:
+                if idle:
+                    idle_cost = None
+            elif idle_cost is not None:
+                idle_cost += (Decimal(str(idle)) * price[0] / SECONDS_PER_HOUR).quantize(QUANTUM)
+        paid_seconds = sum(paid_parts.values())
+        result.append(DeviceIdle(
+            runtime_id=runtime_id,
+            device=device,
+            device_type=device_type,
+            paid_seconds=paid_seconds,
+            attributed_seconds=sum(used_parts.values()),
+            idle_seconds=idle_seconds,
+            idle_fraction=idle_seconds / paid_seconds if paid_seconds else None,
+            idle_cost=idle_cost,
+        ))
+    result.sort(key=lambda d: (-(d.idle_cost or ZERO), -d.idle_seconds, d.runtime_id, d.device))
+    return result

@@ -1,0 +1,133 @@
+"""Telemetry in the admin: everything is read-only, because every row here is either what a runtime
+measured or what the rollups derived from it; an edit would make the two disagree."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from finops.telemetry import sketch
+from finops.telemetry.models import (
+    STATUS_CLASSES,
+    Device,
+    DeviceSample,
+    FillState,
+    Granularity,
+    RequestEvent,
+    Rollup,
+    RuntimeSample,
+)
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class RolledUpValueFilter(admin.SimpleListFilter):
+    """Filter raw events by a value, offering the values the day rollups have seen: a DISTINCT over
+    those few rows instead of over every raw event (the admin's default for a text field)."""
+
+    rollup_field = ""
+    event_field = ""
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        values = (Rollup.objects.filter(granularity=Granularity.DAY).order_by(self.rollup_field)
+                  .values_list(self.rollup_field, flat=True).distinct())
+        return [(value, value or "(none)") for value in values]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        value = self.value()
+        if value is None:
+            return queryset
+        if value == "" and self.event_field == "model_served":
+            return queryset.filter(model_served__isnull=True)
+        return queryset.filter(**{self.event_field: value})
+
+
+class TenantFilter(RolledUpValueFilter):
+    title, parameter_name, rollup_field, event_field = "tenant", "tenant", "tenant", "tenant"
+
+
+class FeatureFilter(RolledUpValueFilter):
+    title, parameter_name, rollup_field, event_field = "feature", "feature", "feature", "feature"
+
+
+class ModelFilter(RolledUpValueFilter):
+    title, parameter_name, rollup_field, event_field = "model served", "model", "model", "model_served"
+
+
+class StatusFilter(admin.SimpleListFilter):
+    title, parameter_name = "status", "status"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [(status, status) for status in STATUS_CLASSES]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        return queryset.filter(status=self.value()) if self.value() else queryset
+
+
+@admin.register(RequestEvent)
+class RequestEventAdmin(ReadOnlyAdmin):
+    list_display = ("started_at", "tenant", "feature", "model_served", "status", "prompt_tokens",
+                    "completion_tokens", "e2e_ms", "list_cost", "hardware_cost", "runtime_id")
+    list_filter = ("status_class", StatusFilter, TenantFilter, FeatureFilter, ModelFilter)
+    search_fields = ("tenant", "feature", "model_served", "status", "end_user")
+    date_hierarchy = "started_at"
+    ordering = ("-started_at",)
+    show_full_result_count = False  # a COUNT(*) over every raw partition on each page is not worth it
+
+
+@admin.register(Rollup)
+class RollupAdmin(ReadOnlyAdmin):
+    list_display = ("granularity", "bucket", "tenant", "feature", "model", "status_class", "requests",
+                    "prompt_tokens", "completion_tokens", "list_cost", "hardware_cost", "unpriced", "e2e_p50_p99")
+    list_filter = ("granularity", "status_class", "tenant", "feature", "model")
+    search_fields = ("tenant", "feature", "model")
+    date_hierarchy = "bucket"
+    ordering = ("-bucket", "granularity")
+
+    @admin.display(description="e2e p50 / p99 (ms)")
+    def e2e_p50_p99(self, row: Rollup) -> str:
+        p50, p99 = sketch.quantile(row.e2e_hist, 0.5), sketch.quantile(row.e2e_hist, 0.99)
+        return "n/a" if p50 is None or p99 is None else f"{p50:.1f} / {p99:.1f}"
+
+
+@admin.register(FillState)
+class FillStateAdmin(ReadOnlyAdmin):
+    """Moving a watermark by hand would count events twice or never: the rollups alone move it."""
+
+    list_display = ("name", "watermark", "updated_at")
+
+
+@admin.register(RuntimeSample)
+class RuntimeSampleAdmin(ReadOnlyAdmin):
+    list_display = ("runtime_id", "at", "queue_depth", "running", "tokens_per_s", "kv_cache_used")
+    list_filter = ("runtime_id",)
+    date_hierarchy = "at"
+    ordering = ("-at",)
+
+
+@admin.register(DeviceSample)
+class DeviceSampleAdmin(ReadOnlyAdmin):
+    list_display = ("runtime_id", "device", "name", "at", "gpu_util", "mem_used", "power_w", "temperature_c")
+    list_filter = ("runtime_id", "name")
+    search_fields = ("device", "name")
+    date_hierarchy = "at"
+    ordering = ("-at",)
+
+
+@admin.register(Device)
+class DeviceAdmin(ReadOnlyAdmin):
+    list_display = ("uuid", "name", "runtime_id", "last_seen_at")
+    list_filter = ("name", "runtime_id")
+    search_fields = ("uuid", "name")

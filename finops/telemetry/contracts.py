@@ -1,0 +1,362 @@
+"""Contract version 1 as the control plane accepts it: the body of ``POST /api/v1/events``.
+
+This is finops's own copy of the runtime's ``inference.contracts`` (the two are tested against each
+other: same field names, same required fields, and every record the runtime builds is accepted
+here). It is stricter than the runtime's: strings fit their database columns, numbers are finite,
+non-negative and fit their columns, and nothing is coerced — a count is a JSON integer, a flag a
+JSON boolean, a timestamp an ISO 8601 string with a time zone (pydantic's strict mode on JSON
+input). Checks that need more than one field or know who is sending and when (finished after
+started, the runtime's name, the retention window) are the ingest service's.
+
+``batch_parse`` turns a body into validated records and per-record refusals. The common case, a
+batch the runtime serialized, is parsed and validated in one pass in pydantic's Rust core; only a
+body with something wrong in it takes the slower path, which parses it with ``json`` and validates
+each list's records apart, so that one bad record never costs the good ones beside it. Both paths
+validate JSON text with the same models, so they agree on what is valid.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, FailFast, Field, TypeAdapter, ValidationError, create_model
+
+CONTRACT_VERSION = 1
+
+EventStatus = Literal["ok", "error", "rejected_rule", "rejected_budget", "shed", "timeout", "cancelled"]
+Priority = Literal["low", "normal", "high"]
+
+INT4_MAX = 2**31 - 1  # PositiveIntegerField / integer
+INT8_MAX = 2**63 - 1  # BigIntegerField / bigint
+# Bounds no honest measurement comes near; they keep costs inside their numeric(24, 12) columns.
+MAX_MS = 1e10  # about 115 days
+MAX_GPU_SECONDS = 1e7
+MAX_JOULES = 1e13
+MAX_DEVICES = 64
+_MAX_FIELDS = 64  # a record with more keys than this is refused before it is validated
+_MAX_ERRORS_PER_RECORD = 8
+_MAX_SHOWN_CHARS = 80
+
+
+def Text(max_length: int) -> Any:  # reads as a type in the field declarations
+    return Annotated[str, Field(max_length=max_length)]
+
+
+Milliseconds = Annotated[float, Field(ge=0, le=MAX_MS)]
+Count = Annotated[int, Field(ge=0, le=INT4_MAX)]
+BigCount = Annotated[int, Field(ge=0, le=INT8_MAX)]
+# Strict on JSON input: timestamps and UUIDs must be strings, numbers and booleans must be JSON
+# numbers and booleans (an integer where a float is due is fine; 200.0 where an integer is due is
+# not). Unknown keys are refused, but by ``batch_parse`` from ``model_extra``: pydantic's own
+# refusal costs microseconds a key, which a hostile record with a million keys would turn into
+# minutes; collecting them costs a dict insert.
+_STRICT = ConfigDict(extra="allow", strict=True, allow_inf_nan=False,
+                     json_schema_extra={"additionalProperties": False})
+
+
+class RequestEvent(BaseModel):
+    """One served, refused or failed request, as measured by a runtime."""
+
+    model_config = _STRICT
+
+    event_id: uuid.UUID
+    runtime_id: Text(100)
+    started_at: AwareDatetime
+    finished_at: AwareDatetime
+    tenant: Text(100)
+    feature: Text(100)
+    end_user: Text(256) | None = None
+    api_key_id: Text(200)
+    model_requested: Text(200)
+    model_served: Text(200) | None
+    route_reason: Text(100)
+    rule_id: Text(200) | None = None
+    priority: Priority
+    status: EventStatus
+    http_status: int = Field(ge=100, le=599)
+    error_type: Text(100) | None = None
+    prompt_tokens: Count
+    completion_tokens: Count
+    cache_hit: bool = False
+    queue_wait_ms: Milliseconds | None = None
+    ttft_ms: Milliseconds | None = None
+    e2e_ms: Milliseconds
+    tpot_ms: Milliseconds | None = None
+    queue_depth_at_admit: Count | None = None
+    mean_batch_size: float | None = Field(default=None, ge=0, le=1e6)
+    gpu_seconds: float | None = Field(default=None, ge=0, le=MAX_GPU_SECONDS)
+    energy_joules: float | None = Field(default=None, ge=0, le=MAX_JOULES)
+    device: Text(100) | None = None
+
+
+class DeviceSample(BaseModel):
+    """One accelerator's readings; every field is null where it cannot be measured."""
+
+    model_config = _STRICT
+
+    device: Text(100)
+    name: Text(200) | None = None
+    gpu_util: float | None = Field(default=None, ge=0, le=100)
+    mem_used: BigCount | None = None
+    mem_total: BigCount | None = None
+    power_w: float | None = Field(default=None, ge=0, le=1e6)
+    energy_joules_total: float | None = Field(default=None, ge=0)
+    temperature_c: float | None = Field(default=None, ge=-273.15, le=1000)
+
+
+class RuntimeSample(BaseModel):
+    """A runtime's state every few seconds."""
+
+    model_config = _STRICT
+
+    runtime_id: Text(100)
+    at: AwareDatetime
+    queue_depth: Count
+    running: Count
+    tokens_per_s: float = Field(ge=0)
+    kv_cache_used: BigCount | None = None
+    devices: list[DeviceSample] = Field(default_factory=list, max_length=MAX_DEVICES)
+
+
+class TelemetryBatch(BaseModel):
+    """The body of ``POST /api/v1/events``. Unknown top-level keys are ignored, as the runtime's
+    model ignores them; unknown keys inside a record are refused. Validate bodies with
+    ``batch_parse``, which does that refusing (the models here collect unknown keys in
+    ``model_extra`` rather than refusing them themselves)."""
+
+    model_config = ConfigDict(strict=True)
+
+    events: list[RequestEvent] = Field(default_factory=list)
+    samples: list[RuntimeSample] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A record the control plane did not store, and why (``"field: message"`` lines)."""
+
+    kind: Literal["event", "sample"]
+    index: int
+    event_id: str | None
+    errors: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "index": self.index, "event_id": self.event_id, "errors": self.errors}
+
+
+@dataclass
+class ParsedBatch:
+    """Valid records with their positions in the body, and the refused ones."""
+
+    events: list[tuple[int, RequestEvent]] = field(default_factory=list)
+    samples: list[tuple[int, RuntimeSample]] = field(default_factory=list)
+    refused: list[Refusal] = field(default_factory=list)
+
+    @property
+    def received(self) -> int:
+        return len(self.events) + len(self.samples) + len(self.refused)
+
+
+class BatchMalformed(ValueError):
+    """The body as a whole is not a batch (not JSON, not an object, no lists): HTTP 400."""
+
+
+class BatchTooLarge(ValueError):
+    """More records than one request may carry: HTTP 413, so the runtime sends smaller batches."""
+
+
+def batch_parse(body: bytes, *, max_records: int) -> ParsedBatch:
+    """Validate a request body; raise ``BatchMalformed`` or ``BatchTooLarge`` for the whole body."""
+    if b"\\u0000" in body:  # NUL is valid JSON but not storable text: find the records that hold it
+        return _parse_record_by_record(body, max_records=max_records)
+    try:
+        batch = _one_pass_batch(max_records).model_validate_json(body)
+    except ValidationError as exc:
+        # Fail-fast lists stop at the first bad record or the first record too many.
+        for error in exc.errors(include_url=False, include_input=False, include_context=False):
+            if error["type"] == "too_long" and len(error["loc"]) == 1:
+                raise BatchTooLarge(f"more than {max_records} {error['loc'][0]} in one request") from None
+        return _parse_record_by_record(body, max_records=max_records)
+    events, samples = batch.events, batch.samples  # type: ignore[attr-defined]
+    if len(events) + len(samples) > max_records:
+        raise BatchTooLarge(f"{len(events) + len(samples)} records in one request; at most {max_records}")
+    if not (_complete(events, _EventOnePass) and _complete(samples, _SampleOnePass)):
+        return _parse_record_by_record(body, max_records=max_records)
+    return ParsedBatch(list(enumerate(events)), list(enumerate(samples)))
+
+
+# Records are validated against copies of the models whose required fields have defaults, and
+# missing and unknown keys are found apart: from ``model_fields_set`` and ``model_extra`` in the
+# one pass, from the parsed dict record by record. Pydantic's own missing-field error carries the
+# whole record, so a record with a huge value and thirty fields missing would cost thirty copies of
+# it; this way every check costs at most the size of the body.
+def _required(model: type[BaseModel]) -> frozenset[str]:
+    return frozenset(name for name, info in model.model_fields.items() if info.is_required())
+
+
+def _with_defaults(model: type[BaseModel], **overrides: Any) -> type[BaseModel]:
+    fields: dict[str, Any] = {name: (info.rebuild_annotation(), None)
+                              for name, info in model.model_fields.items() if info.is_required()}
+    return create_model(f"{model.__name__}OnePass", __base__=model, **fields, **overrides)
+
+
+_DeviceOnePass = _with_defaults(DeviceSample)
+_EventOnePass = _with_defaults(RequestEvent)
+_SampleOnePass = _with_defaults(RuntimeSample, devices=(
+    Annotated[list[_DeviceOnePass], Field(max_length=MAX_DEVICES)], []))  # type: ignore[valid-type]
+_REQUIRED = {_DeviceOnePass: _required(DeviceSample), _EventOnePass: _required(RequestEvent),
+             _SampleOnePass: _required(RuntimeSample)}
+_EVENTS = TypeAdapter(list[_EventOnePass])  # type: ignore[valid-type]
+_SAMPLES = TypeAdapter(list[_SampleOnePass])  # type: ignore[valid-type]
+
+
+def _complete(records: list[Any], model: type[BaseModel]) -> bool:
+    """Every required field given and no unknown one, in each record and its devices (the slots
+    behind ``model_extra`` and ``model_fields_set``: this runs for every record)."""
+    required = _REQUIRED[model]
+    for record in records:
+        if record.__pydantic_extra__ or not required <= record.__pydantic_fields_set__:
+            return False
+        if model is _SampleOnePass and not _complete(record.devices, _DeviceOnePass):
+            return False
+    return True
+
+
+@functools.lru_cache(maxsize=4)
+def _one_pass_batch(max_records: int) -> type[BaseModel]:
+    """The batch for the one pass: its lists stop at the first bad record (the record-by-record
+    path finds them all) and at the first record past ``max_records``."""
+    def records(model: type[BaseModel]) -> Any:
+        return Annotated[list[model], FailFast(), Field(max_length=max_records)]  # type: ignore[valid-type]
+
+    return create_model("TelemetryBatchOnePass", __config__=ConfigDict(strict=True),
+                        events=(records(_EventOnePass), []), samples=(records(_SampleOnePass), []))
+
+
+def _shape_problems(item: Any, model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Missing and unknown keys of a parsed record (and of its devices)."""
+    if not isinstance(item, dict):
+        return []  # validation says what it should be
+    problems = [f"{prefix}{name}: Field required" for name in model.model_fields
+                if name in _REQUIRED[model] and name not in item]
+    problems += [f"{prefix}{_shorten(str(name))}: Extra inputs are not permitted"
+                 for name in item if name not in model.model_fields]
+    devices = item.get("devices") if model is _SampleOnePass else None
+    if isinstance(devices, list):
+        for position, device in enumerate(devices[:MAX_DEVICES]):
+            problems += _shape_problems(device, _DeviceOnePass, f"{prefix}devices.{position}.")
+    return problems
+
+
+def _capped(errors: list[str]) -> list[str]:
+    if len(errors) <= _MAX_ERRORS_PER_RECORD:
+        return errors
+    return [*errors[:_MAX_ERRORS_PER_RECORD], f"… and {len(errors) - _MAX_ERRORS_PER_RECORD} more"]
+
+
+def _bounded_int(text: str) -> int | float:
+    # Python refuses integers of more than 4300 digits outright, which would fail the whole body;
+    # as infinity the one field is refused instead (no count or amount needs 30 digits).
+    return int(text) if len(text) <= 30 else math.inf
+
+
+def _parse_record_by_record(body: bytes, *, max_records: int) -> ParsedBatch:
+    try:
+        document = json.loads(body, parse_int=_bounded_int)
+    except RecursionError:
+        raise BatchMalformed("the body is not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BatchMalformed(f"the body is not valid JSON: {_shorten(str(exc))}") from None
+    if not isinstance(document, dict):
+        raise BatchMalformed('the body must be a JSON object: {"events": [...], "samples": [...]}')
+    events, samples = document.get("events", []), document.get("samples", [])
+    for name, value in (("events", events), ("samples", samples)):
+        if not isinstance(value, list):
+            raise BatchMalformed(f"'{name}' must be a list of records")
+    if len(events) + len(samples) > max_records:
+        raise BatchTooLarge(f"{len(events) + len(samples)} records in one request; at most {max_records}")
+    escapes = b"\\u" in body  # only escapes make NUL characters or lone surrogates
+    parsed = ParsedBatch()
+    parsed.events = _validate_list(_EVENTS, _EventOnePass, events, "event", parsed.refused, check_text=escapes)
+    parsed.samples = _validate_list(_SAMPLES, _SampleOnePass, samples, "sample", parsed.refused,
+                                    check_text=escapes)
+    return parsed
+
+
+def _validate_list(adapter: TypeAdapter, model: type[BaseModel], items: list[Any], kind: Literal["event", "sample"],
+                   refused: list[Refusal], *, check_text: bool) -> list[tuple[int, Any]]:
+    """Validate each record as the JSON text it was (re-serialized: the same numbers and strings),
+    so this path and the one-pass path agree; return the valid ones with their indexes."""
+    problems: dict[int, list[str]] = defaultdict(list)
+    candidates = []
+    for index, item in enumerate(items):
+        if isinstance(item, dict) and len(item) > _MAX_FIELDS:
+            problems[index].append(f"record: {len(item)} fields; a record has at most {_MAX_FIELDS}")
+        elif check_text and (problem := _unstorable_text(item)):
+            problems[index].append(problem)  # and not validated: JSON cannot carry it to the validator
+        else:
+            problems[index] += _shape_problems(item, model)
+            candidates.append(index)
+    try:
+        records = adapter.validate_json(json.dumps([items[i] for i in candidates]))
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False, include_input=False, include_context=False):
+            position, *where = error["loc"]
+            problems[candidates[int(position)]].append(_describe(where, error["msg"]))
+        # Records validate independently, so the rest are valid: one more pass in the Rust core.
+        candidates = [i for i in candidates if not problems.get(i)]
+        records = adapter.validate_json(json.dumps([items[i] for i in candidates]))
+    kept = [(index, record) for index, record in zip(candidates, records, strict=True) if not problems.get(index)]
+    for index in sorted(i for i, errors in problems.items() if errors):
+        event_id = raw_event_id(items[index]) if kind == "event" else None
+        refused.append(Refusal(kind, index, event_id, _capped(problems[index])))
+    return kept
+
+
+def _describe(where: list[int | str], message: str) -> str:
+    name = ".".join(str(part) for part in where) or "record"
+    return f"{_shorten(name)}: {message}"
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= _MAX_SHOWN_CHARS else text[:_MAX_SHOWN_CHARS] + "…"
+
+
+def raw_event_id(record: Any) -> str | None:
+    """The event_id a record claimed, for naming it in a refusal (never echoed at length)."""
+    value = record.get("event_id") if isinstance(record, dict) else None
+    return _shorten(value) if isinstance(value, str) and not _bad_text(value) else None
+
+
+def _bad_text(text: str) -> str | None:
+    if "\x00" in text:
+        return "must not contain NUL characters"
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return "must be valid Unicode, not a lone surrogate escape"
+    return None
+
+
+def _unstorable_text(record: Any) -> str | None:
+    """The first key or string anywhere in a parsed record that PostgreSQL cannot store as text
+    (walked with a stack: a hostile record may nest deeply)."""
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), record)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if problem := _bad_text(value):
+                return _describe(list(path), problem)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if problem := _bad_text(key):
+                    return _describe([*path, "(a key)"], problem)
+                stack.append(((*path, key), item))
+        elif isinstance(value, list):
+            stack.extend(((*path, position), item) for position, item in enumerate(value))
+    return None

@@ -1,0 +1,267 @@
+"""Request events summed per minute, hour and day of ``started_at``, each event exactly once.
+
+Zulip's analytics shape: a ``FillState`` row ("requests") records how far the rollups have got, as
+a watermark over ``received_at``. One run, in one transaction: lock that row, sum in SQL every
+event received after the watermark and before ``now - ROLLUP_SETTLE_SECONDS`` per minute of
+``started_at`` (so a late event lands in its old bucket) and per (tenant, feature, model, status
+class), fold the minutes into hours and days, add the sums to the ``Rollup`` rows, and move the
+watermark. A crashed run rolls back whole; a doubled run waits for the lock and then finds nothing
+new. Every writer of ``Rollup`` (this, re-pricing, retention) takes the same lock, which is what
+makes the read-add-write of rows below safe.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import BigIntegerField, Count, F, Func, Min, Q, QuerySet, Sum, Value
+from django.db.models.functions import Coalesce, TruncMinute
+from django.utils import timezone
+
+from finops.pricing.services import QUANTUM
+from finops.telemetry import sketch
+from finops.telemetry.models import FillState, Granularity, RequestEvent, Rollup
+
+FILL_STATE = "requests"
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+GROUP_FIELDS = ("tenant", "feature", "served", "status_class")
+UNIQUE_FIELDS = ["granularity", "bucket", "tenant", "feature", "model", "status_class"]
+SUM_FIELDS = ["requests", "prompt_tokens", "completion_tokens", "cache_hits", "gpu_seconds", "energy_joules",
+              "energy_measured", "list_cost", "hardware_cost", "unpriced", "e2e_hist", "ttft_hist"]
+PICO = 10**12  # the cost columns' 12 decimal places, as an integer scale
+
+# (granularity, bucket, tenant, feature, model, status_class): one Rollup row.
+RollupKey = tuple[str, dt.datetime, str, str, str, str]
+
+
+@dataclass
+class Sums:
+    """What one Rollup row adds up; also a difference to apply to one (re-pricing)."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cache_hits: int = 0
+    gpu_seconds: float = 0.0
+    energy_joules: float = 0.0
+    energy_measured: int = 0
+    list_cost: Decimal = Decimal(0)
+    hardware_cost: Decimal = Decimal(0)
+    unpriced: int = 0
+    e2e_hist: dict[int, int] = field(default_factory=dict)
+    ttft_hist: dict[int, int] = field(default_factory=dict)
+
+    def add(self, other: Sums) -> None:
+        for name in SUM_FIELDS[:-2]:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for mine, theirs in ((self.e2e_hist, other.e2e_hist), (self.ttft_hist, other.ttft_hist)):
+            for index, count in theirs.items():
+                mine[index] = mine.get(index, 0) + count
+
+    def add_to_row(self, row: Rollup) -> Rollup:
+        """A new Rollup object (no pk: it is upserted on its natural key) holding row + self."""
+        total = Sums(**{name: _row_value(row, name) for name in SUM_FIELDS})
+        total.add(self)
+        values = {name: getattr(total, name) for name in SUM_FIELDS}
+        values["e2e_hist"] = _histogram_json(total.e2e_hist)
+        values["ttft_hist"] = _histogram_json(total.ttft_hist)
+        return Rollup(granularity=row.granularity, bucket=row.bucket, tenant=row.tenant, feature=row.feature,
+                      model=row.model, status_class=row.status_class, **values)
+
+
+@dataclass(frozen=True)
+class RollupResult:
+    events: int  # events counted by this run
+    rows: int  # Rollup rows created or changed
+    watermark_from: dt.datetime
+    watermark_to: dt.datetime
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values, for a Celery result or a log line."""
+        return {"events": self.events, "rows": self.rows, "seconds": round(self.seconds, 3),
+                "watermark_from": self.watermark_from.isoformat(), "watermark_to": self.watermark_to.isoformat()}
+
+
+def rollup_run(*, now: dt.datetime | None = None) -> RollupResult:
+    """Count every settled event received since the last run into the minute, hour and day rollups."""
+    began = time.perf_counter()
+    with transaction.atomic():
+        state = fill_state_lock() or fill_state_start()
+        now = now or database_now()
+        since, until = state.watermark, now - dt.timedelta(seconds=settings.ROLLUP_SETTLE_SECONDS)
+        if until <= since:  # a run with an earlier clock than the last one: never move back
+            return RollupResult(0, 0, since, since, time.perf_counter() - began)
+        minutes = minute_sums(RequestEvent.objects.filter(received_at__gt=since, received_at__lte=until))
+        rows = rollup_add(fold(minutes))
+        state.watermark = until
+        state.save(update_fields=["watermark", "updated_at"])
+    counted = sum(s.requests for s in minutes.values())
+    return RollupResult(counted, rows, since, until, time.perf_counter() - began)
+
+
+def database_now() -> dt.datetime:
+    """The database's clock: it stamps received_at (db_default=Now()), so a worker whose clock runs
+    ahead of it must not move the watermark past events the database has yet to stamp."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT STATEMENT_TIMESTAMP()")
+            return cursor.fetchone()[0]
+    return timezone.now()  # SQLite is a file on this machine: its clock is ours
+
+
+def fill_state_lock() -> FillState | None:
+    """The "requests" FillState row, locked until the transaction ends; None before the first run.
+
+    On PostgreSQL this is the row lock every writer of rollups queues on; on SQLite the IMMEDIATE
+    transaction (settings) already holds the database's one write lock.
+    """
+    return FillState.objects.select_for_update().filter(name=FILL_STATE).first()
+
+
+def fill_state_start() -> FillState:
+    """Start the watermark just before the earliest event received (the epoch when there is none),
+    and lock it."""
+    first = RequestEvent.objects.aggregate(first=Min("received_at"))["first"]
+    start = first - dt.timedelta(microseconds=1) if first else EPOCH
+    # Two first runs may race here: get_or_create lets the loser read the winner's committed row,
+    # and the lock below then waits for the winner's whole run.
+    FillState.objects.get_or_create(name=FILL_STATE, defaults={"watermark": start})
+    state = fill_state_lock()
+    assert state is not None  # created above, and a FillState is never deleted (read-only in the admin)
+    return state
+
+
+def minute_sums(events: QuerySet[RequestEvent]) -> dict[RollupKey, Sums]:
+    """Sum these events per minute of started_at and group, in three grouped queries."""
+    grouped = events.order_by().annotate(
+        minute=TruncMinute("started_at", tzinfo=dt.UTC), served=Coalesce("model_served", Value(""))
+    )
+    sums: dict[RollupKey, Sums] = {}
+    for row in grouped.values("minute", *GROUP_FIELDS).annotate(
+        n=Count("id"),
+        prompt=Sum("prompt_tokens"),
+        completion=Sum("completion_tokens"),
+        hits=Count("id", filter=Q(cache_hit=True)),
+        gpu=Sum("gpu_seconds"),
+        energy=Sum("energy_joules"),
+        measured=Count("energy_joules"),
+        listed=cost_sum("list_cost"),
+        hardware=cost_sum("hardware_cost"),
+        unpriced=Count("id", filter=Q(list_cost__isnull=True)),
+    ):
+        sums[_key(row)] = Sums(
+            requests=row["n"], prompt_tokens=row["prompt"] or 0, completion_tokens=row["completion"] or 0,
+            cache_hits=row["hits"], gpu_seconds=row["gpu"] or 0.0, energy_joules=row["energy"] or 0.0,
+            energy_measured=row["measured"], list_cost=cost_value(row["listed"]),
+            hardware_cost=cost_value(row["hardware"]), unpriced=row["unpriced"],
+        )
+    for column, histogram in (("e2e_bucket", "e2e_hist"), ("ttft_bucket", "ttft_hist")):
+        counts = (grouped.filter(**{f"{column}__isnull": False}).values("minute", *GROUP_FIELDS, column)
+                  .annotate(n=Count("id")).values_list("minute", *GROUP_FIELDS, column, "n"))
+        for row in counts:
+            # Same range, same lock: a group here is in the sums above (unless an ingest commits
+            # later than ROLLUP_SETTLE_SECONDS, the one thing the watermark cannot see).
+            if (group := sums.get(_key(row[:5]))) is not None:
+                getattr(group, histogram)[row[5]] = row[6]
+    return sums
+
+
+def fold(minutes: Mapping[RollupKey, Sums]) -> dict[RollupKey, Sums]:
+    """The minute sums plus the hour and day sums they add up to (UTC buckets)."""
+    folded: dict[RollupKey, Sums] = {}
+    for key, sums in minutes.items():
+        _, minute, *group = key
+        for granularity, bucket in ((Granularity.MINUTE, minute), (Granularity.HOUR, minute.replace(minute=0)),
+                                    (Granularity.DAY, minute.replace(hour=0, minute=0))):
+            folded.setdefault((granularity.value, bucket, *group), Sums()).add(sums)
+    return folded
+
+
+def rollup_add(sums: Mapping[RollupKey, Sums], *, create: bool = True) -> int:
+    """Add ``sums`` to their Rollup rows (inserting missing rows when ``create``); rows written.
+
+    The caller holds the FillState lock, so reading a row, adding in Python (exact Decimals,
+    histogram merge) and upserting the total back cannot lose a concurrent writer's addition.
+    """
+    written = 0
+    keys = sorted(sums)  # by granularity, then bucket: a chunk reads few buckets
+    for chunk in _batched(keys, 300):
+        existing = {_row_key(row): row for row in _rows_for(chunk)}
+        rows = []
+        for key in chunk:
+            row = existing.get(key)
+            if row is None:
+                if not create:
+                    continue
+                row = Rollup(granularity=key[0], bucket=key[1], tenant=key[2], feature=key[3], model=key[4],
+                             status_class=key[5])
+            rows.append(sums[key].add_to_row(row))
+        if rows:
+            Rollup.objects.bulk_create(rows, update_conflicts=True, unique_fields=UNIQUE_FIELDS,
+                                       update_fields=SUM_FIELDS, batch_size=500)
+            written += len(rows)
+    return written
+
+
+def cost_sum(column: str) -> Sum:
+    """An exact SQL sum of a cost column. PostgreSQL's numeric is exact; SQLite keeps decimals as
+    REAL, whose sums drift in the last places, so there the sum is over integer pico-dollars."""
+    if connection.vendor == "sqlite":
+        pico = Func(F(column), template=f"CAST(ROUND(%(expressions)s * {PICO}) AS INTEGER)",
+                    output_field=BigIntegerField())
+        return Sum(pico)
+    return Sum(column)
+
+
+def cost_value(value: Decimal | int | None) -> Decimal:
+    if value is None:
+        return Decimal(0)
+    if isinstance(value, int):  # SQLite's pico-dollars
+        return (Decimal(value) / PICO).quantize(QUANTUM)
+    return Decimal(value).quantize(QUANTUM)
+
+
+def _key(row: Mapping[str, Any] | tuple[Any, ...]) -> RollupKey:
+    if isinstance(row, Mapping):
+        row = (row["minute"], row["tenant"], row["feature"], row["served"], row["status_class"])
+    minute, tenant, feature, served, status_class = row
+    return (Granularity.MINUTE.value, minute, tenant, feature, served, status_class)
+
+
+def _row_key(row: Rollup) -> RollupKey:
+    return (row.granularity, row.bucket, row.tenant, row.feature, row.model, row.status_class)
+
+
+def _row_value(row: Rollup, name: str) -> Any:
+    value = getattr(row, name)
+    if name in ("list_cost", "hardware_cost"):
+        return Decimal(value or 0)
+    if name in ("e2e_hist", "ttft_hist"):
+        return sketch.merge([value or {}])
+    return value or 0
+
+
+def _rows_for(keys: list[RollupKey]) -> Iterator[Rollup]:
+    for granularity, group in itertools.groupby(keys, key=lambda k: k[0]):
+        chunk = list(group)
+        yield from Rollup.objects.filter(granularity=granularity, bucket__in={k[1] for k in chunk},
+                                         tenant__in={k[2] for k in chunk})
+
+
+def _histogram_json(histogram: Mapping[int, int]) -> dict[str, int]:
+    return {str(index): count for index, count in sorted(histogram.items()) if count}
+
+
+def _batched(items: Iterable[RollupKey], size: int) -> Iterator[list[RollupKey]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk

@@ -1,0 +1,22 @@
+"""Periodic telemetry work for Celery beat (settings.CELERY_BEAT_SCHEDULE): each task only calls
+its service. Both services are safe to run twice at once (they queue on the rollups' FillState
+lock), so a redelivered or doubled beat costs time, never a double count."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import shared_task
+
+from finops.telemetry.retention import retention_run
+from finops.telemetry.rollups import rollup_run
+
+
+@shared_task(name="finops.telemetry.tasks.rollup")
+def rollup() -> dict[str, Any]:
+    return rollup_run().as_dict()
+
+
+@shared_task(name="finops.telemetry.tasks.retention")
+def retention() -> dict[str, Any]:
+    return retention_run().as_dict()
