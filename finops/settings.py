@@ -142,6 +142,8 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULE = {
     "telemetry-rollup": {"task": "finops.telemetry.tasks.rollup", "schedule": 10.0, "options": {"expires": 9}},
+    "telemetry-sample-rollup": {"task": "finops.telemetry.tasks.sample_rollup", "schedule": 30.0,
+                                "options": {"expires": 29}},
     "telemetry-retention": {"task": "finops.telemetry.tasks.retention", "schedule": 3600.0,
                             "options": {"expires": 3000}},
 }

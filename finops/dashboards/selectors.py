@@ -59,7 +59,16 @@ from django.utils import timezone
 from finops.pricing.services import QUANTUM, PriceCatalog, Prices
 from finops.runtimes.models import Runtime
 from finops.telemetry import sketch
-from finops.telemetry.models import Device, DeviceSample, FillState, RequestEvent, Rollup, RuntimeSample
+from finops.telemetry.models import (
+    Device,
+    DeviceRollup,
+    DeviceSample,
+    FillState,
+    RequestEvent,
+    Rollup,
+    RuntimeRollup,
+    RuntimeSample,
+)
 from finops.telemetry.rollups import cost_sum, cost_value  # exact cost sums on SQLite too
 
 logger = logging.getLogger(__name__)
@@ -641,6 +650,55 @@ def runtime_gauges(*, start: dt.datetime, end: dt.datetime) -> list[RuntimeGauge
             devices=own,
         ))
     return gauges
+
+
+@dataclass(frozen=True)
+class RuntimeHistoryPoint:
+    """One runtime over one step, from the sample rollups. None where nothing was measured: no
+    samples, or no device reported the figure (a CPU runtime, a driver without power readings)."""
+
+    runtime_id: str
+    bucket: dt.datetime
+    samples: int
+    queue_depth_avg: float | None
+    queue_depth_max: int | None
+    tokens_per_s_avg: float | None
+    gpu_util_avg: float | None  # mean over the devices' readings
+    power_avg_w: float | None  # sum over devices of each one's mean power
+    energy_joules: float | None  # sum over devices
+
+
+def runtime_history(*, start: dt.datetime, end: dt.datetime, step: Step) -> list[RuntimeHistoryPoint]:
+    """Runtime and device figures per runtime and ``step`` bucket in ``[start, end)``, ordered by
+    runtime then bucket, read from ``RuntimeRollup`` / ``DeviceRollup`` only: it reaches back past
+    ``SAMPLE_RETENTION_DAYS`` (minute steps as far as ``MINUTE_ROLLUP_RETENTION_DAYS``), and leaves
+    out the last seconds the sample rollups have not yet counted (``runtime_gauges`` has those)."""
+    if step not in STEPS:
+        raise ValueError(f"step must be one of {STEPS}, got {step!r}")
+    in_range = {"granularity": step, "bucket__gte": start, "bucket__lt": end}
+    devices: dict[tuple[str, dt.datetime], list[DeviceRollup]] = {}
+    for row in DeviceRollup.objects.filter(**in_range).order_by():
+        devices.setdefault((row.runtime_id, row.bucket), []).append(row)
+    runtimes = {(row.runtime_id, row.bucket): row for row in RuntimeRollup.objects.filter(**in_range).order_by()}
+    points = []
+    for key in sorted(set(runtimes) | set(devices)):
+        runtime, own = runtimes.get(key), devices.get(key, [])
+        samples = runtime.samples if runtime else 0
+        util_count = sum(d.gpu_util_count for d in own)
+        powers = [d.power_w_sum / d.power_w_count for d in own if d.power_w_count]
+        energies = [d.energy_joules for d in own if d.energy_count]
+        points.append(RuntimeHistoryPoint(
+            runtime_id=key[0],
+            bucket=key[1],
+            samples=samples,
+            queue_depth_avg=runtime.queue_depth_sum / samples if runtime and samples else None,
+            queue_depth_max=runtime.queue_depth_max if runtime and samples else None,
+            tokens_per_s_avg=runtime.tokens_per_s_sum / samples if runtime and samples else None,
+            gpu_util_avg=sum(d.gpu_util_sum for d in own) / util_count if util_count else None,
+            power_avg_w=sum(powers) if powers else None,
+            energy_joules=sum(energies) if energies else None,
+        ))
+    return points
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,13 @@ from finops.telemetry import sketch
 from finops.telemetry.models import (
     STATUS_CLASSES,
     Device,
+    DeviceRollup,
     DeviceSample,
     FillState,
     Granularity,
     RequestEvent,
     Rollup,
+    RuntimeRollup,
     RuntimeSample,
 )
 
@@ -124,6 +126,45 @@ class DeviceSampleAdmin(ReadOnlyAdmin):
     search_fields = ("device", "name")
     date_hierarchy = "at"
     ordering = ("-at",)
+
+
+@admin.register(RuntimeRollup)
+class RuntimeRollupAdmin(ReadOnlyAdmin):
+    list_display = ("granularity", "bucket", "runtime_id", "samples", "queue_depth_avg", "queue_depth_max",
+                    "tokens_per_s_avg")
+    list_filter = ("granularity", "runtime_id")
+    date_hierarchy = "bucket"
+    ordering = ("-bucket", "granularity")
+
+    @admin.display(description="queue depth avg")
+    def queue_depth_avg(self, row: RuntimeRollup) -> str:
+        return f"{row.queue_depth_sum / row.samples:.2f}" if row.samples else "n/a"
+
+    @admin.display(description="tokens/s avg")
+    def tokens_per_s_avg(self, row: RuntimeRollup) -> str:
+        return f"{row.tokens_per_s_sum / row.samples:.1f}" if row.samples else "n/a"
+
+
+@admin.register(DeviceRollup)
+class DeviceRollupAdmin(ReadOnlyAdmin):
+    list_display = ("granularity", "bucket", "runtime_id", "device", "name", "samples", "gpu_util_avg",
+                    "power_avg_w", "energy")
+    list_filter = ("granularity", "runtime_id", "name")
+    search_fields = ("device", "name")
+    date_hierarchy = "bucket"
+    ordering = ("-bucket", "granularity")
+
+    @admin.display(description="GPU util avg")
+    def gpu_util_avg(self, row: DeviceRollup) -> str:
+        return f"{row.gpu_util_sum / row.gpu_util_count:.1f}" if row.gpu_util_count else "n/a"
+
+    @admin.display(description="power avg (W)")
+    def power_avg_w(self, row: DeviceRollup) -> str:
+        return f"{row.power_w_sum / row.power_w_count:.1f}" if row.power_w_count else "n/a"
+
+    @admin.display(description="energy (J)")
+    def energy(self, row: DeviceRollup) -> str:
+        return f"{row.energy_joules:.0f}" if row.energy_count else "n/a"
 
 
 @admin.register(Device)

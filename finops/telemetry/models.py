@@ -85,7 +85,7 @@ class RuntimeSample(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["runtime_id", "at"], name="sample_once")]
-        indexes = [models.Index(fields=["at"])]
+        indexes = [models.Index(fields=["at"]), models.Index(fields=["received_at"])]
 
     def __str__(self) -> str:
         return f"{self.runtime_id} @ {self.at:%H:%M:%S}"
@@ -94,6 +94,7 @@ class RuntimeSample(models.Model):
 class DeviceSample(models.Model):
     runtime_id = models.CharField(max_length=100)
     at = models.DateTimeField()
+    received_at = models.DateTimeField(db_default=Now())
     device = models.CharField(max_length=100)
     name = models.CharField(max_length=200, null=True, blank=True)
     gpu_util = models.FloatField(null=True, blank=True)
@@ -105,7 +106,7 @@ class DeviceSample(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["runtime_id", "device", "at"], name="device_sample_once")]
-        indexes = [models.Index(fields=["at"])]
+        indexes = [models.Index(fields=["at"]), models.Index(fields=["received_at"])]
 
     def __str__(self) -> str:
         return f"{self.device} @ {self.at:%H:%M:%S}"
@@ -160,6 +161,58 @@ class Rollup(models.Model):
 
     def __str__(self) -> str:
         return f"{self.granularity} {self.bucket:%Y-%m-%d %H:%M} {self.tenant}/{self.feature}/{self.model}"
+
+
+class RuntimeRollup(models.Model):
+    """Runtime samples summed per bucket of ``at`` and runtime: averages are sum / samples."""
+
+    granularity = models.CharField(max_length=6, choices=Granularity.choices)
+    bucket = models.DateTimeField()
+    runtime_id = models.CharField(max_length=100)
+    samples = models.BigIntegerField(default=0)
+    queue_depth_sum = models.BigIntegerField(default=0)
+    queue_depth_max = models.BigIntegerField(default=0)
+    running_sum = models.BigIntegerField(default=0)
+    running_max = models.BigIntegerField(default=0)
+    tokens_per_s_sum = models.FloatField(default=0.0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["granularity", "bucket", "runtime_id"],
+                                               name="one_runtime_rollup_row_per_bucket")]
+
+    def __str__(self) -> str:
+        return f"{self.granularity} {self.bucket:%Y-%m-%d %H:%M} {self.runtime_id}"
+
+
+class DeviceRollup(models.Model):
+    """Device samples summed per bucket of ``at`` and device. A reading a driver did not report is
+    left out of its sum, and the ``*_count`` beside the sum says how many were measured: a bucket
+    with a count of 0 has that figure unknown, not 0. ``energy_joules`` is the growth of the device's
+    energy counter between consecutive readings, each step counted in the bucket of its later
+    reading; a step where the counter went down (a reset) is skipped."""
+
+    granularity = models.CharField(max_length=6, choices=Granularity.choices)
+    bucket = models.DateTimeField()
+    runtime_id = models.CharField(max_length=100)
+    device = models.CharField(max_length=100)
+    name = models.CharField(max_length=200, null=True, blank=True)
+    samples = models.BigIntegerField(default=0)
+    gpu_util_sum = models.FloatField(default=0.0)
+    gpu_util_count = models.BigIntegerField(default=0)
+    mem_used_sum = models.BigIntegerField(default=0)
+    mem_used_count = models.BigIntegerField(default=0)
+    mem_used_max = models.BigIntegerField(null=True, blank=True)
+    power_w_sum = models.FloatField(default=0.0)
+    power_w_count = models.BigIntegerField(default=0)
+    energy_joules = models.FloatField(default=0.0)
+    energy_count = models.BigIntegerField(default=0, help_text="Counter steps measured")
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["granularity", "bucket", "runtime_id", "device"],
+                                               name="one_device_rollup_row_per_bucket")]
+
+    def __str__(self) -> str:
+        return f"{self.granularity} {self.bucket:%Y-%m-%d %H:%M} {self.device}"
 
 
 class FillState(models.Model):

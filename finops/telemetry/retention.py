@@ -2,8 +2,9 @@
 
 Raw events go a whole day at a time (one ``DROP TABLE`` per day partition on PostgreSQL), and
 only once the rollups have counted them: a day is dropped when it lies wholly before both
-``now - RAW_RETENTION_DAYS`` and every event the rollups have not yet counted. Hour and day
-rollups are kept for good; minute rollups and samples expire.
+``now - RAW_RETENTION_DAYS`` and every event the rollups have not yet counted. Samples likewise go
+after ``SAMPLE_RETENTION_DAYS`` once the sample rollups have counted them. Hour and day rollups are
+kept for good; minute rollups (of events and of samples) and samples expire.
 """
 
 from __future__ import annotations
@@ -17,9 +18,18 @@ from django.db import connection, transaction
 from django.db.models import Min
 from django.utils import timezone
 
-from finops.telemetry.models import DeviceSample, Granularity, RequestEvent, Rollup, RuntimeSample
+from finops.telemetry.models import (
+    DeviceRollup,
+    DeviceSample,
+    Granularity,
+    RequestEvent,
+    Rollup,
+    RuntimeRollup,
+    RuntimeSample,
+)
 from finops.telemetry.partitioning import drop_days_before
 from finops.telemetry.rollups import fill_state_lock
+from finops.telemetry.sample_rollups import sample_fill_state_lock
 
 # A partition drop waits for every query reading raw events, and everything else waits behind it:
 # give up after a few seconds and try again at the next run instead of stalling ingest.
@@ -33,6 +43,7 @@ class RetentionResult:
     runtime_samples_deleted: int
     device_samples_deleted: int
     minute_rollups_deleted: int
+    minute_sample_rollups_deleted: int = 0  # RuntimeRollup and DeviceRollup minute rows
 
     def as_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -66,7 +77,18 @@ def retention_run(*, now: dt.datetime | None = None) -> RetentionResult:
                 with connection.cursor() as cursor:
                     cursor.execute(f"SET LOCAL lock_timeout = '{DROP_LOCK_TIMEOUT}'")
             dropped = drop_days_before(keep_from)
-    sample_cutoff = now - dt.timedelta(days=settings.SAMPLE_RETENTION_DAYS)
-    runtime_samples, _ = RuntimeSample.objects.filter(at__lt=sample_cutoff).delete()
-    device_samples, _ = DeviceSample.objects.filter(at__lt=sample_cutoff).delete()
-    return RetentionResult(keep_from, dropped, runtime_samples, device_samples, minutes)
+    with transaction.atomic():
+        # The sample rollups' lock, in a transaction of its own (so never held with the one above):
+        # no run is counting the samples we delete or writing the rows we delete.
+        samples_state = sample_fill_state_lock()
+        sample_minutes = 0
+        for model in (RuntimeRollup, DeviceRollup):
+            deleted, _ = model.objects.filter(granularity=Granularity.MINUTE, bucket__lt=minute_cutoff).delete()
+            sample_minutes += deleted
+        runtime_samples = device_samples = 0
+        if samples_state is not None:  # a sample the rollups have not counted yet is history still to keep
+            sample_cutoff = now - dt.timedelta(days=settings.SAMPLE_RETENTION_DAYS)
+            expired = {"at__lt": sample_cutoff, "received_at__lte": samples_state.watermark}
+            runtime_samples, _ = RuntimeSample.objects.filter(**expired).delete()
+            device_samples, _ = DeviceSample.objects.filter(**expired).delete()
+    return RetentionResult(keep_from, dropped, runtime_samples, device_samples, minutes, sample_minutes)

@@ -1,5 +1,5 @@
 """Periodic telemetry work for Celery beat (settings.CELERY_BEAT_SCHEDULE): each task only calls
-its service. Both services are safe to run twice at once (they queue on the rollups' FillState
+its service. Every service is safe to run twice at once (each queues on its rollups' FillState
 lock), so a redelivered or doubled beat costs time, never a double count."""
 
 from __future__ import annotations
@@ -10,11 +10,17 @@ from celery import shared_task
 
 from finops.telemetry.retention import retention_run
 from finops.telemetry.rollups import rollup_run
+from finops.telemetry.sample_rollups import sample_rollup_run
 
 
 @shared_task(name="finops.telemetry.tasks.rollup")
 def rollup() -> dict[str, Any]:
     return rollup_run().as_dict()
+
+
+@shared_task(name="finops.telemetry.tasks.sample_rollup")
+def sample_rollup() -> dict[str, Any]:
+    return sample_rollup_run().as_dict()
 
 
 @shared_task(name="finops.telemetry.tasks.retention")

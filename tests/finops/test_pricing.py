@@ -17,6 +17,7 @@ from finops.pricing.services import PriceCatalog, hardware_cost, list_cost
 from finops.telemetry.models import Device, Granularity, RequestEvent, Rollup
 from finops.telemetry.retention import retention_run
 from finops.telemetry.rollups import rollup_run
+from finops.telemetry.sample_rollups import sample_rollup_run
 from tests.finops.factories import batch_body, event_dict, price_book
 from tests.finops.test_rollups import T0, assert_rollups_match_raw, event, snapshot, store
 
@@ -202,6 +203,7 @@ def one_of_each(now: dt.datetime) -> None:
     store(event(started_at=now - HOUR, received_at=now - HOUR), event(started_at=now - HOUR, model_served=None,
                                                                      e2e_ms=5.0, status="shed"))
     rollup_run(now=now)
+    sample_rollup_run(now=now + dt.timedelta(minutes=1))  # past the samples' received_at (the database's clock)
 
 
 def test_every_telemetry_and_pricing_model_has_an_admin_that_opens(admin_client_logged_in: Any) -> None:

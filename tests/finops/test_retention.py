@@ -14,6 +14,7 @@ from finops.telemetry.models import DeviceSample, Granularity, RequestEvent, Rol
 from finops.telemetry.partitioning import existing_partition_days
 from finops.telemetry.retention import retention_run
 from finops.telemetry.rollups import rollup_run
+from finops.telemetry.sample_rollups import sample_rollup_run
 from tests.finops.test_rollups import assert_rollups_match_raw, event, store
 
 NOW = dt.datetime(2026, 11, 20, 12, 0, tzinfo=dt.UTC)
@@ -102,10 +103,13 @@ def test_a_second_run_drops_nothing_more() -> None:
 
 def test_samples_and_minute_rollups_expire_while_hours_and_days_stay() -> None:
     for n in (8, 6):
-        RuntimeSample.objects.create(runtime_id="rt-1", at=days_ago(n), queue_depth=1, running=1, tokens_per_s=5.0)
-        DeviceSample.objects.create(runtime_id="rt-1", at=days_ago(n), device="GPU-1", gpu_util=0.5)
+        RuntimeSample.objects.create(runtime_id="rt-1", at=days_ago(n), received_at=days_ago(n), queue_depth=1,
+                                     running=1, tokens_per_s=5.0)
+        DeviceSample.objects.create(runtime_id="rt-1", at=days_ago(n), received_at=days_ago(n), device="GPU-1",
+                                    gpu_util=0.5)
     store(event(started_at=days_ago(8)), event(started_at=days_ago(6)))
     rollup_run(now=NOW)
+    sample_rollup_run(now=NOW)  # samples go only once counted
 
     result = retention_run(now=NOW)
 
