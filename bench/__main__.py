@@ -20,6 +20,8 @@ BENCHMARKS = {
     "engine_throughput": "continuous batching vs static generate(), in process and over HTTP",
     "upstream_overhead": "latency and requests/s the runtime adds in front of an instant upstream",
     "telemetry_overhead": "serving tokens/s with telemetry export on vs off",
+    "ingest_throughput": "telemetry events/s over HTTP into PostgreSQL, next to a raw COPY",
+    "selector_latency": "dashboard selector latency over 30 days of 10 million events",
 }
 
 
