@@ -38,7 +38,7 @@ pytestmark = pytest.mark.django_db
 
 H100 = "NVIDIA H100 80GB HBM3"
 GPU = "GPU-00000000-0000-0000-0000-000000000001"
-RAW = "__raw__"  # a placeholder replaced by raw JSON text the json module will not write
+RAW = "__raw__"  # a marker swapped for raw JSON text the json module will not write
 
 
 def hours_ago(hours: float) -> dt.datetime:
