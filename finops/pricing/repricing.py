@@ -19,9 +19,10 @@ from django.db.models.functions import Coalesce, TruncMinute
 from django.utils import timezone
 
 from finops.pricing.services import PriceCatalog, hardware_cost, list_cost
-from finops.telemetry.models import Device, RequestEvent
+from finops.telemetry.models import RequestEvent
 from finops.telemetry.retention import raw_retention_start
 from finops.telemetry.rollups import RollupKey, Sums, fill_state_lock, fold, rollup_add
+from finops.telemetry.selectors import device_types_for
 
 CHUNK = 2000
 
@@ -45,7 +46,8 @@ def reprice_range(*, start: dt.datetime, end: dt.datetime, now: dt.datetime | No
         # The rollups' lock: no run counts these events while their costs and rollup rows change.
         state = fill_state_lock()
         catalog = PriceCatalog.load()
-        devices = dict(Device.objects.values_list("uuid", "name"))
+        in_range = RequestEvent.objects.filter(started_at__gte=start, started_at__lt=end)
+        devices = device_types_for(devices=in_range.values_list("device", flat=True).distinct().order_by())
         counted = (ExpressionWrapper(Q(received_at__lte=state.watermark), output_field=BooleanField())
                    if state else Value(False))
         events = (RequestEvent.objects.filter(started_at__gte=start, started_at__lt=end).order_by()
@@ -61,7 +63,7 @@ def reprice_range(*, start: dt.datetime, end: dt.datetime, now: dt.datetime | No
             prices = catalog.at(started)
             book = prices.book_id if prices else None
             listed = list_cost(prices, model=model, prompt_tokens=prompt, completion_tokens=completion)
-            hardware = hardware_cost(prices, device_type="cpu" if device == "cpu" else devices.get(device or ""),
+            hardware = hardware_cost(prices, device_type=devices.get(device),
                                      gpu_seconds=gpu, energy_joules=energy)
             if (book, listed, hardware) == (old_book, old_list, old_hardware):
                 continue

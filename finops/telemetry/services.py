@@ -35,6 +35,7 @@ from finops.telemetry.models import STATUS_CLASSES, Device
 from finops.telemetry.models import DeviceSample as DeviceSampleRow
 from finops.telemetry.models import RequestEvent as RequestEventRow
 from finops.telemetry.models import RuntimeSample as RuntimeSampleRow
+from finops.telemetry.selectors import device_types_for
 from finops.telemetry.sketch import bucket_index
 
 logger = logging.getLogger("finops.telemetry")
@@ -297,7 +298,7 @@ def _store_events(events: list[tuple[int, RequestEvent]], *, runtime: Authentica
     catalog = _price_catalog()
     books = catalog.books
     book_starts = [book.effective_from for book in books]
-    device_types = _device_types({e.device for _, e in events})
+    device_types = device_types_for(devices={e.device for _, e in events})
     rows: dict[tuple, tuple] = {}
     duplicates = 0
     name = runtime.name
@@ -338,16 +339,6 @@ def _store_events(events: list[tuple[int, RequestEvent]], *, runtime: Authentica
     else:
         accepted = _insert_ignoring_conflicts(RequestEventRow, EVENT_COLUMNS, values)
     return accepted, duplicates + len(values) - accepted
-
-
-def _device_types(devices: set[str | None]) -> dict[str | None, str]:
-    """The price book's device type of each device an event names: 'cpu', or the GPU's NVML name
-    as its samples reported it. An unknown GPU is left out and prices at the book's '*' row."""
-    types: dict[str | None, str] = {"cpu": "cpu"} if "cpu" in devices else {}
-    uuids = [d for d in devices if d and d != "cpu"]
-    if uuids:
-        types.update(Device.objects.filter(uuid__in=uuids).values_list("uuid", "name"))
-    return types
 
 
 def _ensure_partitions(days: set[dt.date]) -> None:
