@@ -23,13 +23,15 @@ from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
 from inference import __version__
+from inference.admin import install_admin_routes
 from inference.admission import PRIORITY_RANK, Shed, effective_priority
-from inference.backends import Generation, LocalBackend, Output
+from inference.backends import Generation, LocalBackend, Output, UpstreamBackend
 from inference.config import RuntimeConfig
 from inference.engine.engine import GenerationResult, TokenDelta
 from inference.errors import ApiError, install_error_handlers, validation_error
 from inference.measurement import RequestMeasurement
-from inference.runtime import Runtime
+from inference.rules import Match, RuleRejection
+from inference.runtime import Backend, Runtime
 from inference.schemas import ChatCompletionRequest, CompletionRequest, usage_dict
 
 log = logging.getLogger("inference.api")
@@ -57,6 +59,7 @@ def create_app(config: RuntimeConfig, runtime: Runtime | None = None) -> FastAPI
                   docs_url=None, redoc_url=None)
     app.state.runtime = runtime
     install_error_handlers(app)
+    install_admin_routes(app, runtime)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -107,12 +110,26 @@ async def _serve(runtime: Runtime, request: Request,
         # Only once the body is read may a task listen for the client going away.
         watcher = asyncio.ensure_future(_disconnected(request))
         backend = runtime.backend(body.model)
+        # The rules act after authentication and before the queue: a refusal costs no slot.
+        match = runtime.rules.match(key.tenant, m.feature, body.model, runtime.backends)
+        backend, cap = _routed(runtime, m, body, backend, match)
         m.model_served, m.device = backend.name, backend.device_label
         if isinstance(backend, LocalBackend):
-            prepared = await asyncio.to_thread(backend.prepare, body)
+            prepared = await asyncio.to_thread(backend.prepare, body, max_tokens_cap=cap)
         else:
-            prepared = backend.prepare(body)
+            prepared = backend.prepare(body, max_tokens_cap=cap)
+        if match is not None:
+            # Checked and taken in one step: nothing awaits between them.
+            m.reservation = runtime.rules.reserve(match, prompt_tokens=prepared.prompt_tokens_bound,
+                                                  max_tokens=prepared.params.max_tokens, model=backend.name)
         slot = await _unless_gone(watcher, backend.admission.admit(priority=m.priority, tier=key.tier))
+    except RuleRejection as exc:
+        _stop(watcher)
+        m.rule_id = exc.rule_id
+        m.fail(exc.event_status, exc.status, exc.code)  # type: ignore[arg-type]
+        runtime.record(m)
+        raise ApiError(exc.status, exc.message, code=exc.code, retry_after_s=exc.retry_after_s,
+                       error_type=exc.error_type) from None
     except Shed as exc:
         _stop(watcher)
         m.fail("shed", 503, exc.reason)
@@ -133,8 +150,9 @@ async def _serve(runtime: Runtime, request: Request,
         m.fail("error", 500, "internal_error")
         runtime.record(m)
         raise
-    except BaseException:
+    except BaseException:  # cancelled: no event, but the reservations must not outlive the request
         _stop(watcher)
+        runtime.settle(m)
         raise
     assert watcher is not None
 
@@ -170,6 +188,24 @@ async def _serve(runtime: Runtime, request: Request,
     finally:
         watcher.cancel()
     return JSONResponse(result)
+
+
+def _routed(runtime: Runtime, m: RequestMeasurement, body: ChatCompletionRequest | CompletionRequest,
+            backend: Backend, match: Match | None) -> tuple[Backend, int | None]:
+    """The backend to serve from and the max_tokens cap, as the matching rules say."""
+    if match is None:
+        return backend, None
+    if match.downgrade is not None and match.downgrade.model is not None:
+        backend = runtime.backend(match.downgrade.model)
+        m.route_reason, m.rule_id = "downgraded_by_rule", match.downgrade.id
+    cap = match.max_tokens_cap
+    asked = body.requested_max_tokens()
+    if cap is not None and (asked is None or asked > cap) and m.rule_id is None:
+        m.rule_id = match.cap.id if match.cap is not None else None
+    if cap is None and asked is None and match.metered and isinstance(backend, UpstreamBackend):
+        # An upstream's length is open-ended unless asked: bound it, so the worst case is known.
+        cap = runtime.config.default_max_tokens
+    return backend, cap
 
 
 SHUTTING_DOWN = ApiError(503, "The runtime is shutting down; try again shortly.", code="shutting_down",

@@ -40,6 +40,9 @@ class Prepared:
     prompt_ids: list[int] | None = None
     payload: dict[str, Any] | None = None
     stream: bool = False
+    # The most prompt tokens the request can have: exact for the local engine, a bound from the
+    # text's UTF-8 length for an upstream (whose tokenizer this runtime does not have).
+    prompt_tokens_bound: int = 0
 
 
 class Generation:
@@ -83,8 +86,9 @@ class LocalBackend:
         self.name = loaded.name
         self.device_label = loaded.device_label
 
-    def prepare(self, body: Body) -> Prepared:
-        """Tokenize and check the request against the model's context. Runs off the event loop."""
+    def prepare(self, body: Body, *, max_tokens_cap: int | None = None) -> Prepared:
+        """Tokenize and check the request against the model's context, its completion clipped to
+        ``max_tokens_cap`` when a rule says so. Runs off the event loop."""
         tokenizer = self.loaded.tokenizer
         if isinstance(body, ChatCompletionRequest):
             if not tokenizer.chat_template:
@@ -105,6 +109,8 @@ class LocalBackend:
         limit = self.loaded.max_context
         room = limit - len(prompt_ids)
         asked = body.requested_max_tokens()
+        if asked is not None and max_tokens_cap is not None:
+            asked = min(asked, max_tokens_cap)
         if room <= 0 or (asked is not None and asked > room):
             raise ApiError(
                 400,
@@ -114,14 +120,16 @@ class LocalBackend:
                 param="max_tokens" if asked is not None and room > 0 else "messages",
             )
         params = SamplingParams(
-            max_tokens=asked if asked is not None else min(self.default_max_tokens, room),
+            max_tokens=asked if asked is not None else min(self.default_max_tokens, room,
+                                                           max_tokens_cap or self.default_max_tokens),
             temperature=1.0 if body.temperature is None else float(body.temperature),
             top_p=1.0 if body.top_p is None else float(body.top_p),
             seed=body.seed,
             stop=body.stop_sequences(),
             ignore_eos=body.ignore_eos,
         )
-        return Prepared(kind=kind, params=params, prompt_ids=prompt_ids, stream=body.stream)
+        return Prepared(kind=kind, params=params, prompt_ids=prompt_ids, stream=body.stream,
+                        prompt_tokens_bound=len(prompt_ids))
 
     def start(self, prepared: Prepared) -> Generation:
         assert prepared.prompt_ids is not None
@@ -152,7 +160,9 @@ class UpstreamBackend:
         self._in_flight = 0
         self.completion_tokens_total = 0
 
-    def prepare(self, body: Body) -> Prepared:
+    def prepare(self, body: Body, *, max_tokens_cap: int | None = None) -> Prepared:
+        """The upstream's payload; with ``max_tokens_cap`` its completion length is bounded (a rule's
+        cap, or the default length when a budget needs every request's worst case)."""
         # stream_options only with stream: vLLM refuses them otherwise, even {"include_usage": false}.
         payload = body.model_dump(exclude_none=True, exclude={"ignore_eos", "stream_options"})
         payload["model"] = self.upstream.upstream_model
@@ -160,9 +170,15 @@ class UpstreamBackend:
             payload["ignore_eos"] = True
         if body.stream:
             payload["stream_options"] = {"include_usage": True}
+        asked = body.requested_max_tokens()
+        if max_tokens_cap is not None:
+            asked = min(asked, max_tokens_cap) if asked is not None else max_tokens_cap
+            payload.pop("max_completion_tokens", None)
+            payload["max_tokens"] = asked
         kind: Literal["chat", "completion"] = "chat" if isinstance(body, ChatCompletionRequest) else "completion"
-        params = SamplingParams(max_tokens=body.requested_max_tokens() or 0, stop=body.stop_sequences())
-        return Prepared(kind=kind, params=params, payload=payload, stream=body.stream)
+        params = SamplingParams(max_tokens=asked or 0, stop=body.stop_sequences())
+        return Prepared(kind=kind, params=params, payload=payload, stream=body.stream,
+                        prompt_tokens_bound=_prompt_tokens_bound(body))
 
     def start(self, prepared: Prepared) -> Generation:
         gen = Generation()
@@ -273,6 +289,18 @@ class _UpstreamProgress:
             energy_joules=None,
             mean_batch_size=None,
         )
+
+
+# A byte-level BPE never needs more tokens than the text has UTF-8 bytes; the allowance covers a chat
+# template's markers around each message.
+_TEMPLATE_TOKENS_PER_MESSAGE = 16
+
+
+def _prompt_tokens_bound(body: Body) -> int:
+    if isinstance(body, ChatCompletionRequest):
+        return sum(len(m.text().encode()) + _TEMPLATE_TOKENS_PER_MESSAGE for m in body.messages) + \
+            _TEMPLATE_TOKENS_PER_MESSAGE
+    return len(body.prompt_text().encode()) + _TEMPLATE_TOKENS_PER_MESSAGE
 
 
 def _count(value: Any) -> int:

@@ -66,6 +66,9 @@ class RuntimeConfig:
     finops_url: str | None = None
     finops_token: str | None = None
     spool_dir: Path = Path(".cache/spool")
+    state_dir: Path | None = None  # default: .cache/runtime-state/<runtime_id>
+    admin_token: str | None = None
+    ruleset_pull_interval_s: float = 10.0
     spool_max_mb: float = 512.0
     export_batch_size: int = 500
     export_interval_s: float = 1.0
@@ -74,6 +77,13 @@ class RuntimeConfig:
     upstream_timeout_s: float = 120.0
     upstream_max_concurrency: int = 64
     log_level: str = "info"
+
+    @property
+    def resolved_state_dir(self) -> Path:
+        if self.state_dir is not None:
+            return self.state_dir
+        name = re.sub(r"[^A-Za-z0-9_.\-]", "_", self.runtime_id).strip(".") or "runtime"
+        return Path(".cache/runtime-state") / name
 
 
 @dataclass(frozen=True)
@@ -120,6 +130,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("--finops-url", "control plane base URL for telemetry (off when unset)"),
     Option("--finops-token", "bearer token for the control plane's ingest API"),
     Option("--spool-dir", "append-only telemetry spool, resent in order when the collector is back", Path),
+    Option("--state-dir", "where the accepted ruleset and the budget ledger are kept, one runtime per "
+           "directory (default: .cache/runtime-state/RUNTIME_ID)", Path),
+    Option("--admin-token", "bearer token for PUT/GET /admin/ruleset (the endpoints answer 403 when unset)"),
+    Option("--ruleset-pull-interval-s", "how often the ruleset is pulled from --finops-url", float),
     Option("--spool-max-mb", "spool size at which new records are refused loudly", float),
     Option("--export-batch-size", "most records in one telemetry POST", int),
     Option("--export-interval-s", "how often buffered telemetry is sent", float),
@@ -136,6 +150,7 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-.]{8,200}$")
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9_\-.~+/=]{16,200}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-.]{1,100}$")
 
 
@@ -235,7 +250,7 @@ def _validate(config: RuntimeConfig) -> None:
     if config.torch_threads is not None and config.torch_threads <= 0:
         raise ConfigError("torch_threads must be positive")
     for name in ("max_queue_wait_s", "export_interval_s", "sample_interval_s", "upstream_timeout_s",
-                 "spool_max_mb"):
+                 "spool_max_mb", "ruleset_pull_interval_s"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be positive")
     names = list(config.models) + [u.name for u in config.upstreams]
@@ -244,5 +259,7 @@ def _validate(config: RuntimeConfig) -> None:
     served = [Path(m).name if "/" in m else m for m in config.models] + [u.name for u in config.upstreams]
     if len(set(served)) != len(served):
         raise ConfigError(f"model names must be unique, got {served}")
+    if config.admin_token is not None and not _TOKEN_RE.match(config.admin_token):
+        raise ConfigError("--admin-token must be 16-200 characters of letters, digits and _ - . ~ + / =")
     if config.finops_url and not config.finops_url.startswith(("http://", "https://")):
         raise ConfigError("--finops-url must start with http:// or https://")

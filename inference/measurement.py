@@ -10,9 +10,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from inference.contracts import EventStatus, Priority, RequestEvent
 from inference.engine.engine import GenerationResult
+
+if TYPE_CHECKING:
+    from inference.rules import Reservation
 
 
 @dataclass
@@ -26,6 +30,7 @@ class RequestMeasurement:
     end_user: str | None = None
     model_served: str | None = None
     route_reason: str = "requested"
+    rule_id: str | None = None
     device: str | None = None
     status: EventStatus = "ok"
     http_status: int = 200
@@ -39,6 +44,8 @@ class RequestMeasurement:
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     t0: float = field(default_factory=time.perf_counter)
     t_end: float | None = None
+    # What the rules reserved for this request; settled when the request is recorded.
+    reservation: Reservation | None = field(default=None, repr=False)
 
     def fail(self, status: EventStatus, http_status: int, error_type: str | None) -> None:
         self.status, self.http_status, self.error_type = status, http_status, error_type
@@ -71,6 +78,7 @@ class RequestMeasurement:
             model_requested=self.model_requested,
             model_served=self.model_served,
             route_reason=self.route_reason,
+            rule_id=self.rule_id,
             priority=self.priority,
             status=self.status,
             http_status=self.http_status,

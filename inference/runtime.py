@@ -24,6 +24,7 @@ from inference.errors import ApiError
 from inference.gpu import GpuMonitor
 from inference.measurement import RequestMeasurement
 from inference.metrics import RuntimeMetrics, gauge
+from inference.rules import RuleEnforcer, RulesetKeeper, RulesetPuller
 from inference.telemetry.exporter import TelemetryExporter
 from inference.telemetry.sampler import RuntimeSampler
 
@@ -51,12 +52,17 @@ class Runtime:
         self._http: httpx.AsyncClient | None = None
         self.ready = False
         self._listeners: list[Callable[[RequestEvent], None]] = []
+        self.rules = RuleEnforcer()
+        self.ruleset = RulesetKeeper(self.rules, config.resolved_state_dir)
+        self.puller: RulesetPuller | None = None
         self.metrics.watch(self._live_gauges)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
         config = self.config
+        # The held ruleset and ledger first: no request is served before the rules are in force.
+        await asyncio.to_thread(self.ruleset.open)
         if self.gpu is None:
             self.gpu = await asyncio.to_thread(GpuMonitor)
         if config.torch_threads is not None:
@@ -87,6 +93,9 @@ class Runtime:
                 interval_s=config.export_interval_s,
             )
             self.exporter.start()
+            self.puller = RulesetPuller(self.ruleset, url=config.finops_url, token=config.finops_token,
+                                        interval_s=config.ruleset_pull_interval_s)
+            self.puller.start()
         self.sampler = RuntimeSampler(self, interval_s=config.sample_interval_s)
         self.sampler.start()
         self.ready = True
@@ -94,6 +103,8 @@ class Runtime:
 
     async def stop(self) -> None:
         self.ready = False
+        if self.puller is not None:
+            await self.puller.stop()
         if self.sampler is not None:
             self.sampler.stop()
         for backend in self.backends.values():
@@ -105,6 +116,7 @@ class Runtime:
             await asyncio.to_thread(self.exporter.close)
         if self.gpu is not None:
             self.gpu.close()
+        await self.ruleset.close()
 
     def _admission(self, capacity: int) -> AdmissionQueue:
         return AdmissionQueue(capacity=capacity, max_depth=self.config.max_queue_depth,
@@ -146,8 +158,22 @@ class Runtime:
                            f"{', '.join(sorted(self.backends))}.", code="model_not_found", param="model")
         return backend
 
+    def settle(self, measurement: RequestMeasurement) -> None:
+        """Book what the request used against the rules' reservations it held (once)."""
+        reservation = measurement.reservation
+        if reservation is not None:
+            result = measurement.result
+            self.rules.settle(reservation, prompt_tokens=measurement.prompt_tokens,
+                              completion_tokens=measurement.completion_tokens,
+                              gpu_seconds=result.gpu_seconds if result is not None else None)
+
     def record(self, measurement: RequestMeasurement) -> None:
-        """Count a finished request and hand its event to the exporter (never blocks)."""
+        """Settle a finished request's reservations, count it and hand its event to the exporter
+        (never blocks). Every request is recorded exactly once, however it ended."""
+        try:
+            self.settle(measurement)
+        except Exception:  # a bug in accounting must not lose the event
+            log.exception("request %s could not be settled", measurement.event_id)
         try:
             event = measurement.to_event()
         except ValueError:  # a measurement outside the contract is a bug: say so, never fail the response
@@ -197,6 +223,7 @@ class Runtime:
                                      ("energy_joules_total", "GPU energy counter J"),
                                      ("temperature_c", "GPU temperature C")):
                 rows += gauge(f"wattson_gpu_{field}", help_text, getattr(d, field), device=d.device)
+        rows += self._rule_gauges()
         if self.exporter is not None:
             stats = self.exporter.stats()
             for key in ("queued", "spooled_records", "spooled_bytes", "sent_records", "failed_posts",
@@ -204,6 +231,27 @@ class Runtime:
                 rows += gauge(f"wattson_telemetry_{key}", f"Telemetry exporter: {key}", stats.get(key))  # type: ignore[arg-type]
             rows += gauge("wattson_telemetry_spool_full", "1 while the spool refuses records",
                           1.0 if stats.get("spool_full") else 0.0)
+        return rows
+
+    def _rule_gauges(self) -> list[tuple[str, str, dict, float]]:
+        c = self.rules.counters
+        rows = gauge("wattson_ruleset_version", "Version of the ruleset this runtime holds (0: none)",
+                     self.rules.version)
+        rows += gauge("wattson_ruleset_stale", "1 while any allowance is past its expiry without a newer ruleset",
+                      1.0 if self.rules.stale() else 0.0)
+        rows += gauge("wattson_ruleset_fail_open_total", "Requests let through an expired 'open' allowance",
+                      c.fail_open)
+        rows += gauge("wattson_ruleset_fail_closed_total", "Requests refused by an expired 'closed' allowance",
+                      c.fail_closed)
+        for reason, count in c.rejections.items():
+            rows += gauge("wattson_rule_rejections_total", "Requests refused by the ruleset", count, reason=reason)
+        rows += gauge("wattson_rule_downgrades_total", "Requests served by a cheaper model by a downgrade rule",
+                      c.downgrades)
+        rows += gauge("wattson_rule_downgrades_ignored_total",
+                      "Downgrade rules skipped: their model is not served here", c.downgrades_ignored)
+        rows += gauge("wattson_rule_capped_total", "Requests whose max_tokens a cap rule bounded", c.capped)
+        if self.puller is not None:
+            rows += gauge("wattson_ruleset_pull_failures_total", "Ruleset pulls that failed", self.puller.failed_total)
         return rows
 
 

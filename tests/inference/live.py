@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -76,9 +78,10 @@ def serve(config: RuntimeConfig, preloaded: tuple[LoadedModel, ...] = (), **runt
 
 
 def tiny_config(**overrides: Any) -> RuntimeConfig:
+    # Each config its own state directory: runtimes in one test run never share a ruleset or ledger.
     base = RuntimeConfig(models=("tiny-random",), device="cpu", api_keys=KEYS, runtime_id="test-runtime",
                          sample_interval_s=60.0, max_batch_size=8, max_queue_depth=16, max_queue_wait_s=30.0,
-                         default_max_tokens=16)
+                         default_max_tokens=16, state_dir=Path(tempfile.mkdtemp(prefix="wattson-state-")))
     return dataclasses.replace(base, **overrides)
 
 

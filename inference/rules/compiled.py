@@ -1,0 +1,121 @@
+"""A validated ruleset turned into what admission reads: flat records with their times as epoch
+seconds, indexed by scope. Built once per accepted document (off the event loop), read per request."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import UTC
+from decimal import Decimal
+from typing import Literal
+
+from inference.rules.contract import Allowance, Price, Rule, RulesetDocument, as_epoch
+from inference.rules.matching import ScopeIndex
+
+ActionType = Literal["block", "throttle", "downgrade", "cap_max_tokens"]
+Unit = Literal["tokens", "usd_list", "gpu_seconds"]
+PeriodKey = tuple[str, str]  # (budget_id, period_start as ISO 8601 UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRule:
+    id: str
+    type: ActionType
+    reason: str
+    budget_name: str | None
+    expires_at: float | None
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    model: str | None = None
+    max_tokens: int | None = None
+
+    def live(self, now: float) -> bool:
+        return self.expires_at is None or now < self.expires_at
+
+    @property
+    def limits(self) -> tuple[int | None, int | None]:
+        return self.requests_per_minute, self.tokens_per_minute
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledAllowance:
+    budget_id: str
+    budget_name: str | None
+    unit: Unit
+    period: PeriodKey
+    granted: Decimal
+    reported: Decimal
+    resets_at: float | None
+    expires_at: float | None
+    on_expiry: Literal["closed", "open"]
+
+    @property
+    def rule_id(self) -> str:
+        return f"allowance:{self.budget_id}"
+
+    @property
+    def label(self) -> str:
+        return self.budget_name or self.budget_id
+
+
+@dataclass(frozen=True)
+class CompiledRuleset:
+    document: RulesetDocument
+    rules: ScopeIndex[CompiledRule]
+    allowances: ScopeIndex[CompiledAllowance]
+    throttles: dict[str, CompiledRule]
+    periods: dict[str, PeriodKey]  # budget_id -> its current period
+    prices: dict[str, Price]
+    earliest_expiry: float  # of any allowance; inf when none expires
+
+    @property
+    def version(self) -> int:
+        return self.document.version
+
+
+def ruleset_compile(document: RulesetDocument) -> CompiledRuleset:
+    rules = [(r.scope.key(), _rule(r)) for r in document.rules]
+    allowances = [(a.scope.key(), _allowance(a)) for a in document.allowances]
+    expiries = [a.expires_at for _, a in allowances if a.expires_at is not None]
+    return CompiledRuleset(
+        document=document,
+        rules=ScopeIndex(rules),
+        allowances=ScopeIndex(allowances),
+        throttles={r.id: r for _, r in rules if r.type == "throttle"},
+        periods={a.budget_id: a.period for _, a in allowances},
+        prices=dict(document.prices),
+        earliest_expiry=min(expiries, default=math.inf),
+    )
+
+
+def _rule(rule: Rule) -> CompiledRule:
+    action = rule.action
+    common = {"id": rule.id, "type": action.type, "reason": rule.reason, "budget_name": rule.budget_name,
+              "expires_at": as_epoch(rule.expires_at)}
+    if action.type == "throttle":
+        return CompiledRule(**common, requests_per_minute=action.requests_per_minute,
+                            tokens_per_minute=action.tokens_per_minute)
+    if action.type == "downgrade":
+        return CompiledRule(**common, model=action.model)
+    if action.type == "cap_max_tokens":
+        return CompiledRule(**common, max_tokens=action.max_tokens)
+    return CompiledRule(**common)
+
+
+def _allowance(allowance: Allowance) -> CompiledAllowance:
+    return CompiledAllowance(
+        budget_id=allowance.budget_id,
+        budget_name=allowance.budget_name,
+        unit=allowance.unit,
+        period=(allowance.budget_id, period_label(allowance)),
+        granted=allowance.granted,
+        reported=allowance.reported,
+        resets_at=as_epoch(allowance.resets_at),
+        expires_at=as_epoch(allowance.expires_at),
+        on_expiry=allowance.on_expiry,
+    )
+
+
+def period_label(allowance: Allowance) -> str:
+    """The period's start as one canonical string, whatever offset the document wrote it in."""
+    return allowance.period_start.astimezone(UTC).isoformat().replace("+00:00", "Z")
