@@ -9,6 +9,7 @@ server.
 from __future__ import annotations
 
 import os
+import zoneinfo
 from pathlib import Path
 
 import dj_database_url
@@ -49,6 +50,7 @@ INSTALLED_APPS = [
     "finops.pricing",
     "finops.telemetry",
     "finops.dashboards",
+    "finops.budgets",
 ]
 
 MIDDLEWARE = [
@@ -114,11 +116,21 @@ USE_TZ = True
 TIME_ZONE = "UTC"
 # The organisation's time zone: budget periods and dashboards are shown in it.
 WATTSON_TIME_ZONE = os.environ.get("WATTSON_TIME_ZONE", "UTC")
+# Budget periods (day, week, month) start at midnight here; WATTSON_TIME_ZONE is the older name.
+ORG_TIME_ZONE = os.environ.get("ORG_TIME_ZONE") or WATTSON_TIME_ZONE
+try:
+    zoneinfo.ZoneInfo(ORG_TIME_ZONE)
+except (zoneinfo.ZoneInfoNotFoundError, ValueError) as _exc:
+    raise ImproperlyConfigured(f"ORG_TIME_ZONE {ORG_TIME_ZONE!r} is not a known time zone") from _exc
+# This control plane's address as people reach it: links in alert emails point here.
+SITE_URL = os.environ.get("SITE_URL", "http://127.0.0.1:8000").rstrip("/")
 
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"] if (BASE_DIR / "static").is_dir() else []
 STATIC_ROOT = VAR_DIR / "staticfiles"
-LOGIN_URL = "admin:login"
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "budgets:list"
+LOGOUT_REDIRECT_URL = "login"
 
 EMAIL_BACKEND = os.environ.get("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
 EMAIL_HOST = os.environ.get("EMAIL_HOST", "localhost")
@@ -152,6 +164,10 @@ CELERY_BEAT_SCHEDULE = {
                                 "options": {"expires": 29}},
     "telemetry-retention": {"task": "finops.telemetry.tasks.retention", "schedule": 3600.0,
                             "options": {"expires": 3000}},
+    "budgets-evaluate": {"task": "finops.budgets.tasks.evaluate", "schedule": 5.0, "options": {"expires": 4}},
+    # A safety net: evaluation queues alerts itself; this retries failed sends and sweeps stragglers.
+    "budgets-send-alerts": {"task": "finops.budgets.tasks.send_alerts", "schedule": 60.0,
+                            "options": {"expires": 55}},
 }
 
 # -- Telemetry ----------------------------------------------------------------------------------

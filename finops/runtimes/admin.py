@@ -10,7 +10,7 @@ from django.contrib import admin, messages
 from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest
 
-from finops.runtimes.models import Runtime, RuntimeToken
+from finops.runtimes.models import Ruleset, Runtime, RuntimeToken
 from finops.runtimes.services import runtime_token_revoke, runtime_url_validate
 
 TOKEN_FIELDS = ("prefix", "created_at", "last_used_at", "revoked_at")
@@ -100,3 +100,23 @@ class RuntimeTokenAdmin(admin.ModelAdmin):
             runtime_token_revoke(token=token)
             revoked += 1
         self.message_user(request, f"Revoked {revoked} token(s).", messages.SUCCESS)
+
+
+@admin.register(Ruleset)
+class RulesetAdmin(admin.ModelAdmin):
+    """Compiled documents are the budgets' output: read them here, change the budgets instead."""
+
+    list_display = ("runtime", "version", "acknowledged", "issued_at", "last_push_at", "last_push_outcome")
+    list_select_related = ("runtime",)
+    readonly_fields = ("runtime", "version", "digest", "document", "issued_at", "push_started_at", "last_push_at",
+                       "last_push_version", "last_push_outcome")
+
+    @admin.display(description="acknowledged")
+    def acknowledged(self, ruleset: Ruleset) -> int | None:
+        return ruleset.runtime.last_ruleset_ack
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Ruleset | None = None) -> bool:
+        return False

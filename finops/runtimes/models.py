@@ -1,10 +1,14 @@
-"""Registered runtimes and the tokens they send telemetry with (stored hashed, shown once)."""
+"""Registered runtimes, the tokens they send telemetry with (stored hashed, shown once), and the
+ruleset document compiled for each of them."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import secrets
 
+from django.conf import settings
 from django.db import models
 
 
@@ -13,18 +17,37 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def admin_token_salt() -> str:
+    return secrets.token_urlsafe(24)
+
+
 class Runtime(models.Model):
     name = models.SlugField(max_length=100, unique=True, help_text="The runtime's --runtime-id.")
     base_url = models.URLField(help_text="Where the control plane reaches the runtime (rulesets).")
     created_at = models.DateTimeField(auto_now_add=True)
     last_seen_at = models.DateTimeField(null=True, blank=True)
-    last_ruleset_ack = models.PositiveBigIntegerField(null=True, blank=True)
+    last_ruleset_ack = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="The ruleset version the runtime last said it holds (push or pull).")
+    admin_token_salt = models.CharField(max_length=64, default=admin_token_salt, editable=False,
+                                        help_text="Mixed into the admin token; a new salt is a new token.")
 
     class Meta:
         ordering = ["name"]
 
     def __str__(self) -> str:
         return self.name
+
+    def admin_token(self) -> str:
+        """The bearer token the control plane pushes rulesets with (the runtime's ``--admin-token``).
+
+        It is derived, HMAC-SHA256(SECRET_KEY, name + salt), rather than stored: the database alone
+        does not give it away, and the push can recompute it. Changing SECRET_KEY therefore changes
+        every runtime's admin token: each runtime must then be given its new one
+        (``manage.py register_runtime NAME --rotate-admin-token``).
+        """
+        message = f"wattson-runtime-admin-token\x00{self.name}\x00{self.admin_token_salt}".encode()
+        digest = hmac.new(settings.SECRET_KEY.encode(), message, hashlib.sha256).digest()
+        return "wat_" + base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
 class RuntimeToken(models.Model):
@@ -46,3 +69,25 @@ class RuntimeToken(models.Model):
         """Create a token for ``runtime``; the plain token is returned here and never stored."""
         plain = "wrt_" + secrets.token_urlsafe(32)
         return cls.objects.create(runtime=runtime, digest=token_digest(plain), prefix=plain[:8]), plain
+
+
+class Ruleset(models.Model):
+    """The ruleset document compiled for one runtime (docs/RULESET.md). ``version`` only grows, and
+    only when the content (everything but ``version`` and ``issued_at``) changes; ``digest`` is the
+    content's SHA-256 so the comparison is one string."""
+
+    runtime = models.OneToOneField(Runtime, on_delete=models.CASCADE, related_name="ruleset")
+    version = models.PositiveBigIntegerField(default=0)
+    digest = models.CharField(max_length=64, blank=True)
+    document = models.JSONField(default=dict)
+    issued_at = models.DateTimeField(null=True, blank=True)
+    push_started_at = models.DateTimeField(null=True, blank=True)
+    last_push_at = models.DateTimeField(null=True, blank=True, help_text="When the last push finished.")
+    last_push_version = models.PositiveBigIntegerField(null=True, blank=True)
+    last_push_outcome = models.CharField(max_length=300, blank=True)
+
+    class Meta:
+        ordering = ["runtime__name"]
+
+    def __str__(self) -> str:
+        return f"{self.runtime} v{self.version}"

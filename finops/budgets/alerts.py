@@ -1,0 +1,150 @@
+"""Alert emails for threshold and forecast events, each sent at most once.
+
+Evaluation only writes ``BudgetEvent`` rows with ``alert_status = pending``. ``alerts_send`` picks
+pending rows (``SELECT … FOR UPDATE SKIP LOCKED``, so concurrent senders take different rows) and
+claims each with a conditional ``UPDATE … WHERE alert_status = 'pending'`` committed *before* the
+email goes out: only the sender whose update changed the row sends it (the conditional update is
+what guarantees it where rows cannot be locked, as on SQLite).
+A sender killed between the claim and the send leaves the event ``sending``; it is not sent again
+automatically (that could be a duplicate) and shows as such in the alert log and the admin, where
+it can be queued again. A send that raised is queued again, up to ``MAX_ATTEMPTS``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.core.mail import EmailMultiAlternatives
+from django.db import transaction
+from django.db.models import F
+from django.template.loader import render_to_string
+from django.utils import timezone
+
+from finops.budgets.models import Action, AlertStatus, Budget, BudgetEvent, EventKind
+from finops.budgets.periods import org_time_zone, period_at
+from finops.budgets.selectors import amount_label
+
+logger = logging.getLogger("finops.budgets")
+
+MAX_ATTEMPTS = 5
+CLAIM_BATCH = 50
+
+
+@dataclass
+class AlertsResult:
+    sent: int = 0
+    failed: int = 0
+    no_recipients: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"sent": self.sent, "failed": self.failed, "no_recipients": self.no_recipients}
+
+
+def alerts_send(*, now: dt.datetime | None = None) -> AlertsResult:
+    """Send every pending alert once; return what became of them."""
+    result = AlertsResult()
+    skipped: set[int] = set()
+    while True:
+        with transaction.atomic():
+            candidates = list(BudgetEvent.objects.select_for_update(skip_locked=True)
+                              .filter(alert_status=AlertStatus.PENDING).exclude(pk__in=skipped)
+                              .order_by("pk").values_list("pk", flat=True)[:CLAIM_BATCH])
+            claimed = [pk for pk in candidates if _claim(pk, now or timezone.now())]
+        if not candidates:
+            return result
+        skipped.update(candidates)
+        for pk in claimed:
+            _deliver(pk, result)
+
+
+def _claim(pk: int, now: dt.datetime) -> bool:
+    return bool(BudgetEvent.objects.filter(pk=pk, alert_status=AlertStatus.PENDING)
+                .update(alert_status=AlertStatus.SENDING, claimed_at=now, attempts=F("attempts") + 1))
+
+
+def _deliver(pk: int, result: AlertsResult) -> None:
+    event = BudgetEvent.objects.select_related("budget").get(pk=pk)
+    recipients = list(event.budget.recipients)
+    if not recipients:
+        BudgetEvent.objects.filter(pk=pk).update(alert_status=AlertStatus.NO_RECIPIENTS)
+        result.no_recipients += 1
+        return
+    try:
+        alert_message(event=event).send()
+    except Exception as exc:  # SMTP refusals and network errors: nothing was delivered, try again later
+        logger.warning("budget alert %s: sending failed: %s", pk, exc)
+        retry = event.attempts < MAX_ATTEMPTS
+        BudgetEvent.objects.filter(pk=pk).update(
+            alert_status=AlertStatus.PENDING if retry else AlertStatus.FAILED,
+            last_error=f"{type(exc).__name__}: {exc}"[:2000])
+        result.failed += 1
+        return
+    BudgetEvent.objects.filter(pk=pk).update(alert_status=AlertStatus.SENT, sent_at=timezone.now(), last_error="")
+    result.sent += 1
+
+
+def alerts_requeue(*, events: Any) -> int:
+    """Queue failed or interrupted alerts again (an admin's decision: an interrupted one may have
+    gone out already)."""
+    return events.filter(alert_status__in=[AlertStatus.FAILED, AlertStatus.SENDING]).update(
+        alert_status=AlertStatus.PENDING, attempts=0)
+
+
+def action_summary(*, budget: Budget, event: BudgetEvent) -> str:
+    """What Wattson did, or will do, about the budget: the sentence the email leads with."""
+    reset = timezone.localtime(period_at(budget.period, event.period_start).end, org_time_zone())
+    until = f"until the {budget.period_noun} resets at {reset:%Y-%m-%d %H:%M %Z}"
+    scope = budget.scope_label
+    reached = event.kind == EventKind.THRESHOLD and (event.threshold or 0) >= 100
+    if budget.is_hard:
+        if reached:
+            return f"Hard limit reached: the runtimes refuse requests for {scope} {until}."
+        return (f"This is a hard budget: the runtimes reserve every request for {scope} against it and will "
+                f"refuse any that would take it past its limit.")
+    doing = {
+        Action.ALERT_ONLY: "This budget only alerts: no requests are limited",
+        Action.BLOCK: f"Requests for {scope} are blocked",
+        Action.THROTTLE: f"Requests for {scope} are throttled to {_throttle(budget)}",
+        Action.DOWNGRADE: f"Requests for {scope} are served by {budget.downgrade_model} instead",
+    }[budget.action]
+    if budget.cap_max_tokens and budget.action in (Action.THROTTLE, Action.DOWNGRADE):
+        doing += f", with max_tokens capped at {budget.cap_max_tokens}"
+    if budget.action == Action.ALERT_ONLY:
+        return doing + "."
+    if reached:
+        return f"{doing} {until}."
+    return f"Nothing has been limited yet. At 100% of the limit: {doing[0].lower()}{doing[1:]} {until}."
+
+
+def _throttle(budget: Budget) -> str:
+    parts = []
+    if budget.throttle_tokens_per_minute:
+        parts.append(f"{budget.throttle_tokens_per_minute:,} tokens/minute")
+    if budget.throttle_requests_per_minute:
+        parts.append(f"{budget.throttle_requests_per_minute:,} requests/minute")
+    return " and ".join(parts)
+
+
+def alert_message(*, event: BudgetEvent) -> EmailMultiAlternatives:
+    """The email for a threshold or forecast event: subject, plain text and HTML from three templates."""
+    budget = event.budget
+    tz = org_time_zone()
+    context = {
+        "budget": budget, "event": event, "is_forecast": event.kind == EventKind.FORECAST,
+        "spend": amount_label(event.unit, event.spend), "limit": amount_label(event.unit, event.limit),
+        "percent": f"{event.spend / event.limit * 100:.1f}" if event.limit else "n/a",
+        "forecast_at": timezone.localtime(event.forecast_at, tz) if event.forecast_at else None,
+        "resets_at": timezone.localtime(period_at(budget.period, event.period_start).end, tz),
+        "action": action_summary(budget=budget, event=event),
+        "url": settings.SITE_URL + budget.get_absolute_url(),
+    }
+    subject = " ".join(render_to_string("emails/budget_alert_subject.txt", context).split())
+    text = render_to_string("emails/budget_alert.txt", context)
+    html = render_to_string("emails/budget_alert.html", context)
+    message = EmailMultiAlternatives(subject=subject, body=text, to=list(budget.recipients))
+    message.attach_alternative(html, "text/html")
+    return message

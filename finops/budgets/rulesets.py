@@ -1,0 +1,131 @@
+"""Budget state compiled into one ruleset document per runtime (docs/RULESET.md).
+
+Rules (the same for every runtime) come from exceeded budgets whose action limits requests;
+narrower scopes come first, because the runtime applies the first matching downgrade. Allowances
+(per runtime) come from hard budgets' grants. The document changes only when budget state,
+grants, prices or an allowance's renewed expiry change; ``ruleset_store`` gives it a new version
+only then. Reasons name the limit, not the live spend, so a throttled budget whose spend keeps
+moving does not issue a new version every few seconds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from decimal import Decimal
+from typing import Any
+
+from django.db.models import Q
+from django.utils import timezone
+
+from finops.budgets.grants import ALLOWANCE_TTL
+from finops.budgets.models import Action, Budget, Grant, State, Unit
+from finops.budgets.periods import Period, org_time_zone, period_at
+from finops.budgets.selectors import amount_label
+from finops.pricing.services import PriceCatalog
+from finops.runtimes.models import Runtime
+from finops.runtimes.services import ruleset_store
+
+UNIT_WORDS = {Unit.USD_LIST: "list price", Unit.USD_HARDWARE: "hardware cost"}
+
+
+def iso(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def rulesets_compile(*, now: dt.datetime | None = None) -> list[int]:
+    """Compile and store every runtime's document; return the pks of runtimes given a new version."""
+    now = now or timezone.now()
+    budgets = [(budget, period_at(budget.period, now)) for budget in Budget.objects.filter(paused=False)]
+    rules: list[dict[str, Any]] = []
+    for budget, period in sorted(budgets, key=lambda item: (-item[0].specificity, item[0].pk)):
+        if budget.state == State.EXCEEDED and budget.period_start == period.start:
+            rules.extend(budget_rules(budget=budget, period=period))
+    hard = [(budget, period) for budget, period in sorted(budgets, key=lambda item: item[0].pk) if budget.is_hard]
+    current = Q()
+    for budget, period in hard:
+        current |= Q(budget=budget, period_start=period.start)
+    grants = {(grant.budget_id, grant.runtime_id): grant for grant in Grant.objects.filter(current)} if hard else {}
+    prices = prices_document(now=now)
+    changed = []
+    for runtime in Runtime.objects.order_by("name"):
+        allowances = [budget_allowance(budget=budget, period=period, grant=grants.get((budget.pk, runtime.pk)), now=now)
+                      for budget, period in hard]
+        content = {"runtime_id": runtime.name, "prices": prices, "rules": rules, "allowances": allowances}
+        _, is_new = ruleset_store(runtime=runtime, content=content, now=now)
+        if is_new:
+            changed.append(runtime.pk)
+    return changed
+
+
+def _reason(budget: Budget, period: Period) -> str:
+    unit = f" ({UNIT_WORDS[budget.unit]})" if budget.unit in UNIT_WORDS else ""
+    reset = timezone.localtime(period.end, org_time_zone())
+    return (f"Budget '{budget.name}' reached its limit of {amount_label(budget.unit, budget.limit)}{unit} "
+            f"for this {budget.period_noun}; it resets at {reset:%Y-%m-%d %H:%M %Z}.")
+
+
+def _scope(budget: Budget) -> dict[str, str]:
+    return {"tenant": budget.tenant, "feature": budget.feature, "model": "*"}
+
+
+def budget_rules(*, budget: Budget, period: Period) -> list[dict[str, Any]]:
+    """The rules an exceeded budget puts in force until its period resets."""
+    actions: list[dict[str, Any]] = []
+    if budget.action == Action.BLOCK:
+        actions.append({"type": "block"})
+    elif budget.action == Action.THROTTLE:
+        throttle: dict[str, Any] = {"type": "throttle"}
+        if budget.throttle_tokens_per_minute:
+            throttle["tokens_per_minute"] = budget.throttle_tokens_per_minute
+        if budget.throttle_requests_per_minute:
+            throttle["requests_per_minute"] = budget.throttle_requests_per_minute
+        actions.append(throttle)
+    elif budget.action == Action.DOWNGRADE:
+        actions.append({"type": "downgrade", "model": budget.downgrade_model})
+    if budget.cap_max_tokens and budget.action in (Action.THROTTLE, Action.DOWNGRADE):
+        actions.append({"type": "cap_max_tokens", "max_tokens": budget.cap_max_tokens})
+    names = {"block": "block", "throttle": "throttle", "downgrade": "downgrade", "cap_max_tokens": "cap"}
+    return [{"id": f"b{budget.pk}-{names[action['type']]}", "budget_id": str(budget.pk), "budget_name": budget.name,
+             "scope": _scope(budget), "action": action, "reason": _reason(budget, period),
+             "expires_at": iso(period.end)} for action in actions]
+
+
+def budget_allowance(*, budget: Budget, period: Period, grant: Grant | None, now: dt.datetime) -> dict[str, Any]:
+    """A hard budget's allowance for one runtime. A runtime without a grant row yet (registered
+    during this evaluation) gets an allowance of nothing rather than none at all: no allowance
+    would mean no limit."""
+    granted = grant.granted if grant else Decimal(0)
+    reported = grant.reported if grant else Decimal(0)
+    expires_at = grant.expires_at if grant and grant.expires_at else (now + ALLOWANCE_TTL).replace(microsecond=0)
+    return {
+        "budget_id": str(budget.pk), "budget_name": budget.name, "scope": _scope(budget), "unit": budget.unit,
+        "period_start": iso(period.start), "resets_at": iso(period.end),
+        "granted": json_number(granted, budget.unit, down=True),
+        "reported": json_number(reported, budget.unit, down=False),
+        "expires_at": iso(expires_at), "on_expiry": budget.on_expiry,
+    }
+
+
+def json_number(value: Decimal, unit: str, *, down: bool) -> int | float:
+    """A JSON number for ``value`` that errs on the safe side: a grant never rounds up, a reported
+    spend never rounds down. The runtime reads a number's text as a decimal, so the text (a float's
+    shortest repr, exact for the micro-dollar amounts granted here) is what is compared."""
+    if unit == Unit.TOKENS:
+        return math.floor(value) if down else math.ceil(value)
+    number = float(value)
+    while down and Decimal(repr(number)) > value:
+        number = math.nextafter(number, -math.inf)
+    while not down and Decimal(repr(number)) < value:
+        number = math.nextafter(number, math.inf)
+    return number
+
+
+def prices_document(*, now: dt.datetime) -> dict[str, dict[str, float]]:
+    """List prices per model (USD per 1M tokens) of the book in force at ``now``; ``*`` is the
+    book's price for any model it does not name."""
+    book = PriceCatalog.load().at(now)
+    if book is None:
+        return {}
+    return {model: {"prompt_per_1m": float(prompt), "completion_per_1m": float(completion)}
+            for model, (prompt, completion) in sorted(book.models.items())}
