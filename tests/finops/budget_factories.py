@@ -60,8 +60,9 @@ def spend(amount: str | Decimal, *, at: dt.datetime | None = None, **fields: Any
     return store([request_event(started_at=at, cost=amount, **fields)])[0]
 
 
-def user_in(group: str | None, username: str = "someone") -> User:
-    user = User.objects.create_user(username, f"{username}@example.com", "pw-not-used")
+def user_in(group: str | None, username: str = "someone", *, password: str | None = None) -> User:
+    """A user in ``group``; without a password unless given (hashing one is slow on purpose)."""
+    user = User.objects.create_user(username, f"{username}@example.com", password)
     if group:
         user.groups.add(Group.objects.get(name=group))
     return user

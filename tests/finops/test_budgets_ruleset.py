@@ -1,0 +1,194 @@
+"""Budget state compiles into one versioned ruleset per runtime (docs/RULESET.md): rules for
+exceeded budgets, allowances for hard ones; a new version only when the content changes. Every
+document is checked with the runtime's own contract parser."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from django.utils import timezone
+
+from finops.budgets.grants import ALLOWANCE_TTL
+from finops.budgets.models import Budget
+from finops.budgets.periods import period_at
+from finops.budgets.rulesets import json_number, rulesets_compile
+from finops.budgets.services import budget_pause, budgets_evaluate
+from finops.runtimes.models import Ruleset, Runtime
+from inference.rules.contract import ruleset_parse
+from tests.finops.budget_factories import budget, spend
+from tests.finops.factories import price_book
+
+pytestmark = pytest.mark.django_db
+
+EARLY = period_at("monthly", timezone.now()).start + dt.timedelta(hours=1)
+
+
+@pytest.fixture
+def runtime() -> Runtime:
+    return Runtime.objects.create(name="rt-1", base_url="http://rt-1.test:8000")
+
+
+def document(runtime: Runtime) -> dict[str, Any]:
+    """The runtime's current document, as the runtime would parse it."""
+    doc = Ruleset.objects.get(runtime=runtime).document
+    ruleset_parse(json.dumps(doc).encode())  # raises if the runtime would refuse it
+    return doc
+
+
+def exceeded(**fields: Any) -> Budget:
+    made = budget(**fields)
+    spend("11", at=EARLY - dt.timedelta(minutes=10), tenant=made.tenant if made.tenant != "*" else "acme",
+          feature=made.feature if made.feature != "*" else "chat")
+    return made
+
+
+def test_an_exceeded_blocking_budget_blocks_its_scope_until_the_period_resets(runtime: Runtime) -> None:
+    blocked = exceeded(action="block")
+
+    budgets_evaluate(now=EARLY)
+
+    (rule,) = document(runtime)["rules"]
+    assert rule == {
+        "id": f"b{blocked.pk}-block", "budget_id": str(blocked.pk), "budget_name": "acme monthly",
+        "scope": {"tenant": "acme", "feature": "*", "model": "*"}, "action": {"type": "block"},
+        "reason": rule["reason"],
+        "expires_at": period_at("monthly", EARLY).end.isoformat().replace("+00:00", "Z"),
+    }
+    assert rule["reason"].startswith("Budget 'acme monthly' reached its limit of $10.00 (list price) for this month")
+
+
+def test_throttle_downgrade_and_a_max_tokens_cap_compile_to_their_actions(runtime: Runtime) -> None:
+    throttled = exceeded(name="slow", action="throttle", throttle_tokens_per_minute=20_000,
+                         throttle_requests_per_minute=60, cap_max_tokens=64)
+    downgraded = exceeded(name="cheap", tenant="globex", feature="search", action="downgrade", downgrade_model="tiny")
+
+    budgets_evaluate(now=EARLY)
+
+    actions = {rule["id"]: rule["action"] for rule in document(runtime)["rules"]}
+    assert actions == {
+        f"b{downgraded.pk}-downgrade": {"type": "downgrade", "model": "tiny"},
+        f"b{throttled.pk}-throttle": {"type": "throttle", "tokens_per_minute": 20_000, "requests_per_minute": 60},
+        f"b{throttled.pk}-cap": {"type": "cap_max_tokens", "max_tokens": 64},
+    }
+
+
+def test_narrower_scopes_come_first_so_their_downgrade_wins(runtime: Runtime) -> None:
+    everyone = exceeded(name="everyone", tenant="*", action="downgrade", downgrade_model="small")
+    acme_chat = exceeded(name="acme chat", tenant="acme", feature="chat", action="downgrade", downgrade_model="tiny")
+
+    budgets_evaluate(now=EARLY)
+
+    assert [rule["budget_id"] for rule in document(runtime)["rules"]] == [str(acme_chat.pk), str(everyone.pk)]
+
+
+@pytest.mark.parametrize("case", ["alert_only", "under_the_limit", "paused"])
+def test_no_rule_for_a_budget_that_only_alerts_is_under_its_limit_or_is_paused(runtime: Runtime, case: str) -> None:
+    if case == "alert_only":
+        exceeded(action="alert_only")
+    elif case == "under_the_limit":
+        budget(action="block")
+        spend("9", at=EARLY - dt.timedelta(minutes=10))
+    else:
+        budget_pause(budget=exceeded(action="block"), paused=True)
+
+    budgets_evaluate(now=EARLY)
+
+    assert document(runtime)["rules"] == []
+
+
+def test_the_version_changes_only_when_the_content_does(runtime: Runtime) -> None:
+    blocked = budget(action="block")
+    budgets_evaluate(now=EARLY)
+    first = document(runtime)["version"]
+
+    budgets_evaluate(now=EARLY + dt.timedelta(seconds=5))
+    assert document(runtime)["version"] == first
+
+    spend("11", at=EARLY - dt.timedelta(minutes=10))
+    budgets_evaluate(now=EARLY + dt.timedelta(seconds=10))
+    assert document(runtime)["version"] == first + 1
+
+    budget_pause(budget=blocked, paused=True)
+    budgets_evaluate(now=EARLY + dt.timedelta(seconds=15))
+    assert document(runtime)["version"] == first + 2
+    assert document(runtime)["rules"] == []
+
+
+def test_each_runtime_gets_its_own_document(runtime: Runtime) -> None:
+    other = Runtime.objects.create(name="rt-2", base_url="http://rt-2.test:8000")
+    exceeded(action="block")
+
+    budgets_evaluate(now=EARLY)
+
+    assert document(runtime)["runtime_id"] == "rt-1"
+    assert document(other)["runtime_id"] == "rt-2"
+    assert document(runtime)["rules"] == document(other)["rules"]
+
+
+def test_a_hard_budget_grants_its_only_runtime_the_whole_limit(runtime: Runtime) -> None:
+    hard = budget(enforcement="hard", action="block", unit="usd_list", limit=Decimal("4.5"), on_expiry="closed")
+    spend("1.25", at=EARLY - dt.timedelta(minutes=10), received_at=EARLY - dt.timedelta(minutes=9))
+
+    budgets_evaluate(now=EARLY)
+
+    (allowance,) = document(runtime)["allowances"]
+    period = period_at("monthly", EARLY)
+    assert allowance == {
+        "budget_id": str(hard.pk), "budget_name": "acme monthly",
+        "scope": {"tenant": "acme", "feature": "*", "model": "*"}, "unit": "usd_list",
+        "period_start": period.start.isoformat().replace("+00:00", "Z"),
+        "resets_at": period.end.isoformat().replace("+00:00", "Z"),
+        "granted": 4.5, "reported": 1.25,
+        "expires_at": (EARLY + ALLOWANCE_TTL).isoformat().replace("+00:00", "Z"),
+        "on_expiry": "closed",
+    }
+
+
+def test_a_runtime_registered_after_the_grants_were_made_gets_an_allowance_of_nothing_not_none(
+        runtime: Runtime) -> None:
+    budget(enforcement="hard", action="block", unit="tokens", limit=Decimal("1000"))
+    budgets_evaluate(now=EARLY)
+    late = Runtime.objects.create(name="rt-late", base_url="http://late.test:8000")
+
+    rulesets_compile(now=EARLY)
+
+    (allowance,) = document(late)["allowances"]
+    assert (allowance["granted"], allowance["unit"]) == (0, "tokens")
+
+
+def test_an_allowance_expiry_is_renewed_only_when_half_of_it_is_left(runtime: Runtime) -> None:
+    budget(enforcement="hard", action="block", unit="tokens", limit=Decimal("1000"))
+    budgets_evaluate(now=EARLY)
+    first = document(runtime)
+
+    budgets_evaluate(now=EARLY + ALLOWANCE_TTL / 4)
+    assert document(runtime)["version"] == first["version"]
+
+    budgets_evaluate(now=EARLY + ALLOWANCE_TTL * 3 / 4)
+    renewed = document(runtime)
+    assert renewed["version"] == first["version"] + 1
+    assert renewed["allowances"][0]["expires_at"] > first["allowances"][0]["expires_at"]
+
+
+def test_prices_come_from_the_book_in_force(runtime: Runtime) -> None:
+    price_book(effective_from=EARLY - dt.timedelta(days=400), models={"smollm2": ("0.10", "0.40")})
+    price_book(effective_from=EARLY - dt.timedelta(days=1), models={"smollm2": ("0.20", "0.80"), "*": ("1", "2")})
+    price_book(effective_from=EARLY + dt.timedelta(days=1), models={"smollm2": ("9", "9")})
+
+    budgets_evaluate(now=EARLY)
+
+    assert document(runtime)["prices"] == {"*": {"prompt_per_1m": 1.0, "completion_per_1m": 2.0},
+                                           "smollm2": {"prompt_per_1m": 0.2, "completion_per_1m": 0.8}}
+
+
+@pytest.mark.parametrize("value", ["0.1", "0.3", "4.5", "1234567.123456", "0.000001"])
+def test_granted_amounts_never_round_up_and_reported_ones_never_round_down(value: str) -> None:
+    amount = Decimal(value)
+    assert Decimal(repr(json_number(amount, "usd_list", down=True))) <= amount
+    assert Decimal(repr(json_number(amount, "usd_list", down=False))) >= amount
+    assert json_number(Decimal("10.7"), "tokens", down=True) == 10
+    assert json_number(Decimal("10.2"), "tokens", down=False) == 11
