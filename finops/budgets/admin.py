@@ -10,6 +10,7 @@ from django.http import HttpRequest
 
 from finops.budgets.alerts import alerts_requeue
 from finops.budgets.models import Budget, BudgetEvent, Grant
+from finops.budgets.services import FIXED_AFTER_CREATE
 
 
 @admin.register(Budget)
@@ -19,6 +20,10 @@ class BudgetAdmin(admin.ModelAdmin):
     list_filter = ("state", "period", "unit", "enforcement", "action", "paused")
     search_fields = ("name", "tenant", "feature")
     readonly_fields = ("state", "period_start", "spend", "evaluated_at", "created_at", "updated_at")
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Budget | None = None) -> tuple[str, ...]:
+        # What a budget measures is fixed once it exists, as on the budget pages.
+        return (*FIXED_AFTER_CREATE, *self.readonly_fields) if obj else self.readonly_fields
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
