@@ -135,6 +135,8 @@ def alert_message(*, event: BudgetEvent) -> EmailMultiAlternatives:
     tz = org_time_zone()
     context = {
         "budget": budget, "event": event, "is_forecast": event.kind == EventKind.FORECAST,
+        # A hard budget used up short of the threshold: what is left cannot fit another request.
+        "exhausted": event.kind == EventKind.THRESHOLD and event.spend * 100 < event.limit * (event.threshold or 0),
         "spend": amount_label(event.unit, event.spend), "limit": amount_label(event.unit, event.limit),
         "percent": f"{event.spend / event.limit * 100:.1f}" if event.limit else "n/a",
         "forecast_at": timezone.localtime(event.forecast_at, tz) if event.forecast_at else None,

@@ -36,7 +36,7 @@ from collections.abc import Iterable
 from decimal import ROUND_DOWN, Decimal
 
 from django.conf import settings
-from django.db.models import F, QuerySet, Sum
+from django.db.models import F, Max, QuerySet, Sum
 
 from finops.budgets.models import ANY, Budget, Grant, Unit
 from finops.budgets.periods import Period
@@ -189,3 +189,21 @@ def _top_ups(*, budget: Budget, runtimes: list[Runtime], grants: dict[int, Grant
             increases[runtime.pk] = increase
             free -= increase
     return increases
+
+
+def hard_budget_exhausted(*, budget: Budget, period: Period, used: Decimal) -> bool:
+    """Whether a hard budget below its limit is used up all the same: runtimes reserve a request's
+    worst case, so spend stops short of the limit once what is left cannot fit a request. Said so
+    when the whole limit is granted out, a runtime has refused a request on this allowance this
+    period, and what is left is less than the largest request served so far."""
+    if used >= budget.limit:
+        return True
+    granted = Grant.objects.filter(budget=budget, period_start=period.start).aggregate(total=Sum("granted"))["total"]
+    if granted is None or granted < budget.limit:
+        return False
+    events = scope_events(budget=budget, period=period)
+    if not events.filter(status="rejected_budget", rule_id=f"allowance:{budget.pk}").exists():
+        return False
+    measure = Max("list_cost") if budget.unit == Unit.USD_LIST else Max(F("prompt_tokens") + F("completion_tokens"))
+    largest = events.filter(status="ok").aggregate(largest=measure)["largest"]
+    return largest is not None and budget.limit - used < Decimal(largest)

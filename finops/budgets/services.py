@@ -20,7 +20,7 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from finops.budgets.grants import grants_top_up
+from finops.budgets.grants import grants_top_up, hard_budget_exhausted
 from finops.budgets.models import AlertStatus, Budget, BudgetEvent, EventKind, State
 from finops.budgets.periods import Period, org_time_zone, period_at
 from finops.budgets.rulesets import rulesets_compile
@@ -33,6 +33,7 @@ logger = logging.getLogger("finops.budgets")
 # What a budget measures; changing it mid-period would make its events, grants and the runtimes'
 # ledgers count two different things under one name. Create a new budget instead.
 FIXED_AFTER_CREATE = ("tenant", "feature", "period", "unit")
+EXHAUSTED_NOTE = "Hard limit reached: what is left cannot fit another request, so the runtimes refuse them."
 EDITABLE_FIELDS = (
     "name", "tenant", "feature", "period", "unit", "limit", "thresholds", "recipients", "action",
     "throttle_tokens_per_minute", "throttle_requests_per_minute", "downgrade_model", "cap_max_tokens",
@@ -130,12 +131,15 @@ def budget_evaluate(*, budget_id: int, now: dt.datetime) -> int:
             return 0
         period = period_at(budget.period, now)
         used = budget_spend(budget=budget, period=period)
-        events = _state_events(budget=budget, period=period, used=used, now=now)
-        events += _alert_events(budget=budget, period=period, used=used, now=now)
+        # A hard budget whose rest cannot fit a request is at its limit for states and alerts.
+        level = budget.limit if budget.is_hard and hard_budget_exhausted(budget=budget, period=period, used=used) \
+            else used
+        events = _state_events(budget=budget, period=period, used=used, level=level)
+        events += _alert_events(budget=budget, period=period, used=used, level=level, now=now)
         if events:
             BudgetEvent.objects.bulk_create(events, ignore_conflicts=True)
         Budget.objects.filter(pk=budget.pk).update(
-            state=budget_state(budget=budget, used=used), period_start=period.start,
+            state=budget_state(budget=budget, used=level), period_start=period.start,
             spend=used.quantize(QUANTUM), evaluated_at=now)
         if budget.is_hard:
             grants_top_up(budget=budget, period=period, now=now)
@@ -147,7 +151,7 @@ def _event(budget: Budget, period: Period, used: Decimal, **fields: Any) -> Budg
                        unit=budget.unit, **fields)
 
 
-def _state_events(*, budget: Budget, period: Period, used: Decimal, now: dt.datetime) -> list[BudgetEvent]:
+def _state_events(*, budget: Budget, period: Period, used: Decimal, level: Decimal) -> list[BudgetEvent]:
     events = []
     previous = budget.state
     if budget.period_start != period.start:
@@ -157,22 +161,26 @@ def _state_events(*, budget: Budget, period: Period, used: Decimal, now: dt.date
             events.append(_event(budget, period, used, kind=EventKind.STATE_CHANGE, from_state=previous,
                                  to_state=State.OK, note=note))
         previous = State.OK
-    state = budget_state(budget=budget, used=used)
+    state = budget_state(budget=budget, used=level)
     if state != previous:
-        events.append(_event(budget, period, used, kind=EventKind.STATE_CHANGE, from_state=previous, to_state=state))
+        note = EXHAUSTED_NOTE if state == State.EXCEEDED and used < budget.limit else ""
+        events.append(_event(budget, period, used, kind=EventKind.STATE_CHANGE, from_state=previous, to_state=state,
+                             note=note))
     return events
 
 
-def _alert_events(*, budget: Budget, period: Period, used: Decimal, now: dt.datetime) -> list[BudgetEvent]:
+def _alert_events(*, budget: Budget, period: Period, used: Decimal, level: Decimal, now: dt.datetime
+                  ) -> list[BudgetEvent]:
     """Threshold crossings and the forecast not yet recorded in this period."""
     recorded = set(budget.events.filter(period_start=period.start, kind__in=[EventKind.THRESHOLD, EventKind.FORECAST])
                    .values_list("kind", "threshold"))
     events = [
-        _event(budget, period, used, kind=EventKind.THRESHOLD, threshold=threshold, alert_status=AlertStatus.PENDING)
+        _event(budget, period, used, kind=EventKind.THRESHOLD, threshold=threshold, alert_status=AlertStatus.PENDING,
+               note=EXHAUSTED_NOTE if used * 100 < budget.limit * threshold else "")
         for threshold in budget.thresholds
-        if used * 100 >= budget.limit * threshold and (EventKind.THRESHOLD, threshold) not in recorded
+        if level * 100 >= budget.limit * threshold and (EventKind.THRESHOLD, threshold) not in recorded
     ]
-    if (EventKind.FORECAST, None) not in recorded:
+    if (EventKind.FORECAST, None) not in recorded and level < budget.limit:
         forecast = breach_forecast(used=used, limit=budget.limit, period=period, now=now, unit=budget.unit)
         if forecast.at is not None:
             events.append(_event(budget, period, used, kind=EventKind.FORECAST, forecast_at=forecast.at,

@@ -259,3 +259,37 @@ def test_no_forecast_alert_when_the_burn_rate_reaches_the_limit_only_after_the_r
     budget_evaluate(budget_id=tracked.pk, now=day.start + day.length / 2)
 
     assert not BudgetEvent.objects.filter(kind="forecast").exists()
+
+
+def test_a_hard_budget_whose_rest_cannot_fit_a_request_is_exceeded_and_says_so() -> None:
+    from finops.runtimes.models import Runtime
+
+    Runtime.objects.create(name="rt-1", base_url="http://rt-1.test", last_seen_at=timezone.now())
+    hard = budget(limit=Decimal("0.05"), enforcement="hard", action="block", thresholds=[50, 100])
+    budgets_evaluate(now=EARLY)  # the lone runtime is granted the whole limit
+    for _ in range(3):
+        spend_at("0.0148", at=EARLY - dt.timedelta(minutes=10))
+    spend_at("0", at=EARLY - dt.timedelta(minutes=9), status="rejected_budget", rule_id=f"allowance:{hard.pk}")
+
+    evaluate_and_send()
+
+    hard.refresh_from_db()
+    assert (hard.state, hard.spend) == ("exceeded", Decimal("0.0444"))
+    assert subjects() == ['Budget "acme monthly" crossed 50%: $0.0444 of $0.0500',
+                          'Budget "acme monthly" is used up: $0.0444 of $0.0500, the rest cannot fit a request']
+    assert "Hard limit reached: the runtimes refuse requests for tenant acme" in mail.outbox[1].body
+
+
+def test_a_hard_budget_that_refused_one_oversized_request_is_not_called_used_up() -> None:
+    from finops.runtimes.models import Runtime
+
+    Runtime.objects.create(name="rt-1", base_url="http://rt-1.test", last_seen_at=timezone.now())
+    hard = budget(limit=Decimal("1"), enforcement="hard", action="block")
+    budgets_evaluate(now=EARLY)
+    spend_at("0.01", at=EARLY - dt.timedelta(minutes=10))
+    spend_at("0", at=EARLY - dt.timedelta(minutes=9), status="rejected_budget", rule_id=f"allowance:{hard.pk}")
+
+    budgets_evaluate(now=EARLY)
+
+    hard.refresh_from_db()
+    assert hard.state == "ok"
