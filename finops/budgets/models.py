@@ -11,7 +11,7 @@ grow and never add up to more than the limit (docs/RULESET.md, "allowances").
 from __future__ import annotations
 
 import re
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator, validate_email
@@ -55,6 +55,16 @@ def recipients_validate(value: object) -> None:
         raise ValidationError("Recipients must be a list of email addresses.", code="invalid_recipients")
     for address in value:
         validate_email(address)
+
+
+def amount_label(unit: str, value: Decimal) -> str:
+    """An amount in a budget's unit as people read it: $12.04, $0.0042, 125,000 tokens, 3.25 GPU-hours."""
+    if unit in (Unit.USD_LIST, Unit.USD_HARDWARE):
+        places = Decimal("0.01") if abs(value) >= 1 or value == 0 else Decimal("0.0001")
+        return f"${value.quantize(places, ROUND_HALF_UP):,}"
+    if unit == Unit.TOKENS:
+        return f"{int(value):,} tokens"
+    return f"{value.quantize(Decimal('0.01'), ROUND_HALF_UP):,} GPU-hours"
 
 
 class Period(models.TextChoices):
@@ -246,6 +256,10 @@ class BudgetEvent(models.Model):
                                     name="one_forecast_per_period"),
         ]
         indexes = [models.Index(fields=["alert_status", "id"], name="budget_event_alert_queue")]
+
+    @property
+    def spend_label(self) -> str:
+        return amount_label(self.unit, self.spend)
 
     def __str__(self) -> str:
         if self.kind == EventKind.THRESHOLD:

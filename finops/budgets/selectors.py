@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from finops.budgets.models import ANY, Budget, BudgetEvent, EventKind, Grant, State, Unit
+from finops.budgets.models import ANY, Budget, BudgetEvent, EventKind, Grant, State, Unit, amount_label
 from finops.budgets.periods import Period, org_time_zone, period_at
 from finops.dashboards.selectors import Filters, Totals, usage_totals
 
@@ -72,15 +72,6 @@ class BudgetStatus:
         return amount_label(self.budget.unit, self.budget.limit)
 
 
-def amount_label(unit: str, value: Decimal) -> str:
-    if unit in (Unit.USD_LIST, Unit.USD_HARDWARE):
-        places = Decimal("0.01") if abs(value) >= 1 or value == 0 else Decimal("0.0001")
-        return f"${value.quantize(places, ROUND_HALF_UP):,}"
-    if unit == Unit.TOKENS:
-        return f"{int(value):,} tokens"
-    return f"{value.quantize(Decimal('0.01'), ROUND_HALF_UP):,} GPU-hours"
-
-
 def unit_amount(unit: str, totals: Totals) -> Decimal:
     """What ``totals`` used, measured in a budget's unit."""
     if unit == Unit.USD_LIST:
@@ -128,7 +119,10 @@ def budget_status(*, budget: Budget, now: dt.datetime | None = None) -> BudgetSt
     now = now or timezone.now()
     period = period_at(budget.period, now)
     used = budget_spend(budget=budget, period=period)
-    forecast = breach_forecast(used=used, limit=budget.limit, period=period, now=now, unit=budget.unit)
+    if budget.state == State.EXCEEDED and budget.period_start == period.start:
+        forecast = Forecast(None, None, "limit reached")  # a hard budget used up short of 100% included
+    else:
+        forecast = breach_forecast(used=used, limit=budget.limit, period=period, now=now, unit=budget.unit)
     return BudgetStatus(budget, period, used, forecast)
 
 

@@ -9,11 +9,13 @@ from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
+from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
 from finops.budgets.forms import BudgetForm
 from finops.budgets.models import Budget
+from finops.budgets.periods import org_time_zone
 from finops.budgets.permissions import budget_admin_required, can_edit_budgets
 from finops.budgets.selectors import (
     budget_alert_log,
@@ -26,6 +28,12 @@ from finops.budgets.services import budget_create, budget_delete, budget_pause, 
 from finops.runtimes.selectors import runtime_ruleset_states
 
 
+def _render(request: HttpRequest, template: str, context: dict) -> HttpResponse:
+    """Times on the pages are the organisation's, like its budget periods."""
+    with timezone.override(org_time_zone()):
+        return render(request, template, context)
+
+
 def _go(request: HttpRequest, url: str) -> HttpResponse:
     return HttpResponseClientRedirect(url) if request.htmx else redirect(url)
 
@@ -33,7 +41,7 @@ def _go(request: HttpRequest, url: str) -> HttpResponse:
 @login_required
 @require_GET
 def budget_list(request: HttpRequest) -> HttpResponse:
-    return render(request, "budgets/budget_list.html", {
+    return _render(request, "budgets/budget_list.html", {
         "statuses": budget_statuses(), "can_edit": can_edit_budgets(request.user),
         "alerts": budget_alert_log(limit=20), "runtimes": runtime_ruleset_states(),
     })
@@ -44,7 +52,7 @@ def budget_list(request: HttpRequest) -> HttpResponse:
 def budget_detail(request: HttpRequest, pk: int) -> HttpResponse:
     budget = get_object_or_404(Budget, pk=pk)
     status = budget_status(budget=budget)
-    return render(request, "budgets/budget_detail.html", {
+    return _render(request, "budgets/budget_detail.html", {
         "status": status, "budget": budget, "can_edit": can_edit_budgets(request.user),
         "history": budget_state_history(budget=budget), "alerts": budget_alert_log(budget=budget),
         "grants": budget_grants(budget=budget, period=status.period) if budget.is_hard else None,
@@ -53,7 +61,7 @@ def budget_detail(request: HttpRequest, pk: int) -> HttpResponse:
 
 def _form_response(request: HttpRequest, form: BudgetForm, budget: Budget | None) -> HttpResponse:
     template = "budgets/budget_form.html#form" if request.htmx else "budgets/budget_form.html"
-    return render(request, template, {"form": form, "budget": budget})
+    return _render(request, template, {"form": form, "budget": budget})
 
 
 def _save(form: BudgetForm, budget: Budget | None) -> Budget | None:
@@ -95,7 +103,7 @@ def budget_pause_toggle(request: HttpRequest, pk: int) -> HttpResponse:
         return HttpResponseBadRequest("'paused' must be 1 (pause) or 0 (resume).")
     budget_pause(budget=budget, paused=wanted == "1")
     if request.htmx:
-        return render(request, "budgets/budget_list.html#budget-row",
+        return _render(request, "budgets/budget_list.html#budget-row",
                       {"status": budget_status(budget=budget), "can_edit": True})
     return redirect(budget.get_absolute_url())
 
