@@ -22,6 +22,7 @@ BENCHMARKS = {
     "telemetry_overhead": "serving tokens/s with telemetry export on vs off",
     "ingest_throughput": "telemetry events/s over HTTP into PostgreSQL, next to a raw COPY",
     "selector_latency": "dashboard selector latency over 30 days of 10 million events",
+    "rule_matching": "admission overhead of a ruleset: 1,000 rules, 10,000 tenants, µs per request",
 }
 
 

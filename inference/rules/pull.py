@@ -88,17 +88,17 @@ class RulesetPuller:
                 if response.status_code == 304:
                     return self._succeeded("not_modified")
                 if response.status_code != 200:
-                    log.warning("ruleset pull from %s answered %d", self.url, response.status_code)
+                    self._log_failure("ruleset pull from %s answered %d", self.url, response.status_code)
                     return self._failed()
                 body = bytearray()
                 async for chunk in response.aiter_bytes():
                     body += chunk
                     if len(body) > MAX_DOCUMENT_BYTES:
-                        log.warning("ruleset pull from %s: the document is over %d bytes", self.url,
-                                    MAX_DOCUMENT_BYTES)
+                        self._log_failure("ruleset pull from %s: the document is over %d bytes", self.url,
+                                          MAX_DOCUMENT_BYTES)
                         return self._failed()
         except httpx.HTTPError as exc:
-            log.warning("ruleset pull from %s failed: %s: %s", self.url, type(exc).__name__, exc)
+            self._log_failure("ruleset pull from %s failed: %s: %s", self.url, type(exc).__name__, exc)
             return self._failed()
         try:
             await self.keeper.accept(bytes(body))
@@ -112,7 +112,15 @@ class RulesetPuller:
             return self._failed()
         return self._succeeded("applied")
 
+    def _log_failure(self, message: str, *args: object) -> None:
+        # The first failure of a run and every tenth after it are warnings; the rest would only
+        # repeat them, once a minute at most.
+        quiet = self.failures_in_a_row % 10 != 0
+        log.log(logging.DEBUG if quiet else logging.WARNING, message, *args)
+
     def _succeeded(self, outcome: PullOutcome) -> PullOutcome:
+        if self.failures_in_a_row:
+            log.info("ruleset pull from %s works again after %d failures", self.url, self.failures_in_a_row)
         self.failures_in_a_row = 0
         self.last_success_at = time.time()
         return outcome

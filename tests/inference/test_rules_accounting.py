@@ -47,10 +47,11 @@ def test_wildcards_match_and_results_keep_document_order() -> None:
         (("acme", "search", "big"), "exact"),
         (("globex", "*", "*"), "globex"),
     ])
-    assert index.match("acme", "search", "big") == ["acme-any", "any-search", "everyone", "exact"]
-    assert index.match("acme", "chat", "small") == ["acme-any", "everyone"]
-    assert index.match("initech", "search", "big") == ["any-search", "everyone"]
-    assert ScopeIndex([(("acme", "*", "*"), 1)]).match("globex", "x", "y") == []
+    assert list(index.match("acme", "search", "big")) == ["acme-any", "any-search", "everyone", "exact"]
+    assert list(index.match("acme", "chat", "small")) == ["acme-any", "everyone"]
+    assert list(index.match("initech", "search", "big")) == ["any-search", "everyone"]
+    assert list(index.match("globex", "chat", "small")) == ["everyone", "globex"]
+    assert list(ScopeIndex([(("acme", "*", "*"), 1)]).match("globex", "x", "y")) == []
 
 
 def test_the_first_servable_downgrade_and_the_smallest_cap_apply() -> None:

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from inference.engine.models import LoadedModel
+from inference.rules import RuleEnforcer, RulesetKeeper, StateDirError
 from tests.inference.live import INITECH, LiveRuntime, serve, tiny_config
 from tests.inference.rulesets import (
     ADMIN_TOKEN,
@@ -167,9 +168,9 @@ def test_the_ruleset_and_the_ledger_survive_a_restart(tiny_model: LoadedModel, t
 def test_a_second_runtime_cannot_share_a_state_directory(tiny_model: LoadedModel, tmp_path: Path) -> None:
     config = tiny_config(state_dir=tmp_path / "state")
     with serve(config, preloaded=(tiny_model,)):
-        starting = serve(config, preloaded=(tiny_model,))
-        with pytest.raises(RuntimeError, match="did not start"):
-            starting.__enter__()
+        second = RulesetKeeper(RuleEnforcer(), tmp_path / "state")
+        with pytest.raises(StateDirError, match="in use by another runtime"):
+            second.open()
 
 
 def test_the_admin_endpoints_answer_json_errors_never_stack_traces(live: LiveRuntime) -> None:
