@@ -53,7 +53,7 @@ class Runtime:
         self.ready = False
         self._listeners: list[Callable[[RequestEvent], None]] = []
         self.rules = RuleEnforcer()
-        self.ruleset = RulesetKeeper(self.rules, config.resolved_state_dir)
+        self.ruleset = RulesetKeeper(self.rules, config.resolved_state_dir, runtime_id=config.runtime_id)
         self.puller: RulesetPuller | None = None
         self.metrics.watch(self._live_gauges)
 

@@ -54,6 +54,8 @@ class RulesetNotNewer(Exception):
 class Match:
     """The rules acting on one request, found before it is tokenized."""
 
+    version: int
+    request: tuple[str, str, str, Container[str]]  # tenant, feature, model, the models served
     downgrade: CompiledRule | None = None
     cap: CompiledRule | None = None
     throttles: list[CompiledRule] = field(default_factory=list)
@@ -146,7 +148,7 @@ class RuleEnforcer:
         if not rules and not allowances:
             return None
         now = self._clock()
-        match = Match(prices=compiled.prices)
+        match = Match(version=compiled.version, request=(tenant, feature, model, served), prices=compiled.prices)
         block: CompiledRule | None = None
         for rule in rules:
             if rule.expires_at is not None and now >= rule.expires_at:
@@ -191,6 +193,14 @@ class RuleEnforcer:
     def reserve(self, match: Match, *, prompt_tokens: int, max_tokens: int, model: str) -> Reservation:
         """Take the request's worst case from every throttle and allowance in ``match``, or nothing
         and raise ``RuleRejection`` if any has no room."""
+        if self.compiled is None or match.version != self.compiled.version:
+            # A newer ruleset arrived while the request was tokenized: its throttles and grants
+            # count, not those it was matched against (the model and cap already chosen stay).
+            tenant, feature, model_requested, served = match.request
+            fresh = self.match(tenant, feature, model_requested, served)
+            if fresh is None:
+                return Reservation(model=model, price=None, throttles=[], allowances=[])
+            match = fresh
         worst_tokens = prompt_tokens + max_tokens
         taken: list[tuple[Throttle, int]] = []
         if match.throttles:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from inference.rules.compiled import PeriodKey, ruleset_compile
-from inference.rules.contract import RulesetInvalid, ruleset_parse
+from inference.rules.contract import RulesetDocument, RulesetInvalid, ruleset_parse
 from inference.rules.enforcement import RuleEnforcer, RulesetNotNewer
 
 log = logging.getLogger("inference.rules")
@@ -42,9 +42,10 @@ class StateDirError(RuntimeError):
 
 
 class RulesetKeeper:
-    def __init__(self, enforcer: RuleEnforcer, state_dir: Path) -> None:
+    def __init__(self, enforcer: RuleEnforcer, state_dir: Path, *, runtime_id: str | None = None) -> None:
         self.enforcer = enforcer
         self.state_dir = state_dir
+        self.runtime_id = runtime_id
         self._lock = asyncio.Lock()
         self._write_lock = asyncio.Lock()
         self._flush_handle: asyncio.TimerHandle | None = None
@@ -93,7 +94,7 @@ class RulesetKeeper:
             return
         try:
             raw = path.read_bytes()
-            compiled = ruleset_compile(ruleset_parse(raw))
+            compiled = ruleset_compile(self._parse(raw))
         except (OSError, RulesetInvalid) as exc:
             # Only a broken disk or a hand edit gets here (writes are atomic); keep the file for a
             # person to read and start without rules until the control plane sends them again.
@@ -134,7 +135,7 @@ class RulesetKeeper:
     async def accept(self, raw: bytes) -> int:
         """Validate, persist and apply a document; returns the version now held. Raises
         ``RulesetInvalid`` or ``RulesetNotNewer`` (nothing changes then)."""
-        document = await asyncio.to_thread(ruleset_parse, raw)
+        document = await asyncio.to_thread(self._parse, raw)
         if document.version <= self.enforcer.version:
             raise RulesetNotNewer(self.enforcer.version, document.version)
         compiled = await asyncio.to_thread(ruleset_compile, document)
@@ -148,6 +149,14 @@ class RulesetKeeper:
         log.info("ruleset version %d accepted: %d rules, %d allowances", compiled.version,
                  compiled.rules.size, compiled.allowances.size)
         return compiled.version
+
+    def _parse(self, raw: bytes) -> RulesetDocument:
+        document = ruleset_parse(raw)
+        # Grants are per runtime: another runtime's document would spend its budget a second time.
+        if document.runtime_id is not None and self.runtime_id is not None and document.runtime_id != self.runtime_id:
+            raise RulesetInvalid(f"The ruleset is for runtime '{document.runtime_id}'; this runtime is "
+                                 f"'{self.runtime_id}'.", param="runtime_id")
+        return document
 
     # -- the ledger ----------------------------------------------------------------------------
 
