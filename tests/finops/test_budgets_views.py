@@ -81,6 +81,16 @@ def test_a_product_manager_sees_spend_progress_and_forecast_but_no_edit_controls
         assert control not in page
 
 
+def test_a_product_manager_sees_a_budget_page_without_edit_controls(pm: Client) -> None:
+    existing = budget()
+
+    page = pm.get(f"/budgets/{existing.pk}/").content.decode()
+
+    assert "acme monthly" in page and "State history" in page
+    for control in EDIT_CONTROLS[1:]:
+        assert control not in page
+
+
 @pytest.mark.parametrize(("method", "path"), [
     ("get", "/budgets/new/"), ("post", "/budgets/new/"), ("get", "/budgets/{pk}/edit/"),
     ("post", "/budgets/{pk}/edit/"), ("post", "/budgets/{pk}/pause/"), ("post", "/budgets/{pk}/delete/"),
