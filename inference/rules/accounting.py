@@ -32,23 +32,26 @@ class TokenBucket:
         self.level = self.capacity if level is None else min(level, self.capacity)
         self.updated = now
 
-    def _refill(self, now: float) -> None:
+    def _refill(self, now: float) -> float:
+        level = self.level
         if now > self.updated:
-            self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
-            self.updated = now
+            level += (now - self.updated) * self.rate
+            if level > self.capacity:
+                level = self.capacity
+            self.level, self.updated = level, now
+        return level
 
     def wait_s(self, amount: float, now: float) -> float:
         """Seconds until ``amount`` can be taken (0 when it can be now)."""
-        self._refill(now)
-        need = min(amount, self.capacity)
-        return 0.0 if self.level >= need else (need - self.level) / self.rate
+        level = self._refill(now)
+        need = amount if amount < self.capacity else self.capacity
+        return 0.0 if level >= need else (need - level) / self.rate
 
     def take(self, amount: float) -> None:
         self.level -= amount
 
     def give_back(self, amount: float, now: float) -> None:
-        self._refill(now)
-        self.level = min(self.capacity, self.level + amount)
+        self.level = min(self.capacity, self._refill(now) + amount)
 
 
 class Throttle:
@@ -68,11 +71,11 @@ class Throttle:
             tpm, now, previous.tokens.level if previous and previous.tokens else None)
 
     def wait_s(self, tokens: int, now: float) -> float:
-        wait = 0.0
-        if self.requests is not None:
-            wait = self.requests.wait_s(1, now)
+        wait = 0.0 if self.requests is None else self.requests.wait_s(1, now)
         if self.tokens is not None:
-            wait = max(wait, self.tokens.wait_s(tokens, now))
+            token_wait = self.tokens.wait_s(tokens, now)
+            if token_wait > wait:
+                wait = token_wait
         return wait
 
     def take(self, tokens: int) -> None:

@@ -9,12 +9,14 @@ from datetime import UTC
 from decimal import Decimal
 from typing import Literal
 
-from inference.rules.contract import Allowance, Price, Rule, RulesetDocument, as_epoch
+from inference.rules.contract import Allowance, Rule, RulesetDocument, as_epoch
 from inference.rules.matching import ScopeIndex
 
 ActionType = Literal["block", "throttle", "downgrade", "cap_max_tokens"]
 Unit = Literal["tokens", "usd_list", "gpu_seconds"]
 PeriodKey = tuple[str, str]  # (budget_id, period_start as ISO 8601 UTC)
+TokenPrice = tuple[Decimal, Decimal]
+MILLION = Decimal(1_000_000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +67,7 @@ class CompiledRuleset:
     allowances: ScopeIndex[CompiledAllowance]
     throttles: dict[str, CompiledRule]
     periods: dict[str, PeriodKey]  # budget_id -> its current period
-    prices: dict[str, Price]
+    token_prices: dict[str, TokenPrice]  # model -> list-price dollars per prompt / completion token
     earliest_expiry: float  # of any allowance; inf when none expires
 
     @property
@@ -83,7 +85,8 @@ def ruleset_compile(document: RulesetDocument) -> CompiledRuleset:
         allowances=ScopeIndex(allowances),
         throttles={r.id: r for _, r in rules if r.type == "throttle"},
         periods={a.budget_id: a.period for _, a in allowances},
-        prices=dict(document.prices),
+        token_prices={model: (p.prompt_per_1m / MILLION, p.completion_per_1m / MILLION)
+                      for model, p in document.prices.items()},
         earliest_expiry=min(expiries, default=math.inf),
     )
 

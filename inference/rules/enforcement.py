@@ -23,10 +23,8 @@ from decimal import Decimal
 from typing import Any
 
 from inference.rules.accounting import ZERO, Ledger, Throttle, seconds_until
-from inference.rules.compiled import CompiledAllowance, CompiledRule, CompiledRuleset, PeriodKey
-from inference.rules.contract import Price
+from inference.rules.compiled import CompiledAllowance, CompiledRule, CompiledRuleset, PeriodKey, TokenPrice
 
-MILLION = Decimal(1_000_000)
 STALE_RETRY_AFTER_S = 5
 NO_EXPIRY_RETRY_AFTER_S = 60
 REJECTION_REASONS = ("block", "throttle", "allowance", "stale", "unpriced")
@@ -60,7 +58,7 @@ class Match:
     cap: CompiledRule | None = None
     throttles: list[CompiledRule] = field(default_factory=list)
     allowances: list[CompiledAllowance] = field(default_factory=list)
-    prices: dict[str, Price] = field(default_factory=dict)
+    prices: dict[str, TokenPrice] = field(default_factory=dict)
 
     @property
     def metered(self) -> bool:
@@ -77,7 +75,7 @@ class Reservation:
     """What one admitted request holds until it settles."""
 
     model: str
-    price: Price | None
+    price: TokenPrice | None
     throttles: list[tuple[Throttle, int]]
     allowances: list[tuple[CompiledAllowance, PeriodKey, Decimal]]
     settled: bool = False
@@ -148,7 +146,7 @@ class RuleEnforcer:
         if not rules and not allowances:
             return None
         now = self._clock()
-        match = Match(version=compiled.version, request=(tenant, feature, model, served), prices=compiled.prices)
+        match = Match(version=compiled.version, request=(tenant, feature, model, served), prices=compiled.token_prices)
         block: CompiledRule | None = None
         for rule in rules:
             if rule.expires_at is not None and now >= rule.expires_at:
@@ -222,7 +220,6 @@ class RuleEnforcer:
         price = match.prices.get(model)
         held: list[tuple[CompiledAllowance, PeriodKey, Decimal]] = []
         if match.allowances:
-            now = self._clock()
             for allowance in match.allowances:
                 worst = self._worst_case(allowance, price, model, prompt_tokens, max_tokens)
                 available = self.ledger.available(allowance.period, allowance.granted, allowance.reported)
@@ -231,7 +228,8 @@ class RuleEnforcer:
                     self._count("allowance")
                     raise RuleRejection(
                         reason="allowance", status=429, code="rejected_budget", error_type="budget_exceeded",
-                        retry_after_s=seconds_until(allowance.resets_at, now, default=NO_EXPIRY_RETRY_AFTER_S),
+                        retry_after_s=seconds_until(allowance.resets_at, self._clock(),
+                                                    default=NO_EXPIRY_RETRY_AFTER_S),
                         message=f"Budget '{allowance.label}' is exhausted on this runtime: this request may "
                                 f"cost up to {_amount(worst, allowance.unit)} and "
                                 f"{_amount(max(available, ZERO), allowance.unit)} remain(s) this period.",
@@ -269,7 +267,7 @@ class RuleEnforcer:
 
     # -- amounts -------------------------------------------------------------------------------
 
-    def _worst_case(self, allowance: CompiledAllowance, price: Price | None, model: str, prompt_tokens: int,
+    def _worst_case(self, allowance: CompiledAllowance, price: TokenPrice | None, model: str, prompt_tokens: int,
                     max_tokens: int) -> Decimal:
         if allowance.unit == "tokens":
             return Decimal(prompt_tokens + max_tokens)
@@ -282,10 +280,10 @@ class RuleEnforcer:
                 message=f"Budget '{allowance.label}' is kept in list-price dollars, but the ruleset has no "
                         f"price for model '{model}', so this request cannot be metered.",
                 rule_id=allowance.rule_id, event_status="rejected_budget")
-        return (prompt_tokens * price.prompt_per_1m + max_tokens * price.completion_per_1m) / MILLION
+        return prompt_tokens * price[0] + max_tokens * price[1]
 
     @staticmethod
-    def _spent(allowance: CompiledAllowance, price: Price | None, prompt_tokens: int, completion_tokens: int,
+    def _spent(allowance: CompiledAllowance, price: TokenPrice | None, prompt_tokens: int, completion_tokens: int,
                gpu_seconds: float | None) -> Decimal:
         prompt_tokens, completion_tokens = max(0, prompt_tokens), max(0, completion_tokens)
         if allowance.unit == "tokens":
@@ -296,7 +294,7 @@ class RuleEnforcer:
             return Decimal(repr(gpu_seconds))
         if price is None:
             return ZERO
-        return (prompt_tokens * price.prompt_per_1m + completion_tokens * price.completion_per_1m) / MILLION
+        return prompt_tokens * price[0] + completion_tokens * price[1]
 
     def _count(self, reason: str) -> None:
         self.counters.rejections[reason] += 1
