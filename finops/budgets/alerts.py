@@ -67,7 +67,9 @@ def _claim(pk: int, now: dt.datetime) -> bool:
 
 
 def _deliver(pk: int, result: AlertsResult) -> None:
-    event = BudgetEvent.objects.select_related("budget").get(pk=pk)
+    event = BudgetEvent.objects.select_related("budget").filter(pk=pk).first()
+    if event is None:  # its budget was deleted after the claim
+        return
     recipients = list(event.budget.recipients)
     if not recipients:
         BudgetEvent.objects.filter(pk=pk).update(alert_status=AlertStatus.NO_RECIPIENTS)

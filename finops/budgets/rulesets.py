@@ -92,9 +92,11 @@ def budget_rules(*, budget: Budget, period: Period) -> list[dict[str, Any]]:
 
 
 def budget_allowance(*, budget: Budget, period: Period, grant: Grant | None, now: dt.datetime) -> dict[str, Any]:
-    """A hard budget's allowance for one runtime. A runtime without a grant row yet (registered
-    during this evaluation) gets an allowance of nothing rather than none at all: no allowance
-    would mean no limit."""
+    """A hard budget's allowance for one runtime. ``reported`` is the grant's settled count (events
+    received up to its watermark, a few seconds behind): a floor for a runtime that lost its ledger,
+    which changes the document only as often as the watermark moves. A runtime without a grant row
+    yet (registered during this evaluation) gets an allowance of nothing rather than none at all:
+    no allowance would mean no limit."""
     granted = grant.granted if grant else Decimal(0)
     reported = grant.reported if grant else Decimal(0)
     expires_at = grant.expires_at if grant and grant.expires_at else (now + ALLOWANCE_TTL).replace(microsecond=0)

@@ -78,7 +78,7 @@ def _save(form: BudgetForm, budget: Budget | None) -> Budget | None:
 @budget_admin_required
 @require_http_methods(["GET", "POST"])
 def budget_new(request: HttpRequest) -> HttpResponse:
-    form = BudgetForm(request.POST or None)
+    form = BudgetForm(request.POST if request.method == "POST" else None)
     if request.method == "POST" and form.is_valid() and (budget := _save(form, None)):
         return _go(request, budget.get_absolute_url())
     return _form_response(request, form, None)
@@ -88,7 +88,7 @@ def budget_new(request: HttpRequest) -> HttpResponse:
 @require_http_methods(["GET", "POST"])
 def budget_edit(request: HttpRequest, pk: int) -> HttpResponse:
     budget = get_object_or_404(Budget, pk=pk)
-    form = BudgetForm(request.POST or None, instance=budget)
+    form = BudgetForm(request.POST if request.method == "POST" else None, instance=budget)
     if request.method == "POST" and form.is_valid() and (saved := _save(form, budget)):
         return _go(request, saved.get_absolute_url())
     return _form_response(request, form, budget)

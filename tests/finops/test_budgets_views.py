@@ -226,3 +226,11 @@ def test_htmx_posts_carry_the_csrf_token_from_the_page_body() -> None:
 
     assert refused.status_code == 403
     assert accepted["HX-Redirect"].startswith("/budgets/")
+
+
+def test_an_empty_post_shows_the_required_fields_inline(admin: Client) -> None:
+    response = admin.post("/budgets/new/", {}, **HTMX)
+
+    page = response.content.decode()
+    assert 'id="id_name-errors"' in page and 'id="id_limit-errors"' in page
+    assert not Budget.objects.exists()
