@@ -31,8 +31,11 @@ MAX_RULES = 100_000
 MAX_ALLOWANCES = 100_000
 MAX_VERSION = 2**63 - 1
 
-Name = Annotated[StrictStr, Field(min_length=1, max_length=200)]
-Text = Annotated[StrictStr, Field(max_length=2000)]
+# No control characters: ids travel on in request events, and PostgreSQL refuses NUL in text.
+Name = Annotated[StrictStr, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+# A budget id becomes the event's rule_id as "allowance:<budget_id>", which must fit 200 characters.
+BudgetId = Annotated[StrictStr, Field(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$")]
+Text = Annotated[StrictStr, Field(max_length=2000, pattern=r"^[^\x00]*$")]
 # Decimal keeps the grant and the prices exact (money is never summed as floats); bounded so a
 # hostile number cannot make arithmetic slow or overflow what the ledger stores.
 Amount = Annotated[Decimal, BeforeValidator(lambda v: _number(v)), Field(ge=0, le=Decimal("1e15"),
@@ -93,7 +96,7 @@ Action = Annotated[BlockAction | ThrottleAction | DowngradeAction | CapMaxTokens
 
 class Rule(_Strict):
     id: Name
-    budget_id: Name | None = None
+    budget_id: BudgetId | None = None
     budget_name: Text | None = None
     scope: Scope
     action: Action
@@ -104,7 +107,7 @@ class Rule(_Strict):
 class Allowance(_Strict):
     """A hard budget's cumulative grant to this runtime for one period."""
 
-    budget_id: Name
+    budget_id: BudgetId
     budget_name: Text | None = None
     scope: Scope
     unit: Literal["tokens", "usd_list", "gpu_seconds"]

@@ -98,6 +98,8 @@ MALFORMED: list[tuple[str, Any]] = [
     ("grant as a string", {**_valid(), "allowances": [{**allowance("b"), "granted": "10"}]}),
     ("negative grant", {**_valid(), "allowances": [allowance("b", granted=-1)]}),
     ("unknown unit", {**_valid(), "allowances": [allowance("b", unit="euros")]}),
+    ("control character in an id", {**_valid(), "rules": [rule("a\u0000b", {"type": "block"})]}),
+    ("budget id too long", {**_valid(), "allowances": [allowance("b" * 101)]}),
     ("duplicate budgets", {**_valid(), "allowances": [allowance("b"), allowance("b")]}),
     ("huge number", json.dumps(_valid()).replace('"granted": 1000', '"granted": 1e999').encode()),
     ("NaN price", json.dumps(_valid()).replace('"prompt_per_1m": 1', '"prompt_per_1m": NaN').encode()),
