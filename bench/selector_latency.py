@@ -13,7 +13,8 @@ is generated in SQL, server-side (HTTP and the Python rollup service would take 
 * ``Rollup`` rows for every event received up to the watermark, built with ``INSERT … SELECT …
   GROUP BY``: minutes for the last ``MINUTE_ROLLUP_RETENTION_DAYS`` only (as retention leaves
   them), hours and days for all 30, with the sparse latency histograms built by
-  ``jsonb_object_agg`` over bucket counts.
+  ``jsonb_object_agg`` over bucket counts; then the ``MarginalRollup`` rows (per tenant, per
+  feature, per model, and in total) added up from those rows.
 
 One check that the synthetic rollups agree with the raw rows (``usage_totals`` over 30 days against
 SUMs over raw, and the sketch's 30-day p50/p95 against the exact ones), then each selector runs in
@@ -180,11 +181,35 @@ def generate_rollups(tail: int) -> dt.datetime:
                 {"granularity": granularity, "watermark": watermark, "since": since},
             )
             progress(f"{granularity} rollups: {cursor.rowcount:,} rows in {time.perf_counter() - began:.0f} s")
+        for dimension in ("", "tenant", "feature", "model"):
+            began = time.perf_counter()
+            cursor.execute(marginal_sql(dimension))
+            progress(f"marginal rollups by {dimension or 'total'}: {cursor.rowcount:,} rows in "
+                     f"{time.perf_counter() - began:.0f} s")
         cursor.execute("INSERT INTO telemetry_fillstate (name, watermark, updated_at) VALUES ('requests', %s, now()) "
                        "ON CONFLICT (name) DO UPDATE SET watermark = excluded.watermark", [watermark])
     with connection.cursor() as cursor:
         cursor.execute("VACUUM ANALYZE")
     return watermark
+
+
+def marginal_sql(dimension: str) -> str:
+    """``MarginalRollup`` rows keeping ``dimension`` ("" keeps none), added up from the rollup rows
+    — what ``finops.telemetry.rollups.marginals`` writes beside them."""
+    value = dimension or "''"
+    sums = ", ".join(f"sum({column}) AS {column}" for column in SUM_COLUMNS.split(", "))
+    key = f"granularity, bucket, {value} AS value, status_class"
+    hist = ("SELECT granularity, bucket, value, status_class, jsonb_object_agg(k, n ORDER BY k::int) AS hist FROM ("
+            f"SELECT {key}, h.key AS k, sum(h.value::bigint) AS n FROM telemetry_rollup "
+            "CROSS JOIN LATERAL jsonb_each_text({column}) h GROUP BY 1, 2, 3, 4, 5) x GROUP BY 1, 2, 3, 4")
+    return (f"INSERT INTO telemetry_marginalrollup (granularity, bucket, dimension, value, status_class, "
+            f"{SUM_COLUMNS}, e2e_hist, ttft_hist) "
+            f"SELECT s.granularity, s.bucket, '{dimension}', s.value, s.status_class, {SUM_COLUMNS}, "
+            "coalesce(e.hist, '{}'::jsonb), coalesce(t.hist, '{}'::jsonb) "
+            f"FROM (SELECT {key}, {sums} "
+            "FROM telemetry_rollup GROUP BY 1, 2, 3, 4) s "
+            f"LEFT JOIN ({hist.format(column='e2e_hist')}) e USING (granularity, bucket, value, status_class) "
+            f"LEFT JOIN ({hist.format(column='ttft_hist')}) t USING (granularity, bucket, value, status_class)")
 
 
 # -- checks and sizes -------------------------------------------------------------------------------
@@ -237,6 +262,8 @@ def sizes() -> list[str]:
         raw = cursor.fetchone()[0]
         cursor.execute("SELECT granularity, count(*) FROM telemetry_rollup GROUP BY 1 ORDER BY 1")
         rollups = ", ".join(f"{g} {n:,}" for g, n in cursor.fetchall())
+        cursor.execute("SELECT granularity, count(*) FROM telemetry_marginalrollup GROUP BY 1 ORDER BY 1")
+        rollups += "; marginal rollup rows: " + ", ".join(f"{g} {n:,}" for g, n in cursor.fetchall())
         cursor.execute("SELECT count(*) FROM telemetry_requestevent r, telemetry_fillstate f "
                        "WHERE f.name = 'requests' AND r.received_at > f.watermark")
         tail = cursor.fetchone()[0]
@@ -260,11 +287,12 @@ class Timing:
         return percentile(self.seconds, q) * 1000
 
 
-def cases(now: dt.datetime, tenant: str) -> list[tuple[str, Callable[[], object]]]:
+def cases(now: dt.datetime, tenant: str, feature: str) -> list[tuple[str, Callable[[], object]]]:
     from finops.dashboards import selectors as s
 
     month, week, day = overview_filters(now, DAYS), overview_filters(now, 7), overview_filters(now, 1)
     one_tenant = overview_filters(now, DAYS, tenants=(tenant,))
+    tenant_feature = overview_filters(now, DAYS, tenants=(tenant,), features=(feature,))
 
     def overview() -> None:
         s.usage_totals(filters=month)
@@ -282,6 +310,11 @@ def cases(now: dt.datetime, tenant: str) -> list[tuple[str, Callable[[], object]
         ("usage_series hour step 7d", lambda: s.usage_series(filters=week, step="hour")),
         ("latency_percentiles e2e 30d", lambda: s.latency_percentiles(filters=month, metric="e2e")),
         ("latency_percentiles e2e 1d", lambda: s.latency_percentiles(filters=day, metric="e2e")),
+        (f"latency_percentiles e2e 30d, tenant {tenant}",
+         lambda: s.latency_percentiles(filters=one_tenant, metric="e2e")),
+        (f"usage_by model 30d, tenant {tenant}", lambda: s.usage_by(filters=one_tenant, dimension="model")),
+        (f"latency_percentiles e2e 30d, {tenant} + {feature}",
+         lambda: s.latency_percentiles(filters=tenant_feature, metric="e2e")),
         ("overview (totals + by feature + day series + e2e percentiles) 30d", overview),
     ]
 
@@ -364,11 +397,14 @@ def main(argv: Sequence[str]) -> int:
             cursor.execute("SELECT tenant FROM telemetry_rollup WHERE granularity = 'day' GROUP BY 1 "
                            "ORDER BY sum(requests) DESC LIMIT 1")
             tenant = cursor.fetchone()[0]
+            cursor.execute("SELECT feature FROM telemetry_rollup WHERE granularity = 'day' AND tenant = %s "
+                           "GROUP BY 1 ORDER BY sum(requests) DESC LIMIT 1", [tenant])
+            feature = cursor.fetchone()[0]
         notes += sizes()
         checks = check_consistency(now)
         notes += checks
         timings = []
-        for name, call in cases(now, tenant):
+        for name, call in cases(now, tenant, feature):
             progress(f"timing {name}")
             timings.append(time_case(name, call, settings.runs))
         plans = []

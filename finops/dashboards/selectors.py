@@ -64,6 +64,8 @@ from finops.telemetry.models import (
     DeviceRollup,
     DeviceSample,
     FillState,
+    Marginal,
+    MarginalRollup,
     RequestEvent,
     Rollup,
     RuntimeRollup,
@@ -222,18 +224,30 @@ def _read_rollups(read: Callable[[], T], empty: T) -> tuple[dt.datetime | None, 
     return after, result
 
 
-def _rollups(plan: Plan, filters: Filters) -> QuerySet[Rollup]:
+def _rollups(plan: Plan, filters: Filters, dimension: Dimension | None = None) -> tuple[QuerySet[Any], Expression]:
+    """The rollup rows of the plan's tiles that the filters select, and the expression of
+    ``dimension``'s value in them (for grouping; ``Value("")`` without one).
+
+    Where the filters and ``dimension`` together involve at most one dimension, the rows are
+    ``MarginalRollup``'s (that dimension kept, or none): a few per bucket instead of one per
+    (tenant, feature, model). Otherwise they are ``Rollup``'s.
+    """
+    chosen = {"tenant": filters.tenants, "feature": filters.features, "model": filters.models}
+    involved = {name for name, values in chosen.items() if values} | ({dimension} if dimension else set())
     buckets = Q()
     for tile in plan.tiles:
         buckets |= Q(granularity=tile.granularity, bucket__gte=tile.start, bucket__lt=tile.end)
+    if len(involved) <= 1:
+        kept = next(iter(involved), Marginal.TOTAL.value)
+        rows: QuerySet[Any] = MarginalRollup.objects.filter(buckets, dimension=kept)
+        if kept and chosen[kept]:
+            rows = rows.filter(value__in=chosen[kept])
+        return rows, F("value") if kept else Value("")
     rows = Rollup.objects.filter(buckets)
-    if filters.tenants:
-        rows = rows.filter(tenant__in=filters.tenants)
-    if filters.features:
-        rows = rows.filter(feature__in=filters.features)
-    if filters.models:
-        rows = rows.filter(model__in=filters.models)
-    return rows
+    for name, values in chosen.items():
+        if values:
+            rows = rows.filter(**{f"{name}__in": values})
+    return rows, F(dimension) if dimension else Value("")
 
 
 _TAIL_MODEL = Coalesce("model_served", Value(""))
@@ -255,11 +269,11 @@ def _tail(plan: Plan, filters: Filters, watermark: dt.datetime | None) -> QueryS
     return events
 
 
-def _dimension_key(dimension: Dimension) -> tuple[Expression, Expression]:
-    """The (rollup, raw event) expressions for a dimension."""
+def _tail_key(dimension: Dimension) -> Expression:
+    """A dimension's value in raw events."""
     if dimension not in DIMENSIONS:
         raise ValueError(f"dimension must be one of {DIMENSIONS}, got {dimension!r}")
-    return F(dimension), (_TAIL_MODEL if dimension == "model" else F(dimension))
+    return _TAIL_MODEL if dimension == "model" else F(dimension)
 
 
 # -- request measures -----------------------------------------------------------------------------
@@ -415,39 +429,49 @@ def _usage(
     *,
     filters: Filters,
     plan: Plan,
-    rollup_keys: Mapping[str, Expression],
-    tail_keys: Mapping[str, Expression],
-    rekey: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None = None,
+    dimension: Dimension | None = None,
+    step: Step | None = None,
 ) -> dict[tuple[Any, ...], _Sums]:
-    """Measures grouped by ``keys`` (plus status class, folded in), rollups and tail added up;
-    ``rekey`` maps each group's key before they are added up."""
-    names = tuple(rollup_keys)
+    """Measures grouped by the ``step`` the request started in and/or ``dimension``'s value (plus
+    status class, folded in), rollups and tail added up. A group's key is ``(step start, value)``
+    without whichever of the two is not asked for."""
+    tail_keys: dict[str, Expression] = {}
+    if step:
+        tail_keys["at"] = Trunc("started_at", step, tzinfo=dt.UTC)
+    if dimension:
+        tail_keys["kept"] = _tail_key(dimension)
 
     def read() -> list[dict[str, Any]]:
-        rows = _rollups(plan, filters).values("status_class", **rollup_keys).annotate(**_rollup_sums())
-        return list(rows.order_by())
+        rows, value = _rollups(plan, filters, dimension)
+        # Rollup rows are grouped by their own bucket (the database then hashes on an indexed
+        # column whose distinct count it knows); the few finer edge buckets are folded into steps below.
+        keys = {name: expression for name, expression in (("at", F("bucket")), ("kept", value))
+                if name in tail_keys}
+        return list(rows.values("status_class", **keys).annotate(**_rollup_sums()).order_by())
 
     watermark, rolled = _read_rollups(read, empty=[])
     tail = _tail(plan, filters, watermark).values("status_class", **tail_keys).annotate(**_tail_sums())
     groups: dict[tuple[Any, ...], _Sums] = {}
     for row in [*rolled, *tail.order_by()]:
-        key = tuple(row[name] for name in names)
-        groups.setdefault(rekey(key) if rekey else key, _Sums()).add(row)
+        key = tuple(row[name] for name in tail_keys)
+        if step:
+            key = (_floor(key[0].astimezone(dt.UTC), step), *key[1:])
+        groups.setdefault(key, _Sums()).add(row)
     return groups
 
 
 def usage_totals(*, filters: Filters) -> Totals:
     """Every measure over the filtered requests."""
     plan = rollup_plan(filters=filters)
-    groups = _usage(filters=filters, plan=plan, rollup_keys={}, tail_keys={})
+    groups = _usage(filters=filters, plan=plan)
     return Totals(**_measures(groups.get((), _Sums())), start=plan.start, end=plan.end)
 
 
 def usage_by(*, filters: Filters, dimension: Dimension) -> list[Row]:
     """The measures per tenant, feature or served model, highest list cost first."""
-    rollup_key, tail_key = _dimension_key(dimension)
+    _tail_key(dimension)  # a wrong dimension is refused before any query
     plan = rollup_plan(filters=filters)
-    groups = _usage(filters=filters, plan=plan, rollup_keys={"value": rollup_key}, tail_keys={"value": tail_key})
+    groups = _usage(filters=filters, plan=plan, dimension=dimension)
     rows = [Row(**_measures(sums), dimension=dimension, value=key[0]) for key, sums in groups.items()]
     rows.sort(key=lambda row: (-row.list_cost, -row.requests, row.value))
     return rows
@@ -463,15 +487,10 @@ def usage_series(*, filters: Filters, step: Step = "hour", dimension: Dimension 
     """
     if step not in STEPS:
         raise ValueError(f"step must be one of {STEPS}, got {step!r}")
-    plan = rollup_plan(filters=filters, coarsest=step)
-    # Rollup rows are grouped by their own bucket (the database then hashes on an indexed column
-    # whose distinct count it knows) and the few finer edge buckets are folded into steps here.
-    rollup_keys: dict[str, Expression] = {"at": F("bucket")}
-    tail_keys: dict[str, Expression] = {"at": Trunc("started_at", step, tzinfo=dt.UTC)}
     if dimension is not None:
-        rollup_keys["value"], tail_keys["value"] = _dimension_key(dimension)
-    groups = _usage(filters=filters, plan=plan, rollup_keys=rollup_keys, tail_keys=tail_keys,
-                    rekey=lambda key: (_floor(key[0].astimezone(dt.UTC), step), *key[1:]))
+        _tail_key(dimension)
+    plan = rollup_plan(filters=filters, coarsest=step)
+    groups = _usage(filters=filters, plan=plan, dimension=dimension, step=step)
     values: Iterable[str | None] = sorted({key[1] for key in groups}) if dimension else [None]
     points = []
     at = _floor(plan.start, step)
@@ -485,11 +504,12 @@ def usage_series(*, filters: Filters, step: Step = "hour", dimension: Dimension 
 
 def dimension_values(*, filters: Filters, dimension: Dimension) -> list[str]:
     """The values of a dimension seen in the range (for filter menus), sorted."""
-    rollup_key, tail_key = _dimension_key(dimension)
+    tail_key = _tail_key(dimension)
     plan = rollup_plan(filters=filters)
 
     def read() -> set[str]:
-        return set(_rollups(plan, filters).order_by().values_list(rollup_key, flat=True).distinct())
+        rows, value = _rollups(plan, filters, dimension)
+        return set(rows.order_by().annotate(kept=value).values_list("kept", flat=True).distinct())
 
     watermark, rolled = _read_rollups(read, empty=set())
     tail = _tail(plan, filters, watermark).order_by().annotate(value=tail_key).values_list("value", flat=True)
@@ -516,7 +536,7 @@ def latency_percentiles(
     hist_field, bucket_field, value_field = f"{metric}_hist", f"{metric}_bucket", f"{metric}_ms"
 
     def read() -> dict[int, int]:
-        return _merged_histogram(_rollups(plan, filters), hist_field)
+        return _merged_histogram(_rollups(plan, filters)[0], hist_field)
 
     watermark, merged = _read_rollups(read, empty={})
     tail = _tail(plan, filters, watermark).order_by()
@@ -541,7 +561,7 @@ _HISTOGRAM_SUM_SQL = {
 }
 
 
-def _merged_histogram(rows: QuerySet[Rollup], hist_field: str) -> dict[int, int]:
+def _merged_histogram(rows: QuerySet[Any], hist_field: str) -> dict[int, int]:
     template = _HISTOGRAM_SUM_SQL.get(connection.vendor)
     if template is None:
         return sketch.merge(rows.values_list(hist_field, flat=True))

@@ -17,6 +17,7 @@ from finops.telemetry.models import (
     DeviceSample,
     FillState,
     Granularity,
+    MarginalRollup,
     RequestEvent,
     Rollup,
     RuntimeRollup,
@@ -37,14 +38,15 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 class RolledUpValueFilter(admin.SimpleListFilter):
     """Filter raw events by a value, offering the values the day rollups have seen: a DISTINCT over
-    those few rows instead of over every raw event (the admin's default for a text field)."""
+    the few marginal rows of that dimension instead of over every raw event (the admin's default
+    for a text field)."""
 
     rollup_field = ""
     event_field = ""
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        values = (Rollup.objects.filter(granularity=Granularity.DAY).order_by(self.rollup_field)
-                  .values_list(self.rollup_field, flat=True).distinct())
+        values = (MarginalRollup.objects.filter(granularity=Granularity.DAY, dimension=self.rollup_field)
+                  .order_by("value").values_list("value", flat=True).distinct())
         return [(value, value or "(none)") for value in values]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
@@ -99,9 +101,17 @@ class RollupAdmin(ReadOnlyAdmin):
     ordering = ("-bucket", "granularity")
 
     @admin.display(description="e2e p50 / p99 (ms)")
-    def e2e_p50_p99(self, row: Rollup) -> str:
+    def e2e_p50_p99(self, row: Rollup | MarginalRollup) -> str:
         p50, p99 = sketch.quantile(row.e2e_hist, 0.5), sketch.quantile(row.e2e_hist, 0.99)
         return "n/a" if p50 is None or p99 is None else f"{p50:.1f} / {p99:.1f}"
+
+
+@admin.register(MarginalRollup)
+class MarginalRollupAdmin(RollupAdmin):
+    list_display = ("granularity", "bucket", "dimension", "value", "status_class", "requests", "prompt_tokens",
+                    "completion_tokens", "list_cost", "hardware_cost", "unpriced", "e2e_p50_p99")
+    list_filter = ("granularity", "dimension", "status_class")
+    search_fields = ("value",)
 
 
 @admin.register(FillState)

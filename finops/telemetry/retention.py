@@ -22,6 +22,7 @@ from finops.telemetry.models import (
     DeviceRollup,
     DeviceSample,
     Granularity,
+    MarginalRollup,
     RequestEvent,
     Rollup,
     RuntimeRollup,
@@ -42,7 +43,7 @@ class RetentionResult:
     raw_days_dropped: int
     runtime_samples_deleted: int
     device_samples_deleted: int
-    minute_rollups_deleted: int
+    minute_rollups_deleted: int  # Rollup and MarginalRollup minute rows
     minute_sample_rollups_deleted: int = 0  # RuntimeRollup and DeviceRollup minute rows
 
     def as_dict(self) -> dict[str, Any]:
@@ -64,7 +65,10 @@ def retention_run(*, now: dt.datetime | None = None) -> RetentionResult:
         # The rollups' lock: no run is counting the events we drop or writing the rows we delete.
         state = fill_state_lock()
         minute_cutoff = now - dt.timedelta(days=settings.MINUTE_ROLLUP_RETENTION_DAYS)
-        minutes, _ = Rollup.objects.filter(granularity=Granularity.MINUTE, bucket__lt=minute_cutoff).delete()
+        minutes = 0
+        for model in (Rollup, MarginalRollup):
+            deleted, _ = model.objects.filter(granularity=Granularity.MINUTE, bucket__lt=minute_cutoff).delete()
+            minutes += deleted
         keep_from, dropped = None, 0
         if state is not None:  # before the first rollup nothing has been counted, so nothing goes
             keep = min(raw_retention_start(now), state.watermark)

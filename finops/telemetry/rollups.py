@@ -28,18 +28,21 @@ from django.utils import timezone
 
 from finops.pricing.services import QUANTUM
 from finops.telemetry import sketch
-from finops.telemetry.models import FillState, Granularity, RequestEvent, Rollup
+from finops.telemetry.models import FillState, Granularity, Marginal, MarginalRollup, RequestEvent, Rollup, RollupSums
 
 FILL_STATE = "requests"
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 GROUP_FIELDS = ("tenant", "feature", "served", "status_class")
 UNIQUE_FIELDS = ["granularity", "bucket", "tenant", "feature", "model", "status_class"]
+MARGINAL_UNIQUE_FIELDS = ["granularity", "bucket", "dimension", "value", "status_class"]
 SUM_FIELDS = ["requests", "prompt_tokens", "completion_tokens", "cache_hits", "gpu_seconds", "energy_joules",
               "energy_measured", "list_cost", "hardware_cost", "unpriced", "e2e_hist", "ttft_hist"]
 PICO = 10**12  # the cost columns' 12 decimal places, as an integer scale
 
 # (granularity, bucket, tenant, feature, model, status_class): one Rollup row.
 RollupKey = tuple[str, dt.datetime, str, str, str, str]
+# (granularity, bucket, dimension, value, status_class): one MarginalRollup row.
+MarginalKey = tuple[str, dt.datetime, str, str, str]
 
 
 @dataclass
@@ -66,15 +69,14 @@ class Sums:
             for index, count in theirs.items():
                 mine[index] = mine.get(index, 0) + count
 
-    def add_to_row(self, row: Rollup) -> Rollup:
-        """A new Rollup object (no pk: it is upserted on its natural key) holding row + self."""
+    def added_to(self, row: RollupSums) -> dict[str, Any]:
+        """The sum fields of ``row`` + self, ready to store."""
         total = Sums(**{name: _row_value(row, name) for name in SUM_FIELDS})
         total.add(self)
         values = {name: getattr(total, name) for name in SUM_FIELDS}
         values["e2e_hist"] = _histogram_json(total.e2e_hist)
         values["ttft_hist"] = _histogram_json(total.ttft_hist)
-        return Rollup(granularity=row.granularity, bucket=row.bucket, tenant=row.tenant, feature=row.feature,
-                      model=row.model, status_class=row.status_class, **values)
+        return values
 
 
 @dataclass(frozen=True)
@@ -187,27 +189,43 @@ def fold(minutes: Mapping[RollupKey, Sums]) -> dict[RollupKey, Sums]:
 
 
 def rollup_add(sums: Mapping[RollupKey, Sums], *, create: bool = True) -> int:
-    """Add ``sums`` to their Rollup rows (inserting missing rows when ``create``); rows written.
+    """Add ``sums`` to their Rollup rows and to the MarginalRollup rows they add up to (inserting
+    missing rows when ``create``); rows written.
 
     The caller holds the FillState lock, so reading a row, adding in Python (exact Decimals,
     histogram merge) and upserting the total back cannot lose a concurrent writer's addition.
     """
+    written = _add(Rollup, UNIQUE_FIELDS, sums, create=create)
+    return written + _add(MarginalRollup, MARGINAL_UNIQUE_FIELDS, marginals(sums), create=create)
+
+
+def marginals(sums: Mapping[RollupKey, Sums]) -> dict[MarginalKey, Sums]:
+    """``sums`` added up per bucket and status class, keeping one dimension or none."""
+    added: dict[MarginalKey, Sums] = {}
+    for (granularity, bucket, tenant, feature, model, status_class), group in sums.items():
+        for dimension, value in ((Marginal.TOTAL, ""), (Marginal.TENANT, tenant), (Marginal.FEATURE, feature),
+                                 (Marginal.MODEL, model)):
+            added.setdefault((granularity, bucket, dimension.value, value, status_class), Sums()).add(group)
+    return added
+
+
+def _add(model: type[RollupSums], unique_fields: list[str], sums: Mapping[tuple[Any, ...], Sums], *,
+         create: bool) -> int:
     written = 0
     keys = sorted(sums)  # by granularity, then bucket: a chunk reads few buckets
     for chunk in _batched(keys, 300):
-        existing = {_row_key(row): row for row in _rows_for(chunk)}
+        existing = {tuple(getattr(row, name) for name in unique_fields): row for row in _rows_for(model, chunk)}
         rows = []
         for key in chunk:
             row = existing.get(key)
             if row is None:
                 if not create:
                     continue
-                row = Rollup(granularity=key[0], bucket=key[1], tenant=key[2], feature=key[3], model=key[4],
-                             status_class=key[5])
-            rows.append(sums[key].add_to_row(row))
+                row = model(**dict(zip(unique_fields, key, strict=True)))
+            rows.append(model(**dict(zip(unique_fields, key, strict=True)), **sums[key].added_to(row)))
         if rows:
-            Rollup.objects.bulk_create(rows, update_conflicts=True, unique_fields=UNIQUE_FIELDS,
-                                       update_fields=SUM_FIELDS, batch_size=500)
+            model.objects.bulk_create(rows, update_conflicts=True, unique_fields=unique_fields,
+                                      update_fields=SUM_FIELDS, batch_size=500)
             written += len(rows)
     return written
 
@@ -237,11 +255,7 @@ def _key(row: Mapping[str, Any] | tuple[Any, ...]) -> RollupKey:
     return (Granularity.MINUTE.value, minute, tenant, feature, served, status_class)
 
 
-def _row_key(row: Rollup) -> RollupKey:
-    return (row.granularity, row.bucket, row.tenant, row.feature, row.model, row.status_class)
-
-
-def _row_value(row: Rollup, name: str) -> Any:
+def _row_value(row: RollupSums, name: str) -> Any:
     value = getattr(row, name)
     if name in ("list_cost", "hardware_cost"):
         return Decimal(value or 0)
@@ -250,18 +264,21 @@ def _row_value(row: Rollup, name: str) -> Any:
     return value or 0
 
 
-def _rows_for(keys: list[RollupKey]) -> Iterator[Rollup]:
+def _rows_for(model: type[RollupSums], keys: list[tuple[Any, ...]]) -> Iterator[RollupSums]:
+    """The stored rows of these keys (and a few neighbours: the filter is per column)."""
     for granularity, group in itertools.groupby(keys, key=lambda k: k[0]):
         chunk = list(group)
-        yield from Rollup.objects.filter(granularity=granularity, bucket__in={k[1] for k in chunk},
-                                         tenant__in={k[2] for k in chunk})
+        # The third key column (a Rollup's tenant, a MarginalRollup's dimension) narrows the read.
+        third = "tenant" if model is Rollup else "dimension"
+        yield from model.objects.filter(granularity=granularity, bucket__in={k[1] for k in chunk},
+                                        **{f"{third}__in": {k[2] for k in chunk}})
 
 
 def _histogram_json(histogram: Mapping[int, int]) -> dict[str, int]:
     return {str(index): count for index, count in sorted(histogram.items()) if count}
 
 
-def _batched(items: Iterable[RollupKey], size: int) -> Iterator[list[RollupKey]]:
+def _batched(items: Iterable[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
     iterator = iter(items)
     while chunk := list(itertools.islice(iterator, size)):
         yield chunk

@@ -10,7 +10,7 @@ import pytest
 from django.db import connection
 from django.test import override_settings
 
-from finops.telemetry.models import DeviceSample, Granularity, RequestEvent, Rollup, RuntimeSample
+from finops.telemetry.models import DeviceSample, Granularity, MarginalRollup, RequestEvent, Rollup, RuntimeSample
 from finops.telemetry.partitioning import existing_partition_days
 from finops.telemetry.retention import retention_run
 from finops.telemetry.rollups import rollup_run
@@ -113,10 +113,12 @@ def test_samples_and_minute_rollups_expire_while_hours_and_days_stay() -> None:
 
     result = retention_run(now=NOW)
 
-    assert (result.runtime_samples_deleted, result.device_samples_deleted, result.minute_rollups_deleted) == (1, 1, 1)
+    # One minute row in Rollup and its four marginal rows (total, tenant, feature, model).
+    assert (result.runtime_samples_deleted, result.device_samples_deleted, result.minute_rollups_deleted) == (1, 1, 5)
     assert list(RuntimeSample.objects.values_list("at", flat=True)) == [days_ago(6)]
     assert list(DeviceSample.objects.values_list("at", flat=True)) == [days_ago(6)]
-    assert list(Rollup.objects.filter(granularity=Granularity.MINUTE).values_list("bucket", flat=True)) == [
-        days_ago(6)]
+    for table in (Rollup, MarginalRollup):
+        assert set(table.objects.filter(granularity=Granularity.MINUTE).values_list("bucket", flat=True)) == {
+            days_ago(6)}
     assert Rollup.objects.filter(granularity=Granularity.HOUR).count() == 2
     assert Rollup.objects.filter(granularity=Granularity.DAY).count() == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import itertools
 import math
 import threading
 import time
@@ -27,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from finops.telemetry import sketch
-from finops.telemetry.models import STATUS_CLASSES, FillState, Granularity, RequestEvent, Rollup
+from finops.telemetry.models import STATUS_CLASSES, FillState, Granularity, MarginalRollup, RequestEvent, Rollup
 from finops.telemetry.partitioning import ensure_partitions
 from finops.telemetry.rollups import FILL_STATE, rollup_run
 
@@ -73,13 +74,26 @@ def bucket_of(moment: dt.datetime, granularity: str) -> dt.datetime:
     return moment
 
 
-def raw_totals(granularity: str, events: list[RequestEvent] | None = None) -> dict[tuple, dict[str, Any]]:
-    """What every Rollup row of a granularity must hold, summed in Python from raw events."""
+def raw_totals(granularity: str, events: list[RequestEvent] | None = None, *,
+               marginal: bool = False) -> dict[tuple, dict[str, Any]]:
+    """What every Rollup row of a granularity must hold, summed in Python from raw events; with
+    ``marginal``, every MarginalRollup row (keyed by bucket, dimension, value, status class)."""
     totals: dict[tuple, dict[str, Any]] = defaultdict(
         lambda: {**dict.fromkeys(COUNTS, 0), "gpu_seconds": 0.0, "energy_joules": 0.0,
                  **dict.fromkeys(COSTS, Decimal(0)), "e2e_hist": {}, "ttft_hist": {}})
     for e in RequestEvent.objects.all() if events is None else events:
-        row = totals[(bucket_of(e.started_at, granularity), e.tenant, e.feature, e.model_served or "", e.status_class)]
+        bucket, model = bucket_of(e.started_at, granularity), e.model_served or ""
+        if marginal:
+            keys = [(bucket, "", "", e.status_class), (bucket, "tenant", e.tenant, e.status_class),
+                    (bucket, "feature", e.feature, e.status_class), (bucket, "model", model, e.status_class)]
+        else:
+            keys = [(bucket, e.tenant, e.feature, model, e.status_class)]
+        for key in keys:
+            add_event(totals[key], e)
+    return dict(totals)
+
+
+def add_event(row: dict[str, Any], e: RequestEvent) -> None:
         row["requests"] += 1
         row["prompt_tokens"] += e.prompt_tokens
         row["completion_tokens"] += e.completion_tokens
@@ -93,24 +107,27 @@ def raw_totals(granularity: str, events: list[RequestEvent] | None = None) -> di
         for column, histogram in (("e2e_bucket", "e2e_hist"), ("ttft_bucket", "ttft_hist")):
             if (index := getattr(e, column)) is not None:
                 row[histogram][index] = row[histogram].get(index, 0) + 1
-    return dict(totals)
 
 
-def rollup_totals(granularity: str) -> dict[tuple, dict[str, Any]]:
+def rollup_totals(granularity: str, *, marginal: bool = False) -> dict[tuple, dict[str, Any]]:
+    rows = (MarginalRollup if marginal else Rollup).objects.filter(granularity=granularity)
     return {
-        (r.bucket, r.tenant, r.feature, r.model, r.status_class): {
+        ((r.bucket, r.dimension, r.value, r.status_class) if marginal
+         else (r.bucket, r.tenant, r.feature, r.model, r.status_class)): {
             **{name: getattr(r, name) for name in (*COUNTS, *COSTS, "gpu_seconds", "energy_joules")},
             "e2e_hist": sketch.merge([r.e2e_hist]), "ttft_hist": sketch.merge([r.ttft_hist]),
         }
-        for r in Rollup.objects.filter(granularity=granularity)
+        for r in rows
     }
 
 
 def assert_rollups_match_raw(events: list[RequestEvent] | None = None,
                              granularities: tuple[str, ...] = tuple(Granularity.values)) -> None:
-    for granularity in granularities:
-        expected, actual = raw_totals(granularity, events), rollup_totals(granularity)
-        assert set(actual) == set(expected), granularity
+    """Rollup and MarginalRollup rows hold exactly the raw sums (no row missing, none extra)."""
+    for granularity, marginal in itertools.product(granularities, (False, True)):
+        expected = raw_totals(granularity, events, marginal=marginal)
+        actual = rollup_totals(granularity, marginal=marginal)
+        assert set(actual) == set(expected), (granularity, marginal)
         for key, row in expected.items():
             got = actual[key]
             assert {n: got[n] for n in (*COUNTS, *COSTS, "e2e_hist", "ttft_hist")} == {
@@ -120,8 +137,11 @@ def assert_rollups_match_raw(events: list[RequestEvent] | None = None,
 
 
 def snapshot() -> list[tuple]:
-    return sorted(Rollup.objects.values_list("id", "granularity", "bucket", "tenant", "feature", "model",
-                                             "status_class", *COUNTS, *COSTS, "gpu_seconds", "e2e_hist"))
+    detail = Rollup.objects.values_list("id", "granularity", "bucket", "tenant", "feature", "model",
+                                        "status_class", *COUNTS, *COSTS, "gpu_seconds", "e2e_hist")
+    marginal = MarginalRollup.objects.values_list("id", "granularity", "bucket", "dimension", "value", "value",
+                                                  "status_class", *COUNTS, *COSTS, "gpu_seconds", "e2e_hist")
+    return sorted(detail) + sorted(marginal)
 
 
 def watermark() -> dt.datetime:

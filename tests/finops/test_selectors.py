@@ -42,6 +42,7 @@ from finops.telemetry.models import (
     Device,
     DeviceSample,
     FillState,
+    MarginalRollup,
     RequestEvent,
     Rollup,
     RuntimeSample,
@@ -125,36 +126,51 @@ def floor(moment: dt.datetime, granularity: str) -> dt.datetime:
 
 def roll_up(events: Iterable[RequestEvent], *, watermark: dt.datetime) -> None:
     """What a finished rollup run leaves behind: every event received up to ``watermark`` summed
-    into minute, hour and day rows, and the FillState at the watermark."""
-    rows: dict[tuple[Any, ...], Rollup] = {}
+    into minute, hour and day rows — per (tenant, feature, model, status class) in ``Rollup``, and
+    per one dimension or none in ``MarginalRollup`` — and the FillState at the watermark."""
+    rows: dict[tuple[Any, ...], Rollup | MarginalRollup] = {}
     for e in events:
         if e.received_at > watermark:
             continue
+        model = e.model_served or ""
         for granularity in ("minute", "hour", "day"):
-            key = (granularity, floor(e.started_at, granularity), e.tenant, e.feature, e.model_served or "",
-                   e.status_class)
-            row = rows.get(key)
-            if row is None:
-                row = rows[key] = Rollup(granularity=granularity, bucket=key[1], tenant=key[2], feature=key[3],
-                                         model=key[4], status_class=key[5], e2e_hist={}, ttft_hist={},
-                                         list_cost=Decimal(0), hardware_cost=Decimal(0))
-            row.requests += 1
-            row.prompt_tokens += e.prompt_tokens
-            row.completion_tokens += e.completion_tokens
-            row.cache_hits += e.cache_hit
-            row.gpu_seconds += e.gpu_seconds or 0.0
-            if e.energy_joules is not None:
-                row.energy_joules += e.energy_joules
-                row.energy_measured += 1
-            if e.list_cost is None:
-                row.unpriced += 1
-            row.list_cost += e.list_cost or 0
-            row.hardware_cost += e.hardware_cost or 0
-            for hist, index in ((row.e2e_hist, e.e2e_bucket), (row.ttft_hist, e.ttft_bucket)):
-                if index is not None:
-                    hist[str(index)] = hist.get(str(index), 0) + 1
-    Rollup.objects.bulk_create(rows.values())
+            bucket = floor(e.started_at, granularity)
+            groups: list[tuple[type[Rollup | MarginalRollup], dict[str, str]]] = [
+                (Rollup, {"tenant": e.tenant, "feature": e.feature, "model": model}),
+                (MarginalRollup, {"dimension": "", "value": ""}),
+                (MarginalRollup, {"dimension": "tenant", "value": e.tenant}),
+                (MarginalRollup, {"dimension": "feature", "value": e.feature}),
+                (MarginalRollup, {"dimension": "model", "value": model}),
+            ]
+            for table, group in groups:
+                key = (table, granularity, bucket, *group.values(), e.status_class)
+                row = rows.get(key)
+                if row is None:
+                    row = rows[key] = table(granularity=granularity, bucket=bucket, status_class=e.status_class,
+                                            e2e_hist={}, ttft_hist={}, list_cost=Decimal(0),
+                                            hardware_cost=Decimal(0), **group)
+                add_event(row, e)
+    Rollup.objects.bulk_create(row for row in rows.values() if isinstance(row, Rollup))
+    MarginalRollup.objects.bulk_create(row for row in rows.values() if isinstance(row, MarginalRollup))
     FillState.objects.update_or_create(name="requests", defaults={"watermark": watermark})
+
+
+def add_event(row: Rollup | MarginalRollup, e: RequestEvent) -> None:
+    row.requests += 1
+    row.prompt_tokens += e.prompt_tokens
+    row.completion_tokens += e.completion_tokens
+    row.cache_hits += e.cache_hit
+    row.gpu_seconds += e.gpu_seconds or 0.0
+    if e.energy_joules is not None:
+        row.energy_joules += e.energy_joules
+        row.energy_measured += 1
+    if e.list_cost is None:
+        row.unpriced += 1
+    row.list_cost += e.list_cost or 0
+    row.hardware_cost += e.hardware_cost or 0
+    for hist, index in ((row.e2e_hist, e.e2e_bucket), (row.ttft_hist, e.ttft_bucket)):
+        if index is not None:
+            hist[str(index)] = hist.get(str(index), 0) + 1
 
 
 def expected(events: Iterable[RequestEvent], filters: Filters) -> dict[str, Any]:
@@ -291,9 +307,8 @@ def test_whole_days_are_read_from_day_rollups_not_minute_rows() -> None:
     day row shows which one was read."""
     day = TODAY - 2 * DAY
     FillState.objects.create(name="requests", watermark=timezone.now())
-    common = {"tenant": "acme", "feature": "chat", "model": "smollm2", "status_class": "ok"}
-    Rollup.objects.create(granularity="day", bucket=day, requests=7, **common)
-    Rollup.objects.create(granularity="minute", bucket=day + 5 * HOUR, requests=1000, **common)
+    MarginalRollup.objects.create(granularity="day", bucket=day, requests=7, status_class="ok")
+    MarginalRollup.objects.create(granularity="minute", bucket=day + 5 * HOUR, requests=1000, status_class="ok")
 
     assert usage_totals(filters=Filters(start=day, end=day + DAY)).requests == 7
     assert usage_totals(filters=Filters(start=day + 5 * HOUR, end=day + 5 * HOUR + MINUTE)).requests == 1000
@@ -309,7 +324,8 @@ def test_expired_minute_edges_widen_the_range_to_whole_hours(settings: Any) -> N
     outside = event(TODAY - 10 * DAY + 8 * HOUR + 59 * MINUTE)
     events = store([inside, widened_in, outside])
     roll_up(events, watermark=watermark)
-    Rollup.objects.filter(granularity="minute").delete()  # what retention does
+    for table in (Rollup, MarginalRollup):
+        table.objects.filter(granularity="minute").delete()  # what retention does
 
     plan = rollup_plan(filters=old)
     totals = usage_totals(filters=old)
@@ -396,9 +412,10 @@ def test_a_rollup_run_that_commits_mid_read_is_not_counted_twice() -> None:
     landed: list[bool] = []
 
     def next_run_lands_now(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
-        if not landed and "telemetry_rollup" in sql and "SUM(" in sql:
+        if not landed and "rollup" in sql and "SUM(" in sql:
             landed.append(True)
             Rollup.objects.all().delete()
+            MarginalRollup.objects.all().delete()
             roll_up(events, watermark=minute + 55 * SECOND)
         return execute(sql, params, many, context)
 
