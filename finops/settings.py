@@ -8,6 +8,8 @@ server.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import zoneinfo
 from pathlib import Path
@@ -55,6 +57,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Serves static/ (plotly.js, the dashboards' CSS) under any server, uvicorn included.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -127,7 +131,15 @@ SITE_URL = os.environ.get("SITE_URL", "http://127.0.0.1:8000").rstrip("/")
 
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"] if (BASE_DIR / "static").is_dir() else []
+# plotly.js from the installed plotly package (static/plotly/plotly.min.js), so the browser's copy
+# always matches the Python package that builds the figures; the machines have no internet.
+STATICFILES_DIRS.append(("plotly", str(Path(importlib.util.find_spec("plotly").origin).parent / "package_data")))
 STATIC_ROOT = VAR_DIR / "staticfiles"
+# WhiteNoise warns on every start when STATIC_ROOT is missing (before the first collectstatic).
+with contextlib.suppress(OSError):
+    STATIC_ROOT.mkdir(parents=True, exist_ok=True)
+# WhiteNoise serves from the finders too, so a server started without `collectstatic` still has them.
+WHITENOISE_USE_FINDERS = env_bool("WHITENOISE_USE_FINDERS", True)
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "budgets:list"
 LOGOUT_REDIRECT_URL = "login"

@@ -9,4 +9,5 @@ urlpatterns = [
     path("api/v1/", include("finops.telemetry.urls")),
     path("api/v1/", include("finops.runtimes.urls")),
     path("budgets/", include("finops.budgets.urls")),
+    path("", include("finops.dashboards.urls")),
 ]

@@ -1,0 +1,262 @@
+"""One function per chart: selector results in, a plotly figure out (a plain dict in plotly's JSON
+figure format, which the page hands to ``Plotly.react``), or an empty state saying what to do.
+
+Figures are built as dicts rather than through ``plotly.graph_objects``: validating a figure object
+costs tens of milliseconds each, a dozen times a page; the tests check every figure against
+plotly's schema instead (``go.Figure(figure)``). Times on the x axis are wall-clock times in the
+organisation's time zone, written without an offset so plotly shows them as they are.
+Sparklines are inline SVG, not plotly: a table of plotly sparklines is one plot per row in the browser.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from django.utils import timezone
+
+from finops.budgets.periods import org_time_zone
+from finops.dashboards.page_data import LatencyPoint, RawSeries
+from finops.dashboards.selectors import STEP_LENGTH, DeviceGauge, RuntimeGauge, RuntimeHistoryPoint, SeriesPoint
+
+NO_REQUESTS = ("No requests in this range — send traffic to a runtime registered with "
+               "`manage.py register_runtime`, or widen the range.")
+NO_SAMPLES = ("No runtime samples in this range — start a runtime registered with `manage.py register_runtime`; "
+              "it reports its queue and devices every few seconds.")
+NO_GPU = ("No GPU measured in this range: runtimes on a CPU report no utilisation, memory or power "
+          "(shown as n/a, never as zero).")
+PALETTE = ["#3e7bfa", "#2f9e6e", "#d9822b", "#9b59b6", "#d64545", "#14919b", "#8d6e63", "#e6a700", "#5c6bc0",
+           "#7cb342"]
+
+
+@dataclass(frozen=True)
+class Chart:
+    id: str
+    title: str
+    figure: dict[str, Any] | None  # None: show ``empty`` instead
+    empty: str = NO_REQUESTS
+    note: str = ""
+
+    @property
+    def dom_id(self) -> str:
+        return f"figure-{self.id}"
+
+
+def _x(moment: dt.datetime) -> str:
+    return timezone.localtime(moment, org_time_zone()).strftime("%Y-%m-%d %H:%M")
+
+
+def _layout(*, y_title: str = "", stacked: bool = False, y_format: str = "", y_suffix: str = "",
+            y_prefix: str = "", y_range: Sequence[float] | None = None) -> dict[str, Any]:
+    yaxis: dict[str, Any] = {"title": {"text": y_title}, "rangemode": "tozero", "gridcolor": "#e4e7eb",
+                             "tickformat": y_format, "ticksuffix": y_suffix, "tickprefix": y_prefix}
+    if y_range is not None:
+        yaxis["range"] = list(y_range)
+    layout: dict[str, Any] = {
+        "height": 260, "margin": {"l": 56, "r": 16, "t": 8, "b": 36},
+        "paper_bgcolor": "#fff", "plot_bgcolor": "#fff", "font": {"size": 12, "color": "#1f2933"},
+        "hovermode": "x unified", "showlegend": True,
+        "legend": {"orientation": "h", "y": -0.18, "x": 0},
+        "xaxis": {"type": "date", "gridcolor": "#f0f2f5"},
+        "yaxis": yaxis,
+    }
+    if stacked:
+        layout["barmode"] = "stack"
+    return layout
+
+
+def _line(name: str, xs: list[str], ys: list[float | None], color: int = 0, **extra: Any) -> dict[str, Any]:
+    trace = {"type": "scatter", "mode": "lines", "name": name, "x": xs, "y": ys,
+             "line": {"color": PALETTE[color % len(PALETTE)], "width": 2}, "connectgaps": False}
+    trace.update(extra)
+    return trace
+
+
+def _any_requests(points: Iterable[SeriesPoint]) -> bool:
+    return any(point.requests for point in points)
+
+
+def _per_value(points: Iterable[Any], value_of: Any) -> dict[str, tuple[list[str], list[Any]]]:
+    lines: dict[str, tuple[list[str], list[Any]]] = {}
+    for point in points:
+        xs, ys = lines.setdefault(point.value if point.value is not None else "", ([], []))
+        xs.append(_x(point.at))
+        ys.append(value_of(point))
+    return lines
+
+
+def spend_by(points: list[SeriesPoint], *, dimension: str, chart_id: str = "spend") -> Chart:
+    """List-price spend per step, stacked by ``dimension``'s values."""
+    title = f"Spend by {dimension} (list price)"
+    if not _any_requests(points):
+        return Chart(chart_id, title, None)
+    traces = []
+    for i, (value, (xs, ys)) in enumerate(sorted(_per_value(points, lambda p: float(p.list_cost)).items())):
+        traces.append({"type": "bar", "name": value or "(none)", "x": xs, "y": ys,
+                       "marker": {"color": PALETTE[i % len(PALETTE)]}, "hovertemplate": "%{y:$,.4f}"})
+    return Chart(chart_id, title, {"data": traces, "layout": _layout(stacked=True, y_prefix="$")})
+
+
+def tokens_per_second(points: list[SeriesPoint], *, step: str) -> Chart:
+    """Prompt and completion tokens per second, averaged over each step."""
+    title = "Tokens per second"
+    if not _any_requests(points):
+        return Chart("tokens", title, None)
+    seconds = STEP_LENGTH[step].total_seconds()
+    xs = [_x(p.at) for p in points]
+    traces = [
+        _line("completion", xs, [p.completion_tokens / seconds for p in points], 0, stackgroup="tokens"),
+        _line("prompt", xs, [p.prompt_tokens / seconds for p in points], 1, stackgroup="tokens"),
+    ]
+    return Chart("tokens", title, {"data": traces, "layout": _layout(y_title="tokens/s", y_format="~s")},
+                 note=f"averaged over each {step}")
+
+
+def _percentile_chart(points: list[LatencyPoint], *, chart_id: str, title: str, empty: str) -> Chart:
+    if not any(v is not None for p in points for v in p.quantiles.values()):
+        return Chart(chart_id, title, None, empty=empty)
+    xs = [_x(p.at) for p in points]
+    traces = [_line(f"p{round(q * 100)}", xs, [p.quantiles.get(q) for p in points], i, mode="lines+markers")
+              for i, q in enumerate(sorted(points[0].quantiles))]
+    return Chart(chart_id, title, {"data": traces, "layout": _layout(y_title="ms", y_format="~s")})
+
+
+def latency(points: list[LatencyPoint]) -> Chart:
+    """End-to-end latency p50/p95/p99 per window."""
+    return _percentile_chart(points, chart_id="latency", title="Latency p50 / p95 / p99 (end to end)",
+                             empty=NO_REQUESTS)
+
+
+def time_to_first_token(points: list[LatencyPoint]) -> Chart:
+    """Time to first token p50/p95/p99 per window."""
+    return _percentile_chart(points, chart_id="ttft", title="Time to first token p50 / p95 / p99",
+                             empty="No streamed or completed request measured a first token in this range.")
+
+
+def cache_hit_rate(points: list[SeriesPoint]) -> Chart:
+    title = "Cache hit rate"
+    if not _any_requests(points):
+        return Chart("cache", title, None)
+    xs = [_x(p.at) for p in points]
+    trace = _line("cache hits", xs, [p.cache_hit_rate for p in points], 1, mode="lines+markers")
+    return Chart("cache", title, {"data": [trace], "layout": _layout(y_format=".0%", y_range=[0, 1])})
+
+
+def queue_depth(history: list[RuntimeHistoryPoint]) -> Chart:
+    """Mean queue depth per runtime and step, from the runtimes' samples."""
+    title = "Queue depth (per runtime)"
+    if not any(p.samples for p in history):
+        return Chart("queue-depth", title, None, empty=NO_SAMPLES)
+    lines: dict[str, tuple[list[str], list[float | None]]] = {}
+    for p in history:
+        xs, ys = lines.setdefault(p.runtime_id, ([], []))
+        xs.append(_x(p.bucket))
+        ys.append(p.queue_depth_avg)
+    traces = [_line(name, xs, ys, i, mode="lines+markers") for i, (name, (xs, ys)) in enumerate(sorted(lines.items()))]
+    return Chart("queue-depth", title, {"data": traces, "layout": _layout(y_title="requests waiting")},
+                 note="all tenants: runtimes sample their whole queue")
+
+
+def queue_wait(series: RawSeries) -> Chart:
+    """Mean and worst queue wait per step, from raw events."""
+    title = "Queue wait"
+    note = f"last {_span(series.end - series.start)} of the range, from raw events"
+    if not series.points:
+        return Chart("queue-wait", title, None, note=note)
+    traces = [_line(name, xs, ys, i, mode="lines+markers")
+              for i, (name, (xs, ys)) in enumerate(_raw_lines(series).items())]
+    return Chart("queue-wait", title, {"data": traces, "layout": _layout(y_title="ms", y_format="~s")}, note=note)
+
+
+def rejections_by_reason(series: RawSeries) -> Chart:
+    """Rejected requests per step, stacked by reason (rule, budget, load shedding)."""
+    title = "Rejections by reason"
+    note = f"last {_span(series.end - series.start)} of the range, from raw events"
+    if not series.points:
+        return Chart("rejections", title, None, note=note,
+                     empty="No request was rejected in this range: no rule, budget or load shedding turned one away.")
+    traces = [{"type": "bar", "name": name, "x": xs, "y": ys, "marker": {"color": PALETTE[(i + 3) % len(PALETTE)]}}
+              for i, (name, (xs, ys)) in enumerate(_raw_lines(series).items())]
+    return Chart("rejections", title, {"data": traces, "layout": _layout(y_title="requests", stacked=True)},
+                 note=note)
+
+
+def _raw_lines(series: RawSeries) -> dict[str, tuple[list[str], list[float | None]]]:
+    lines: dict[str, tuple[list[str], list[float | None]]] = {}
+    for at, name, value in series.points:
+        xs, ys = lines.setdefault(name, ([], []))
+        xs.append(_x(at))
+        ys.append(value)
+    return dict(sorted(lines.items()))
+
+
+def _span(length: dt.timedelta) -> str:
+    hours = length.total_seconds() / 3600
+    return f"{hours:g} h" if hours < 48 else f"{hours / 24:g} days"
+
+
+def _device_chart(history: list[RuntimeHistoryPoint], *, chart_id: str, title: str, field: str,
+                  layout: dict[str, Any]) -> Chart:
+    if not any(p.samples for p in history):
+        return Chart(chart_id, title, None, empty=NO_SAMPLES)
+    if all(getattr(p, field) is None for p in history):
+        return Chart(chart_id, title, None, empty=NO_GPU)
+    lines: dict[str, tuple[list[str], list[float | None]]] = {}
+    for p in history:
+        xs, ys = lines.setdefault(p.runtime_id, ([], []))
+        xs.append(_x(p.bucket))
+        ys.append(getattr(p, field))
+    traces = [_line(name, xs, ys, i, mode="lines+markers") for i, (name, (xs, ys)) in enumerate(sorted(lines.items()))
+              if any(y is not None for y in ys)]
+    return Chart(chart_id, title, {"data": traces, "layout": layout})
+
+
+def gpu_utilisation(history: list[RuntimeHistoryPoint]) -> Chart:
+    """Mean GPU utilisation per runtime and step."""
+    return _device_chart(history, chart_id="gpu-util", title="GPU utilisation", field="gpu_util_avg",
+                         layout=_layout(y_suffix="%", y_range=[0, 100]))
+
+
+def gpu_power(history: list[RuntimeHistoryPoint]) -> Chart:
+    """Power drawn per runtime (all its GPUs) and step."""
+    return _device_chart(history, chart_id="gpu-power", title="GPU power", field="power_avg_w",
+                         layout=_layout(y_title="W", y_format="~s"))
+
+
+def gpu_memory(gauges: list[RuntimeGauge]) -> Chart:
+    """Peak memory used against memory installed, per GPU."""
+    title = "GPU memory (peak used / total)"
+    devices: list[DeviceGauge] = [d for g in gauges for d in g.devices if d.mem_total or d.mem_used_max]
+    if not devices:
+        return Chart("gpu-memory", title, None, empty=NO_GPU if any(g.samples for g in gauges) else NO_SAMPLES)
+    names = [f"{d.runtime_id} · {d.name or d.device}" for d in devices]
+    used = [d.mem_used_max for d in devices]
+    free = [(d.mem_total - d.mem_used_max) if d.mem_total is not None and d.mem_used_max is not None else None
+            for d in devices]
+    layout = _layout(y_title="bytes", stacked=True, y_format="~s")
+    layout["xaxis"] = {"type": "category"}
+    traces = [{"type": "bar", "name": "peak used", "x": names, "y": used, "marker": {"color": PALETTE[0]}},
+              {"type": "bar", "name": "headroom", "x": names, "y": free, "marker": {"color": "#cbd2d9"}}]
+    return Chart("gpu-memory", title, {"data": traces, "layout": layout})
+
+
+@dataclass(frozen=True)
+class Sparkline:
+    """An inline SVG polyline; ``points`` is its ``points`` attribute ("" when nothing to draw)."""
+
+    points: str
+    width: int
+    height: int
+    peak: float
+
+
+def sparkline(values: Sequence[float], *, width: int = 120, height: int = 24) -> Sparkline:
+    """Values (oldest first) scaled into a ``width`` × ``height`` box, zero at the bottom."""
+    if len(values) < 2 or not any(values):
+        return Sparkline("", width, height, max(values, default=0.0))
+    peak = max(values)
+    step = width / (len(values) - 1)
+    points = " ".join(f"{i * step:.1f},{height - 1 - (v / peak) * (height - 2):.1f}" for i, v in enumerate(values))
+    return Sparkline(points, width, height, peak)

@@ -1,0 +1,102 @@
+"""CSV exports of the dashboards' tables: the same rows the page shows, numbers unformatted (plain
+decimals, fractions not percentages, empty where not measured), times in ISO 8601 UTC."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from django.http import HttpResponse
+
+from finops.budgets.selectors import BudgetStatus
+from finops.dashboards.page_data import BreakdownRow, EndUser
+from finops.dashboards.selectors import DeviceIdle, RuntimeGauge
+from finops.runtimes.selectors import RuntimeRulesetState
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str  # the file name's stem
+    header: Sequence[str]
+    rows: Iterable[Sequence[Any]]
+
+
+def cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.UTC).isoformat()
+    return str(value)
+
+
+def csv_response(table: Table) -> HttpResponse:
+    response = HttpResponse(content_type="text/csv; charset=utf-8")
+    filename = re.sub(r"[^A-Za-z0-9._-]+", "-", table.name).strip("-") or "export"
+    response["Content-Disposition"] = f'attachment; filename="{filename}.csv"'
+    writer = csv.writer(response)
+    writer.writerow(table.header)
+    for row in table.rows:
+        writer.writerow([cell(value) for value in row])
+    return response
+
+
+def breakdown_table(rows: list[BreakdownRow], *, dimension: str, stem: str) -> Table:
+    header = [dimension, "requests", "ok", "errors", "rejections", "prompt_tokens", "completion_tokens", "tokens",
+              "list_cost_usd", "hardware_cost_usd", "list_cost_per_1k_tokens_usd", "cache_hit_rate", "error_rate",
+              "rejection_rate", "gpu_seconds", "energy_joules", "energy_joules_per_1k_tokens", "unpriced_requests"]
+    return Table(stem, header, ([
+        r.row.value, r.row.requests, r.row.ok, r.row.errors, r.row.rejections, r.row.prompt_tokens,
+        r.row.completion_tokens, r.row.tokens, r.row.list_cost, r.row.hardware_cost, r.row.cost_per_1k_tokens,
+        r.row.cache_hit_rate, r.row.error_rate, r.row.rejection_rate, r.row.gpu_seconds, r.row.energy_joules,
+        r.row.energy_per_1k_tokens, r.row.unpriced] for r in rows))
+
+
+def end_users_table(users: list[EndUser], *, stem: str) -> Table:
+    return Table(stem, ["end_user", "requests", "tokens", "list_cost_usd"],
+                 ([u.end_user, u.requests, u.tokens, u.list_cost] for u in users))
+
+
+def budgets_table(statuses: list[BudgetStatus], *, stem: str) -> Table:
+    return Table(stem, ["budget", "tenant", "feature", "period", "unit", "used", "limit", "fraction_used", "state",
+                        "period_start", "forecast_breach_at"],
+                 ([s.budget.name, s.budget.tenant, s.budget.feature, s.budget.period, s.budget.unit, s.used,
+                   s.budget.limit, s.fraction, s.state, s.period.start, s.forecast.at] for s in statuses))
+
+
+def runtimes_table(gauges: list[RuntimeGauge], states: dict[str, RuntimeRulesetState], *, stem: str) -> Table:
+    header = ["runtime", "last_seen_at", "ruleset_issued", "ruleset_acknowledged", "samples", "last_sample_at",
+              "queue_depth_avg", "queue_depth_max", "tokens_per_s_avg", "gpu_util_avg_percent", "power_avg_w",
+              "energy_joules"]
+
+    def rows() -> Iterable[list[Any]]:
+        for g in gauges:
+            state = states.get(g.runtime_id)
+            yield [g.runtime_id, state.last_seen_at if state else None, state.version if state else None,
+                   state.acknowledged if state else None, g.samples, g.last_sample_at, g.queue_depth_avg,
+                   g.queue_depth_max, g.tokens_per_s_avg, g.gpu_util_avg, g.power_avg_w, g.energy_joules]
+
+    return Table(stem, header, rows())
+
+
+def devices_table(gauges: list[RuntimeGauge], *, stem: str) -> Table:
+    header = ["runtime", "device", "name", "samples", "gpu_util_avg_percent", "mem_used_max_bytes", "mem_total_bytes",
+              "power_avg_w", "temperature_max_c", "energy_joules"]
+    return Table(stem, header, ([d.runtime_id, d.device, d.name, d.samples, d.gpu_util_avg, d.mem_used_max,
+                                 d.mem_total, d.power_avg_w, d.temperature_max_c, d.energy_joules]
+                                for g in gauges for d in g.devices))
+
+
+def idle_table(idle: list[DeviceIdle], *, stem: str) -> Table:
+    header = ["runtime", "device", "device_type", "paid_seconds", "attributed_seconds", "idle_seconds",
+              "idle_fraction", "idle_cost_usd"]
+    return Table(stem, header, ([d.runtime_id, d.device, d.device_type, d.paid_seconds, d.attributed_seconds,
+                                 d.idle_seconds, d.idle_fraction, d.idle_cost] for d in idle))

@@ -1,0 +1,306 @@
+"""What each dashboard page reads: plain functions composing the selectors (``selectors.py``,
+the budgets' selectors) into the figures a page shows, so the views only parse and render.
+
+Three reads here go to raw request events because no rollup keeps what they need: queue wait per
+request, rejections split by reason (rollups keep only the status class) and top end users. They
+read at most the last ``RAW_WINDOW`` of the range (the whole range when it is shorter), through the
+``(started_at, tenant)`` index, and the pages say so beside them: a month of raw events is too many
+rows to scan within a page load.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from dataclasses import dataclass
+from decimal import Decimal
+
+from django.db.models import Avg, Count, F, Max, Q, QuerySet, Sum
+from django.db.models.functions import Trunc
+from django.utils import timezone
+
+from finops.budgets.models import ANY, Budget, Period, Unit
+from finops.budgets.periods import period_at
+from finops.budgets.selectors import BudgetStatus, budget_status
+from finops.dashboards.filterbar import FilterState
+from finops.dashboards.selectors import (
+    DIMENSIONS,
+    Dimension,
+    Filters,
+    Metric,
+    Row,
+    RuntimeGauge,
+    SeriesPoint,
+    Step,
+    Totals,
+    latency_percentiles,
+    runtime_gauges,
+    usage_by,
+    usage_series,
+    usage_totals,
+)
+from finops.telemetry.models import RequestEvent
+from finops.telemetry.rollups import cost_sum, cost_value
+
+RAW_WINDOW = dt.timedelta(hours=24)
+# Latency percentiles are merged per window; a couple of dozen points keep the page fast.
+LATENCY_POINTS = 24
+TOP_END_USERS = 10
+QUANTILES = (0.5, 0.95, 0.99)
+
+
+# -- overview -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpendAgainstBudget:
+    """List-price spend in the current day or month (org time zone) and the budgets of that scope."""
+
+    label: str
+    spend: Decimal
+    limit: Decimal | None  # the smallest active budget's limit for this scope and period, if any
+    budget: Budget | None
+
+    @property
+    def fraction(self) -> float | None:
+        return float(self.spend / self.limit) if self.limit else None
+
+
+@dataclass(frozen=True)
+class Overview:
+    totals: Totals
+    latency: dict[float, float | None]
+    ttft: dict[float, float | None]
+    gpu_util: float | None  # mean over runtimes that measured it
+    today: SpendAgainstBudget
+    month: SpendAgainstBudget
+
+    @property
+    def p50(self) -> float | None:
+        return self.latency.get(0.5)
+
+    @property
+    def p95(self) -> float | None:
+        return self.latency.get(0.95)
+
+    @property
+    def ttft_p95(self) -> float | None:
+        return self.ttft.get(0.95)
+
+
+def _ceil_minute(moment: dt.datetime) -> dt.datetime:
+    floor = moment.astimezone(dt.UTC).replace(second=0, microsecond=0)
+    return floor if floor == moment else floor + dt.timedelta(minutes=1)
+
+
+def _scope_budget(*, tenant: str, feature: str, period: str) -> Budget | None:
+    return (Budget.objects.filter(tenant=tenant or ANY, feature=feature or ANY, period=period,
+                                  unit=Unit.USD_LIST, paused=False)
+            .order_by("limit", "id").first())
+
+
+def spend_against_budget(
+    *, state: FilterState, period: str, now: dt.datetime, fixed: dict[str, str]
+) -> SpendAgainstBudget:
+    """Spend so far in the current ``period`` for the filter bar's tenant, feature and model
+    (whatever the range), beside the budget set for the same tenant and feature."""
+    current = period_at(period, now)
+    chosen = state.filters(**fixed)
+    filters = Filters(start=current.start.astimezone(dt.UTC), end=_ceil_minute(now),
+                      tenants=chosen.tenants, features=chosen.features, models=chosen.models)
+    spend = usage_totals(filters=filters).list_cost
+    tenant = fixed.get("tenant", state.tenant)
+    feature = fixed.get("feature", state.feature)
+    budget = None if fixed.get("model", state.model) else _scope_budget(tenant=tenant, feature=feature, period=period)
+    label = "Spend today" if period == Period.DAILY else "Spend month to date"
+    return SpendAgainstBudget(label, spend, budget.limit if budget else None, budget)
+
+
+def gpu_utilisation(gauges: Iterable[RuntimeGauge]) -> float | None:
+    measured = [g.gpu_util_avg for g in gauges if g.gpu_util_avg is not None]
+    return sum(measured) / len(measured) if measured else None
+
+
+def overview(*, state: FilterState, fixed: dict[str, str] | None = None, now: dt.datetime | None = None) -> Overview:
+    now = now or timezone.now()
+    fixed = fixed or {}
+    filters = state.filters(**fixed)
+    return Overview(
+        totals=usage_totals(filters=filters),
+        latency=latency_percentiles(filters=filters, metric="e2e"),
+        ttft=latency_percentiles(filters=filters, metric="ttft"),
+        gpu_util=gpu_utilisation(runtime_gauges(start=state.start, end=state.end)),
+        today=spend_against_budget(state=state, period=Period.DAILY, now=now, fixed=fixed),
+        month=spend_against_budget(state=state, period=Period.MONTHLY, now=now, fixed=fixed),
+    )
+
+
+# -- series ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LatencyPoint:
+    at: dt.datetime
+    quantiles: dict[float, float | None]
+
+
+def latency_windows(
+    start: dt.datetime, end: dt.datetime, points: int = LATENCY_POINTS
+) -> list[tuple[dt.datetime, dt.datetime]]:
+    """``[start, end)`` cut into at most ``points`` whole-minute windows of equal length (the last
+    one takes the remainder)."""
+    minutes = int((end - start).total_seconds() // 60)
+    width = max(1, -(-minutes // points))
+    windows = []
+    at = start
+    while at < end:
+        windows.append((at, min(end, at + dt.timedelta(minutes=width))))
+        at += dt.timedelta(minutes=width)
+    return windows
+
+
+def latency_series(*, filters: Filters, metric: Metric) -> list[LatencyPoint]:
+    """p50/p95/p99 of ``metric`` per window of the range, each within the sketch's 2% error."""
+    points = []
+    for start, end in latency_windows(filters.start, filters.end):
+        window = Filters(start=start, end=end, tenants=filters.tenants, features=filters.features,
+                         models=filters.models)
+        points.append(LatencyPoint(start, latency_percentiles(filters=window, metric=metric, quantiles=QUANTILES)))
+    return points
+
+
+def _raw_events(filters: Filters) -> tuple[QuerySet[RequestEvent], dt.datetime]:
+    """Raw events of the filters' last ``RAW_WINDOW``, and where that window starts."""
+    start = max(filters.start, filters.end - RAW_WINDOW)
+    events = RequestEvent.objects.filter(started_at__gte=start, started_at__lt=filters.end)
+    if filters.tenants:
+        events = events.filter(tenant__in=filters.tenants)
+    if filters.features:
+        events = events.filter(feature__in=filters.features)
+    if filters.models:
+        served = Q(model_served__in=filters.models)
+        if "" in filters.models:
+            served |= Q(model_served__isnull=True)
+        events = events.filter(served)
+    return events.order_by(), start
+
+
+@dataclass(frozen=True)
+class RawSeries:
+    """A series read from raw events over ``[start, end)`` (see ``RAW_WINDOW``)."""
+
+    start: dt.datetime
+    end: dt.datetime
+    step: Step
+    points: list[tuple[dt.datetime, str, float | None]]  # (step start, label, value)
+
+
+def _raw_step(start: dt.datetime, end: dt.datetime) -> Step:
+    return "minute" if end - start <= dt.timedelta(hours=3) else "hour"
+
+
+def rejections_by_reason(*, filters: Filters) -> RawSeries:
+    """Rejected requests per step and status (``rejected_rule``, ``rejected_budget``, ``shed``)."""
+    events, start = _raw_events(filters)
+    raw_step = _raw_step(start, filters.end)
+    rows = (events.filter(status_class="rejected")
+            .values(at=Trunc("started_at", raw_step, tzinfo=dt.UTC), reason=F("status"))
+            .annotate(count=Count("id")).order_by("at", "reason"))
+    return RawSeries(start, filters.end, raw_step,
+                     [(row["at"].astimezone(dt.UTC), row["reason"], float(row["count"])) for row in rows])
+
+
+def queue_wait_series(*, filters: Filters) -> RawSeries:
+    """Mean and worst queue wait (ms) per step of the requests that waited in a queue."""
+    events, start = _raw_events(filters)
+    raw_step = _raw_step(start, filters.end)
+    rows = (events.filter(queue_wait_ms__isnull=False)
+            .values(at=Trunc("started_at", raw_step, tzinfo=dt.UTC))
+            .annotate(mean=Avg("queue_wait_ms"), worst=Max("queue_wait_ms")).order_by("at"))
+    points: list[tuple[dt.datetime, str, float | None]] = []
+    for row in rows:
+        at = row["at"].astimezone(dt.UTC)
+        points += [(at, "mean", row["mean"]), (at, "max", row["worst"])]
+    return RawSeries(start, filters.end, raw_step, points)
+
+
+@dataclass(frozen=True)
+class EndUser:
+    end_user: str
+    requests: int
+    tokens: int
+    list_cost: Decimal
+
+
+def top_end_users(*, filters: Filters, limit: int = TOP_END_USERS) -> tuple[list[EndUser], dt.datetime]:
+    """The end users who cost most at list price in the range's last ``RAW_WINDOW``, and where that
+    window starts. Requests without an end user are left out."""
+    events, start = _raw_events(filters)
+    rows = (events.filter(end_user__isnull=False).exclude(end_user="")
+            .values("end_user")
+            .annotate(requests=Count("id"), prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens"),
+                      cost=cost_sum("list_cost"))
+            .order_by())
+    users = [EndUser(row["end_user"], row["requests"], int(row["prompt"] or 0) + int(row["completion"] or 0),
+                     cost_value(row["cost"])) for row in rows]
+    users.sort(key=lambda u: (-u.list_cost, -u.tokens, u.end_user))
+    return users[:limit], start
+
+
+# -- breakdowns (features, tenants, models) -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BreakdownRow:
+    row: Row
+    spark: list[float]  # list cost per step, oldest first
+
+
+SORT_KEYS = {
+    "name": lambda r: r.row.value,
+    "requests": lambda r: r.row.requests,
+    "tokens": lambda r: r.row.tokens,
+    "cost": lambda r: r.row.list_cost,
+    "hardware": lambda r: r.row.hardware_cost,
+    "cost_per_1k": lambda r: r.row.cost_per_1k_tokens if r.row.cost_per_1k_tokens is not None else Decimal(-1),
+    "cache": lambda r: r.row.cache_hit_rate if r.row.cache_hit_rate is not None else -1.0,
+    "errors": lambda r: r.row.error_rate if r.row.error_rate is not None else -1.0,
+    "rejections": lambda r: r.row.rejection_rate if r.row.rejection_rate is not None else -1.0,
+    "energy": lambda r: r.row.energy_per_1k_tokens if r.row.energy_per_1k_tokens is not None else -1.0,
+}
+DEFAULT_SORT = "cost"
+
+
+def breakdown(*, state: FilterState, dimension: Dimension, sort: str = DEFAULT_SORT) -> list[BreakdownRow]:
+    """Every value of ``dimension`` in the range with its measures and a spend sparkline, sorted by
+    ``sort`` (a ``SORT_KEYS`` name, ``-`` in front for ascending; an unknown one sorts by cost)."""
+    if dimension not in DIMENSIONS:
+        raise ValueError(f"dimension must be one of {DIMENSIONS}")
+    filters = state.filters()
+    rows = usage_by(filters=filters, dimension=dimension)
+    sparks: dict[str, list[float]] = {}
+    for point in usage_series(filters=filters, step=state.step, dimension=dimension):
+        sparks.setdefault(point.value or "", []).append(float(point.list_cost))
+    result = [BreakdownRow(row, sparks.get(row.value, [])) for row in rows]
+    ascending = sort.startswith("-")
+    key = SORT_KEYS.get(sort.lstrip("-"), SORT_KEYS[DEFAULT_SORT])
+    # Names read A→Z by default; numbers largest first.
+    reverse = not ascending if sort.lstrip("-") != "name" else ascending
+    result.sort(key=key, reverse=reverse)
+    return result
+
+
+def budgets_for(*, dimension: Dimension, value: str) -> list[BudgetStatus]:
+    """The budgets whose scope names this tenant or feature (models carry no budgets)."""
+    if dimension == "model":
+        return []
+    return [budget_status(budget=budget) for budget in Budget.objects.filter(**{dimension: value}).order_by("name")]
+
+
+def series(*, state: FilterState, fixed: dict[str, str] | None = None,
+           split: Dimension | None = None) -> tuple[list[SeriesPoint], list[SeriesPoint]]:
+    """The page's usage series: unsplit, and split by ``split`` (for the stacked spend chart)."""
+    filters = state.filters(**(fixed or {}))
+    total = usage_series(filters=filters, step=state.step)
+    by = usage_series(filters=filters, step=state.step, dimension=split) if split else []
+    return total, by

@@ -1,0 +1,206 @@
+"""Dashboard pages. Each view parses the filter bar (query parameters), reads through ``page_data``
+and the selectors, builds its charts with ``charts``, and renders the whole page — or, for an htmx
+request, only the page's ``#body`` partial (one template holds both). ``?format=csv&table=NAME``
+returns one of the page's tables as CSV instead."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from django.contrib.auth.decorators import login_required
+from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
+from django.shortcuts import render
+from django.utils import timezone
+from django.views.decorators.http import require_GET
+
+from finops.budgets.periods import org_time_zone
+from finops.budgets.permissions import can_edit_budgets
+from finops.dashboards import charts, exports, page_data
+from finops.dashboards.filterbar import CUSTOM, PRESETS, FilterState, filter_state_parse
+from finops.dashboards.selectors import (
+    Dimension,
+    Filters,
+    dimension_values,
+    idle_capacity,
+    runtime_gauges,
+    runtime_history,
+    usage_by,
+    usage_totals,
+)
+from finops.runtimes.selectors import runtime_ruleset_states
+
+PLURAL = {"tenant": "tenants", "feature": "features", "model": "models"}
+# On a tenant's page spend is split by feature, and the other way round; models split by feature.
+SPLIT: dict[str, Dimension] = {"tenant": "feature", "feature": "tenant", "model": "feature"}
+RANGE_CHOICES = [*((key, key) for key in PRESETS), (CUSTOM, "Custom")]
+SORT_COLUMNS = [("name", None), ("requests", "Requests"), ("tokens", "Tokens"), ("cost", "List cost"),
+                ("hardware", "Hardware cost"), ("cost_per_1k", "Per 1k tokens"), ("cache", "Cache hits"),
+                ("errors", "Errors"), ("rejections", "Rejected"), ("energy", "Energy / 1k tokens")]
+
+
+def _render(request: HttpRequest, template: str, context: dict[str, Any], *, state: FilterState,
+            fixed: dict[str, str] | None = None, problems: list[str] | None = None) -> HttpResponse:
+    """The page, or its ``#body`` partial for htmx; times shown in the organisation's time zone."""
+    context = {"state": state, "problems": [*state.problems, *(problems or [])], "ranges": RANGE_CHOICES,
+               "time_zone": org_time_zone().key, **context}
+    with timezone.override(org_time_zone()):
+        if request.htmx and not request.htmx.boosted:
+            return render(request, f"{template}#body", context)
+        context["menus"] = _menus(state, fixed or {})
+        return render(request, template, context)
+
+
+def _menus(state: FilterState, fixed: dict[str, str]) -> list[dict[str, Any]]:
+    """The filter bar's tenant, feature and model menus: values seen in the range (and the chosen
+    one even if it was not seen). A dimension a page is fixed to has no menu."""
+    filters = state.filters()
+    menus = []
+    for name in ("tenant", "feature", "model"):
+        if name in fixed:
+            continue
+        values = [v for v in dimension_values(filters=_without(filters, name), dimension=name) if v]
+        current = getattr(state, name)
+        if current and current not in values:
+            values.append(current)
+        menus.append({"name": name, "label": name.capitalize(), "values": values, "current": current})
+    return menus
+
+
+def _without(filters: Filters, dimension: str) -> Filters:
+    """The filters without their own choice for ``dimension``, so its menu lists every value."""
+    return replace(filters, **{PLURAL[dimension]: ()})
+
+
+def _csv(request: HttpRequest, tables: dict[str, Callable[[], exports.Table]]) -> HttpResponse | None:
+    """The requested table as CSV, a 400 naming the tables there are, or None for a page request."""
+    if request.GET.get("format") != "csv":
+        return None
+    name = request.GET.get("table") or next(iter(tables))
+    if name not in tables:
+        return HttpResponseBadRequest(f"No table {name[:40]!r} here; export one of: {', '.join(tables)}.",
+                                      content_type="text/plain; charset=utf-8")
+    return exports.csv_response(tables[name]())
+
+
+def _csv_urls(request: HttpRequest, state: FilterState, names: list[str], **extra: str) -> dict[str, str]:
+    return {name: request.path + state.query(format="csv", table=name, **extra) for name in names}
+
+
+def _request_charts(state: FilterState, *, fixed: dict[str, str], split: Dimension,
+                    with_queue_depth: bool = False) -> list[charts.Chart]:
+    filters = state.filters(**fixed)
+    total, by = page_data.series(state=state, fixed=fixed, split=split)
+    result = [
+        charts.spend_by(by, dimension=split),
+        charts.tokens_per_second(total, step=state.step),
+        charts.latency(page_data.latency_series(filters=filters, metric="e2e")),
+        charts.time_to_first_token(page_data.latency_series(filters=filters, metric="ttft")),
+    ]
+    if with_queue_depth:
+        result.append(charts.queue_depth(runtime_history(start=state.start, end=state.end, step=state.step)))
+    result += [
+        charts.queue_wait(page_data.queue_wait_series(filters=filters)),
+        charts.cache_hit_rate(total),
+        charts.rejections_by_reason(page_data.rejections_by_reason(filters=filters)),
+    ]
+    return result
+
+
+@login_required
+@require_GET
+def overview(request: HttpRequest) -> HttpResponse:
+    state = filter_state_parse(request.GET)
+    return _render(request, "dashboards/overview.html", {
+        "nav": "overview",
+        "overview": page_data.overview(state=state),
+        "charts": _request_charts(state, fixed={}, split="feature", with_queue_depth=True),
+    }, state=state)
+
+
+@login_required
+@require_GET
+def breakdown(request: HttpRequest, dimension: Dimension) -> HttpResponse:
+    state = filter_state_parse(request.GET)
+    sort = request.GET.get("sort") or page_data.DEFAULT_SORT
+    problems = []
+    if sort.lstrip("-") not in page_data.SORT_KEYS:
+        problems.append(f"Cannot sort by {sort[:40]!r}; sorted by list cost instead.")
+        sort = page_data.DEFAULT_SORT
+    rows = page_data.breakdown(state=state, dimension=dimension, sort=sort)
+    stem = f"{PLURAL[dimension]}-{state.start:%Y%m%dT%H%M}-{state.end:%Y%m%dT%H%M}"
+    csv = _csv(request, {PLURAL[dimension]: lambda: exports.breakdown_table(rows, dimension=dimension, stem=stem)})
+    if csv is not None:
+        return csv
+    columns = []
+    for key, label in SORT_COLUMNS:
+        # A second click on the sorted column flips its order.
+        target = f"-{key}" if sort == key else key
+        columns.append({"key": key, "label": label or dimension.capitalize(), "active": sort.lstrip("-") == key,
+                        "descending": not sort.startswith("-"), "url": request.path + state.query(sort=target)})
+    return _render(request, "dashboards/breakdown.html", {
+        "nav": PLURAL[dimension], "dimension": dimension, "title": PLURAL[dimension].capitalize(),
+        "rows": [{"item": row, "spark": charts.sparkline(row.spark)} for row in rows],
+        "columns": columns, "sort": sort if sort != page_data.DEFAULT_SORT else "",
+        "csv": _csv_urls(request, state, [PLURAL[dimension]]),
+        "detail_name": f"dashboards:{dimension}",
+    }, state=state, problems=problems)
+
+
+@login_required
+@require_GET
+def detail(request: HttpRequest, dimension: Dimension, value: str) -> HttpResponse:
+    state = filter_state_parse(request.GET)
+    fixed = {dimension: value}
+    filters = state.filters(**fixed)
+    stem = f"{dimension}-{value}"
+    csv = _csv(request, {
+        "end-users": lambda: exports.end_users_table(page_data.top_end_users(filters=filters)[0],
+                                                     stem=f"{stem}-end-users"),
+        "budgets": lambda: exports.budgets_table(page_data.budgets_for(dimension=dimension, value=value),
+                                                 stem=f"{stem}-budgets"),
+    })
+    if csv is not None:
+        return csv
+    users, users_from = page_data.top_end_users(filters=filters)
+    return _render(request, "dashboards/detail.html", {
+        "nav": PLURAL[dimension], "dimension": dimension, "value": value,
+        "list_name": f"dashboards:{PLURAL[dimension]}", "plural": PLURAL[dimension],
+        "overview": page_data.overview(state=state, fixed=fixed),
+        "charts": _request_charts(state, fixed=fixed, split=SPLIT[dimension]),
+        "end_users": users, "end_users_from": users_from,
+        "budgets": page_data.budgets_for(dimension=dimension, value=value),
+        "can_edit": can_edit_budgets(request.user),
+        "csv": _csv_urls(request, state, ["end-users", "budgets"]),
+    }, state=state, fixed=fixed)
+
+
+@login_required
+@require_GET
+def gpus(request: HttpRequest) -> HttpResponse:
+    state = filter_state_parse(request.GET)
+    gauges = runtime_gauges(start=state.start, end=state.end)
+    rulesets = {s.name: s for s in runtime_ruleset_states()}
+    stem = f"{state.start:%Y%m%dT%H%M}-{state.end:%Y%m%dT%H%M}"
+    idle = idle_capacity(start=state.start, end=state.end)
+    by_model = usage_by(filters=state.filters(), dimension="model")
+    csv = _csv(request, {
+        "runtimes": lambda: exports.runtimes_table(gauges, rulesets, stem=f"runtimes-{stem}"),
+        "devices": lambda: exports.devices_table(gauges, stem=f"devices-{stem}"),
+        "idle": lambda: exports.idle_table(idle, stem=f"idle-capacity-{stem}"),
+        "energy": lambda: exports.breakdown_table([page_data.BreakdownRow(r, []) for r in by_model],
+                                                  dimension="model", stem=f"energy-by-model-{stem}"),
+    })
+    if csv is not None:
+        return csv
+    history = runtime_history(start=state.start, end=state.end, step=state.step)
+    runtimes = [{"gauge": g, "ruleset": rulesets.get(g.runtime_id)} for g in gauges]
+    return _render(request, "dashboards/gpus.html", {
+        "nav": "gpus", "runtimes": runtimes, "devices": [d for g in gauges for d in g.devices],
+        "idle": idle, "by_model": by_model, "totals": usage_totals(filters=state.filters()),
+        "gpu_util": page_data.gpu_utilisation(gauges),
+        "charts": [charts.gpu_utilisation(history), charts.gpu_memory(gauges), charts.gpu_power(history),
+                   charts.queue_depth(history)],
+        "csv": _csv_urls(request, state, ["runtimes", "devices", "idle", "energy"]),
+    }, state=state)
