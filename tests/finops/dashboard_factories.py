@@ -22,10 +22,11 @@ def logged_in(group: str | None = "product-manager", username: str = "pat") -> C
     return client
 
 
-def traffic(now: dt.datetime | None = None) -> None:
+def traffic(now: dt.datetime | None = None, *, with_gpu_runtime: bool = False) -> None:
     """Two tenants and two features over the last hour on the CPU runtime ``rt-1``: acme's chat
     costs $3 over three requests (two by end user alice), globex's search $0.50; one globex request
-    was served from the cache, one rejected by a budget. Energy is not measured (a CPU runtime)."""
+    was served from the cache, one rejected by a budget. Energy is not measured (a CPU runtime).
+    With ``with_gpu_runtime`` the GPU runtime ``gpu-1`` is sampled too (it served none of these)."""
     now = now or timezone.now()
     minutes = [now - dt.timedelta(minutes=m) for m in (50, 30, 20, 10, 5, 3)]
     store([
@@ -40,11 +41,15 @@ def traffic(now: dt.datetime | None = None) -> None:
                       http_status=429, model_served=None, prompt_tokens=0, completion_tokens=0, ttft_ms=None,
                       e2e_ms=1.0, gpu_seconds=None, rule_id="b1-block"),
     ])
-    runtime_samples("rt-1", now)
+    runtime_samples("rt-1", now, roll=not with_gpu_runtime)
+    if with_gpu_runtime:
+        runtime_samples("gpu-1", now, gpu=True)
 
 
-def runtime_samples(runtime_id: str, now: dt.datetime, *, minutes: int = 10, gpu: bool = False) -> Runtime:
-    """A registered runtime sampled every 10 s for the last ``minutes``; with a GPU when ``gpu``."""
+def runtime_samples(runtime_id: str, now: dt.datetime, *, minutes: int = 10, gpu: bool = False,
+                    roll: bool = True) -> Runtime:
+    """A registered runtime sampled every 10 s for the last ``minutes``; with a GPU when ``gpu``.
+    ``roll`` runs the sample rollups (once per test: the watermark then passes every sample made so far)."""
     runtime, _ = Runtime.objects.get_or_create(name=runtime_id, defaults={"base_url": "http://runtime.test:8000"})
     start = now.replace(second=0, microsecond=0) - dt.timedelta(minutes=minutes)
     for i in range(minutes * 6):
@@ -57,5 +62,6 @@ def runtime_samples(runtime_id: str, now: dt.datetime, *, minutes: int = 10, gpu
                                         name="NVIDIA H100 80GB HBM3",
                                         gpu_util=80.0, mem_used=40 * 2**30, mem_total=80 * 2**30, power_w=500.0,
                                         energy_joules_total=1e6 + 5000.0 * i, temperature_c=60.0)
-    sample_rollup_run(now=now)  # the history charts read the sample rollups
+    if roll:
+        sample_rollup_run(now=now)  # the history charts read the sample rollups
     return runtime

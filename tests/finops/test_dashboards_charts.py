@@ -1,0 +1,107 @@
+"""Charts: each is a valid plotly figure built from selector results, times on the x axis are in the
+organisation's time zone, and a chart with nothing to draw says what to do instead."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+from decimal import Decimal
+
+import plotly.graph_objects as go
+import pytest
+from django.utils import timezone
+
+from finops.dashboards import charts, page_data
+from finops.dashboards.filterbar import filter_state_parse
+from finops.dashboards.selectors import runtime_gauges, runtime_history
+from tests.finops.dashboard_factories import runtime_samples, traffic
+
+pytestmark = pytest.mark.django_db
+
+
+def every_chart(now: dt.datetime) -> list[charts.Chart]:
+    state = filter_state_parse({"range": "1h"}, now=now)
+    filters = state.filters()
+    total, by = page_data.series(state=state, split="feature")
+    history = runtime_history(start=state.start, end=state.end, step=state.step)
+    gauges = runtime_gauges(start=state.start, end=state.end)
+    return [
+        charts.spend_by(by, dimension="feature"),
+        charts.tokens_per_second(total, step=state.step),
+        charts.latency(page_data.latency_series(filters=filters, metric="e2e")),
+        charts.time_to_first_token(page_data.latency_series(filters=filters, metric="ttft")),
+        charts.queue_depth(history),
+        charts.queue_wait(page_data.queue_wait_series(filters=filters)),
+        charts.cache_hit_rate(total),
+        charts.rejections_by_reason(page_data.rejections_by_reason(filters=filters)),
+        charts.gpu_utilisation(history),
+        charts.gpu_power(history),
+        charts.gpu_memory(gauges),
+    ]
+
+
+def test_every_chart_is_a_valid_plotly_figure_with_traffic() -> None:
+    now = timezone.now()
+    traffic(now, with_gpu_runtime=True)
+    built = every_chart(now)
+    assert all(chart.figure is not None for chart in built), [c.id for c in built if c.figure is None]
+    for chart in built:
+        go.Figure(chart.figure)  # raises on anything plotly.js would not understand
+
+
+def test_without_data_every_chart_is_an_empty_state_with_a_next_step() -> None:
+    for chart in every_chart(timezone.now()):
+        assert chart.figure is None
+        assert chart.empty, chart.id
+    assert "register_runtime" in charts.spend_by([], dimension="feature").empty
+
+
+def test_spend_is_stacked_by_feature_in_dollars() -> None:
+    now = timezone.now()
+    traffic(now)
+    chart = every_chart(now)[0]
+    traces = {trace["name"]: trace for trace in chart.figure["data"]}
+    assert set(traces) == {"chat", "search"}
+    assert chart.figure["layout"]["barmode"] == "stack"
+    assert sum(traces["chat"]["y"]) == pytest.approx(3.0)
+
+
+def test_rejections_are_split_by_reason() -> None:
+    now = timezone.now()
+    traffic(now)
+    chart = charts.rejections_by_reason(page_data.rejections_by_reason(
+        filters=filter_state_parse({"range": "1h"}, now=now).filters()))
+    assert [trace["name"] for trace in chart.figure["data"]] == ["rejected_budget"]
+
+
+def test_a_cpu_runtime_has_no_gpu_chart_but_says_why() -> None:
+    now = timezone.now()
+    runtime_samples("rt-1", now)
+    state = filter_state_parse({"range": "1h"}, now=now)
+    history = runtime_history(start=state.start, end=state.end, step=state.step)
+    chart = charts.gpu_utilisation(history)
+    assert chart.figure is None and "n/a, never as zero" in chart.empty
+    assert charts.queue_depth(history).figure is not None
+
+
+def test_times_on_the_x_axis_are_in_the_org_time_zone(settings) -> None:
+    settings.ORG_TIME_ZONE = "Asia/Kolkata"
+    point = page_data.LatencyPoint(dt.datetime(2026, 11, 22, 10, 0, tzinfo=dt.UTC), {0.5: 10.0, 0.95: 20.0})
+    chart = charts.latency([point])
+    assert chart.figure["data"][0]["x"] == ["2026-11-22 15:30"]
+
+
+def test_latency_windows_cover_the_range_in_at_most_24_whole_minute_pieces() -> None:
+    start = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    windows = page_data.latency_windows(start, start + dt.timedelta(days=7, minutes=3))
+    assert len(windows) <= 24
+    assert windows[0][0] == start and windows[-1][1] == start + dt.timedelta(days=7, minutes=3)
+    assert all(b[0] == a[1] for a, b in itertools.pairwise(windows))
+    assert all(w[0].second == 0 for w in windows)
+
+
+def test_a_sparkline_scales_values_into_its_box() -> None:
+    line = charts.sparkline([0.0, 1.0, 2.0], width=100, height=20)
+    assert line.points == "0.0,19.0 50.0,10.0 100.0,1.0"
+    assert charts.sparkline([0.0, 0.0]).points == ""
+    assert charts.sparkline([Decimal(1)]).points == ""
