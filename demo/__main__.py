@@ -1,84 +1,198 @@
-"""`python -m demo`: start the runtime on SmolLM2, send demo traffic, show what was measured.
+"""`python -m demo`: the whole system on this machine, with traffic, until Ctrl-C.
 
-The runtime runs as its own process, exporting telemetry over HTTP to a collector in this process
-(a stand-in until the control plane lands), exactly as it would to the control plane. Ctrl-C stops
-everything this started.
+Prepares the control plane's database (migrations, two demo logins, the runtime's registration, a
+price book, demo budgets), starts the control plane (uvicorn), a Celery worker with beat and the
+runtime on SmolLM2 as child processes, waits for each to be healthy, drives several tenants'
+traffic until the trial tenant's hard budget trips, prints what was stored and where to look, then
+serves until Ctrl-C (or stops at once with --exit / DEMO_EXIT=1). Ctrl-C at any point stops every
+process it started.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import os
 import signal
-import subprocess
+import socket
 import sys
-import tempfile
 import time
+from decimal import Decimal
 from pathlib import Path
+from types import FrameType
 
 import httpx
 
-from demo.collector import DemoCollector
-from demo.report import print_report
-from demo.traffic import api_keys_setting, drive
+from demo.processes import ChildFailed, Children
+from demo.traffic import Outcomes, api_keys_setting, drive
 
-PORT = int(os.environ.get("DEMO_PORT", "8100"))
+ROOT = Path(__file__).resolve().parent.parent
+RUNTIME_NAME = "demo-runtime"
+DEFAULT_PASSWORD = "wattson-demo"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2",
+                        help="model to serve: smollm2 (real weights, the default) or tiny-random (for tests)")
+    parser.add_argument("--rounds", type=int, default=int(os.environ.get("DEMO_ROUNDS", "3")),
+                        help="passes over each tenant's features (default 3, about 120 requests)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("DEMO_PORT", "8100")),
+                        help="the runtime's port (default 8100, or DEMO_PORT)")
+    parser.add_argument("--finops-port", type=int, default=int(os.environ.get("DEMO_FINOPS_PORT", "8000")),
+                        help="the control plane's port (default 8000, or DEMO_FINOPS_PORT)")
+    parser.add_argument("--trip-tokens", type=int, default=600,
+                        help="tokens the trial tenant may still use today before its hard budget blocks it")
+    parser.add_argument("--password", default=os.environ.get("DEMO_PASSWORD", DEFAULT_PASSWORD),
+                        help=f"password of the demo logins (default {DEFAULT_PASSWORD!r}, or DEMO_PASSWORD)")
+    parser.add_argument("--exit", action="store_true", default=bool(os.environ.get("DEMO_EXIT")),
+                        help="stop everything after the traffic instead of serving until Ctrl-C (DEMO_EXIT=1)")
+    return parser.parse_args(argv)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__)
-    parser.add_argument("--model", default="smollm2", help="model to serve (default: smollm2, real weights)")
-    parser.add_argument("--rounds", type=int, default=3, help="bursts per feature (default 3)")
-    parser.add_argument("--exit", action="store_true", default=bool(os.environ.get("DEMO_EXIT")),
-                        help="stop after the report instead of serving until Ctrl-C")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
+    begun = time.monotonic()
+    finops_url = f"http://127.0.0.1:{args.finops_port}"
+    runtime_url = f"http://127.0.0.1:{args.port}"
+    os.environ.setdefault("WATTSON_DEV", "1")  # the development SECRET_KEY unless one is set
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "finops.settings")
+    os.environ.setdefault("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
+    os.environ.setdefault("SITE_URL", finops_url)
+    os.environ.setdefault("LOG_LEVEL", "WARNING")  # the children's logs and this terminal: what matters
+    for port in (args.finops_port, args.port):
+        if _port_taken(port):
+            print(f"port {port} is in use: stop what runs there, or choose others with --port / --finops-port",
+                  file=sys.stderr)
+            return 2
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
 
-    token = "demo-ingest-token"
-    collector = DemoCollector(token)
-    spool = Path(tempfile.mkdtemp(prefix="wattson-demo-spool-"))
-    env = {**os.environ, "INFERENCE_API_KEYS": api_keys_setting(), "INFERENCE_FINOPS_URL": collector.url,
-           "INFERENCE_FINOPS_TOKEN": token, "INFERENCE_SPOOL_DIR": str(spool), "INFERENCE_SAMPLE_INTERVAL_S": "2",
-           "INFERENCE_RUNTIME_ID": "demo-runtime", "INFERENCE_LOG_LEVEL": "warning"}
-    runtime = subprocess.Popen([sys.executable, "-m", "inference", "serve", "--model", args.model,
-                                "--port", str(PORT)], env=env)
-    base_url = f"http://127.0.0.1:{PORT}"
+    import django
+
+    django.setup()
+    from django.conf import settings
+
+    from demo import control_plane as cp
+    from demo.report import print_report
+
+    database = settings.DATABASES["default"]
+    print(f"[1/5] control plane database: {database['ENGINE'].rsplit('.', 1)[-1]} {database['NAME']}")
+    cp.database_migrate()
+    logins = cp.demo_logins_ensure(password=args.password)
+    creds = cp.demo_runtime_register(name=RUNTIME_NAME, base_url=runtime_url)
+    print(f"  migrated; logins ready; runtime {creds.name!r} "
+          f"{'registered' if creds.registered_now else 'already registered: issued it a new token'}")
+    print(f"  {cp.demo_prices_ensure(model=args.model)}")
+    for budget in cp.demo_budgets_ensure(trip_tokens=args.trip_tokens, acme_usd=Decimal("0.02")):
+        print(f"  budget {budget.name!r}: {budget.description}")
+    compiled = cp.budgets_compile(runtime_name=RUNTIME_NAME)
+    cp.connections_close()
+
+    demo_dir = Path(settings.VAR_DIR) / "demo"
+    logs = demo_dir / "logs"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    children = Children()
+    code = 0
     try:
-        _wait_ready(base_url, runtime)
-        print(f"runtime serving {args.model} at {base_url}/v1 (keys: {api_keys_setting()})")
-        outcomes = asyncio.run(drive(base_url, model=args.model, rounds=args.rounds))
-        print("responses by status:", ", ".join(f"{k}: {v}" for k, v in sorted(outcomes.items())))
-        time.sleep(3)  # one export interval and one sample, so the report has everything
-        events, samples = collector.snapshot()
-        print_report(events, samples)
-        print(f"\nPrometheus metrics: {base_url}/metrics    health: {base_url}/health")
+        print(f"[2/5] starting the control plane at {finops_url}")
+        control = children.start(
+            "control plane", [sys.executable, "-m", "uvicorn", "finops.asgi:application", "--host", "127.0.0.1",
+                              "--port", str(args.finops_port), "--log-level", "warning", "--no-access-log"],
+            env=env, cwd=ROOT, log=logs / "control-plane.log")
+        control.wait_until(lambda: httpx.get(f"{finops_url}/accounts/login/", timeout=2).status_code == 200,
+                           what="answer on /accounts/login/", timeout=60)
+        print("  control plane is up")
+        print(f"[3/5] starting the runtime on {args.model} at {runtime_url}")
+        runtime_env = {**env, "INFERENCE_API_KEYS": api_keys_setting(), "INFERENCE_FINOPS_TOKEN": creds.token,
+                       "INFERENCE_ADMIN_TOKEN": creds.admin_token}
+        runtime = children.start(
+            "runtime", [sys.executable, "-m", "inference", "serve", "--model", args.model, "--port", str(args.port),
+                        "--runtime-id", RUNTIME_NAME, "--finops-url", finops_url,
+                        "--state-dir", str(demo_dir / "runtime-state"), "--spool-dir", str(demo_dir / "spool"),
+                        "--sample-interval-s", "2", "--export-interval-s", "0.5", "--ruleset-pull-interval-s", "5",
+                        "--log-level", "warning"],
+            env=runtime_env, cwd=ROOT, log=logs / "runtime.log")
+        runtime.wait_until(lambda: httpx.get(f"{runtime_url}/health", timeout=2).status_code == 200,
+                           what="answer /health", timeout=300)
+        # The runtime pulls its ruleset itself; the worker's pushes keep it current from now on.
+        runtime.wait_until(lambda: _held_version(runtime_url, creds.admin_token) >= compiled,
+                           what=f"pull ruleset v{compiled} from the control plane", timeout=60)
+        print(f"  runtime is up and holds the budgets' ruleset (v{_held_version(runtime_url, creds.admin_token)})")
+        print("[4/5] starting the Celery worker with beat (rollups every 10 s, budgets every 5 s)")
+        worker_started = dt.datetime.now(dt.UTC)
+        worker = children.start(
+            "worker", [sys.executable, "-m", "celery", "-A", "finops", "worker", "-B", "--concurrency", "1",
+                       "-l", "warning"],
+            env=env, cwd=ROOT, log=logs / "worker.log", stop_signal=signal.SIGTERM)
+        worker.wait_until(lambda: cp.budgets_evaluated_since(worker_started), what="evaluate the budgets", timeout=120)
+        print("  worker is up: budgets evaluated")
+
+        print(f"[5/5] traffic: 3 tenants, 4 features, {args.rounds} round(s), until initech's budget trips")
+        traffic_started = dt.datetime.now(dt.UTC)
+        sent_at = time.monotonic()
+        outcomes = asyncio.run(drive(runtime_url, model=args.model, rounds=args.rounds))
+        traffic_s = time.monotonic() - sent_at
+        _summarize(outcomes, traffic_s)
+        arrived = cp.events_wait(runtime_name=RUNTIME_NAME, count=outcomes.sent, since=traffic_started)
+        print(f"  the control plane stored {arrived.events} of {outcomes.sent} request events "
+              f"({arrived.rejected_budget} refused by the budget)")
+        done = dt.datetime.now(dt.UTC)
+        worker.wait_until(lambda: cp.budgets_evaluated_since(done), what="evaluate the budgets again", timeout=60)
+        print_report(runtime_name=RUNTIME_NAME, since=traffic_started)
+        cp.connections_close()
+        print(f"\nDemo ready in {time.monotonic() - begun:.0f} s. Dashboards: {finops_url}/  "
+              f"(budgets: {finops_url}/budgets/, admin: {finops_url}/admin/)")
+        for login in logins:
+            print(f"  log in as {login.username} / {login.password}  ({login.role})")
+        print(f"  runtime: {runtime_url}/v1 (metrics {runtime_url}/metrics); alert emails and logs: {logs}/")
         if not args.exit:
-            print("Serving until Ctrl-C.")
-            signal.pause()
+            print("Serving until Ctrl-C.", flush=True)
+            while True:
+                for child in (control, worker, runtime):
+                    child.check()
+                time.sleep(1)
     except KeyboardInterrupt:
-        pass
+        print("\nCtrl-C: stopping everything the demo started.")
+    except ChildFailed as exc:
+        print(f"\ndemo failed: {exc}", file=sys.stderr)
+        code = 1
     finally:
-        runtime.send_signal(signal.SIGINT)
-        try:
-            runtime.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            runtime.kill()
-        collector.close()
-    return 0
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave children behind
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        children.stop_all()
+        print(f"Stopped. ({time.monotonic() - begun:.0f} s in all)", flush=True)
+    return code
 
 
-def _wait_ready(base_url: str, runtime: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if runtime.poll() is not None:
-            raise SystemExit(f"the runtime exited with status {runtime.returncode}")
-        try:
-            if httpx.get(base_url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit("the runtime did not become ready in time")
+def _port_taken(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _held_version(runtime_url: str, admin_token: str) -> int:
+    response = httpx.get(f"{runtime_url}/admin/ruleset", headers={"Authorization": f"Bearer {admin_token}"},
+                         timeout=2)
+    response.raise_for_status()
+    return int(response.json()["version"])
+
+
+def _summarize(outcomes: Outcomes, seconds: float) -> None:
+    print(f"  sent {outcomes.sent} requests in {seconds:.0f} s ({outcomes.streamed} streamed, "
+          f"{outcomes.repeats} exact repeats): " + ", ".join(f"{k}: {v}" for k, v in sorted(outcomes.counts.items())))
+    print(f"  tokens served: {outcomes.prompt_tokens:,} prompt, {outcomes.completion_tokens:,} completion "
+          f"({outcomes.completion_tokens / seconds:.0f} completion tokens/s)")
+    if outcomes.budget_rejections:
+        print(f"  initech's hard budget tripped: {outcomes.budget_rejections} requests refused with 429")
+    else:
+        print("  initech's hard budget did not trip (its requests all fit): see the budgets page")
 
 
 if __name__ == "__main__":

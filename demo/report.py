@@ -1,46 +1,43 @@
-"""The demo's closing report: what the runtime measured, per tenant and feature, as a table."""
+"""The demo's closing report: what the control plane stored from this run, per tenant and feature.
+
+Import only after ``django.setup()``.
+"""
 
 from __future__ import annotations
 
-import statistics
-from collections import defaultdict
-from typing import Any
+import datetime as dt
+from decimal import Decimal
+
+from django.db.models import Count, Q, Sum
+
+from finops.budgets.models import Budget, amount_label
+from finops.telemetry.models import RequestEvent
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+def _money(value: Decimal | None) -> str:
+    return "n/a" if value is None else f"${value:,.4f}"
 
 
-def _fmt(value: float | None, unit: str = "", digits: int = 0) -> str:
-    return "n/a" if value is None else f"{value:,.{digits}f}{unit}"
-
-
-def print_report(events: list[dict[str, Any]], samples: list[dict[str, Any]]) -> None:
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for event in events:
-        groups[(event["tenant"], event["feature"])].append(event)
-    header = (f"{'tenant':<9} {'feature':<15} {'reqs':>5} {'ok':>4} {'shed':>4} {'prompt':>7} {'compl':>6} "
-              f"{'ttft p50':>9} {'e2e p95':>9} {'wait p95':>9} {'gpu-s':>7} {'energy J':>9}")
-    print(f"\nMeasured by the runtime and received over HTTP ({len(events)} request events):\n")
+def print_report(*, runtime_name: str, since: dt.datetime) -> None:
+    rows = (RequestEvent.objects.filter(runtime_id=runtime_name, received_at__gte=since)
+            .values("tenant", "feature").order_by("tenant", "feature")
+            .annotate(requests=Count("event_id"), ok=Count("event_id", filter=Q(status="ok")),
+                      refused=Count("event_id", filter=Q(status__in=["rejected_budget", "rejected_rule"])),
+                      shed=Count("event_id", filter=Q(status="shed")), prompt=Sum("prompt_tokens"),
+                      completion=Sum("completion_tokens"), list_cost=Sum("list_cost"),
+                      hardware_cost=Sum("hardware_cost"), gpu=Sum("gpu_seconds")))
+    header = (f"{'tenant':<9} {'feature':<15} {'reqs':>5} {'ok':>4} {'429':>4} {'shed':>4} {'prompt':>7} "
+              f"{'compl':>6} {'list $':>9} {'hardware $':>10} {'busy s':>7}")
+    print("\nStored by the control plane for this run:\n")
     print(header)
     print("-" * len(header))
-    for (tenant, feature), rows in sorted(groups.items()):
-        ok = [r for r in rows if r["status"] == "ok"]
-        gpu = [r["gpu_seconds"] for r in rows if r["gpu_seconds"] is not None]
-        energy = [r["energy_joules"] for r in rows if r["energy_joules"] is not None]
-        print(f"{tenant:<9} {feature:<15} {len(rows):>5} {len(ok):>4} "
-              f"{sum(r['status'] == 'shed' for r in rows):>4} {sum(r['prompt_tokens'] for r in rows):>7} "
-              f"{sum(r['completion_tokens'] for r in rows):>6} "
-              f"{_fmt(_pct([r['ttft_ms'] for r in ok if r['ttft_ms'] is not None], 0.5), ' ms'):>9} "
-              f"{_fmt(_pct([r['e2e_ms'] for r in ok], 0.95), ' ms'):>9} "
-              f"{_fmt(_pct([r['queue_wait_ms'] for r in ok if r['queue_wait_ms'] is not None], 0.95), ' ms'):>9} "
-              f"{_fmt(sum(gpu) if gpu else None, '', 2):>7} {_fmt(sum(energy) if energy else None, '', 1):>9}")
-    if samples:
-        rates = [s["tokens_per_s"] for s in samples if s["tokens_per_s"] > 0]
-        devices = samples[-1]["devices"]
-        print(f"\nRuntime samples: {len(samples)}; peak queue depth {max(s['queue_depth'] for s in samples)}; "
-              f"median tokens/s while busy {_fmt(statistics.median(rates) if rates else None, '', 1)}; "
-              f"GPUs: {', '.join(d['device'] for d in devices) if devices else 'none (CPU: GPU figures n/a)'}")
+    for row in rows:
+        busy = "n/a" if row["gpu"] is None else f"{row['gpu']:.1f}"
+        print(f"{row['tenant']:<9} {row['feature']:<15} {row['requests']:>5} {row['ok']:>4} {row['refused']:>4} "
+              f"{row['shed']:>4} {row['prompt'] or 0:>7} {row['completion'] or 0:>6} {_money(row['list_cost']):>9} "
+              f"{_money(row['hardware_cost']):>10} {busy:>7}")
+    print("\nBudgets (evaluated every 5 s by the worker):")
+    for budget in Budget.objects.order_by("name"):
+        percent = budget.spend / budget.limit * 100 if budget.limit else Decimal(0)
+        print(f"  {budget.name:<26} {budget.state:<9} {percent:6.1f}%  {amount_label(budget.unit, budget.spend)} "
+              f"of {amount_label(budget.unit, budget.limit)} ({budget.get_period_display().lower()})")

@@ -1,20 +1,24 @@
-"""Demo traffic: tenants on different tiers, features with different prompt lengths and
-burstiness, some exact repeats, all through the official ``openai`` SDK."""
+"""Demo traffic through the official ``openai`` SDK: three tenants on different tiers, each with
+its own features and rhythm, running at the same time so their requests share the engine's batches.
+
+Features differ in prompt length, completion length, burst size, priority and whether they
+stream. Some waves repeat an exact request (same prompt, temperature 0), as a cache would see.
+The trial tenant ``initech`` has a hard token budget; after the plan, if it has not tripped yet,
+initech keeps asking until the runtime refuses it with 429.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import random
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import openai
 from tqdm import tqdm
 
-TENANTS = (  # key, tenant, tier
-    ("sk-demo-acme-premium", "acme", "premium"),
-    ("sk-demo-globex-standard", "globex", "standard"),
-    ("sk-demo-initech-free", "initech", "free"),
-)
+TRIP_TENANT = "initech"
+MAX_TRIP_REQUESTS = 60
 
 
 @dataclass(frozen=True)
@@ -24,62 +28,167 @@ class Feature:
     max_tokens: int
     burst: int  # requests sent together
     priority: str
+    stream: bool
 
 
-FEATURES = (
-    Feature("search", ("Give three keywords for: renewable energy storage.", "Keywords for: GPU cost per token.",
-                       "Keywords for: queueing theory basics."), 16, 6, "high"),
-    Feature("summaries", (
-        "Summarize in one sentence: Teams serving language models find that their features fail on capacity and "
-        "cost long before they fail on quality. Queues grow after lunch, latency drifts, and the bill triples "
-        "before anyone can say which feature spent it.",
-        "Summarize in one sentence: A budget that is enforced at the edge drifts, because replicas sync late and "
-        "concurrent first requests slip past the limit.",
-    ), 48, 3, "normal"),
-    Feature("chat-assistant", ("What is the capital of France?", "Write a haiku about the sea.",
-                               "Explain what a GPU does in two sentences.", "How do I boil an egg?"), 40, 4, "normal"),
-    Feature("batch-tagging", ("Tag this ticket: printer on floor 3 is jammed again.",
-                              "Tag this ticket: VPN drops every hour."), 12, 8, "low"),
+SEARCH = Feature("search", ("Give three keywords for: renewable energy storage.", "Keywords for: GPU cost per token.",
+                            "Keywords for: queueing theory basics.", "Keywords for: solar panels on roofs."),
+                 12, 5, "high", stream=False)
+SUMMARIES = Feature("summaries", (
+    "Summarize in one sentence: Teams serving language models find that their features fail on capacity and "
+    "cost long before they fail on quality. Queues grow after lunch, latency drifts, and the bill triples "
+    "before anyone can say which feature spent it.",
+    "Summarize in one sentence: A budget that is enforced at the edge drifts, because replicas sync late and "
+    "concurrent first requests slip past the limit. Enforcing it with reservations against a grant keeps "
+    "every replica under the limit without a shared clock.",
+), 32, 2, "normal", stream=True)
+CHAT = Feature("chat-assistant", ("What is the capital of France?", "Write a haiku about the sea.",
+                                  "Explain what a GPU does in two sentences.", "How do I boil an egg?"),
+               24, 3, "normal", stream=True)
+TAGGING = Feature("batch-tagging", ("Tag this ticket: printer on floor 3 is jammed again.",
+                                    "Tag this ticket: VPN drops every hour.",
+                                    "Tag this ticket: cannot log in after the password change."),
+                  6, 8, "low", stream=False)
+
+
+@dataclass(frozen=True)
+class Tenant:
+    key: str
+    name: str
+    tier: str
+    features: tuple[Feature, ...]
+    pause_s: tuple[float, float]  # idle time between waves: the tenant's rhythm
+
+
+TENANTS = (
+    Tenant("sk-demo-acme-premium", "acme", "premium", (SEARCH, SUMMARIES, CHAT), (0.2, 1.0)),
+    Tenant("sk-demo-globex-standard", "globex", "standard", (SEARCH, TAGGING, CHAT), (1.0, 3.0)),
+    Tenant("sk-demo-initech-free", TRIP_TENANT, "free", (CHAT, SUMMARIES), (0.5, 1.5)),
 )
 
 
 def api_keys_setting() -> str:
-    return ",".join(f"{key}:{tenant}:{tier}" for key, tenant, tier in TENANTS)
+    return ",".join(f"{t.key}:{t.name}:{t.tier}" for t in TENANTS)
 
 
-async def drive(base_url: str, *, model: str, rounds: int, seed: int = 7) -> dict[str, int]:
-    """Send ``rounds`` bursts per feature, interleaved, and count outcomes by HTTP status."""
+@dataclass
+class Outcomes:
+    """What the clients saw, by outcome (``200``, ``429 rejected_budget``, ``503 shed`` …)."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    streamed: int = 0
+    repeats: int = 0
+
+    @property
+    def sent(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def budget_rejections(self) -> int:
+        return self.counts["429 rejected_budget"]
+
+
+@dataclass(frozen=True)
+class Wave:
+    tenant: Tenant
+    feature: Feature
+    size: int
+    repeat: bool  # every request of the wave is the same exact request
+    pause_s: float
+
+
+def plan(rounds: int, rng: random.Random) -> dict[str, list[Wave]]:
+    """Each tenant's waves: ``rounds`` passes over its features in a shuffled order, bursts of the
+    feature's size give or take one, about a quarter of them exact repeats."""
+    waves: dict[str, list[Wave]] = {}
+    for tenant in TENANTS:
+        mine = [feature for _ in range(rounds) for feature in tenant.features]
+        rng.shuffle(mine)
+        waves[tenant.name] = [
+            Wave(tenant, feature, max(1, feature.burst + rng.randint(-1, 1)), rng.random() < 0.25,
+                 rng.uniform(*tenant.pause_s))
+            for feature in mine]
+    return waves
+
+
+async def drive(base_url: str, *, model: str, rounds: int, seed: int = 7) -> Outcomes:
+    """Send every tenant's waves at once, then make sure the trial tenant's budget trips."""
     rng = random.Random(seed)
-    clients = {key: openai.AsyncOpenAI(base_url=base_url + "/v1", api_key=key, max_retries=0, timeout=300)
-               for key, _, _ in TENANTS}
-    plan = [(feature, rng.choice(TENANTS)) for _ in range(rounds) for feature in FEATURES]
-    rng.shuffle(plan)
-    outcomes: dict[str, int] = {}
-    total = sum(feature.burst for feature, _ in plan)
-    with tqdm(total=total, desc="demo traffic", unit="req") as bar:
-        for feature, (key, _, _) in plan:
-            burst = [_one(clients[key], model, feature, rng.choice(feature.prompts), rng) for _ in range(feature.burst)]
-            for status in await asyncio.gather(*burst):
-                outcomes[status] = outcomes.get(status, 0) + 1
-                bar.update()
-            await asyncio.sleep(rng.uniform(0.0, 0.5))
-    for client in clients.values():
-        await client.close()
+    waves = plan(rounds, rng)
+    outcomes = Outcomes()
+    clients = {t.name: openai.AsyncOpenAI(base_url=base_url + "/v1", api_key=t.key, max_retries=0, timeout=300)
+               for t in TENANTS}
+    total = sum(w.size for ws in waves.values() for w in ws)
+    try:
+        with tqdm(total=total, desc="demo traffic", unit="req", dynamic_ncols=True) as bar:
+            async def tenant_loop(tenant: Tenant) -> None:
+                local = random.Random(f"{seed}-{tenant.name}")
+                for wave in waves[tenant.name]:
+                    await _wave(clients[tenant.name], model, wave, local, outcomes, bar)
+                    await asyncio.sleep(wave.pause_s)
+
+            await asyncio.gather(*(tenant_loop(t) for t in TENANTS))
+            trip = next(t for t in TENANTS if t.name == TRIP_TENANT)
+            local = random.Random(f"{seed}-trip")
+            extra = 0
+            while not outcomes.budget_rejections and extra < MAX_TRIP_REQUESTS:
+                bar.set_description(f"{TRIP_TENANT} until its budget trips")
+                wave = Wave(trip, CHAT, CHAT.burst, False, 0.0)
+                bar.total += wave.size
+                extra += wave.size
+                await _wave(clients[trip.name], model, wave, local, outcomes, bar)
+    finally:
+        for client in clients.values():
+            await client.close()
     return outcomes
 
 
-async def _one(client: openai.AsyncOpenAI, model: str, feature: Feature, prompt: str, rng: random.Random) -> str:
+async def _wave(client: openai.AsyncOpenAI, model: str, wave: Wave, rng: random.Random, outcomes: Outcomes,
+                bar: tqdm) -> None:
+    prompt = wave.feature.prompts[0] if wave.repeat else None
+    requests = [_one(client, model, wave.feature, prompt or rng.choice(wave.feature.prompts), wave.repeat,
+                     rng.randrange(1_000_000), f"{wave.tenant.name}-user-{rng.randrange(12)}", outcomes)
+                for _ in range(wave.size)]
+    for outcome in asyncio.as_completed(requests):
+        label = await outcome
+        outcomes.counts[label] += 1
+        bar.update()
+        bar.set_postfix({"429 budget": outcomes.budget_rejections}, refresh=False)
+
+
+async def _one(client: openai.AsyncOpenAI, model: str, feature: Feature, prompt: str, repeat: bool, seed: int,
+               user: str, outcomes: Outcomes) -> str:
     headers = {"X-Wattson-Feature": feature.name, "X-Wattson-Priority": feature.priority}
+    sampling = {"temperature": 0.0, "seed": 0} if repeat else {"temperature": 0.7, "seed": seed}
+    messages = [{"role": "user", "content": prompt}]
     try:
-        stream = await client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=feature.max_tokens,
-            temperature=0.7, seed=rng.randrange(3),  # a few seeds, so some requests repeat exactly
-            stream=True, stream_options={"include_usage": True}, user=f"user-{rng.randrange(20)}",
-            extra_headers=headers)
-        async for _ in stream:
-            pass
-        return "200"
+        if feature.stream:
+            stream = await client.chat.completions.create(
+                model=model, messages=messages, max_tokens=feature.max_tokens, stream=True,  # type: ignore[arg-type]
+                stream_options={"include_usage": True}, user=user, extra_headers=headers, **sampling)
+            usage = None
+            async for chunk in stream:
+                usage = chunk.usage or usage
+            outcomes.streamed += 1
+        else:
+            response = await client.chat.completions.create(
+                model=model, messages=messages, max_tokens=feature.max_tokens,  # type: ignore[arg-type]
+                user=user, extra_headers=headers, **sampling)
+            usage = response.usage
     except openai.APIStatusError as exc:
-        return str(exc.status_code)
+        return f"{exc.status_code} {_error_code(exc)}".strip()
     except openai.APIConnectionError:
         return "connection error"
+    if usage is not None:
+        outcomes.prompt_tokens += usage.prompt_tokens
+        outcomes.completion_tokens += usage.completion_tokens
+    outcomes.repeats += repeat
+    return "200"
+
+
+def _error_code(exc: openai.APIStatusError) -> str:
+    body = exc.body if isinstance(exc.body, dict) else {}
+    error = body.get("error", body) if isinstance(body, dict) else {}
+    return str(error.get("code") or "") if isinstance(error, dict) else ""
