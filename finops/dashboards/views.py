@@ -139,8 +139,10 @@ def breakdown(request: HttpRequest, dimension: Dimension) -> HttpResponse:
         target = f"-{key}" if sort == key else key
         columns.append({"key": key, "label": label or dimension.capitalize(), "active": sort.lstrip("-") == key,
                         "descending": not sort.startswith("-"), "url": request.path + state.query(sort=target)})
+    _, by = page_data.series(state=state, split=dimension)
     return _render(request, "dashboards/breakdown.html", {
         "nav": PLURAL[dimension], "dimension": dimension, "title": PLURAL[dimension].capitalize(),
+        "charts": [charts.spend_by(by, dimension=dimension)],
         "rows": [{"item": row, "spark": charts.sparkline(row.spark)} for row in rows],
         "columns": columns, "sort": sort if sort != page_data.DEFAULT_SORT else "",
         "csv": _csv_urls(request, state, [PLURAL[dimension]]),

@@ -91,10 +91,10 @@ def test_times_on_the_x_axis_are_in_the_org_time_zone(settings) -> None:
     assert chart.figure["data"][0]["x"] == ["2026-11-22 15:30"]
 
 
-def test_latency_windows_cover_the_range_in_at_most_24_whole_minute_pieces() -> None:
+def test_latency_windows_cover_the_range_in_at_most_12_whole_minute_pieces() -> None:
     start = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
     windows = page_data.latency_windows(start, start + dt.timedelta(days=7, minutes=3))
-    assert len(windows) <= 24
+    assert len(windows) <= page_data.LATENCY_POINTS == 12
     assert windows[0][0] == start and windows[-1][1] == start + dt.timedelta(days=7, minutes=3)
     assert all(b[0] == a[1] for a, b in itertools.pairwise(windows))
     assert all(w[0].second == 0 for w in windows)
