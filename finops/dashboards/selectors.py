@@ -42,6 +42,7 @@ from django.db.models import (
     Avg,
     Case,
     Count,
+    DateTimeField,
     Expression,
     F,
     IntegerField,
@@ -529,46 +530,107 @@ def latency_percentiles(
     error of the exact quantile of the same requests, however the range is tiled. A quantile is
     None when no request in range had the metric measured (e.g. TTFT of rejected requests).
     """
+    quantiles = tuple(quantiles)
+    merged = _histograms(filters=filters, metric=metric, plan=rollup_plan(filters=filters), step=None)
+    histogram = merged.get(None, {})
+    return {q: sketch.quantile(histogram, q) for q in quantiles}
+
+
+@dataclass(frozen=True)
+class LatencyPoint:
+    at: dt.datetime  # the step's first moment
+    requests: int  # requests with the metric measured in the step
+    quantiles: dict[float, float | None]  # None where the step has none
+
+
+def latency_series(
+    *, filters: Filters, metric: Metric = "e2e", step: Step = "hour", quantiles: Iterable[float] = (0.5, 0.95, 0.99)
+) -> list[LatencyPoint]:
+    """``latency_percentiles`` per ``step`` of the range (every step present, in order), from one
+    grouped read of the rollups and one of the tail — not one query per point. Partial first and
+    last steps are as in ``usage_series``."""
+    if step not in STEPS:
+        raise ValueError(f"step must be one of {STEPS}, got {step!r}")
+    quantiles = tuple(quantiles)
+    plan = rollup_plan(filters=filters, coarsest=step)
+    merged = _histograms(filters=filters, metric=metric, plan=plan, step=step)
+    points = []
+    at = _floor(plan.start, step)
+    while at < plan.end:
+        histogram = merged.get(at, {})
+        points.append(LatencyPoint(at=at, requests=sum(histogram.values()),
+                                   quantiles={q: sketch.quantile(histogram, q) for q in quantiles}))
+        at += STEP_LENGTH[step]
+    return points
+
+
+def _histograms(
+    *, filters: Filters, metric: Metric, plan: Plan, step: Step | None
+) -> dict[dt.datetime | None, dict[int, int]]:
+    """The metric's merged sketch histogram per step start (one, keyed None, without a step)."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    quantiles = tuple(quantiles)
-    plan = rollup_plan(filters=filters)
     hist_field, bucket_field, value_field = f"{metric}_hist", f"{metric}_bucket", f"{metric}_ms"
 
-    def read() -> dict[int, int]:
-        return _merged_histogram(_rollups(plan, filters)[0], hist_field)
+    def add(merged: dict[dt.datetime | None, dict[int, int]], bucket: dt.datetime | None, index: int,
+            count: int) -> None:
+        key = _floor(bucket.astimezone(dt.UTC), step) if step and bucket is not None else None
+        histogram = merged.setdefault(key, {})
+        histogram[index] = histogram.get(index, 0) + count
+
+    def read() -> dict[dt.datetime | None, dict[int, int]]:
+        rolled: dict[dt.datetime | None, dict[int, int]] = {}
+        for bucket, index, count in _summed_histograms(_rollups(plan, filters)[0], hist_field, by_bucket=bool(step)):
+            add(rolled, bucket, index, count)
+        return rolled
 
     watermark, merged = _read_rollups(read, empty={})
     tail = _tail(plan, filters, watermark).order_by()
-    for index, count in tail.filter(**{f"{bucket_field}__isnull": False}).values_list(bucket_field).annotate(
-        count=Count("id")
-    ):
-        merged[index] = merged.get(index, 0) + count
+    at = Trunc("started_at", step, tzinfo=dt.UTC) if step else Value(None, output_field=DateTimeField())
+    for bucket, index, count in (tail.filter(**{f"{bucket_field}__isnull": False}).annotate(at=at)
+                                 .values_list("at", bucket_field).annotate(count=Count("id"))):
+        add(merged, bucket, index, count)
     # Ingest buckets every event on arrival; an event stored without its bucket is bucketed here.
     unbucketed = tail.filter(**{f"{bucket_field}__isnull": True, f"{value_field}__isnull": False})
-    for value in unbucketed.values_list(value_field, flat=True):
-        index = sketch.bucket_index(value)
-        merged[index] = merged.get(index, 0) + 1
-    return {q: sketch.quantile(merged, q) for q in quantiles}
+    for started, value in unbucketed.values_list("started_at", value_field):
+        add(merged, started if step else None, sketch.bucket_index(value), 1)
+    return merged
 
 
 # Sparse histograms are added up by the database: a month of day rows is tens of thousands of
 # JSON documents, too many to decode in Python within a page load.
 _HISTOGRAM_SUM_SQL = {
-    "postgresql": "SELECT h.key, SUM(h.value::bigint) FROM ({rows}) r CROSS JOIN LATERAL jsonb_each_text(r.hist) h "
-                  "GROUP BY h.key",
-    "sqlite": "SELECT h.key, SUM(h.value) FROM ({rows}) r, json_each(r.hist) h GROUP BY h.key",
+    "postgresql": "SELECT {bucket}, h.key, SUM(h.value::bigint) FROM ({rows}) r "
+                  "CROSS JOIN LATERAL jsonb_each_text(r.hist) h GROUP BY 1, 2",
+    "sqlite": "SELECT {bucket}, h.key, SUM(h.value) FROM ({rows}) r, json_each(r.hist) h GROUP BY 1, 2",
 }
 
 
-def _merged_histogram(rows: QuerySet[Any], hist_field: str) -> dict[int, int]:
+def _summed_histograms(rows: QuerySet[Any], hist_field: str, *,
+                       by_bucket: bool) -> list[tuple[dt.datetime | None, int, int]]:
+    """``(bucket, sketch index, count)`` summed over ``rows`` — per rollup bucket when
+    ``by_bucket``, else with bucket None."""
+    values = rows.order_by().values("bucket", hist=F(hist_field))
     template = _HISTOGRAM_SUM_SQL.get(connection.vendor)
     if template is None:
-        return sketch.merge(rows.values_list(hist_field, flat=True))
-    sql, params = rows.order_by().values(hist=F(hist_field)).query.sql_with_params()
+        summed: dict[tuple[dt.datetime | None, int], int] = {}
+        for row in values:
+            for index, count in sketch.merge([row["hist"]]).items():
+                key = (row["bucket"] if by_bucket else None, index)
+                summed[key] = summed.get(key, 0) + count
+        return [(*key, count) for key, count in summed.items()]
+    sql, params = values.query.sql_with_params()
+    field = Rollup._meta.get_field("bucket")
     with connection.cursor() as cursor:
-        cursor.execute(template.format(rows=sql), params)
-        return {int(key): int(count) for key, count in cursor.fetchall() if count}
+        cursor.execute(template.format(rows=sql, bucket="r.bucket" if by_bucket else "NULL"), params)
+        result = []
+        for bucket, key, count in cursor.fetchall():
+            if count:
+                if bucket is not None:  # SQLite hands back text
+                    bucket = field.to_python(bucket) if isinstance(bucket, str) else bucket
+                    bucket = bucket if timezone.is_aware(bucket) else bucket.replace(tzinfo=dt.UTC)
+                result.append((bucket, int(key), int(count)))
+        return result
 
 
 # -- runtimes and devices -------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from finops.dashboards.selectors import (
     dimension_values,
     idle_capacity,
     latency_percentiles,
+    latency_series,
     rollup_plan,
     runtime_gauges,
     usage_by,
@@ -600,6 +601,27 @@ def test_percentiles_with_filters_and_of_nothing(history: list[RequestEvent]) ->
 
     assert p95 == pytest.approx(exact_quantile(values, 0.95), rel=sketch.ALPHA + 1e-9)
     assert nothing == {0.5: None, 0.95: None, 0.99: None}
+
+
+@pytest.mark.parametrize("step", ["hour", "day"])
+def test_a_latency_series_gives_each_step_the_percentiles_of_its_own_requests(
+    history: list[RequestEvent], step: str
+) -> None:
+    """Rollups and tail merged per step: each point is what latency_percentiles says over that
+    step alone (the range's ragged edges cut the first and last steps)."""
+    filters = Filters(start=RAGGED.start, end=RAGGED.end, features=("search",))
+    points = latency_series(filters=filters, metric="e2e", step=step, quantiles=(0.5, 0.99))
+
+    length = {"hour": HOUR, "day": DAY}[step]
+    assert [p.at for p in points] == [floor(RAGGED.start, step) + i * length for i in range(len(points))]
+    assert points[-1].at < RAGGED.end <= points[-1].at + length
+    for point in points:
+        window = Filters(start=max(point.at, RAGGED.start), end=min(point.at + length, RAGGED.end),
+                         features=("search",))
+        in_step = [e for e in history if window.start <= e.started_at < window.end and e.feature == "search"]
+        assert point.requests == len(in_step)
+        assert point.quantiles == latency_percentiles(filters=window, metric="e2e", quantiles=(0.5, 0.99))
+    assert sum(p.requests for p in points) > 0
 
 
 def test_tail_events_stored_without_a_bucket_are_bucketed_on_read() -> None:
