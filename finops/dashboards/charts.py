@@ -87,14 +87,19 @@ def _per_value(points: Iterable[Any], value_of: Any) -> dict[str, tuple[list[str
     return lines
 
 
-def spend_by(points: list[SeriesPoint], *, dimension: str, chart_id: str = "spend") -> Chart:
+def _bar_width(step: str) -> float:
+    """A bar's width on a date axis, in milliseconds: most of its step (plotly guesses wrong for one bar)."""
+    return STEP_LENGTH[step].total_seconds() * 1000 * 0.8
+
+
+def spend_by(points: list[SeriesPoint], *, dimension: str, step: str, chart_id: str = "spend") -> Chart:
     """List-price spend per step, stacked by ``dimension``'s values."""
     title = f"Spend by {dimension} (list price)"
     if not _any_requests(points):
         return Chart(chart_id, title, None)
     traces = []
     for i, (value, (xs, ys)) in enumerate(sorted(_per_value(points, lambda p: float(p.list_cost)).items())):
-        traces.append({"type": "bar", "name": value or "(none)", "x": xs, "y": ys,
+        traces.append({"type": "bar", "name": value or "(none)", "x": xs, "y": ys, "width": _bar_width(step),
                        "marker": {"color": PALETTE[i % len(PALETTE)]}, "hovertemplate": "%{y:$,.4f}"})
     return Chart(chart_id, title, {"data": traces, "layout": _layout(stacked=True, y_prefix="$")})
 
@@ -167,7 +172,9 @@ def queue_wait(series: RawSeries) -> Chart:
         return Chart("queue-wait", title, None, note=note)
     traces = [_line(name, xs, ys, i, mode="lines+markers")
               for i, (name, (xs, ys)) in enumerate(_raw_lines(series).items())]
-    return Chart("queue-wait", title, {"data": traces, "layout": _layout(y_title="ms", y_format="~s")}, note=note)
+    layout = _layout(y_title="ms", y_format="~s")
+    layout["xaxis"]["range"] = [_x(series.start), _x(series.end)]
+    return Chart("queue-wait", title, {"data": traces, "layout": layout}, note=note)
 
 
 def rejections_by_reason(series: RawSeries) -> Chart:
@@ -177,10 +184,12 @@ def rejections_by_reason(series: RawSeries) -> Chart:
     if not series.points:
         return Chart("rejections", title, None, note=note,
                      empty="No request was rejected in this range: no rule, budget or load shedding turned one away.")
-    traces = [{"type": "bar", "name": name, "x": xs, "y": ys, "marker": {"color": PALETTE[(i + 3) % len(PALETTE)]}}
+    traces = [{"type": "bar", "name": name, "x": xs, "y": ys, "width": _bar_width(series.step),
+               "marker": {"color": PALETTE[(i + 3) % len(PALETTE)]}}
               for i, (name, (xs, ys)) in enumerate(_raw_lines(series).items())]
-    return Chart("rejections", title, {"data": traces, "layout": _layout(y_title="requests", stacked=True)},
-                 note=note)
+    layout = _layout(y_title="requests", stacked=True)
+    layout["xaxis"]["range"] = [_x(series.start), _x(series.end)]
+    return Chart("rejections", title, {"data": traces, "layout": layout}, note=note)
 
 
 def _raw_lines(series: RawSeries) -> dict[str, tuple[list[str], list[float | None]]]:

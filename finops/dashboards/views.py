@@ -93,7 +93,7 @@ def _request_charts(state: FilterState, *, fixed: dict[str, str], split: Dimensi
     filters = state.filters(**fixed)
     total, by = page_data.series(state=state, fixed=fixed, split=split)
     result = [
-        charts.spend_by(by, dimension=split),
+        charts.spend_by(by, dimension=split, step=state.step),
         charts.tokens_per_second(total, step=state.step),
         charts.latency(page_data.latency_series(filters=filters, metric="e2e")),
         charts.time_to_first_token(page_data.latency_series(filters=filters, metric="ttft")),
@@ -142,7 +142,7 @@ def breakdown(request: HttpRequest, dimension: Dimension) -> HttpResponse:
     _, by = page_data.series(state=state, split=dimension)
     return _render(request, "dashboards/breakdown.html", {
         "nav": PLURAL[dimension], "dimension": dimension, "title": PLURAL[dimension].capitalize(),
-        "charts": [charts.spend_by(by, dimension=dimension)],
+        "charts": [charts.spend_by(by, dimension=dimension, step=state.step)],
         "rows": [{"item": row, "spark": charts.sparkline(row.spark)} for row in rows],
         "columns": columns, "sort": sort if sort != page_data.DEFAULT_SORT else "",
         "csv": _csv_urls(request, state, [PLURAL[dimension]]),

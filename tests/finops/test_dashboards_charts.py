@@ -26,7 +26,7 @@ def every_chart(now: dt.datetime) -> list[charts.Chart]:
     history = runtime_history(start=state.start, end=state.end, step=state.step)
     gauges = runtime_gauges(start=state.start, end=state.end)
     return [
-        charts.spend_by(by, dimension="feature"),
+        charts.spend_by(by, dimension="feature", step=state.step),
         charts.tokens_per_second(total, step=state.step),
         charts.latency(page_data.latency_series(filters=filters, metric="e2e")),
         charts.time_to_first_token(page_data.latency_series(filters=filters, metric="ttft")),
@@ -53,7 +53,7 @@ def test_without_data_every_chart_is_an_empty_state_with_a_next_step() -> None:
     for chart in every_chart(timezone.now()):
         assert chart.figure is None
         assert chart.empty, chart.id
-    assert "register_runtime" in charts.spend_by([], dimension="feature").empty
+    assert "register_runtime" in charts.spend_by([], dimension="feature", step="hour").empty
 
 
 def test_spend_is_stacked_by_feature_in_dollars() -> None:

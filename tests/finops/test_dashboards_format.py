@@ -11,7 +11,8 @@ from finops.dashboards.templatetags import dashboard_format as f
 
 
 @pytest.mark.parametrize(("value", "shown"), [
-    (Decimal("1234.5"), "$1,234.50"), (Decimal("0.0123"), "$0.0123"), (Decimal("0.00000123"), "$1.2e-06"),
+    (Decimal("1234.5"), "$1,234.50"), (Decimal("0.0123"), "$0.0123"), (Decimal("0.5"), "$0.50"),
+    (Decimal("0.00000123"), "$1.2e-06"),
     (Decimal(0), "$0.00"), (None, "n/a"),
 ])
 def test_money(value: Decimal | None, shown: str) -> None:

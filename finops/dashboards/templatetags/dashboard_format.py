@@ -39,8 +39,9 @@ def money(value: Any) -> str:
         return "$0.00"
     if number >= 1:
         return f"{sign}${number:,.2f}"
-    if number >= 0.0001:
-        return f"{sign}${number:.4f}"
+    if number >= 0.0001:  # cents, with up to two more digits where they matter: $0.50, $0.0123
+        whole, _, fraction = f"{number:.4f}".rstrip("0").partition(".")
+        return f"{sign}${whole}.{fraction.ljust(2, '0')}"
     return f"{sign}${number:.2g}"
 
 
