@@ -24,6 +24,7 @@ from typing import Any
 
 from inference.rules.accounting import ZERO, Ledger, Throttle, seconds_until
 from inference.rules.compiled import CompiledAllowance, CompiledRule, CompiledRuleset, PeriodKey, TokenPrice
+from inference.rules.contract import WILDCARD
 
 STALE_RETRY_AFTER_S = 5
 NO_EXPIRY_RETRY_AFTER_S = 60
@@ -217,7 +218,8 @@ class RuleEnforcer:
                         + f" Try again in {retry} s.",
                         rule_id=rule.id, event_status="rejected_rule")
                 taken.append((throttle, worst_tokens if throttle.tokens is not None else 0))
-        price = match.prices.get(model)
+        # A "*" price is the book's price for any model it does not name (ingest prices events so too).
+        price = match.prices.get(model) or match.prices.get(WILDCARD)
         held: list[tuple[CompiledAllowance, PeriodKey, Decimal]] = []
         if match.allowances:
             for allowance in match.allowances:
