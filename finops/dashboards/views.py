@@ -95,8 +95,8 @@ def _request_charts(state: FilterState, *, fixed: dict[str, str], split: Dimensi
     result = [
         charts.spend_by(by, dimension=split, step=state.step),
         charts.tokens_per_second(total, step=state.step),
-        charts.latency(page_data.latency_series(filters=filters, metric="e2e")),
-        charts.time_to_first_token(page_data.latency_series(filters=filters, metric="ttft")),
+        charts.latency(page_data.latency_series(filters=filters, step=state.step, metric="e2e")),
+        charts.time_to_first_token(page_data.latency_series(filters=filters, step=state.step, metric="ttft")),
     ]
     if with_queue_depth:
         result.append(charts.queue_depth(runtime_history(start=state.start, end=state.end, step=state.step)))

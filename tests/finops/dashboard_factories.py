@@ -11,6 +11,7 @@ from django.utils import timezone
 from finops.runtimes.models import Runtime
 from finops.telemetry.models import DeviceSample, RuntimeSample
 from finops.telemetry.sample_rollups import sample_rollup_run
+from finops.telemetry.sketch import bucket_index
 from tests.finops.budget_factories import request_event, store, user_in
 
 GPU = "GPU-00000000-0000-0000-0000-000000000001"
@@ -29,7 +30,7 @@ def traffic(now: dt.datetime | None = None, *, with_gpu_runtime: bool = False) -
     With ``with_gpu_runtime`` the GPU runtime ``gpu-1`` is sampled too (it served none of these)."""
     now = now or timezone.now()
     minutes = [now - dt.timedelta(minutes=m) for m in (50, 30, 20, 10, 5, 3)]
-    store([
+    events = [
         request_event(started_at=minutes[0], tenant="acme", feature="chat", cost="1", end_user="alice"),
         request_event(started_at=minutes[1], tenant="acme", feature="chat", cost="1.5", end_user="alice",
                       e2e_ms=900.0),
@@ -40,7 +41,10 @@ def traffic(now: dt.datetime | None = None, *, with_gpu_runtime: bool = False) -
         request_event(started_at=minutes[5], tenant="globex", feature="search", cost=None, status="rejected_budget",
                       http_status=429, model_served=None, prompt_tokens=0, completion_tokens=0, ttft_ms=None,
                       e2e_ms=1.0, gpu_seconds=None, rule_id="b1-block"),
-    ])
+    ]
+    for event in events:  # bucketed as ingest does, so rolled-up events keep their latencies
+        event.e2e_bucket, event.ttft_bucket = bucket_index(event.e2e_ms), bucket_index(event.ttft_ms)
+    store(events)
     runtime_samples("rt-1", now, roll=not with_gpu_runtime)
     if with_gpu_runtime:
         runtime_samples("gpu-1", now, gpu=True)

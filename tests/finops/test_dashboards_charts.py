@@ -4,7 +4,6 @@ organisation's time zone, and a chart with nothing to draw says what to do inste
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 from decimal import Decimal
 
 import plotly.graph_objects as go
@@ -13,7 +12,8 @@ from django.utils import timezone
 
 from finops.dashboards import charts, page_data
 from finops.dashboards.filterbar import filter_state_parse
-from finops.dashboards.selectors import runtime_gauges, runtime_history
+from finops.dashboards.selectors import Filters, latency_percentiles, runtime_gauges, runtime_history
+from finops.telemetry.rollups import rollup_run
 from tests.finops.dashboard_factories import runtime_samples, traffic
 
 pytestmark = pytest.mark.django_db
@@ -28,8 +28,8 @@ def every_chart(now: dt.datetime) -> list[charts.Chart]:
     return [
         charts.spend_by(by, dimension="feature", step=state.step),
         charts.tokens_per_second(total, step=state.step),
-        charts.latency(page_data.latency_series(filters=filters, metric="e2e")),
-        charts.time_to_first_token(page_data.latency_series(filters=filters, metric="ttft")),
+        charts.latency(page_data.latency_series(filters=filters, step=state.step, metric="e2e")),
+        charts.time_to_first_token(page_data.latency_series(filters=filters, step=state.step, metric="ttft")),
         charts.queue_depth(history),
         charts.queue_wait(page_data.queue_wait_series(filters=filters)),
         charts.cache_hit_rate(total),
@@ -91,13 +91,22 @@ def test_times_on_the_x_axis_are_in_the_org_time_zone(settings) -> None:
     assert chart.figure["data"][0]["x"] == ["2026-11-22 15:30"]
 
 
-def test_latency_windows_cover_the_range_in_at_most_12_whole_minute_pieces() -> None:
-    start = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
-    windows = page_data.latency_windows(start, start + dt.timedelta(days=7, minutes=3))
-    assert len(windows) <= page_data.LATENCY_POINTS == 12
-    assert windows[0][0] == start and windows[-1][1] == start + dt.timedelta(days=7, minutes=3)
-    assert all(b[0] == a[1] for a, b in itertools.pairwise(windows))
-    assert all(w[0].second == 0 for w in windows)
+@pytest.mark.parametrize(("rolled", "tenant"), [(False, ""), (True, ""), (True, "acme")])
+@pytest.mark.parametrize("metric", ["e2e", "ttft"])
+def test_the_latency_series_agrees_with_the_percentile_selector_step_by_step(
+    rolled: bool, tenant: str, metric: str
+) -> None:
+    now = timezone.now()
+    traffic(now)
+    if rolled:  # most events in rollups, the rest in the raw tail
+        rollup_run(now=now - dt.timedelta(minutes=8))
+    state = filter_state_parse({"range": "1h", "tenant": tenant}, now=now)
+    filters = state.filters()
+    points = page_data.latency_series(filters=filters, step=state.step, metric=metric)
+    assert len(points) == 60 and any(p.quantiles[0.5] is not None for p in points)
+    for point in points:
+        window = Filters(start=point.at, end=point.at + dt.timedelta(minutes=1), tenants=filters.tenants)
+        assert point.quantiles == latency_percentiles(filters=window, metric=metric)
 
 
 def test_a_sparkline_scales_values_into_its_box() -> None:
