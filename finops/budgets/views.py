@@ -25,6 +25,7 @@ from finops.budgets.selectors import (
     budget_statuses,
 )
 from finops.budgets.services import budget_create, budget_delete, budget_pause, budget_update
+from finops.dashboards.exports import alerts_table, budgets_table, csv_response
 from finops.runtimes.selectors import runtime_ruleset_states
 
 
@@ -41,6 +42,10 @@ def _go(request: HttpRequest, url: str) -> HttpResponse:
 @login_required
 @require_GET
 def budget_list(request: HttpRequest) -> HttpResponse:
+    if request.GET.get("format") == "csv":  # the dashboards' CSV export: ?format=csv&table=budgets|alerts
+        if request.GET.get("table") == "alerts":
+            return csv_response(alerts_table(budget_alert_log(limit=1000), stem="budget-alerts"))
+        return csv_response(budgets_table(budget_statuses(), stem="budgets"))
     return _render(request, "budgets/budget_list.html", {
         "statuses": budget_statuses(), "can_edit": can_edit_budgets(request.user),
         "alerts": budget_alert_log(limit=20), "runtimes": runtime_ruleset_states(),

@@ -13,6 +13,7 @@ from typing import Any
 
 from django.http import HttpResponse
 
+from finops.budgets.models import BudgetEvent
 from finops.budgets.selectors import BudgetStatus
 from finops.dashboards.page_data import BreakdownRow, EndUser
 from finops.dashboards.selectors import DeviceIdle, RuntimeGauge
@@ -100,3 +101,10 @@ def idle_table(idle: list[DeviceIdle], *, stem: str) -> Table:
               "idle_fraction", "idle_cost_usd"]
     return Table(stem, header, ([d.runtime_id, d.device, d.device_type, d.paid_seconds, d.attributed_seconds,
                                  d.idle_seconds, d.idle_fraction, d.idle_cost] for d in idle))
+
+
+def alerts_table(events: Iterable[BudgetEvent], *, stem: str) -> Table:
+    return Table(stem, ["created_at", "budget", "kind", "threshold_percent", "note", "spend", "limit", "unit",
+                        "forecast_at", "email_status", "sent_at"],
+                 ([e.created_at, e.budget.name, e.kind, e.threshold, e.note, e.spend, e.limit, e.unit, e.forecast_at,
+                   e.alert_status, e.sent_at] for e in events))

@@ -91,3 +91,17 @@ def test_an_unknown_table_is_a_400_naming_the_tables(pm: Client) -> None:
 def test_exports_need_a_login(client: Client) -> None:
     response = client.get("/tenants/?format=csv&table=tenants")
     assert response.status_code == 302
+
+
+def test_the_budget_list_exports_its_budgets_and_alerts(pm: Client) -> None:
+    traffic()
+    budget(name="acme monthly", tenant="acme", limit="10")
+    page = pm.get("/budgets/").content.decode()
+    assert 'href="?format=csv&amp;table=budgets"' in page and 'href="?format=csv&amp;table=alerts"' in page
+    response = pm.get("/budgets/?format=csv&table=budgets")
+    assert response["Content-Disposition"] == 'attachment; filename="budgets.csv"'
+    exported = rows(response)
+    assert exported[0]["budget"] == "acme monthly" and Decimal(exported[0]["used"]) == 3
+    alerts = pm.get("/budgets/?format=csv&table=alerts")
+    assert alerts["Content-Disposition"] == 'attachment; filename="budget-alerts.csv"'
+    assert rows(alerts) == []
