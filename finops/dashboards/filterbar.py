@@ -28,6 +28,9 @@ PRESET_STEPS: dict[str, Step] = {"1h": "minute", "24h": "hour", "7d": "hour", "3
 DEFAULT_RANGE = "24h"
 CUSTOM = "custom"
 MAX_RANGE = dt.timedelta(days=400)
+# Custom dates far outside any data would only reach the calendar's edges (and overflow there).
+EARLIEST = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+LATEST_AHEAD = dt.timedelta(days=1)
 MAX_VALUE_LENGTH = 200
 DIMENSION_PARAMS = ("tenant", "feature", "model")
 LOCAL_FORMATS = ("%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M", "%Y-%m-%d")
@@ -96,9 +99,9 @@ def _parse_local(text: str) -> dt.datetime | None:
     for fmt in LOCAL_FORMATS:
         try:
             naive = dt.datetime.strptime(text.strip(), fmt)
-        except ValueError:
+            return timezone.make_aware(naive, org_time_zone()).astimezone(dt.UTC)
+        except (ValueError, OverflowError):  # not a date, or one at the edge of the calendar (0001-01-01)
             continue
-        return timezone.make_aware(naive, org_time_zone()).astimezone(dt.UTC)
     return None
 
 
@@ -132,6 +135,9 @@ def filter_state_parse(query: Mapping[str, str], *, now: dt.datetime | None = No
         custom_end = _parse_local(end_text) if end_text else end
         if custom_start is None or custom_end is None:
             problems.append("A custom range needs a start and an end like 2026-11-22T09:00; "
+                            f"showing the last {DEFAULT_RANGE} instead.")
+        elif custom_start < EARLIEST or custom_end > now + LATEST_AHEAD:
+            problems.append(f"A custom range must lie between {EARLIEST:%Y-%m-%d} and tomorrow; "
                             f"showing the last {DEFAULT_RANGE} instead.")
         elif custom_start >= custom_end:
             problems.append(f"The range's start must be before its end; showing the last {DEFAULT_RANGE} instead.")

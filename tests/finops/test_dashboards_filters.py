@@ -62,6 +62,8 @@ def test_dimension_values_go_to_the_selectors_filters() -> None:
 @pytest.mark.parametrize("query", [
     {"range": "2w"}, {"range": "custom", "start": "soon"}, {"range": "custom", "start": "2026-11-22T11:00"},
     {"range": "custom", "start": "2020-01-01", "end": "2026-01-01"}, {"feature": "x" * 201},
+    {"range": "custom", "start": "0001-01-01", "end": "0001-01-02"}, {"range": "custom", "start": "2026-02-30"},
+    {"range": "custom", "start": "9999-12-30T00:00", "end": "9999-12-31T23:59"},
     {"tenant": "acme\x00"},
 ])
 def test_anything_unusable_falls_back_with_a_message(query: dict[str, str]) -> None:

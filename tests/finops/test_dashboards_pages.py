@@ -144,7 +144,8 @@ def test_a_custom_range_in_the_org_time_zone(pm: Client, settings) -> None:
     ("range=fortnight", "Unknown range 'fortnight'"),
     ("range=custom&start=yesterday", "A custom range needs a start and an end"),
     ("range=custom&start=2026-11-03T00:00&end=2026-11-01T00:00", "start must be before its end"),
-    ("range=custom&start=1990-01-01T00:00&end=2026-11-01T00:00", "at most 400 days"),
+    ("range=custom&start=2020-01-01T00:00&end=2026-11-01T00:00", "at most 400 days"),
+    ("range=custom&start=9999-12-30T00:00&end=9999-12-31T23:59", "between 2000-01-01 and tomorrow"),
     ("tenant=%01acme", "The tenant filter is not a valid name"),
 ])
 def test_a_bad_parameter_gets_a_message_and_the_defaults(pm: Client, query: str, message: str) -> None:
