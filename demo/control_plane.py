@@ -118,7 +118,7 @@ def demo_prices_ensure(*, model: str) -> str:
 
 def demo_budgets_ensure(*, trip_tokens: int, acme_usd: Decimal) -> list[DemoBudget]:
     """The demo's budgets: one hard budget that trips during the traffic, one soft budget that
-    crosses its alert thresholds, and two that stay healthy."""
+    crosses its alert thresholds, and others that stay healthy."""
     now = timezone.now()
     trip = _budget_with_headroom(
         "initech trial (hard)", headroom=Decimal(trip_tokens), now=now,
@@ -133,6 +133,12 @@ def demo_budgets_ensure(*, trip_tokens: int, acme_usd: Decimal) -> list[DemoBudg
         fields={"tenant": "globex", "feature": "search", "period": "daily", "unit": Unit.USD_LIST,
                 "limit": Decimal("5.00"), "action": Action.THROTTLE, "throttle_requests_per_minute": 60,
                 "throttle_tokens_per_minute": 20000, "recipients": ALERT_RECIPIENTS})
+    daily = _budget_once(
+        "all traffic daily", fields={"period": "daily", "unit": Unit.USD_LIST, "limit": Decimal("1.00"),
+                                     "action": Action.ALERT_ONLY, "recipients": ALERT_RECIPIENTS})
+    monthly = _budget_once(
+        "all traffic monthly", fields={"period": "monthly", "unit": Unit.USD_LIST, "limit": Decimal("20.00"),
+                                       "action": Action.ALERT_ONLY, "recipients": ALERT_RECIPIENTS})
     hardware = _budget_once(
         "all traffic hardware", fields={"period": "monthly", "unit": Unit.USD_HARDWARE, "limit": Decimal("25.00"),
                                         "action": Action.ALERT_ONLY, "recipients": ALERT_RECIPIENTS})
@@ -140,6 +146,8 @@ def demo_budgets_ensure(*, trip_tokens: int, acme_usd: Decimal) -> list[DemoBudg
         DemoBudget(trip.name, f"hard, {trip.limit:,.0f} tokens a day for tenant initech: blocks (429) when spent"),
         DemoBudget(acme.name, f"soft, ${acme.limit} a month for tenant acme: alert emails at 50/80/100%"),
         DemoBudget(search.name, "soft, $5 a day for globex's search: throttles past it"),
+        DemoBudget(daily.name, "soft, $1 a day of list price for all traffic (the overview's 'today' tile)"),
+        DemoBudget(monthly.name, "soft, $20 a month of list price for all traffic"),
         DemoBudget(hardware.name, "soft, $25 a month of hardware cost for all traffic: stays healthy"),
     ]
 

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 CHROMIUM = "/usr/bin/chromium"
 # Links that are not pages to show: leaving, exports, the API, Django's admin, static files.
-SKIP = re.compile(r"^/(accounts/logout|admin|api|static)(/|$)|\.csv$|[?&](format|export)=csv|/export")
+SKIP = re.compile(r"^/(accounts/logout|admin|api|static)(/|$)|\.csv$|[?&](format|export)=csv|/export|"
+                  r"/(new|edit|delete|pause|resume)/?$")
 DETAIL = re.compile(r"^/[\w-]+/[^/?#]+/?$")  # /features/search/, /budgets/3/: one row of a list page
 
 
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--password", default=DEFAULT_PASSWORD)
     parser.add_argument("--out", type=Path, default=Path("docs/screenshots"))
     parser.add_argument("--width", type=int, default=1440, help="viewport width in CSS pixels")
+    parser.add_argument("--range", default="1h",
+                        help="the dashboards' time range (1h, 24h, 7d, 30d); a demo's few minutes show best in 1h")
     parser.add_argument("--max-pages", type=int, default=24)
     parser.add_argument("--page", action="append", default=[],
                         help="a path to take instead of following the navigation (repeatable)")
@@ -68,14 +71,15 @@ def main(argv: list[str] | None = None) -> int:
         if "/accounts/login" in page.url:
             print(f"could not log in as {args.user!r} at {base}", file=sys.stderr)
             return 1
-        queue = list(args.page) or ["/"]
+        # The navigation's pages, then from each of them its first detail page; details end the walk.
+        queue: list[tuple[str, bool]] = [(path, True) for path in args.page] or [("/", False)]
         seen: set[str] = set()
         while queue and len(seen) < args.max_pages:
-            path = queue.pop(0)
+            path, leaf = queue.pop(0)
             if path in seen:
                 continue
             seen.add(path)
-            response = page.goto(base + path)
+            response = page.goto(f"{base}{path}{'&' if '?' in path else '?'}range={args.range}")
             if response is None or not response.ok:
                 print(f"  {path}: HTTP {response.status if response else 'no answer'}, skipped")
                 continue
@@ -83,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             target = args.out / f"{page_name(path)}.png"
             page.screenshot(path=str(target), full_page=True)
             print(f"  {path} -> {target}")
-            if not args.page:
-                queue += [link for link in _links(page, base) if link not in seen and link not in queue]
+            if not leaf:
+                queued = {p for p, _ in queue} | seen
+                queue += [(link, path != "/" or bool(DETAIL.match(link))) for link in _links(page, base)
+                          if link not in queued]
         browser.close()
     if errors:
         print("JavaScript errors on the pages:\n  " + "\n  ".join(errors), file=sys.stderr)
@@ -122,3 +128,7 @@ def _links(page: Page, base: str) -> list[str]:
             continue  # the same page under another filter
         paths.append(path)
     return paths
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,8 +3,8 @@ its own features and rhythm, running at the same time so their requests share th
 
 Features differ in prompt length, completion length, burst size, priority and whether they
 stream. Some waves repeat an exact request (same prompt, temperature 0), as a cache would see.
-The trial tenant ``initech`` has a hard token budget; after the plan, if it has not tripped yet,
-initech keeps asking until the runtime refuses it with 429.
+The trial tenant ``initech`` has a hard token budget; after the plan, unless its last wave was
+refused whole, initech keeps asking until the runtime refuses a whole wave with 429.
 """
 
 from __future__ import annotations
@@ -123,22 +123,28 @@ async def drive(base_url: str, *, model: str, rounds: int, seed: int = 7) -> Out
     total = sum(w.size for ws in waves.values() for w in ws)
     try:
         with tqdm(total=total, desc="demo traffic", unit="req", dynamic_ncols=True) as bar:
+            trip_refused = False  # the trial tenant's last wave was refused whole: its budget is spent
+
             async def tenant_loop(tenant: Tenant) -> None:
+                nonlocal trip_refused
                 local = random.Random(f"{seed}-{tenant.name}")
                 for wave in waves[tenant.name]:
-                    await _wave(clients[tenant.name], model, wave, local, outcomes, bar)
+                    labels = await _wave(clients[tenant.name], model, wave, local, outcomes, bar)
+                    if tenant.name == TRIP_TENANT:
+                        trip_refused = all(label == "429 rejected_budget" for label in labels)
                     await asyncio.sleep(wave.pause_s)
 
             await asyncio.gather(*(tenant_loop(t) for t in TENANTS))
             trip = next(t for t in TENANTS if t.name == TRIP_TENANT)
             local = random.Random(f"{seed}-trip")
             extra = 0
-            while not outcomes.budget_rejections and extra < MAX_TRIP_REQUESTS:
+            while not trip_refused and extra < MAX_TRIP_REQUESTS:
                 bar.set_description(f"{TRIP_TENANT} until its budget trips")
                 wave = Wave(trip, CHAT, CHAT.burst, False, 0.0)
                 bar.total += wave.size
                 extra += wave.size
-                await _wave(clients[trip.name], model, wave, local, outcomes, bar)
+                labels = await _wave(clients[trip.name], model, wave, local, outcomes, bar)
+                trip_refused = all(label == "429 rejected_budget" for label in labels)
     finally:
         for client in clients.values():
             await client.close()
@@ -146,16 +152,20 @@ async def drive(base_url: str, *, model: str, rounds: int, seed: int = 7) -> Out
 
 
 async def _wave(client: openai.AsyncOpenAI, model: str, wave: Wave, rng: random.Random, outcomes: Outcomes,
-                bar: tqdm) -> None:
+                bar: tqdm) -> list[str]:
+    """Send one wave at once; return each request's outcome."""
     prompt = wave.feature.prompts[0] if wave.repeat else None
     requests = [_one(client, model, wave.feature, prompt or rng.choice(wave.feature.prompts), wave.repeat,
                      rng.randrange(1_000_000), f"{wave.tenant.name}-user-{rng.randrange(12)}", outcomes)
                 for _ in range(wave.size)]
+    labels = []
     for outcome in asyncio.as_completed(requests):
         label = await outcome
+        labels.append(label)
         outcomes.counts[label] += 1
         bar.update()
         bar.set_postfix({"429 budget": outcomes.budget_rejections}, refresh=False)
+    return labels
 
 
 async def _one(client: openai.AsyncOpenAI, model: str, feature: Feature, prompt: str, repeat: bool, seed: int,

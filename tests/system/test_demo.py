@@ -77,7 +77,7 @@ def test_the_demo_fills_the_control_plane_trips_a_budget_and_stops_everything(tm
     assert sum(events.values()) == sent, "every request the demo sent reached the control plane's database"
     assert events.get("rejected_budget", 0) >= 1 and events.get("ok", 0) >= 10
     assert budgets["initech trial (hard)"] == "exceeded"
-    assert len(budgets) == 4
+    assert len(budgets) == 6
     assert groups == {"demo-admin": "budget-admin", "demo-pm": "product-manager"}
 
 
