@@ -213,3 +213,9 @@ def test_the_nav_links_every_dashboard_page_and_the_budgets(pm: Client) -> None:
     page = text(pm.get("/"))
     for href in ("/", "/features/", "/tenants/", "/models/", "/gpus/", "/budgets/"):
         assert f'href="{href}"' in page
+
+
+def test_the_overview_gpu_utilisation_comes_from_the_gpu_runtimes(pm: Client) -> None:
+    traffic(with_gpu_runtime=True)  # rt-1 on a CPU (not measured), gpu-1 at 80%
+    page = text(pm.get("/?range=1h"))
+    assert '<div class="label">GPU utilisation</div><div class="value">80%</div>' in page
