@@ -149,7 +149,14 @@ def cache_hit_rate(points: list[SeriesPoint]) -> Chart:
     return Chart("cache", title, {"data": [trace], "layout": _layout(y_format=".0%", y_range=[0, 1])})
 
 
-def queue_depth(history: list[RuntimeHistoryPoint]) -> Chart:
+def _span(layout: dict[str, Any], span: tuple[dt.datetime, dt.datetime] | None) -> dict[str, Any]:
+    """Pin the x axis to the page's range, so a chart with few points lines up with the others."""
+    if span is not None:
+        layout["xaxis"]["range"] = [_x(span[0]), _x(span[1])]
+    return layout
+
+
+def queue_depth(history: list[RuntimeHistoryPoint], *, span: tuple[dt.datetime, dt.datetime] | None = None) -> Chart:
     """Mean queue depth per runtime and step, from the runtimes' samples."""
     title = "Queue depth (per runtime)"
     if not any(p.samples for p in history):
@@ -160,35 +167,33 @@ def queue_depth(history: list[RuntimeHistoryPoint]) -> Chart:
         xs.append(_x(p.bucket))
         ys.append(p.queue_depth_avg)
     traces = [_line(name, xs, ys, i, mode="lines+markers") for i, (name, (xs, ys)) in enumerate(sorted(lines.items()))]
-    return Chart("queue-depth", title, {"data": traces, "layout": _layout(y_title="requests waiting")},
+    return Chart("queue-depth", title, {"data": traces, "layout": _span(_layout(y_title="requests waiting"), span)},
                  note="all tenants: runtimes sample their whole queue")
 
 
 def queue_wait(series: RawSeries) -> Chart:
     """Mean and worst queue wait per step, from raw events."""
     title = "Queue wait"
-    note = f"last {_span(series.end - series.start)} of the range, from raw events"
+    note = f"last {_length(series.end - series.start)} of the range, from raw events"
     if not series.points:
         return Chart("queue-wait", title, None, note=note)
     traces = [_line(name, xs, ys, i, mode="lines+markers")
               for i, (name, (xs, ys)) in enumerate(_raw_lines(series).items())]
-    layout = _layout(y_title="ms", y_format="~s")
-    layout["xaxis"]["range"] = [_x(series.start), _x(series.end)]
+    layout = _span(_layout(y_title="ms", y_format="~s"), (series.start, series.end))
     return Chart("queue-wait", title, {"data": traces, "layout": layout}, note=note)
 
 
 def rejections_by_reason(series: RawSeries) -> Chart:
     """Rejected requests per step, stacked by reason (rule, budget, load shedding)."""
     title = "Rejections by reason"
-    note = f"last {_span(series.end - series.start)} of the range, from raw events"
+    note = f"last {_length(series.end - series.start)} of the range, from raw events"
     if not series.points:
         return Chart("rejections", title, None, note=note,
                      empty="No request was rejected in this range: no rule, budget or load shedding turned one away.")
     traces = [{"type": "bar", "name": name, "x": xs, "y": ys, "width": _bar_width(series.step),
                "marker": {"color": PALETTE[(i + 3) % len(PALETTE)]}}
               for i, (name, (xs, ys)) in enumerate(_raw_lines(series).items())]
-    layout = _layout(y_title="requests", stacked=True)
-    layout["xaxis"]["range"] = [_x(series.start), _x(series.end)]
+    layout = _span(_layout(y_title="requests", stacked=True), (series.start, series.end))
     return Chart("rejections", title, {"data": traces, "layout": layout}, note=note)
 
 
@@ -201,13 +206,13 @@ def _raw_lines(series: RawSeries) -> dict[str, tuple[list[str], list[float | Non
     return dict(sorted(lines.items()))
 
 
-def _span(length: dt.timedelta) -> str:
+def _length(length: dt.timedelta) -> str:
     hours = length.total_seconds() / 3600
     return f"{hours:g} h" if hours < 48 else f"{hours / 24:g} days"
 
 
 def _device_chart(history: list[RuntimeHistoryPoint], *, chart_id: str, title: str, field: str,
-                  layout: dict[str, Any]) -> Chart:
+                  layout: dict[str, Any], span: tuple[dt.datetime, dt.datetime] | None) -> Chart:
     if not any(p.samples for p in history):
         return Chart(chart_id, title, None, empty=NO_SAMPLES)
     if all(getattr(p, field) is None for p in history):
@@ -219,19 +224,20 @@ def _device_chart(history: list[RuntimeHistoryPoint], *, chart_id: str, title: s
         ys.append(getattr(p, field))
     traces = [_line(name, xs, ys, i, mode="lines+markers") for i, (name, (xs, ys)) in enumerate(sorted(lines.items()))
               if any(y is not None for y in ys)]
-    return Chart(chart_id, title, {"data": traces, "layout": layout})
+    return Chart(chart_id, title, {"data": traces, "layout": _span(layout, span)})
 
 
-def gpu_utilisation(history: list[RuntimeHistoryPoint]) -> Chart:
+def gpu_utilisation(history: list[RuntimeHistoryPoint], *, span: tuple[dt.datetime, dt.datetime] | None = None
+                    ) -> Chart:
     """Mean GPU utilisation per runtime and step."""
     return _device_chart(history, chart_id="gpu-util", title="GPU utilisation", field="gpu_util_avg",
-                         layout=_layout(y_suffix="%", y_range=[0, 100]))
+                         layout=_layout(y_suffix="%", y_range=[0, 100]), span=span)
 
 
-def gpu_power(history: list[RuntimeHistoryPoint]) -> Chart:
+def gpu_power(history: list[RuntimeHistoryPoint], *, span: tuple[dt.datetime, dt.datetime] | None = None) -> Chart:
     """Power drawn per runtime (all its GPUs) and step."""
     return _device_chart(history, chart_id="gpu-power", title="GPU power", field="power_avg_w",
-                         layout=_layout(y_title="W", y_format="~s"))
+                         layout=_layout(y_title="W", y_format="~s"), span=span)
 
 
 def gpu_memory(gauges: list[RuntimeGauge]) -> Chart:

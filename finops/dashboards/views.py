@@ -99,7 +99,8 @@ def _request_charts(state: FilterState, *, fixed: dict[str, str], split: Dimensi
         charts.time_to_first_token(page_data.latency_series(filters=filters, step=state.step, metric="ttft")),
     ]
     if with_queue_depth:
-        result.append(charts.queue_depth(runtime_history(start=state.start, end=state.end, step=state.step)))
+        history = runtime_history(start=state.start, end=state.end, step=state.step)
+        result.append(charts.queue_depth(history, span=(state.start, state.end)))
     result += [
         charts.queue_wait(page_data.queue_wait_series(filters=filters)),
         charts.cache_hit_rate(total),
@@ -197,12 +198,13 @@ def gpus(request: HttpRequest) -> HttpResponse:
     if csv is not None:
         return csv
     history = runtime_history(start=state.start, end=state.end, step=state.step)
+    span = (state.start, state.end)
     runtimes = [{"gauge": g, "ruleset": rulesets.get(g.runtime_id)} for g in gauges]
     return _render(request, "dashboards/gpus.html", {
         "nav": "gpus", "runtimes": runtimes, "devices": [d for g in gauges for d in g.devices],
         "idle": idle, "by_model": by_model, "totals": usage_totals(filters=state.filters()),
         "gpu_util": page_data.gpu_utilisation(gauges),
-        "charts": [charts.gpu_utilisation(history), charts.gpu_memory(gauges), charts.gpu_power(history),
-                   charts.queue_depth(history)],
+        "charts": [charts.gpu_utilisation(history, span=span), charts.gpu_memory(gauges),
+                   charts.gpu_power(history, span=span), charts.queue_depth(history, span=span)],
         "csv": _csv_urls(request, state, ["runtimes", "devices", "idle", "energy"]),
     }, state=state)
