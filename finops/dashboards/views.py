@@ -13,6 +13,7 @@ from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import render
 from django.utils import timezone
+from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_GET
 
 from finops.budgets.periods import org_time_zone
@@ -45,11 +46,17 @@ def _render(request: HttpRequest, template: str, context: dict[str, Any], *, sta
     """The page, or its ``#body`` partial for htmx; times shown in the organisation's time zone."""
     context = {"state": state, "problems": [*state.problems, *(problems or [])], "ranges": RANGE_CHOICES,
                "time_zone": org_time_zone().key, **context}
+    fragment = request.htmx and not request.htmx.boosted and not request.htmx.history_restore_request
     with timezone.override(org_time_zone()):
-        if request.htmx and not request.htmx.boosted:
-            return render(request, f"{template}#body", context)
-        context["menus"] = _menus(state, fixed or {})
-        return render(request, template, context)
+        if fragment:
+            response = render(request, f"{template}#body", context)
+        else:
+            context["menus"] = _menus(state, fixed or {})
+            response = render(request, template, context)
+    # One URL, two bodies (page or fragment): a browser cache must keep them apart, or the back
+    # button after an htmx filter change shows a bare fragment.
+    patch_vary_headers(response, ("HX-Request",))
+    return response
 
 
 def _menus(state: FilterState, fixed: dict[str, str]) -> list[dict[str, Any]]:

@@ -219,3 +219,10 @@ def test_the_overview_gpu_utilisation_comes_from_the_gpu_runtimes(pm: Client) ->
     traffic(with_gpu_runtime=True)  # rt-1 on a CPU (not measured), gpu-1 at 80%
     page = text(pm.get("/?range=1h"))
     assert '<div class="label">GPU utilisation</div><div class="value">80%</div>' in page
+
+
+def test_a_history_restore_gets_the_whole_page_and_responses_vary_on_htmx(pm: Client) -> None:
+    restored = pm.get("/tenants/", HTTP_HX_HISTORY_RESTORE_REQUEST="true", **HTMX)
+    assert "<html" in text(restored)
+    assert "HX-Request" in restored["Vary"]
+    assert "HX-Request" in pm.get("/tenants/", **HTMX)["Vary"]
