@@ -77,7 +77,12 @@ def budget_pause(*, budget: Budget, paused: bool) -> Budget:
 
 
 def budget_delete(*, budget: Budget) -> None:
-    budget.delete()
+    """Delete ``budget`` with its events and grants. Its row is locked first, the order evaluation
+    takes the locks in: a delete during an evaluation waits for it, instead of deleting the grants
+    the evaluation is about to update and deadlocking with it."""
+    with transaction.atomic():
+        if Budget.objects.select_for_update().filter(pk=budget.pk).first() is not None:
+            budget.delete()
 
 
 @dataclass

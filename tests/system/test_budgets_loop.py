@@ -90,11 +90,11 @@ def wait_for(condition: Callable[[], Any], what: str, timeout: float = WAIT_S) -
         time.sleep(0.05)
 
 
-def price_book(**per_1m: Decimal) -> None:
+def price_book(per_1m: dict[str, Decimal]) -> None:
+    """One book in force since 2020: each model's price per 1M tokens, prompt and completion alike."""
     book = PriceBook.objects.create(name="list", effective_from=dt.datetime(2020, 1, 1, tzinfo=dt.UTC))
     for model, price in per_1m.items():
-        ModelPrice.objects.create(book=book, model=model.replace("_", "-"), prompt_per_1m=price,
-                                  completion_per_1m=price)
+        ModelPrice.objects.create(book=book, model=model, prompt_per_1m=price, completion_per_1m=price)
 
 
 def request_cost(prompt_tokens: int, completion_tokens: int, price: Decimal = PRICE) -> Decimal:
@@ -192,7 +192,7 @@ def total_list_cost(events: list[RequestEvent]) -> Decimal:
 def test_a_hard_budget_is_never_overspent_by_64_concurrent_streaming_clients(
     live_server: LiveServer, tiny_model: LoadedModel, tmp_path: Path
 ) -> None:
-    price_book(tiny_random=PRICE)
+    price_book({MODEL: PRICE})
     limit = Decimal("0.40")  # about 33 requests of ~12 tokens at $0.001 a token
     hard = budget(name="globex hard cap", tenant="globex", limit=limit, enforcement="hard", action="block")
     with live_runtime(live_server, tmp_path, (tiny_model,), max_batch_size=32, max_queue_depth=128) as (live, rt):
@@ -266,7 +266,7 @@ def test_a_hard_budget_is_never_overspent_by_64_concurrent_streaming_clients(
 def test_a_soft_budget_sends_exactly_one_email_per_threshold(
     live_server: LiveServer, tiny_model: LoadedModel, tmp_path: Path, mailoutbox: list[mail.EmailMessage]
 ) -> None:
-    price_book(tiny_random=PRICE)
+    price_book({MODEL: PRICE})
     with live_runtime(live_server, tmp_path, (tiny_model,)) as (live, rt):
         # What one request costs, learned from one outside the budget's scope.
         assert completion(live, ACME, "probe").status_code == 200
@@ -306,7 +306,7 @@ def test_a_soft_budget_sends_exactly_one_email_per_threshold(
 def test_the_period_reset_lifts_the_block(live_server: LiveServer, tiny_model: LoadedModel, tmp_path: Path) -> None:
     """Both kinds of budget reach their limit; the runtime learns of it and later of the reset by
     pulling its ruleset, nothing pushed."""
-    price_book(tiny_random=PRICE)
+    price_book({MODEL: PRICE})
     with live_runtime(live_server, tmp_path, (tiny_model,), pull_interval_s=0.1) as (live, rt):
         assert completion(live, ACME, "probe").status_code == 200
         (probe,) = all_ingested(live)
@@ -351,7 +351,7 @@ def test_the_period_reset_lifts_the_block(live_server: LiveServer, tiny_model: L
 def test_a_downgrade_budget_makes_requests_come_back_from_the_cheaper_model(
     live_server: LiveServer, tiny_model: LoadedModel, tmp_path: Path
 ) -> None:
-    price_book(tiny_random=PRICE, tiny_small=CHEAP_PRICE)
+    price_book({MODEL: PRICE, CHEAP: CHEAP_PRICE})
     small = dataclasses.replace(tiny_model, name=CHEAP)
     with live_runtime(live_server, tmp_path, (tiny_model, small), models=(MODEL, CHEAP)) as (live, rt):
         assert completion(live, ACME, "probe").status_code == 200
@@ -391,8 +391,7 @@ def test_a_hard_budget_is_metered_with_the_price_books_price_for_any_model(
 ) -> None:
     """A price book may price every model with one ``*`` row; ingest prices the events with it, so
     the runtime must meter a hard USD budget with it too, not refuse the model as unpriced."""
-    book = PriceBook.objects.create(name="flat", effective_from=dt.datetime(2020, 1, 1, tzinfo=dt.UTC))
-    ModelPrice.objects.create(book=book, model="*", prompt_per_1m=PRICE, completion_per_1m=PRICE)
+    price_book({"*": PRICE})
     budget(name="globex hard cap", tenant="globex", limit=Decimal("0.05"), enforcement="hard", action="block")
     with live_runtime(live_server, tmp_path, (tiny_model,)) as (live, rt):
         evaluate_and_push(rt, live)
