@@ -5,10 +5,12 @@ returns one of the page's tables as CSV instead."""
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import render
@@ -193,7 +195,10 @@ def gpus(request: HttpRequest) -> HttpResponse:
     gauges = runtime_gauges(start=state.start, end=state.end)
     rulesets = {s.name: s for s in runtime_ruleset_states()}
     stem = f"{state.start:%Y%m%dT%H%M}-{state.end:%Y%m%dT%H%M}"
-    idle = idle_capacity(start=state.start, end=state.end)
+    # Paid device time is known only from samples, kept SAMPLE_RETENTION_DAYS: before that there is
+    # nothing to compare request time with (and no reason to scan those requests).
+    idle_from = max(state.start, timezone.now() - dt.timedelta(days=settings.SAMPLE_RETENTION_DAYS))
+    idle = idle_capacity(start=idle_from, end=state.end) if idle_from < state.end else []
     by_model = usage_by(filters=state.filters(), dimension="model")
     csv = _csv(request, {
         "runtimes": lambda: exports.runtimes_table(gauges, rulesets, stem=f"runtimes-{stem}"),
@@ -209,7 +214,9 @@ def gpus(request: HttpRequest) -> HttpResponse:
     runtimes = [{"gauge": g, "ruleset": rulesets.get(g.runtime_id)} for g in gauges]
     return _render(request, "dashboards/gpus.html", {
         "nav": "gpus", "runtimes": runtimes, "devices": [d for g in gauges for d in g.devices],
-        "idle": idle, "by_model": by_model, "totals": usage_totals(filters=state.filters()),
+        "idle": idle, "idle_from": idle_from if idle_from > state.start else None,
+        "sample_days": settings.SAMPLE_RETENTION_DAYS, "by_model": by_model,
+        "totals": usage_totals(filters=state.filters()),
         "gpu_util": page_data.gpu_utilisation(gauges),
         "charts": [charts.gpu_utilisation(history, span=span), charts.gpu_memory(gauges),
                    charts.gpu_power(history, span=span), charts.queue_depth(history, span=span)],
