@@ -18,8 +18,15 @@ from typing import Any
 from django.utils import timezone
 
 from finops.budgets.periods import org_time_zone
-from finops.dashboards.page_data import LatencyPoint, RawSeries
-from finops.dashboards.selectors import STEP_LENGTH, DeviceGauge, RuntimeGauge, RuntimeHistoryPoint, SeriesPoint
+from finops.dashboards.page_data import RawSeries
+from finops.dashboards.selectors import (
+    STEP_LENGTH,
+    DeviceGauge,
+    LatencyPoint,
+    RuntimeGauge,
+    RuntimeHistoryPoint,
+    SeriesPoint,
+)
 
 NO_REQUESTS = ("No requests in this range — send traffic to a runtime registered with "
                "`manage.py register_runtime`, or widen the range.")

@@ -6,12 +6,6 @@ request, rejections split by reason (rollups keep only the status class) and top
 read at most the last ``RAW_WINDOW`` of the range (the whole range when it is shorter), through the
 ``(started_at, tenant)`` index, and the pages say so beside them: a month of raw events is too many
 rows to scan within a page load.
-
-One read goes to the rollups themselves: ``latency_series`` groups the latency histograms by step in
-one pass (``selectors.latency_percentiles`` answers one range per call, and a chart is dozens of
-ranges). It follows the selectors' rules — the same rollup plan, the watermark read as a seqlock,
-the raw tail after it — and its tests check it against ``latency_percentiles`` step by step; it
-belongs beside that selector in ``selectors.py`` once that file is free to change.
 """
 
 from __future__ import annotations
@@ -20,7 +14,6 @@ import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
 
 from django.db.models import Avg, Count, F, Max, Q, QuerySet, Sum
 from django.db.models.functions import Trunc
@@ -31,14 +24,9 @@ from finops.budgets.periods import period_at
 from finops.budgets.selectors import BudgetStatus, budget_status
 from finops.dashboards.filterbar import FilterState
 from finops.dashboards.selectors import (
-    CONSISTENT_READ_ATTEMPTS,
     DIMENSIONS,
-    ROLLUP_FILL_STATE,
-    STEP_LENGTH,
     Dimension,
     Filters,
-    Metric,
-    Plan,
     Row,
     RuntimeGauge,
     RuntimeHistoryPoint,
@@ -46,14 +34,12 @@ from finops.dashboards.selectors import (
     Step,
     Totals,
     latency_percentiles,
-    rollup_plan,
     runtime_history,
     usage_by,
     usage_series,
     usage_totals,
 )
-from finops.telemetry import sketch
-from finops.telemetry.models import FillState, Marginal, MarginalRollup, RequestEvent, Rollup
+from finops.telemetry.models import RequestEvent
 from finops.telemetry.rollups import cost_sum, cost_value
 
 RAW_WINDOW = dt.timedelta(hours=6)
@@ -164,87 +150,6 @@ def overview(*, state: FilterState, fixed: dict[str, str] | None = None, now: dt
 
 
 # -- series ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LatencyPoint:
-    at: dt.datetime
-    quantiles: dict[float, float | None]
-
-
-def _floor(moment: dt.datetime, step: Step) -> dt.datetime:
-    moment = moment.astimezone(dt.UTC).replace(second=0, microsecond=0)
-    if step != "minute":
-        moment = moment.replace(minute=0)
-    if step == "day":
-        moment = moment.replace(hour=0)
-    return moment
-
-
-def _watermark() -> dt.datetime | None:
-    return FillState.objects.filter(name=ROLLUP_FILL_STATE).values_list("watermark", flat=True).first()
-
-
-def _rollup_rows(plan: Plan, filters: Filters) -> QuerySet[Any]:
-    """The rollup rows of the plan's tiles that the filters select: the marginal rows where at most
-    one dimension is filtered (a few per bucket), the full rows otherwise."""
-    chosen = {"tenant": filters.tenants, "feature": filters.features, "model": filters.models}
-    filtered = [name for name, values in chosen.items() if values]
-    buckets = Q()
-    for tile in plan.tiles:
-        buckets |= Q(granularity=tile.granularity, bucket__gte=tile.start, bucket__lt=tile.end)
-    if len(filtered) <= 1:
-        kept = filtered[0] if filtered else Marginal.TOTAL.value
-        rows: QuerySet[Any] = MarginalRollup.objects.filter(buckets, dimension=kept)
-        return rows.filter(value__in=chosen[kept]) if kept else rows
-    rows = Rollup.objects.filter(buckets)
-    for name in filtered:
-        rows = rows.filter(**{f"{name}__in": chosen[name]})
-    return rows
-
-
-def latency_series(*, filters: Filters, step: Step, metric: Metric) -> list[LatencyPoint]:
-    """p50/p95/p99 of ``metric`` per ``step``, each within the sketch's 2% error: the same merge as
-    ``selectors.latency_percentiles`` (rollup histograms read consistently with the watermark, plus
-    the raw tail after it), grouped by step in one pass instead of one call per step — a page with
-    two latency charts otherwise spends ~100 queries on them."""
-    plan = rollup_plan(filters=filters, coarsest=step)
-    hist_field, bucket_field, value_field = f"{metric}_hist", f"{metric}_bucket", f"{metric}_ms"
-    merged: dict[dt.datetime, dict[int, int]] = {}
-    watermark = None
-    for _ in range(CONSISTENT_READ_ATTEMPTS):  # a seqlock on the watermark, as the selectors do
-        watermark = _watermark()
-        merged = {}
-        if watermark is None:
-            break
-        for bucket, histogram in _rollup_rows(plan, filters).order_by().values_list("bucket", hist_field):
-            into = merged.setdefault(_floor(bucket, step), {})
-            for index, count in histogram.items():
-                into[int(index)] = into.get(int(index), 0) + count
-        if _watermark() == watermark:
-            break
-    events = RequestEvent.objects.filter(started_at__gte=plan.start, started_at__lt=plan.end)
-    if watermark is not None:
-        events = events.filter(received_at__gt=watermark)
-    events = _dimension_filtered(events, filters).order_by()
-    at = Trunc("started_at", step, tzinfo=dt.UTC)
-    for moment, index, count in (events.filter(**{f"{bucket_field}__isnull": False})
-                                 .values_list(at, bucket_field).annotate(n=Count("id"))):
-        into = merged.setdefault(_floor(moment, step), {})
-        into[index] = into.get(index, 0) + count
-    unbucketed = events.filter(**{f"{bucket_field}__isnull": True, f"{value_field}__isnull": False})
-    for moment, value in unbucketed.values_list("started_at", value_field):
-        into = merged.setdefault(_floor(moment, step), {})
-        index = sketch.bucket_index(value)
-        into[index] = into.get(index, 0) + 1
-    points = []
-    moment = _floor(plan.start, step)
-    while moment < plan.end:
-        histogram = merged.get(moment, {})
-        points.append(LatencyPoint(moment, {q: sketch.quantile(histogram, q) if histogram else None
-                                            for q in QUANTILES}))
-        moment += STEP_LENGTH[step]
-    return points
 
 
 def _dimension_filtered(events: QuerySet[RequestEvent], filters: Filters) -> QuerySet[RequestEvent]:

@@ -27,6 +27,7 @@ from finops.dashboards.selectors import (
     Filters,
     dimension_values,
     idle_capacity,
+    latency_series,
     runtime_gauges,
     runtime_history,
     usage_by,
@@ -104,8 +105,8 @@ def _request_charts(state: FilterState, *, fixed: dict[str, str], split: Dimensi
     result = [
         charts.spend_by(by, dimension=split, step=state.step),
         charts.tokens_per_second(total, step=state.step),
-        charts.latency(page_data.latency_series(filters=filters, step=state.step, metric="e2e")),
-        charts.time_to_first_token(page_data.latency_series(filters=filters, step=state.step, metric="ttft")),
+        charts.latency(latency_series(filters=filters, step=state.step, metric="e2e")),
+        charts.time_to_first_token(latency_series(filters=filters, step=state.step, metric="ttft")),
     ]
     if with_queue_depth:
         history = runtime_history(start=state.start, end=state.end, step=state.step)

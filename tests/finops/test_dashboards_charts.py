@@ -12,7 +12,14 @@ from django.utils import timezone
 
 from finops.dashboards import charts, page_data
 from finops.dashboards.filterbar import filter_state_parse
-from finops.dashboards.selectors import Filters, latency_percentiles, runtime_gauges, runtime_history
+from finops.dashboards.selectors import (
+    Filters,
+    LatencyPoint,
+    latency_percentiles,
+    latency_series,
+    runtime_gauges,
+    runtime_history,
+)
 from finops.telemetry.rollups import rollup_run
 from tests.finops.dashboard_factories import runtime_samples, traffic
 
@@ -28,8 +35,8 @@ def every_chart(now: dt.datetime) -> list[charts.Chart]:
     return [
         charts.spend_by(by, dimension="feature", step=state.step),
         charts.tokens_per_second(total, step=state.step),
-        charts.latency(page_data.latency_series(filters=filters, step=state.step, metric="e2e")),
-        charts.time_to_first_token(page_data.latency_series(filters=filters, step=state.step, metric="ttft")),
+        charts.latency(latency_series(filters=filters, step=state.step, metric="e2e")),
+        charts.time_to_first_token(latency_series(filters=filters, step=state.step, metric="ttft")),
         charts.queue_depth(history),
         charts.queue_wait(page_data.queue_wait_series(filters=filters)),
         charts.cache_hit_rate(total),
@@ -86,14 +93,15 @@ def test_a_cpu_runtime_has_no_gpu_chart_but_says_why() -> None:
 
 def test_times_on_the_x_axis_are_in_the_org_time_zone(settings) -> None:
     settings.ORG_TIME_ZONE = "Asia/Kolkata"
-    point = page_data.LatencyPoint(dt.datetime(2026, 11, 22, 10, 0, tzinfo=dt.UTC), {0.5: 10.0, 0.95: 20.0})
+    point = LatencyPoint(at=dt.datetime(2026, 11, 22, 10, 0, tzinfo=dt.UTC), requests=1,
+                         quantiles={0.5: 10.0, 0.95: 20.0})
     chart = charts.latency([point])
     assert chart.figure["data"][0]["x"] == ["2026-11-22 15:30"]
 
 
 @pytest.mark.parametrize(("rolled", "tenant"), [(False, ""), (True, ""), (True, "acme")])
 @pytest.mark.parametrize("metric", ["e2e", "ttft"])
-def test_the_latency_series_agrees_with_the_percentile_selector_step_by_step(
+def test_the_latency_chart_series_agrees_with_the_percentile_selector_step_by_step(
     rolled: bool, tenant: str, metric: str
 ) -> None:
     now = timezone.now()
@@ -102,7 +110,7 @@ def test_the_latency_series_agrees_with_the_percentile_selector_step_by_step(
         rollup_run(now=now - dt.timedelta(minutes=8))
     state = filter_state_parse({"range": "1h", "tenant": tenant}, now=now)
     filters = state.filters()
-    points = page_data.latency_series(filters=filters, step=state.step, metric=metric)
+    points = latency_series(filters=filters, step=state.step, metric=metric)
     assert len(points) == 60 and any(p.quantiles[0.5] is not None for p in points)
     for point in points:
         window = Filters(start=point.at, end=point.at + dt.timedelta(minutes=1), tenants=filters.tenants)
