@@ -44,7 +44,6 @@ from finops.telemetry.rollups import cost_sum, cost_value
 
 RAW_WINDOW = dt.timedelta(hours=6)
 TOP_END_USERS = 10
-QUANTILES = (0.5, 0.95, 0.99)
 
 
 # -- overview -------------------------------------------------------------------------------------
