@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
 from django.contrib.auth import get_user_model
@@ -22,7 +22,7 @@ from django.db import connections
 from django.db.models import Count, Q, Sum
 from django.utils import timezone
 
-from finops.budgets.models import Action, Budget, Enforcement, Unit
+from finops.budgets.models import LIMIT, Action, Budget, Enforcement, Unit, amount_label
 from finops.budgets.periods import period_at
 from finops.budgets.permissions import BUDGET_ADMIN, PRODUCT_MANAGER
 from finops.budgets.selectors import budget_spend
@@ -143,13 +143,19 @@ def demo_budgets_ensure(*, trip_tokens: int, acme_usd: Decimal) -> list[DemoBudg
         "all traffic hardware", fields={"period": "monthly", "unit": Unit.USD_HARDWARE, "limit": Decimal("25.00"),
                                         "action": Action.ALERT_ONLY, "recipients": ALERT_RECIPIENTS})
     return [
-        DemoBudget(trip.name, f"hard, {trip.limit:,.0f} tokens a day for tenant initech: blocks (429) when spent"),
-        DemoBudget(acme.name, f"soft, ${acme.limit} a month for tenant acme: alert emails at 50/80/100%"),
+        DemoBudget(trip.name, f"hard, {_limit_label(trip, now)} a day for tenant initech: blocks (429) when spent"),
+        DemoBudget(acme.name, f"soft, {_limit_label(acme, now)} a month for tenant acme: alerts at 50/80/100%"),
         DemoBudget(search.name, "soft, $5 a day for globex's search: throttles past it"),
         DemoBudget(daily.name, "soft, $1 a day of list price for all traffic (the overview's 'today' tile)"),
         DemoBudget(monthly.name, "soft, $20 a month of list price for all traffic"),
         DemoBudget(hardware.name, "soft, $25 a month of hardware cost for all traffic: stays healthy"),
     ]
+
+
+def _limit_label(budget: Budget, now: dt.datetime) -> str:
+    label = amount_label(budget.unit, budget.limit)
+    used = budget_spend(budget=budget, period=period_at(budget.period, now))
+    return f"{label} ({amount_label(budget.unit, used)} already used)" if used else label
 
 
 def _budget_once(name: str, *, fields: dict[str, Any]) -> Budget:
@@ -164,9 +170,8 @@ def _budget_with_headroom(name: str, *, headroom: Decimal, now: dt.datetime, fie
     if budget is None:
         return budget_create(fields={"name": name, "limit": headroom, **fields})
     used = budget_spend(budget=budget, period=period_at(budget.period, now))
-    limit = used + headroom
-    if budget.unit == Unit.TOKENS:
-        limit = limit.to_integral_value()
+    places = Decimal(1) if budget.unit == Unit.TOKENS else Decimal(10) ** -LIMIT["decimal_places"]
+    limit = (used + headroom).quantize(places, rounding=ROUND_CEILING)
     return budget_update(budget=budget, fields={"limit": limit, "paused": False})
 
 

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         if "/accounts/login" in page.url:
             print(f"could not log in as {args.user!r} at {base}", file=sys.stderr)
             return 1
-        # The navigation's pages, then from each of them its first detail page; details end the walk.
+        # The overview, the pages it links to, and from each of those its first detail page.
         queue: list[tuple[str, bool]] = [(path, True) for path in args.page] or [("/", False)]
         seen: set[str] = set()
         while queue and len(seen) < args.max_pages:
@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {path} -> {target}")
             if not leaf:
                 queued = {p for p, _ in queue} | seen
-                queue += [(link, path != "/" or bool(DETAIL.match(link))) for link in _links(page, base)
-                          if link not in queued]
+                # From the overview its navigation; from each list page its first row's detail.
+                links = [link for link in _links(page, base) if (path != "/") == bool(DETAIL.match(link))]
+                queue += [(link, path != "/") for link in links if link not in queued]
         browser.close()
     if errors:
         print("JavaScript errors on the pages:\n  " + "\n  ".join(errors), file=sys.stderr)
@@ -117,15 +118,14 @@ def _links(page: Page, base: str) -> list[str]:
         url = urljoin(base + "/", href)
         if not url.startswith(base):
             continue
-        path = url[len(base):].split("#")[0] or "/"
+        # Filters in a link's query are the current ones: each page is taken once, under --range.
+        path = urlsplit(url[len(base):]).path or "/"
         if SKIP.search(path) or path in paths:
             continue
-        if DETAIL.match(urlsplit(path).path) and "?" not in path:
+        if DETAIL.match(path):
             if details:
                 continue
             details += 1
-        elif "?" in path:
-            continue  # the same page under another filter
         paths.append(path)
     return paths
 
