@@ -23,6 +23,7 @@ BENCHMARKS = {
     "ingest_throughput": "telemetry events/s over HTTP into PostgreSQL, next to a raw COPY",
     "selector_latency": "dashboard selector latency over 30 days of 10 million events",
     "rule_matching": "admission overhead of a ruleset: 1,000 rules, 10,000 tenants, µs per request",
+    "budget_enforcement": "spend reaching a budget's limit -> the runtime's first 429, hard and soft budgets",
 }
 
 
