@@ -1,8 +1,8 @@
 """`python -m demo`: the whole system on this machine, with traffic, until Ctrl-C.
 
 Prepares the control plane's database (migrations, two demo logins, the runtime's registration, a
-price book, demo budgets), starts the control plane (uvicorn), a Celery worker with beat and the
-runtime on SmolLM2 as child processes, waits for each to be healthy, drives several tenants'
+price book, demo budgets), starts the control plane (uvicorn), the runtime on SmolLM2 and a Celery
+worker with beat as child processes, waits for each to be healthy, drives several tenants'
 traffic until the trial tenant's hard budget trips, prints what was stored and where to look, then
 serves until Ctrl-C (or stops at once with --exit / DEMO_EXIT=1). Ctrl-C at any point stops every
 process it started.
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2",
                         help="model to serve: smollm2 (real weights, the default) or tiny-random (for tests)")
     parser.add_argument("--rounds", type=int, default=int(os.environ.get("DEMO_ROUNDS", "3")),
-                        help="passes over each tenant's features (default 3, about 120 requests)")
+                        help="passes over each tenant's features (default 3: about 90 requests)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("DEMO_PORT", "8100")),
                         help="the runtime's port (default 8100, or DEMO_PORT)")
     parser.add_argument("--finops-port", type=int, default=int(os.environ.get("DEMO_FINOPS_PORT", "8000")),
@@ -63,7 +63,14 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        return run(parse_args(argv))
+    except KeyboardInterrupt:  # while the database was being prepared: nothing was started yet
+        print("\nInterrupted before any process was started.", file=sys.stderr)
+        return 130
+
+
+def run(args: argparse.Namespace) -> int:
     begun = time.monotonic()
     finops_url = f"http://127.0.0.1:{args.finops_port}"
     runtime_url = f"http://127.0.0.1:{args.port}"

@@ -25,7 +25,7 @@ STARTED = re.compile(r"started the (.+?) \(pid (\d+)")
 
 def demo(tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
     env = {**os.environ, "WATTSON_DEV": "1", "WATTSON_VAR_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
-    for name in ("DATABASE_URL", "CELERY_BROKER_URL", "DEMO_EXIT", "SECRET_KEY"):
+    for name in ("DATABASE_URL", "CELERY_BROKER_URL", "DEMO_EXIT", "DEMO_PASSWORD", "SECRET_KEY"):
         env.pop(name, None)  # a SQLite file and the filesystem broker in tmp_path, shared by every child
     argv = [sys.executable, "-m", "demo", "--model", "tiny-random", "--rounds", "1", "--trip-tokens", "300",
             "--port", str(free_port()), "--finops-port", str(free_port()), *extra]
