@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 CHROMIUM = "/usr/bin/chromium"
 # Links that are not pages to show: leaving, exports, the API, Django's admin, static files.
 SKIP = re.compile(r"^/(accounts/logout|admin|api|static)(/|$)|\.csv$|[?&](format|export)=csv|/export|"
-                  r"/(new|edit|delete|pause|resume)/?$")
-DETAIL = re.compile(r"^/[\w-]+/[^/?#]+/?$")  # /features/search/, /budgets/3/: one row of a list page
+                  r"/(edit|delete|pause|resume)/?$")
+# /features/search/, /budgets/3/: one row of a list page (/budgets/new/, the form, is a page of its own).
+DETAIL = re.compile(r"^/[\w-]+/(?!new/?$)[^/?#]+/?$")
 
 
 def page_name(path: str) -> str:
@@ -89,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {path} -> {target}")
             if not leaf:
                 queued = {p for p, _ in queue} | seen
-                # From the overview its navigation; from each list page its first row's detail.
-                links = [link for link in _links(page, base) if (path != "/") == bool(DETAIL.match(link))]
+                # From the overview its navigation; from each page it links to, that page's first
+                # row's detail and any page not seen yet (the new-budget form).
+                links = [link for link in _links(page, base) if path != "/" or not DETAIL.match(link)]
                 queue += [(link, path != "/") for link in links if link not in queued]
         browser.close()
     if errors:
