@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 
-from django.db.models import Avg, Count, F, Max, Q, QuerySet, Sum
+from django.db.models import Avg, Count, F, Max, QuerySet, Sum
 from django.db.models.functions import Trunc
 from django.utils import timezone
 
@@ -34,6 +34,7 @@ from finops.dashboards.selectors import (
     Step,
     Totals,
     latency_percentiles,
+    raw_events_filtered,
     runtime_history,
     usage_by,
     usage_series,
@@ -151,24 +152,11 @@ def overview(*, state: FilterState, fixed: dict[str, str] | None = None, now: dt
 # -- series ---------------------------------------------------------------------------------------
 
 
-def _dimension_filtered(events: QuerySet[RequestEvent], filters: Filters) -> QuerySet[RequestEvent]:
-    if filters.tenants:
-        events = events.filter(tenant__in=filters.tenants)
-    if filters.features:
-        events = events.filter(feature__in=filters.features)
-    if filters.models:
-        served = Q(model_served__in=filters.models)
-        if "" in filters.models:
-            served |= Q(model_served__isnull=True)
-        events = events.filter(served)
-    return events
-
-
 def _raw_events(filters: Filters) -> tuple[QuerySet[RequestEvent], dt.datetime]:
     """Raw events of the filters' last ``RAW_WINDOW``, and where that window starts."""
     start = max(filters.start, filters.end - RAW_WINDOW)
     events = RequestEvent.objects.filter(started_at__gte=start, started_at__lt=filters.end)
-    return _dimension_filtered(events, filters).order_by(), start
+    return raw_events_filtered(events, filters).order_by(), start
 
 
 @dataclass(frozen=True)

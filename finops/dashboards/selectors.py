@@ -258,6 +258,11 @@ def _tail(plan: Plan, filters: Filters, watermark: dt.datetime | None) -> QueryS
     events = RequestEvent.objects.filter(started_at__gte=plan.start, started_at__lt=plan.end)
     if watermark is not None:
         events = events.filter(received_at__gt=watermark)
+    return raw_events_filtered(events, filters)
+
+
+def raw_events_filtered(events: QuerySet[RequestEvent], filters: Filters) -> QuerySet[RequestEvent]:
+    """``events`` limited to the filters' tenants, features and served models (not their range)."""
     if filters.tenants:
         events = events.filter(tenant__in=filters.tenants)
     if filters.features:
