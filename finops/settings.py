@@ -141,7 +141,7 @@ with contextlib.suppress(OSError):
 # WhiteNoise serves from the finders too, so a server started without `collectstatic` still has them.
 WHITENOISE_USE_FINDERS = env_bool("WHITENOISE_USE_FINDERS", True)
 LOGIN_URL = "login"
-LOGIN_REDIRECT_URL = "budgets:list"
+LOGIN_REDIRECT_URL = "dashboards:overview"  # product managers land on the overview
 LOGOUT_REDIRECT_URL = "login"
 
 EMAIL_BACKEND = os.environ.get("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")

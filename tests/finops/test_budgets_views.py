@@ -64,7 +64,7 @@ def test_the_login_page_logs_a_user_in(client: Client) -> None:
     response = client.post("/accounts/login/", {"username": "pat", "password": "pw-for-the-test"})
 
     assert response.status_code == 302
-    assert response["Location"] == "/budgets/"
+    assert response["Location"] == "/"  # the overview
 
 
 def test_a_product_manager_sees_spend_progress_and_forecast_but_no_edit_controls(pm: Client) -> None:
