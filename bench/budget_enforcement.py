@@ -60,7 +60,7 @@ import httpx
 
 from bench.ingest_throughput import REPO, control_plane, create_database, django_env, django_use, drop_database, migrate
 from bench.report import percentile, print_table, progress
-from bench.servers import BENCH_KEY, BENCH_TENANT, runtime_server
+from bench.servers import BENCH_KEY, BENCH_TENANT, logged_process, runtime_server
 
 DATABASE = "wattson_bench_budget"
 RUNTIME_NAME = "bench-budget"  # runtime_server names its runtime bench-<name>
@@ -111,28 +111,12 @@ def celery_worker(broker: str, var_dir: Path) -> Iterator[None]:
         subprocess.run([sys.executable, "-m", "celery", "-A", "finops", "purge", "-f"], cwd=REPO, env=env,
                        capture_output=True, check=False)
     argv = [sys.executable, "-m", "celery", "-A", "finops", "worker", "-B", "--concurrency", "2", "-l", "warning"]
-    with tempfile.NamedTemporaryFile(prefix="bench-celery-", suffix=".log", delete=False) as log:
-        log_path = Path(log.name)
-        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    progress(f"starting celery worker -B (pid {proc.pid}) on {broker}")
-    failed = True
-    try:
+    with logged_process("celery", argv, env=env, cwd=REPO, stop_timeout_s=30) as (proc, log_path):
+        progress(f"starting celery worker -B (pid {proc.pid}) on {broker}")
         time.sleep(1.0)
         if proc.poll() is not None:
             raise RuntimeError(f"the Celery worker exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
         yield
-        failed = False
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if failed:
-            progress(f"the worker's log is kept in {log_path}")
-        else:
-            log_path.unlink(missing_ok=True)
 
 
 # -- the control plane's side, in this process ---------------------------------------------------------

@@ -27,7 +27,6 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -39,7 +38,7 @@ from pathlib import Path
 import httpx
 
 from bench.report import percentile, print_table, progress
-from bench.servers import free_port
+from bench.servers import free_port, logged_process
 
 PG_HOST = os.environ.get("BENCH_PG_HOST", "127.0.0.1")
 PG_PORT = os.environ.get("BENCH_PG_PORT", "5432")
@@ -204,12 +203,8 @@ def control_plane(workers: int, name: str) -> Iterator[str]:
     argv = [sys.executable, "-m", "uvicorn", "finops.asgi:application", "--host", "127.0.0.1", "--port", str(port),
             "--workers", str(workers), "--log-level", "warning", "--no-access-log"]
     url = f"http://127.0.0.1:{port}"
-    with tempfile.NamedTemporaryFile(prefix="bench-finops-", suffix=".log", delete=False) as log:
-        log_path = Path(log.name)
-        proc = subprocess.Popen(argv, cwd=REPO, env=django_env(name), stdout=log, stderr=subprocess.STDOUT)
-    progress(f"starting uvicorn --workers {workers} (pid {proc.pid}) on {url}")
-    failed = True
-    try:
+    with logged_process("uvicorn", argv, env=django_env(name), cwd=REPO) as (proc, log_path):
+        progress(f"starting uvicorn --workers {workers} (pid {proc.pid}) on {url}")
         started = time.monotonic()
         while True:
             if proc.poll() is not None:
@@ -223,18 +218,6 @@ def control_plane(workers: int, name: str) -> Iterator[str]:
                 raise RuntimeError(f"uvicorn did not answer within {START_TIMEOUT_S:.0f} s")
             time.sleep(0.2)
         yield url
-        failed = False
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if failed:
-            progress(f"uvicorn's log is kept in {log_path}")
-        else:
-            log_path.unlink(missing_ok=True)
 
 
 @dataclass

@@ -57,17 +57,26 @@ def _process(name: str, argv: Sequence[str], port: int, env: dict[str, str] | No
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("INFERENCE_")}
     child_env.update(env or {})
     base_url = f"http://127.0.0.1:{port}"
-    with tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False) as log:
-        log_path = Path(log.name)
-        proc = subprocess.Popen([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, env=child_env)
-    progress(f"starting {name} (pid {proc.pid}) on {base_url}")
-    failed = True
-    try:
+    with logged_process(name, [sys.executable, *argv], env=child_env) as (proc, log_path):
+        progress(f"starting {name} (pid {proc.pid}) on {base_url}")
         _wait_until_healthy(proc, name, base_url, log_path)
         yield base_url
+
+
+@contextmanager
+def logged_process(name: str, argv: Sequence[str], *, env: dict[str, str], cwd: Path | None = None,
+                   stop_timeout_s: float = 20.0) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """``argv`` as a child writing to a temporary log; stopped (SIGTERM, then SIGKILL) when the block
+    ends. The log is deleted after a clean run and kept (and its path printed) after a failure."""
+    with tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False) as log:
+        log_path = Path(log.name)
+        proc = subprocess.Popen(list(argv), cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    failed = True
+    try:
+        yield proc, log_path
         failed = False
     finally:
-        _stop(proc)
+        _stop(proc, stop_timeout_s)
         if failed:
             progress(f"{name}'s log is kept in {log_path}")
         else:
@@ -89,12 +98,12 @@ def _wait_until_healthy(proc: subprocess.Popen[bytes], name: str, base_url: str,
     raise RuntimeError(f"{name} did not become healthy within {START_TIMEOUT_S:.0f} s:\n{_tail(log_path)}")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def _stop(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
     if proc.poll() is not None:
         return
     proc.terminate()
     try:
-        proc.wait(timeout=20)
+        proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
