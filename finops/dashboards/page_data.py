@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -38,8 +39,10 @@ from finops.dashboards.selectors import (
     runtime_history,
     usage_by,
     usage_series,
+    usage_series_split,
     usage_totals,
 )
+from finops.dashboards.tail import TailSnapshot, tail_snapshot
 from finops.telemetry.models import RequestEvent
 from finops.telemetry.rollups import cost_sum, cost_value
 
@@ -149,6 +152,18 @@ def overview(*, state: FilterState, fixed: dict[str, str] | None = None, now: dt
     )
 
 
+def page_tail(state: FilterState, *, now: dt.datetime | None = None) -> AbstractContextManager[TailSnapshot]:
+    """One read of the raw tail for everything a page shows: its range (widened to whole hours,
+    as ``rollup_plan`` may widen it) and the current day and month of the spend tiles."""
+    now = now or timezone.now()
+    month = period_at(Period.MONTHLY, now).start.astimezone(dt.UTC)
+    day = period_at(Period.DAILY, now).start.astimezone(dt.UTC)
+    start = min(state.start.replace(minute=0), month, day)
+    end = max(state.end, _ceil_minute(now))
+    end = end if end == end.replace(minute=0) else end.replace(minute=0) + dt.timedelta(hours=1)
+    return tail_snapshot(start=start, end=end)
+
+
 # -- series ---------------------------------------------------------------------------------------
 
 
@@ -245,15 +260,22 @@ SORT_KEYS = {
 DEFAULT_SORT = "cost"
 
 
-def breakdown(*, state: FilterState, dimension: Dimension, sort: str = DEFAULT_SORT) -> list[BreakdownRow]:
+@dataclass(frozen=True)
+class Breakdown:
+    rows: list[BreakdownRow]
+    series: list[SeriesPoint]  # the range's steps split by the dimension (the sparklines' source)
+
+
+def breakdown(*, state: FilterState, dimension: Dimension, sort: str = DEFAULT_SORT) -> Breakdown:
     """Every value of ``dimension`` in the range with its measures and a spend sparkline, sorted by
     ``sort`` (a ``SORT_KEYS`` name, ``-`` in front for ascending; an unknown one sorts by cost)."""
     if dimension not in DIMENSIONS:
         raise ValueError(f"dimension must be one of {DIMENSIONS}")
     filters = state.filters()
     rows = usage_by(filters=filters, dimension=dimension)
+    series = usage_series(filters=filters, step=state.step, dimension=dimension)
     sparks: dict[str, list[float]] = {}
-    for point in usage_series(filters=filters, step=state.step, dimension=dimension):
+    for point in series:
         sparks.setdefault(point.value or "", []).append(float(point.list_cost))
     result = [BreakdownRow(row, sparks.get(row.value, [])) for row in rows]
     ascending = sort.startswith("-")
@@ -261,7 +283,7 @@ def breakdown(*, state: FilterState, dimension: Dimension, sort: str = DEFAULT_S
     # Names read A→Z by default; numbers largest first.
     reverse = not ascending if sort.lstrip("-") != "name" else ascending
     result.sort(key=key, reverse=reverse)
-    return result
+    return Breakdown(result, series)
 
 
 def budgets_for(*, dimension: Dimension, value: str) -> list[BudgetStatus]:
@@ -275,6 +297,6 @@ def series(*, state: FilterState, fixed: dict[str, str] | None = None,
            split: Dimension | None = None) -> tuple[list[SeriesPoint], list[SeriesPoint]]:
     """The page's usage series: unsplit, and split by ``split`` (for the stacked spend chart)."""
     filters = state.filters(**(fixed or {}))
-    total = usage_series(filters=filters, step=state.step)
-    by = usage_series(filters=filters, step=state.step, dimension=split) if split else []
-    return total, by
+    if split is None:
+        return usage_series(filters=filters, step=state.step), []
+    return usage_series_split(filters=filters, step=state.step, dimension=split)

@@ -54,9 +54,10 @@ from django.db.models import (
     Value,
     When,
 )
-from django.db.models.functions import Coalesce, Trunc, TruncMinute
+from django.db.models.functions import Trunc, TruncMinute
 from django.utils import timezone
 
+from finops.dashboards.tail import TailEvent, tail_events, watermark_after_read, watermark_before_read
 from finops.pricing.services import QUANTUM, PriceCatalog, Prices
 from finops.runtimes.models import Runtime
 from finops.telemetry import sketch
@@ -64,7 +65,6 @@ from finops.telemetry.models import (
     Device,
     DeviceRollup,
     DeviceSample,
-    FillState,
     Marginal,
     MarginalRollup,
     RequestEvent,
@@ -80,7 +80,6 @@ Dimension = Literal["tenant", "feature", "model"]
 Step = Literal["minute", "hour", "day"]
 Metric = Literal["e2e", "ttft"]
 
-ROLLUP_FILL_STATE = "requests"
 DIMENSIONS: tuple[Dimension, ...] = ("tenant", "feature", "model")
 STEPS: tuple[Step, ...] = ("minute", "hour", "day")
 METRICS: tuple[Metric, ...] = ("e2e", "ttft")
@@ -181,13 +180,13 @@ def _tiles(start: dt.datetime, end: dt.datetime, coarsest: Step) -> list[Tile]:
     return [Tile("minute", start, end)]
 
 
+_FLOOR_FIELDS = {"minute": {"second": 0, "microsecond": 0},
+                 "hour": {"minute": 0, "second": 0, "microsecond": 0},
+                 "day": {"hour": 0, "minute": 0, "second": 0, "microsecond": 0}}
+
+
 def _floor(moment: dt.datetime, step: str) -> dt.datetime:
-    moment = moment.replace(second=0, microsecond=0)
-    if step in ("hour", "day"):
-        moment = moment.replace(minute=0)
-    if step == "day":
-        moment = moment.replace(hour=0)
-    return moment
+    return moment.replace(**_FLOOR_FIELDS[step])
 
 
 def _ceil(moment: dt.datetime, step: str) -> dt.datetime:
@@ -198,8 +197,29 @@ def _ceil(moment: dt.datetime, step: str) -> dt.datetime:
 # -- the two sources ------------------------------------------------------------------------------
 
 
-def _watermark() -> dt.datetime | None:
-    return FillState.objects.filter(name=ROLLUP_FILL_STATE).values_list("watermark", flat=True).first()
+def _fetch(rows: QuerySet[Any]) -> list[dict[str, Any]]:
+    """A ``values()`` query's rows as plain dicts, straight from the cursor: without Django's
+    per-value converters, which cost more than the query for the thousands of rows of a split
+    series. Truncated moments come back as the database gives them (see ``_moments``)."""
+    sql, params = rows.query.sql_with_params()
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        names = [column[0] for column in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+def _moments() -> Callable[[Any], dt.datetime | None]:
+    """A converter of the step starts a raw query returns (naive UTC datetimes on PostgreSQL, text
+    on SQLite) to aware UTC datetimes, remembering each one: a split series repeats every step."""
+    field = Rollup._meta.get_field("bucket")
+    seen: dict[Any, dt.datetime | None] = {None: None}
+
+    def convert(value: Any) -> dt.datetime | None:
+        if value not in seen:
+            moment = field.to_python(value) if isinstance(value, str) else value
+            seen[value] = (moment if timezone.is_aware(moment) else moment.replace(tzinfo=dt.UTC)).astimezone(dt.UTC)
+        return seen[value]
+    return convert
 
 
 def _read_rollups(read: Callable[[], T], empty: T) -> tuple[dt.datetime | None, T]:
@@ -208,15 +228,16 @@ def _read_rollups(read: Callable[[], T], empty: T) -> tuple[dt.datetime | None, 
     A rollup run writes its rows and advances the watermark in one transaction, and the watermark
     only moves forward; so if it reads the same before and after ``read``, the rows read are
     exactly the events received up to it (a seqlock). Without a watermark nothing is rolled up.
+    Inside a page's tail snapshot the opening watermark is the previous read's closing one.
     """
     after: dt.datetime | None = None
     result = empty
     for _ in range(CONSISTENT_READ_ATTEMPTS):
-        before = _watermark()
+        before = watermark_before_read()
         if before is None:
             return None, empty
         result = read()
-        after = _watermark()
+        after = watermark_after_read()
         if after == before:
             return before, result
     # Rollup runs kept committing mid-read; counting from the later watermark can miss the
@@ -251,14 +272,18 @@ def _rollups(plan: Plan, filters: Filters, dimension: Dimension | None = None) -
     return rows, F(dimension) if dimension else Value("")
 
 
-_TAIL_MODEL = Coalesce("model_served", Value(""))
+def _tail(plan: Plan, filters: Filters, watermark: dt.datetime | None) -> list[TailEvent]:
+    """The raw events of the plan's range that the filters select, received after ``watermark``."""
+    return tail_events(start=plan.start, end=plan.end, watermark=watermark, keep=_selects(filters))
 
 
-def _tail(plan: Plan, filters: Filters, watermark: dt.datetime | None) -> QuerySet[RequestEvent]:
-    events = RequestEvent.objects.filter(started_at__gte=plan.start, started_at__lt=plan.end)
-    if watermark is not None:
-        events = events.filter(received_at__gt=watermark)
-    return raw_events_filtered(events, filters)
+def _selects(filters: Filters) -> Callable[[TailEvent], bool] | None:
+    """Whether a tail event is one of the filters' tenants, features and served models (None: all are)."""
+    if not (filters.tenants or filters.features or filters.models):
+        return None
+    tenants, features, models = set(filters.tenants), set(filters.features), set(filters.models)
+    return lambda e: ((not tenants or e.tenant in tenants) and (not features or e.feature in features)
+                      and (not models or e.model in models))
 
 
 def raw_events_filtered(events: QuerySet[RequestEvent], filters: Filters) -> QuerySet[RequestEvent]:
@@ -275,17 +300,27 @@ def raw_events_filtered(events: QuerySet[RequestEvent], filters: Filters) -> Que
     return events
 
 
-def _tail_key(dimension: Dimension) -> Expression:
-    """A dimension's value in raw events."""
+def _check_dimension(dimension: str) -> None:
     if dimension not in DIMENSIONS:
         raise ValueError(f"dimension must be one of {DIMENSIONS}, got {dimension!r}")
-    return _TAIL_MODEL if dimension == "model" else F(dimension)
+
+
+def _event_key(step: Step | None, dimension: Dimension | None) -> Callable[[TailEvent], tuple[Any, ...]]:
+    """A tail event's group: ``(step start, dimension value)``, without whichever is not asked for."""
+    def key(event: TailEvent) -> tuple[Any, ...]:
+        at = (_floor(event.started_at.astimezone(dt.UTC), step),) if step else ()
+        return (*at, getattr(event, dimension)) if dimension else at
+    return key
 
 
 # -- request measures -----------------------------------------------------------------------------
 
+# Aliases are prefixed so that no aggregate hides the column a later one reads.
+_STATUS_COUNTERS = {"ok": "ok", "error": "errors", "rejected": "rejections", "cancelled": "cancelled"}
+
+
 def _rollup_sums() -> dict[str, Aggregate]:
-    return {
+    sums: dict[str, Aggregate] = {
         "total_requests": Sum("requests"),
         "total_prompt_tokens": Sum("prompt_tokens"),
         "total_completion_tokens": Sum("completion_tokens"),
@@ -297,26 +332,10 @@ def _rollup_sums() -> dict[str, Aggregate]:
         "total_hardware_cost": cost_sum("hardware_cost"),
         "total_unpriced": Sum("unpriced"),
     }
-
-
-def _tail_sums() -> dict[str, Aggregate]:
-    return {
-        "total_requests": Count("id"),
-        "total_prompt_tokens": Sum("prompt_tokens"),
-        "total_completion_tokens": Sum("completion_tokens"),
-        "total_cache_hits": Count("id", filter=Q(cache_hit=True)),
-        "total_gpu_seconds": Sum("gpu_seconds"),
-        "total_energy_joules": Sum("energy_joules"),
-        "total_energy_measured": Count("energy_joules"),
-        "total_list_cost": cost_sum("list_cost"),
-        "total_hardware_cost": cost_sum("hardware_cost"),
-        # Unpriced: no list price applied (the rollups' rule).
-        "total_unpriced": Count("id", filter=Q(list_cost__isnull=True)),
-    }
-
-
-# Aliases are prefixed so that no aggregate hides the column a later one reads.
-_STATUS_COUNTERS = {"ok": "ok", "error": "errors", "rejected": "rejections", "cancelled": "cancelled"}
+    # Status classes are folded into the group's counters by the database, not returned as rows.
+    for status_class, counter in _STATUS_COUNTERS.items():
+        sums[f"total_{counter}"] = Sum("requests", filter=Q(status_class=status_class))
+    return sums
 
 
 @dataclass
@@ -337,17 +356,38 @@ class _Sums:
     unpriced: int = 0
 
     def add(self, row: Mapping[str, Any]) -> None:
-        requests = int(row["total_requests"] or 0)
-        self.requests += requests
-        counter = _STATUS_COUNTERS.get(row["status_class"])
-        if counter:
-            setattr(self, counter, getattr(self, counter) + requests)
-        for name in ("prompt_tokens", "completion_tokens", "cache_hits", "energy_measured", "unpriced"):
+        """Add a row of ``_rollup_sums``."""
+        for name in ("requests", "ok", "errors", "rejections", "cancelled", "prompt_tokens", "completion_tokens",
+                     "cache_hits", "energy_measured", "unpriced"):
             setattr(self, name, getattr(self, name) + int(row[f"total_{name}"] or 0))
         self.gpu_seconds += float(row["total_gpu_seconds"] or 0.0)
         self.energy_joules += float(row["total_energy_joules"] or 0.0)
         self.list_cost += cost_value(row["total_list_cost"])
         self.hardware_cost += cost_value(row["total_hardware_cost"])
+
+    def merge(self, other: _Sums) -> None:
+        for name, value in vars(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+    def add_event(self, event: TailEvent) -> None:
+        """Add one raw event, counted as the rollups count it."""
+        self.requests += 1
+        counter = _STATUS_COUNTERS.get(event.status_class)
+        if counter:
+            setattr(self, counter, getattr(self, counter) + 1)
+        self.prompt_tokens += event.prompt_tokens
+        self.completion_tokens += event.completion_tokens
+        self.cache_hits += bool(event.cache_hit)
+        self.gpu_seconds += event.gpu_seconds or 0.0
+        if event.energy_joules is not None:
+            self.energy_joules += event.energy_joules
+            self.energy_measured += 1
+        if event.list_cost is None:
+            self.unpriced += 1  # no list price applied (the rollups' rule)
+        else:
+            self.list_cost += cost_value(event.list_cost)
+        if event.hardware_cost is not None:
+            self.hardware_cost += cost_value(event.hardware_cost)
 
 
 @dataclass(frozen=True)
@@ -438,31 +478,32 @@ def _usage(
     dimension: Dimension | None = None,
     step: Step | None = None,
 ) -> dict[tuple[Any, ...], _Sums]:
-    """Measures grouped by the ``step`` the request started in and/or ``dimension``'s value (plus
-    status class, folded in), rollups and tail added up. A group's key is ``(step start, value)``
-    without whichever of the two is not asked for."""
-    tail_keys: dict[str, Expression] = {}
-    if step:
-        tail_keys["at"] = Trunc("started_at", step, tzinfo=dt.UTC)
-    if dimension:
-        tail_keys["kept"] = _tail_key(dimension)
-
+    """Measures grouped by the ``step`` the request started in and/or ``dimension``'s value,
+    rollups and tail added up. A group's key is ``(step start, value)`` without whichever of the two
+    is not asked for."""
     def read() -> list[dict[str, Any]]:
         rows, value = _rollups(plan, filters, dimension)
-        # Rollup rows are grouped by their own bucket (the database then hashes on an indexed
-        # column whose distinct count it knows); the few finer edge buckets are folded into steps below.
-        keys = {name: expression for name, expression in (("at", F("bucket")), ("kept", value))
-                if name in tail_keys}
-        return list(rows.values("status_class", **keys).annotate(**_rollup_sums()).order_by())
+        # Edge buckets finer than the step (hours and minutes at the range's ends) are folded into
+        # their step by the database, so a month by day is a row per day and value.
+        keys: dict[str, Expression] = {}
+        if step:
+            keys["at"] = Trunc("bucket", step, tzinfo=dt.UTC)
+        if dimension:
+            keys["kept"] = value
+        if not keys:
+            return [rows.order_by().aggregate(**_rollup_sums())]
+        return _fetch(rows.values(**keys).annotate(**_rollup_sums()).order_by())
 
     watermark, rolled = _read_rollups(read, empty=[])
-    tail = _tail(plan, filters, watermark).values("status_class", **tail_keys).annotate(**_tail_sums())
     groups: dict[tuple[Any, ...], _Sums] = {}
-    for row in [*rolled, *tail.order_by()]:
-        key = tuple(row[name] for name in tail_keys)
-        if step:
-            key = (_floor(key[0].astimezone(dt.UTC), step), *key[1:])
+    moment = _moments()
+    for row in rolled:
+        at = (moment(row["at"]),) if step else ()
+        key = (*at, row["kept"]) if dimension else at
         groups.setdefault(key, _Sums()).add(row)
+    event_key = _event_key(step, dimension)
+    for event in _tail(plan, filters, watermark):
+        groups.setdefault(event_key(event), _Sums()).add_event(event)
     return groups
 
 
@@ -475,7 +516,7 @@ def usage_totals(*, filters: Filters) -> Totals:
 
 def usage_by(*, filters: Filters, dimension: Dimension) -> list[Row]:
     """The measures per tenant, feature or served model, highest list cost first."""
-    _tail_key(dimension)  # a wrong dimension is refused before any query
+    _check_dimension(dimension)  # a wrong dimension is refused before any query
     plan = rollup_plan(filters=filters)
     groups = _usage(filters=filters, plan=plan, dimension=dimension)
     rows = [Row(**_measures(sums), dimension=dimension, value=key[0]) for key, sums in groups.items()]
@@ -491,12 +532,33 @@ def usage_series(*, filters: Filters, step: Step = "hour", dimension: Dimension 
     over the same range. A step coarser than the range's alignment makes its first and last points
     partial (they count only the part of the step inside the range).
     """
+    plan, groups = _series_groups(filters, step, dimension)
+    return _series_points(plan, step, groups, dimension)
+
+
+def usage_series_split(*, filters: Filters, step: Step, dimension: Dimension) -> tuple[list[SeriesPoint],
+                                                                                        list[SeriesPoint]]:
+    """``usage_series`` unsplit and split by ``dimension``, from one read (the unsplit steps are the
+    split ones added up)."""
+    plan, groups = _series_groups(filters, step, dimension)
+    totals: dict[tuple[Any, ...], _Sums] = {}
+    for (at, _), sums in groups.items():
+        totals.setdefault((at,), _Sums()).merge(sums)
+    return _series_points(plan, step, totals, None), _series_points(plan, step, groups, dimension)
+
+
+def _series_groups(filters: Filters, step: Step,
+                   dimension: Dimension | None) -> tuple[Plan, dict[tuple[Any, ...], _Sums]]:
     if step not in STEPS:
         raise ValueError(f"step must be one of {STEPS}, got {step!r}")
     if dimension is not None:
-        _tail_key(dimension)
+        _check_dimension(dimension)
     plan = rollup_plan(filters=filters, coarsest=step)
-    groups = _usage(filters=filters, plan=plan, dimension=dimension, step=step)
+    return plan, _usage(filters=filters, plan=plan, dimension=dimension, step=step)
+
+
+def _series_points(plan: Plan, step: Step, groups: Mapping[tuple[Any, ...], _Sums],
+                   dimension: Dimension | None) -> list[SeriesPoint]:
     values: Iterable[str | None] = sorted({key[1] for key in groups}) if dimension else [None]
     points = []
     at = _floor(plan.start, step)
@@ -510,7 +572,7 @@ def usage_series(*, filters: Filters, step: Step = "hour", dimension: Dimension 
 
 def dimension_values(*, filters: Filters, dimension: Dimension) -> list[str]:
     """The values of a dimension seen in the range (for filter menus), sorted."""
-    tail_key = _tail_key(dimension)
+    _check_dimension(dimension)
     plan = rollup_plan(filters=filters)
 
     def read() -> set[str]:
@@ -518,8 +580,7 @@ def dimension_values(*, filters: Filters, dimension: Dimension) -> list[str]:
         return set(rows.order_by().annotate(kept=value).values_list("kept", flat=True).distinct())
 
     watermark, rolled = _read_rollups(read, empty=set())
-    tail = _tail(plan, filters, watermark).order_by().annotate(value=tail_key).values_list("value", flat=True)
-    return sorted(rolled | set(tail.distinct()))
+    return sorted(rolled | {getattr(event, dimension) for event in _tail(plan, filters, watermark)})
 
 
 # -- latency --------------------------------------------------------------------------------------
@@ -538,7 +599,7 @@ def latency_percentiles(
     quantiles = tuple(quantiles)
     merged = _histograms(filters=filters, metric=metric, plan=rollup_plan(filters=filters), step=None)
     histogram = merged.get(None, {})
-    return {q: sketch.quantile(histogram, q) for q in quantiles}
+    return sketch.quantiles(histogram, quantiles)
 
 
 @dataclass(frozen=True)
@@ -564,7 +625,7 @@ def latency_series(
     while at < plan.end:
         histogram = merged.get(at, {})
         points.append(LatencyPoint(at=at, requests=sum(histogram.values()),
-                                   quantiles={q: sketch.quantile(histogram, q) for q in quantiles}))
+                                   quantiles=sketch.quantiles(histogram, quantiles)))
         at += STEP_LENGTH[step]
     return points
 
@@ -577,28 +638,25 @@ def _histograms(
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     hist_field, bucket_field, value_field = f"{metric}_hist", f"{metric}_bucket", f"{metric}_ms"
 
-    def add(merged: dict[dt.datetime | None, dict[int, int]], bucket: dt.datetime | None, index: int,
+    def add(merged: dict[dt.datetime | None, dict[int, int]], at: dt.datetime | None, index: int,
             count: int) -> None:
-        key = _floor(bucket.astimezone(dt.UTC), step) if step and bucket is not None else None
-        histogram = merged.setdefault(key, {})
+        histogram = merged.setdefault(at, {})
         histogram[index] = histogram.get(index, 0) + count
 
     def read() -> dict[dt.datetime | None, dict[int, int]]:
         rolled: dict[dt.datetime | None, dict[int, int]] = {}
-        for bucket, index, count in _summed_histograms(_rollups(plan, filters)[0], hist_field, by_bucket=bool(step)):
-            add(rolled, bucket, index, count)
+        for at, index, count in _summed_histograms(_rollups(plan, filters)[0], hist_field, step=step):
+            add(rolled, at, index, count)
         return rolled
 
     watermark, merged = _read_rollups(read, empty={})
-    tail = _tail(plan, filters, watermark).order_by()
-    at = Trunc("started_at", step, tzinfo=dt.UTC) if step else Value(None, output_field=DateTimeField())
-    for bucket, index, count in (tail.filter(**{f"{bucket_field}__isnull": False}).annotate(at=at)
-                                 .values_list("at", bucket_field).annotate(count=Count("id"))):
-        add(merged, bucket, index, count)
-    # Ingest buckets every event on arrival; an event stored without its bucket is bucketed here.
-    unbucketed = tail.filter(**{f"{bucket_field}__isnull": True, f"{value_field}__isnull": False})
-    for started, value in unbucketed.values_list("started_at", value_field):
-        add(merged, started if step else None, sketch.bucket_index(value), 1)
+    for event in _tail(plan, filters, watermark):
+        index = getattr(event, bucket_field)
+        if index is None:
+            # Ingest buckets every event on arrival; an event stored without its bucket is bucketed here.
+            index = sketch.bucket_index(getattr(event, value_field))
+        if index is not None:
+            add(merged, _floor(event.started_at.astimezone(dt.UTC), step) if step else None, index, 1)
     return merged
 
 
@@ -612,30 +670,24 @@ _HISTOGRAM_SUM_SQL = {
 
 
 def _summed_histograms(rows: QuerySet[Any], hist_field: str, *,
-                       by_bucket: bool) -> list[tuple[dt.datetime | None, int, int]]:
-    """``(bucket, sketch index, count)`` summed over ``rows`` — per rollup bucket when
-    ``by_bucket``, else with bucket None."""
-    values = rows.order_by().values("bucket", hist=F(hist_field))
+                       step: Step | None) -> list[tuple[dt.datetime | None, int, int]]:
+    """``(step start, sketch index, count)`` summed over ``rows`` — per ``step`` (the rollup
+    buckets folded into it by the database), or over all of them with step start None."""
+    at = Trunc("bucket", step, tzinfo=dt.UTC) if step else Value(None, output_field=DateTimeField())
+    values = rows.order_by().values(at=at, hist=F(hist_field))
     template = _HISTOGRAM_SUM_SQL.get(connection.vendor)
     if template is None:
         summed: dict[tuple[dt.datetime | None, int], int] = {}
         for row in values:
             for index, count in sketch.merge([row["hist"]]).items():
-                key = (row["bucket"] if by_bucket else None, index)
+                key = (row["at"].astimezone(dt.UTC) if step else None, index)
                 summed[key] = summed.get(key, 0) + count
         return [(*key, count) for key, count in summed.items()]
     sql, params = values.query.sql_with_params()
-    field = Rollup._meta.get_field("bucket")
+    moment = _moments()
     with connection.cursor() as cursor:
-        cursor.execute(template.format(rows=sql, bucket="r.bucket" if by_bucket else "NULL"), params)
-        result = []
-        for bucket, key, count in cursor.fetchall():
-            if count:
-                if bucket is not None:  # SQLite hands back text
-                    bucket = field.to_python(bucket) if isinstance(bucket, str) else bucket
-                    bucket = bucket if timezone.is_aware(bucket) else bucket.replace(tzinfo=dt.UTC)
-                result.append((bucket, int(key), int(count)))
-        return result
+        cursor.execute(template.format(rows=sql, bucket="r.at" if step else "NULL"), params)
+        return [(moment(at), int(key), int(count)) for at, key, count in cursor.fetchall() if count]
 
 
 # -- runtimes and devices -------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import replace
+from functools import wraps
 from typing import Any
 
 from django.conf import settings
@@ -42,6 +43,16 @@ RANGE_CHOICES = [*((key, key) for key in PRESETS), (CUSTOM, "Custom")]
 SORT_COLUMNS = [("name", None), ("requests", "Requests"), ("tokens", "Tokens"), ("cost", "List cost"),
                 ("hardware", "Hardware cost"), ("cost_per_1k", "Per 1k tokens"), ("cache", "Cache hits"),
                 ("errors", "Errors"), ("rejections", "Rejected"), ("energy", "Energy / 1k tokens")]
+
+
+def _one_tail_read(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """Run a dashboard view with the raw tail of its filter bar's range read once, for all of its
+    selectors and menus (``page_data.page_tail``)."""
+    @wraps(view)
+    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        with page_data.page_tail(filter_state_parse(request.GET)):
+            return view(request, *args, **kwargs)
+    return wrapper
 
 
 def _render(request: HttpRequest, template: str, context: dict[str, Any], *, state: FilterState,
@@ -121,6 +132,7 @@ def _request_charts(state: FilterState, *, fixed: dict[str, str], split: Dimensi
 
 @login_required
 @require_GET
+@_one_tail_read
 def overview(request: HttpRequest) -> HttpResponse:
     state = filter_state_parse(request.GET)
     return _render(request, "dashboards/overview.html", {
@@ -132,6 +144,7 @@ def overview(request: HttpRequest) -> HttpResponse:
 
 @login_required
 @require_GET
+@_one_tail_read
 def breakdown(request: HttpRequest, dimension: Dimension) -> HttpResponse:
     state = filter_state_parse(request.GET)
     sort = request.GET.get("sort") or page_data.DEFAULT_SORT
@@ -139,7 +152,8 @@ def breakdown(request: HttpRequest, dimension: Dimension) -> HttpResponse:
     if sort.lstrip("-") not in page_data.SORT_KEYS:
         problems.append(f"Cannot sort by {sort[:40]!r}; sorted by list cost instead.")
         sort = page_data.DEFAULT_SORT
-    rows = page_data.breakdown(state=state, dimension=dimension, sort=sort)
+    table = page_data.breakdown(state=state, dimension=dimension, sort=sort)
+    rows = table.rows
     stem = f"{PLURAL[dimension]}-{state.start:%Y%m%dT%H%M}-{state.end:%Y%m%dT%H%M}"
     csv = _csv(request, {PLURAL[dimension]: lambda: exports.breakdown_table(rows, dimension=dimension, stem=stem)})
     if csv is not None:
@@ -150,10 +164,9 @@ def breakdown(request: HttpRequest, dimension: Dimension) -> HttpResponse:
         target = f"-{key}" if sort == key else key
         columns.append({"key": key, "label": label or dimension.capitalize(), "active": sort.lstrip("-") == key,
                         "descending": not sort.startswith("-"), "url": request.path + state.query(sort=target)})
-    _, by = page_data.series(state=state, split=dimension)
     return _render(request, "dashboards/breakdown.html", {
         "nav": PLURAL[dimension], "dimension": dimension, "title": PLURAL[dimension].capitalize(),
-        "charts": [charts.spend_by(by, dimension=dimension, step=state.step)],
+        "charts": [charts.spend_by(table.series, dimension=dimension, step=state.step)],
         "rows": [{"item": row, "spark": charts.sparkline(row.spark)} for row in rows],
         "columns": columns, "sort": sort if sort != page_data.DEFAULT_SORT else "",
         "csv": _csv_urls(request, state, [PLURAL[dimension]]),
@@ -163,6 +176,7 @@ def breakdown(request: HttpRequest, dimension: Dimension) -> HttpResponse:
 
 @login_required
 @require_GET
+@_one_tail_read
 def detail(request: HttpRequest, dimension: Dimension, value: str) -> HttpResponse:
     state = filter_state_parse(request.GET)
     fixed = {dimension: value}
@@ -191,6 +205,7 @@ def detail(request: HttpRequest, dimension: Dimension, value: str) -> HttpRespon
 
 @login_required
 @require_GET
+@_one_tail_read
 def gpus(request: HttpRequest) -> HttpResponse:
     state = filter_state_parse(request.GET)
     gauges = runtime_gauges(start=state.start, end=state.end)

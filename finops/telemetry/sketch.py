@@ -47,16 +47,25 @@ def merge(histograms: Iterable[Mapping[str | int, int]]) -> dict[int, int]:
 
 def quantile(histogram: Mapping[str | int, int], q: float) -> float | None:
     """The q-quantile (0..1) of the values counted, within ALPHA relative error; None if empty."""
-    if not 0 <= q <= 1:
+    return quantiles(histogram, (q,))[q]
+
+
+def quantiles(histogram: Mapping[str | int, int], qs: Iterable[float]) -> dict[float, float | None]:
+    """Several quantiles of one histogram (as ``quantile``), sorting its buckets once."""
+    qs = tuple(qs)
+    if any(not 0 <= q <= 1 for q in qs):
         raise ValueError("q must be between 0 and 1")
     counts = sorted((int(k), int(v)) for k, v in histogram.items() if int(v) > 0)
     total = sum(c for _, c in counts)
     if total == 0:
-        return None
-    rank = q * (total - 1)
-    seen = 0
-    for index, count in counts:
-        seen += count
-        if seen > rank:
-            return bucket_value(index)
-    return bucket_value(counts[-1][0])
+        return dict.fromkeys(qs)
+    result: dict[float, float | None] = {}
+    for q in qs:
+        rank, seen = q * (total - 1), 0
+        result[q] = bucket_value(counts[-1][0])
+        for index, count in counts:
+            seen += count
+            if seen > rank:
+                result[q] = bucket_value(index)
+                break
+    return result

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from finops.dashboards.selectors import (
@@ -34,8 +35,10 @@ from finops.dashboards.selectors import (
     runtime_gauges,
     usage_by,
     usage_series,
+    usage_series_split,
     usage_totals,
 )
+from finops.dashboards.tail import tail_snapshot
 from finops.runtimes.models import Runtime
 from finops.telemetry import sketch
 from finops.telemetry.models import (
@@ -569,6 +572,62 @@ def test_a_series_includes_requests_still_in_the_tail() -> None:
     points = usage_series(filters=Filters(start=start, end=start + 2 * HOUR), step="hour")
 
     assert [(p.at, p.requests) for p in points] == [(start, 2), (start + HOUR, 1)]
+
+
+def test_a_split_series_and_its_unsplit_steps_agree_with_the_separate_selectors(history: list[RequestEvent]) -> None:
+    total, by_feature = usage_series_split(filters=RAGGED, step="hour", dimension="feature")
+
+    unsplit = usage_series(filters=RAGGED, step="hour")
+
+    assert by_feature == usage_series(filters=RAGGED, step="hour", dimension="feature")
+    assert [p.at for p in total] == [p.at for p in unsplit]
+    floats = ("gpu_seconds", "energy_joules")  # added in another order: equal to the last few bits
+    for mine, theirs in zip(total, unsplit, strict=True):
+        assert ({k: v for k, v in measured(mine).items() if k not in floats}
+                == {k: v for k, v in measured(theirs).items() if k not in floats})
+        assert [getattr(mine, n) for n in floats] == pytest.approx([getattr(theirs, n) for n in floats])
+
+
+# -- one tail read per page -----------------------------------------------------------------------
+
+
+def test_inside_a_tail_snapshot_selectors_read_no_raw_events(history: list[RequestEvent]) -> None:
+    outside = (usage_totals(filters=RAGGED), usage_by(filters=RAGGED, dimension="tenant"),
+               latency_percentiles(filters=RAGGED), dimension_values(filters=RAGGED, dimension="model"))
+
+    with tail_snapshot(start=RAGGED.start, end=RAGGED.end), CaptureQueriesContext(connection) as queries:
+        inside = (usage_totals(filters=RAGGED), usage_by(filters=RAGGED, dimension="tenant"),
+                  latency_percentiles(filters=RAGGED), dimension_values(filters=RAGGED, dimension="model"))
+
+    assert inside == outside
+    assert not [q["sql"] for q in queries.captured_queries if "telemetry_requestevent" in q["sql"]]
+
+
+def test_a_range_the_snapshot_does_not_cover_reads_its_own_tail() -> None:
+    start = floor(timezone.now(), "hour") - 3 * HOUR
+    store([event(start + MINUTE), event(start + 2 * HOUR)])
+
+    with tail_snapshot(start=start + HOUR, end=start + 3 * HOUR):
+        wider = usage_totals(filters=Filters(start=start, end=start + 3 * HOUR))
+
+    assert wider.requests == 2
+
+
+def test_events_a_rollup_run_counts_after_the_snapshot_are_not_counted_twice() -> None:
+    minute = floor(timezone.now(), "minute") - 30 * MINUTE
+    events = store([event(minute + SECOND, received_at=minute + 2 * SECOND),
+                    event(minute + 3 * SECOND, received_at=minute + 50 * SECOND)])
+    roll_up(events[:1], watermark=minute + 10 * SECOND)
+    filters = Filters(start=minute, end=minute + MINUTE)
+
+    with tail_snapshot(start=minute, end=minute + MINUTE) as snapshot:
+        Rollup.objects.all().delete()
+        MarginalRollup.objects.all().delete()
+        roll_up(events, watermark=minute + 55 * SECOND)  # the next run lands while the page renders
+        totals = usage_totals(filters=filters)
+
+    assert len(snapshot.events) == 1  # the second event was still raw when the snapshot was read
+    assert totals.requests == 2
 
 
 # -- latency --------------------------------------------------------------------------------------
