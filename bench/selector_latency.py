@@ -13,8 +13,8 @@ is generated in SQL, server-side (HTTP and the Python rollup service would take 
 * ``Rollup`` rows for every event received up to the watermark, built with ``INSERT … SELECT …
   GROUP BY``: minutes for the last ``MINUTE_ROLLUP_RETENTION_DAYS`` only (as retention leaves
   them), hours and days for all 30, with the sparse latency histograms built by
-  ``jsonb_object_agg`` over bucket counts; then the ``MarginalRollup`` rows (per tenant, per
-  feature, per model, and in total) added up from those rows.
+  ``jsonb_object_agg`` over bucket counts; the ``DeviceUseRollup`` rows beside them; then the
+  ``MarginalRollup`` rows (per tenant, per feature, per model, and in total) added up from those rows.
 
 One check that the synthetic rollups agree with the raw rows (``usage_totals`` over 30 days against
 SUMs over raw, and the sketch's 30-day p50/p95 against the exact ones), then each selector runs in
@@ -207,6 +207,11 @@ def generate_rollups(tail: int) -> dt.datetime:
                 {"granularity": granularity, "watermark": watermark, "since": since},
             )
             progress(f"{granularity} rollups: {cursor.rowcount:,} rows in {time.perf_counter() - began:.0f} s")
+            cursor.execute(
+                "INSERT INTO telemetry_deviceuserollup (granularity, bucket, runtime_id, device, requests, gpu_seconds) "
+                f"SELECT %(granularity)s, {trunc}, runtime_id, device, count(*), sum(gpu_seconds) "
+                f"FROM telemetry_requestevent WHERE {where} AND gpu_seconds IS NOT NULL AND device IS NOT NULL "
+                "GROUP BY 2, 3, 4", {"granularity": granularity, "watermark": watermark, "since": since})
         for dimension in ("", "tenant", "feature", "model"):
             began = time.perf_counter()
             cursor.execute(marginal_sql(dimension))

@@ -29,6 +29,7 @@ for; Python only adds up those few rows (and merges latency histograms of rollup
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -39,7 +40,6 @@ from django.conf import settings
 from django.db import connection
 from django.db.models import (
     Aggregate,
-    Avg,
     Case,
     Count,
     DateTimeField,
@@ -54,7 +54,7 @@ from django.db.models import (
     Value,
     When,
 )
-from django.db.models.functions import Trunc, TruncMinute
+from django.db.models.functions import Trunc
 from django.utils import timezone
 
 from finops.dashboards.tail import TailEvent, tail_events, watermark_after_read, watermark_before_read
@@ -65,6 +65,9 @@ from finops.telemetry.models import (
     Device,
     DeviceRollup,
     DeviceSample,
+    DeviceUseRollup,
+    FillState,
+    Granularity,
     Marginal,
     MarginalRollup,
     RequestEvent,
@@ -222,22 +225,26 @@ def _moments() -> Callable[[Any], dt.datetime | None]:
     return convert
 
 
-def _read_rollups(read: Callable[[], T], empty: T) -> tuple[dt.datetime | None, T]:
+def _read_rollups(read: Callable[[], T], empty: T, *,
+                  before_read: Callable[[], dt.datetime | None] = watermark_before_read,
+                  after_read: Callable[[], dt.datetime | None] = watermark_after_read
+                  ) -> tuple[dt.datetime | None, T]:
     """Read rollup rows together with the watermark they were filled to.
 
     A rollup run writes its rows and advances the watermark in one transaction, and the watermark
     only moves forward; so if it reads the same before and after ``read``, the rows read are
     exactly the events received up to it (a seqlock). Without a watermark nothing is rolled up.
-    Inside a page's tail snapshot the opening watermark is the previous read's closing one.
+    Inside a page's tail snapshot the opening watermark is the previous read's closing one. The
+    sample rollups pass their own watermark's reads.
     """
     after: dt.datetime | None = None
     result = empty
     for _ in range(CONSISTENT_READ_ATTEMPTS):
-        before = watermark_before_read()
+        before = before_read()
         if before is None:
             return None, empty
         result = read()
-        after = watermark_after_read()
+        after = after_read()
         if after == before:
             return before, result
     # Rollup runs kept committing mid-read; counting from the later watermark can miss the
@@ -256,9 +263,7 @@ def _rollups(plan: Plan, filters: Filters, dimension: Dimension | None = None) -
     """
     chosen = {"tenant": filters.tenants, "feature": filters.features, "model": filters.models}
     involved = {name for name, values in chosen.items() if values} | ({dimension} if dimension else set())
-    buckets = Q()
-    for tile in plan.tiles:
-        buckets |= Q(granularity=tile.granularity, bucket__gte=tile.start, bucket__lt=tile.end)
+    buckets = _in_tiles(plan)
     if len(involved) <= 1:
         kept = next(iter(involved), Marginal.TOTAL.value)
         rows: QuerySet[Any] = MarginalRollup.objects.filter(buckets, dimension=kept)
@@ -270,6 +275,14 @@ def _rollups(plan: Plan, filters: Filters, dimension: Dimension | None = None) -
         if values:
             rows = rows.filter(**{f"{name}__in": values})
     return rows, F(dimension) if dimension else Value("")
+
+
+def _in_tiles(plan: Plan) -> Q:
+    """Rollup rows (of any of the rollup models) whose bucket is one of the plan's tiles."""
+    buckets = Q()
+    for tile in plan.tiles:
+        buckets |= Q(granularity=tile.granularity, bucket__gte=tile.start, bucket__lt=tile.end)
+    return buckets
 
 
 def _tail(plan: Plan, filters: Filters, watermark: dt.datetime | None) -> list[TailEvent]:
@@ -725,70 +738,134 @@ class RuntimeGauge:
     devices: tuple[DeviceGauge, ...] = field(default=())
 
 
-def runtime_gauges(*, start: dt.datetime, end: dt.datetime) -> list[RuntimeGauge]:
-    """Queue, throughput and device gauges per runtime from samples taken in ``[start, end)``;
-    registered runtimes that sent none are listed with ``samples == 0``.
+SAMPLES_FILL_STATE = "samples"
 
-    Energy is the growth of each device's cumulative counter (last minus first reading), which a
-    driver restart inside the range would understate.
+
+def _samples_watermark() -> dt.datetime | None:
+    """How far the sample rollups have counted (by ``received_at``); None before the first run."""
+    return FillState.objects.filter(name=SAMPLES_FILL_STATE).values_list("watermark", flat=True).first()
+
+
+def _read_sample_rollups(read: Callable[[], T], empty: T) -> tuple[dt.datetime | None, T]:
+    return _read_rollups(read, empty, before_read=_samples_watermark, after_read=_samples_watermark)
+
+
+def _minute_plan(start: dt.datetime, end: dt.datetime) -> Plan:
+    """``rollup_plan`` of ``[start, end)`` widened to whole minutes."""
+    return rollup_plan(filters=Filters(start=_floor(start, "minute"), end=_ceil(end, "minute")))
+
+
+def _samples_tail(model: type[RuntimeSample] | type[DeviceSample], plan: Plan,
+                  watermark: dt.datetime | None) -> QuerySet[Any]:
+    """Samples taken in the plan's range that the sample rollups have not counted yet."""
+    samples = model.objects.filter(at__gte=plan.start, at__lt=plan.end).order_by()
+    return samples.filter(received_at__gt=watermark) if watermark is not None else samples
+
+
+def runtime_gauges(*, start: dt.datetime, end: dt.datetime) -> list[RuntimeGauge]:
+    """Queue, throughput and device gauges per runtime over ``[start, end)`` (whole minutes);
+    registered runtimes that sent no samples are listed with ``samples == 0``.
+
+    Read from the sample rollups (``RuntimeRollup``, ``DeviceRollup``) tiled like ``rollup_plan``,
+    plus the samples received since their watermark. Energy is the growth of each device's
+    cumulative counter (the rollups skip a step where a driver restart reset it); the step between
+    the last counted reading and the newest raw ones is added by the next rollup run.
+    ``last_sample_at`` is the newest raw sample, or the start of the newest rollup bucket where the
+    raw samples have expired.
     """
-    runtime_rows = (
-        RuntimeSample.objects.filter(at__gte=start, at__lt=end)
-        .values("runtime_id")
-        .annotate(
-            samples=Count("id"),
-            last_sample_at=Max("at"),
-            queue_depth_avg=Avg("queue_depth"),
-            queue_depth_max=Max("queue_depth"),
-            running_avg=Avg("running"),
-            tokens_per_s_avg=Avg("tokens_per_s"),
-        )
-        .order_by()
-    )
-    device_rows = (
-        DeviceSample.objects.filter(at__gte=start, at__lt=end)
-        .values("runtime_id", "device")
-        .annotate(
-            name=Max("name"),
-            samples=Count("id"),
-            gpu_util_avg=Avg("gpu_util"),
-            mem_used_max=Max("mem_used"),
-            mem_total=Max("mem_total"),
-            power_avg_w=Avg("power_w"),
-            temperature_max_c=Max("temperature_c"),
-            energy_first=Min("energy_joules_total"),
-            energy_last=Max("energy_joules_total"),
-        )
-        .order_by("runtime_id", "device")
-    )
-    devices: dict[str, list[DeviceGauge]] = {}
-    for row in device_rows:
+    plan = _minute_plan(start, end)
+
+    def read() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        runtime_rows = (RuntimeRollup.objects.filter(_in_tiles(plan)).values("runtime_id").annotate(
+            samples=Sum("samples"), queue_sum=Sum("queue_depth_sum"), queue_max=Max("queue_depth_max"),
+            running_sum=Sum("running_sum"), tokens_sum=Sum("tokens_per_s_sum"), last_bucket=Max("bucket"))
+            .order_by())
+        device_rows = (DeviceRollup.objects.filter(_in_tiles(plan)).values("runtime_id", "device").annotate(
+            name=Max("name"), samples=Sum("samples"), util_sum=Sum("gpu_util_sum"), util_n=Sum("gpu_util_count"),
+            mem_max=Max("mem_used_max"), mem_total=Max("mem_total_max"), power_sum=Sum("power_w_sum"),
+            power_n=Sum("power_w_count"), temperature=Max("temperature_c_max"), energy=Sum("energy_joules"),
+            energy_n=Sum("energy_count")).order_by())
+        return list(runtime_rows), list(device_rows)
+
+    watermark, (runtime_rows, device_rows) = _read_sample_rollups(read, ([], []))
+    runtimes: dict[str, dict[str, Any]] = {}
+    for row in runtime_rows:
+        runtimes[row["runtime_id"]] = {**row, "last_at": None}
+    for row in (_samples_tail(RuntimeSample, plan, watermark).values("runtime_id").annotate(
+            samples=Count("id"), queue_sum=Sum("queue_depth"), queue_max=Max("queue_depth"),
+            running_sum=Sum("running"), tokens_sum=Sum("tokens_per_s"), last_at=Max("at"))):
+        _merge_gauge(runtimes.setdefault(row["runtime_id"], {}), row)
+    devices: dict[tuple[str, str], dict[str, Any]] = {(r["runtime_id"], r["device"]): dict(r) for r in device_rows}
+    for row in (_samples_tail(DeviceSample, plan, watermark).values("runtime_id", "device").annotate(
+            name=Max("name"), samples=Count("id"), util_sum=Sum("gpu_util"), util_n=Count("gpu_util"),
+            mem_max=Max("mem_used"), mem_total=Max("mem_total"), power_sum=Sum("power_w"), power_n=Count("power_w"),
+            temperature=Max("temperature_c"), energy_first=Min("energy_joules_total"),
+            energy_last=Max("energy_joules_total"), energy_n=Count("energy_joules_total"))):
         first, last = row.pop("energy_first"), row.pop("energy_last")
-        energy = last - first if first is not None and last is not None else None
-        devices.setdefault(row["runtime_id"], []).append(DeviceGauge(**row, energy_joules=energy))
-    by_runtime = {row["runtime_id"]: row for row in runtime_rows}
-    names = set(by_runtime) | set(devices) | set(Runtime.objects.values_list("name", flat=True))
+        row["energy"] = last - first if row["energy_n"] > 1 else 0.0
+        row["energy_n"] = max(row["energy_n"] - 1, 0)  # n readings are n - 1 counter steps
+        _merge_gauge(devices.setdefault((row["runtime_id"], row["device"]), {}), row)
+
+    by_runtime: dict[str, list[DeviceGauge]] = {}
+    for (runtime_id, device), row in sorted(devices.items()):
+        by_runtime.setdefault(runtime_id, []).append(DeviceGauge(
+            runtime_id=runtime_id, device=device, name=row.get("name"), samples=int(row["samples"]),
+            gpu_util_avg=row["util_sum"] / row["util_n"] if row["util_n"] else None,
+            mem_used_max=row["mem_max"], mem_total=row["mem_total"],
+            power_avg_w=row["power_sum"] / row["power_n"] if row["power_n"] else None,
+            temperature_max_c=row["temperature"], energy_joules=row["energy"] if row["energy_n"] else None,
+        ))
+    names = set(runtimes) | set(by_runtime) | set(Runtime.objects.values_list("name", flat=True))
     gauges = []
     for name in sorted(names):
-        row = by_runtime.get(name, {})
-        own = tuple(devices.get(name, ()))
+        row = runtimes.get(name)
+        own = tuple(by_runtime.get(name, ()))
+        samples = int(row["samples"]) if row else 0
         utils = [d.gpu_util_avg for d in own if d.gpu_util_avg is not None]
         powers = [d.power_avg_w for d in own if d.power_avg_w is not None]
         energies = [d.energy_joules for d in own if d.energy_joules is not None]
         gauges.append(RuntimeGauge(
             runtime_id=name,
-            samples=row.get("samples", 0),
-            last_sample_at=row.get("last_sample_at"),
-            queue_depth_avg=row.get("queue_depth_avg"),
-            queue_depth_max=row.get("queue_depth_max"),
-            running_avg=row.get("running_avg"),
-            tokens_per_s_avg=row.get("tokens_per_s_avg"),
+            samples=samples,
+            last_sample_at=_last_sample_at(name, row, plan) if row else None,
+            queue_depth_avg=int(row["queue_sum"]) / samples if row and samples else None,
+            queue_depth_max=row["queue_max"] if row and samples else None,
+            running_avg=int(row["running_sum"]) / samples if row and samples else None,
+            tokens_per_s_avg=float(row["tokens_sum"]) / samples if row and samples else None,
             gpu_util_avg=sum(utils) / len(utils) if utils else None,
             power_avg_w=sum(powers) if powers else None,
             energy_joules=sum(energies) if energies else None,
             devices=own,
         ))
     return gauges
+
+
+def _merge_gauge(total: dict[str, Any], more: Mapping[str, Any]) -> None:
+    """Add a group of raw samples to the same group's rollup figures (sums add, maxima take the larger)."""
+    for name, value in more.items():
+        if value is None or name in ("runtime_id", "device"):
+            total.setdefault(name, value)
+        elif name in ("name", "last_at"):
+            total[name] = value
+        elif name.endswith(("_max", "max")) or name in ("mem_total", "temperature"):
+            total[name] = value if total.get(name) is None else max(total[name], value)
+        else:
+            total[name] = (total.get(name) or 0) + value
+
+
+def _last_sample_at(runtime_id: str, row: Mapping[str, Any], plan: Plan) -> dt.datetime | None:
+    """The runtime's newest sample in the plan's range: from the raw tail, else the newest raw
+    sample in its newest rollup bucket (the bucket's start once raw samples have expired)."""
+    if row.get("last_at") is not None:
+        return row["last_at"]
+    bucket = row.get("last_bucket")
+    if bucket is None:
+        return None
+    tile = next((t for t in reversed(plan.tiles) if t.start <= bucket < t.end), None)
+    bucket_end = min(bucket + STEP_LENGTH[tile.granularity] if tile else plan.end, plan.end)
+    newest = (RuntimeSample.objects.filter(runtime_id=runtime_id, at__gte=bucket, at__lt=bucket_end)
+              .aggregate(newest=Max("at"))["newest"])
+    return newest or bucket
 
 
 @dataclass(frozen=True)
@@ -840,6 +917,72 @@ def runtime_history(*, start: dt.datetime, end: dt.datetime, step: Step) -> list
     return points
 
 
+def _paid_minutes(start: dt.datetime, end: dt.datetime, part_of: Callable[[str], Expression],
+                  part_at: Callable[[dt.datetime], int]
+                  ) -> tuple[dict[tuple[str, str], dict[int, float]], dict[tuple[str, str], str | None]]:
+    """Seconds paid per (runtime, device) and price-book part (see ``idle_capacity``), and each
+    device's name as sampled."""
+    minute_rows = {"granularity": Granularity.MINUTE.value, "bucket__gte": start, "bucket__lt": end, "samples__gt": 0}
+
+    def read() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        devices = (DeviceRollup.objects.filter(**minute_rows).annotate(part=part_of("bucket"))
+                   .values("runtime_id", "device", "part").annotate(minutes=Count("id"), name=Max("name")).order_by())
+        runtimes = (RuntimeRollup.objects.filter(**minute_rows).annotate(part=part_of("bucket"))
+                    .values("runtime_id", "part").annotate(minutes=Count("id")).order_by())
+        return list(devices), list(runtimes)
+
+    plan = Plan(start, end, (Tile("minute", start, end),))
+    watermark, (device_rows, runtime_rows) = _read_sample_rollups(read, ([], []))
+    minutes: dict[tuple[str, str], dict[int, int]] = {}
+    names: dict[tuple[str, str], str | None] = {}
+    for row in device_rows:
+        minutes.setdefault((row["runtime_id"], row["device"]), {})[row["part"]] = row["minutes"]
+        names[(row["runtime_id"], row["device"])] = row["name"]
+    # Minutes sampled since the watermark that no minute row holds yet.
+    device_tail = {(r, d, at.astimezone(dt.UTC).replace(second=0, microsecond=0)): name for r, d, at, name
+                   in _samples_tail(DeviceSample, plan, watermark).values_list("runtime_id", "device", "at", "name")}
+    counted = set(DeviceRollup.objects.filter(**minute_rows, bucket__in={k[2] for k in device_tail})
+                  .values_list("runtime_id", "device", "bucket")) if device_tail else set()
+    for key, name in device_tail.items():
+        names[key[:2]] = names.get(key[:2]) or name
+        if key not in counted:
+            part = minutes.setdefault(key[:2], {})
+            part[part_at(key[2])] = part.get(part_at(key[2]), 0) + 1
+    gpu_runtimes = {runtime_id for runtime_id, _ in minutes}
+    for row in runtime_rows:
+        if row["runtime_id"] not in gpu_runtimes:
+            minutes.setdefault((row["runtime_id"], CPU), {})[row["part"]] = row["minutes"]
+    runtime_tail = {(r, at.astimezone(dt.UTC).replace(second=0, microsecond=0)) for r, at
+                    in _samples_tail(RuntimeSample, plan, watermark).values_list("runtime_id", "at")
+                    if r not in gpu_runtimes}
+    counted_runtime = set(RuntimeRollup.objects.filter(**minute_rows, bucket__in={k[1] for k in runtime_tail})
+                          .values_list("runtime_id", "bucket")) if runtime_tail else set()
+    for runtime_id, minute in runtime_tail - counted_runtime:
+        part = minutes.setdefault((runtime_id, CPU), {})
+        part[part_at(minute)] = part.get(part_at(minute), 0) + 1
+    seconds = SAMPLED_SLOT.total_seconds()
+    return {key: {part: n * seconds for part, n in parts.items()} for key, parts in minutes.items()}, names
+
+
+def _attributed_seconds(start: dt.datetime, end: dt.datetime) -> dict[tuple[str, str], float]:
+    """Device seconds attributed to requests that started in ``[start, end)``, per (runtime, device)."""
+    plan = rollup_plan(filters=Filters(start=start, end=end))
+
+    def read() -> list[tuple[str, str, float]]:
+        return list(DeviceUseRollup.objects.filter(_in_tiles(plan)).values("runtime_id", "device")
+                    .annotate(seconds=Sum("gpu_seconds")).order_by().values_list("runtime_id", "device", "seconds"))
+
+    watermark, rows = _read_rollups(read, [])
+    seconds: dict[tuple[str, str], float] = {}
+    for runtime_id, device, used in rows:
+        seconds[(runtime_id, device)] = seconds.get((runtime_id, device), 0.0) + (used or 0.0)
+    for event in tail_events(start=plan.start, end=plan.end, watermark=watermark):
+        if event.gpu_seconds is not None and event.device is not None:
+            key = (event.runtime_id, event.device)
+            seconds[key] = seconds.get(key, 0.0) + event.gpu_seconds
+    return seconds
+
+
 @dataclass(frozen=True)
 class DeviceIdle:
     """Device time paid for against the time requests were attributed, and what the gap cost."""
@@ -859,72 +1002,47 @@ SAMPLED_SLOT = dt.timedelta(minutes=1)
 
 
 def idle_capacity(*, start: dt.datetime, end: dt.datetime) -> list[DeviceIdle]:
-    """Idle capacity per device over ``[start, end)``, most costly first.
+    """Idle capacity per device over ``[start, end)`` (whole minutes), most costly first.
 
     *Paid* time is the number of distinct minutes in which the device was sampled, times 60 s: the
     runtime samples every few seconds, so a minute with a sample is a minute the device was up, and
     a stretch without samples (the runtime was down) is not counted. Partial minutes at a runtime's
     start and stop count as whole ones. A runtime with no device samples is a CPU runtime: its
-    device ``"cpu"`` is paid for the minutes its runtime samples cover.
+    device ``"cpu"`` is paid for the minutes its runtime samples cover. The sampled minutes are the
+    minute rows of the sample rollups (kept ``MINUTE_ROLLUP_RETENTION_DAYS``, so ``start`` should
+    be within that) plus the minutes of samples they have not counted yet.
 
-    *Attributed* time is the ``gpu_seconds`` of requests that started in the range on that device.
-    Idle = paid − attributed, never negative. It is priced at the ``per_gpu_hour`` of the device
-    type (``telemetry.Device`` name, ``"*"`` fallback) in the price book in force at each minute —
-    the range is split at book changes, and idle is clamped at zero in each part. Only devices
-    with samples in the range are listed (device samples are kept for ``SAMPLE_RETENTION_DAYS``).
+    *Attributed* time is the ``gpu_seconds`` of requests that started in the range on that device
+    (``DeviceUseRollup`` plus the raw tail). Idle = paid − attributed, never negative. It is priced
+    at the ``per_gpu_hour`` of the device type (``telemetry.Device`` name, ``"*"`` fallback) in the
+    price book in force at each minute — the range is split at book changes, and idle is clamped at
+    zero in each part. Only devices with samples in the range are listed.
     """
+    start, end = _floor(start, "minute"), _ceil(end, "minute")
     catalog = PriceCatalog.load()
     books = [book for book in catalog.books if start < book.effective_from < end]
-    first_book = catalog.at(start)
     # Each part of the range is labelled by the index of its book in `parts` (0: in force at start).
-    parts: list[Prices | None] = [first_book, *books]
+    parts: list[Prices | None] = [catalog.at(start), *books]
+    bounds = [start, *(_ceil(book.effective_from, "minute") for book in books), end]
 
     def part_of(moment: str) -> Expression:
         if not books:
             return Value(0, output_field=IntegerField())
-        whens = [When(**{f"{moment}__gte": book.effective_from}, then=Value(i + 1)) for i, book in enumerate(books)]
+        whens = [When(**{f"{moment}__gte": bound}, then=Value(i + 1)) for i, bound in enumerate(bounds[1:-1])]
         return Case(*reversed(whens), default=Value(0), output_field=IntegerField())
 
-    paid: dict[tuple[str, str], dict[int, float]] = {}
-    device_names: dict[tuple[str, str], str | None] = {}
-    sampled = (
-        DeviceSample.objects.filter(at__gte=start, at__lt=end)
-        .annotate(minute=TruncMinute("at", tzinfo=dt.UTC))
-        .annotate(part=part_of("minute"))
-        .values("runtime_id", "device", "part")
-        .annotate(minutes=Count("minute", distinct=True), name=Max("name"))
-        .order_by()
-    )
-    for row in sampled:
-        key = (row["runtime_id"], row["device"])
-        paid.setdefault(key, {})[row["part"]] = row["minutes"] * SAMPLED_SLOT.total_seconds()
-        device_names[key] = device_names.get(key) or row["name"]
-    gpu_runtimes = {runtime_id for runtime_id, _ in paid}
-    cpu_sampled = (
-        RuntimeSample.objects.filter(at__gte=start, at__lt=end)
-        .exclude(runtime_id__in=gpu_runtimes)
-        .annotate(minute=TruncMinute("at", tzinfo=dt.UTC))
-        .annotate(part=part_of("minute"))
-        .values("runtime_id", "part")
-        .annotate(minutes=Count("minute", distinct=True))
-        .order_by()
-    )
-    for row in cpu_sampled:
-        paid.setdefault((row["runtime_id"], CPU), {})[row["part"]] = row["minutes"] * SAMPLED_SLOT.total_seconds()
+    def part_at(moment: dt.datetime) -> int:
+        return sum(1 for bound in bounds[1:-1] if moment >= bound)
+
+    paid, device_names = _paid_minutes(start, end, part_of, part_at)
     if not paid:
         return []
-
     attributed: dict[tuple[str, str], dict[int, float]] = {}
-    events = (
-        RequestEvent.objects.filter(started_at__gte=start, started_at__lt=end, gpu_seconds__isnull=False)
-        .filter(runtime_id__in={runtime_id for runtime_id, _ in paid}, device__in={device for _, device in paid})
-        .annotate(part=part_of("started_at"))
-        .values("runtime_id", "device", "part")
-        .annotate(seconds=Sum("gpu_seconds"))
-        .order_by()
-    )
-    for row in events:
-        attributed.setdefault((row["runtime_id"], row["device"]), {})[row["part"]] = row["seconds"] or 0.0
+    for part, (part_start, part_end) in enumerate(itertools.pairwise(bounds)):
+        if part_start < part_end:
+            for key, seconds in _attributed_seconds(part_start, part_end).items():
+                if key in paid:
+                    attributed.setdefault(key, {})[part] = seconds
 
     known_types = dict(Device.objects.filter(uuid__in={d for _, d in paid}).values_list("uuid", "name"))
     result = []

@@ -34,7 +34,7 @@ from finops.telemetry.models import FillState, RequestEvent
 ROLLUP_FILL_STATE = "requests"
 COLUMNS = ("started_at", "received_at", "tenant", "feature", "model", "status_class", "prompt_tokens",
            "completion_tokens", "cache_hit", "gpu_seconds", "energy_joules", "list_cost", "hardware_cost",
-           "e2e_ms", "e2e_bucket", "ttft_ms", "ttft_bucket")
+           "e2e_ms", "e2e_bucket", "ttft_ms", "ttft_bucket", "runtime_id", "device")
 
 
 class TailEvent(NamedTuple):
@@ -55,6 +55,8 @@ class TailEvent(NamedTuple):
     e2e_bucket: int | None
     ttft_ms: float | None
     ttft_bucket: int | None
+    runtime_id: str
+    device: str | None
 
 
 @dataclass

@@ -211,9 +211,11 @@ def gpus(request: HttpRequest) -> HttpResponse:
     gauges = runtime_gauges(start=state.start, end=state.end)
     rulesets = {s.name: s for s in runtime_ruleset_states()}
     stem = f"{state.start:%Y%m%dT%H%M}-{state.end:%Y%m%dT%H%M}"
-    # Paid device time is known only from samples, kept SAMPLE_RETENTION_DAYS: before that there is
-    # nothing to compare request time with (and no reason to scan those requests).
-    idle_from = max(state.start, timezone.now() - dt.timedelta(days=settings.SAMPLE_RETENTION_DAYS))
+    # Paid device time is counted in sampled minutes (minute rollups and raw samples, kept for
+    # MINUTE_ROLLUP_RETENTION_DAYS and SAMPLE_RETENTION_DAYS): before that it is not known.
+    sample_days = min(settings.SAMPLE_RETENTION_DAYS, settings.MINUTE_ROLLUP_RETENTION_DAYS)
+    kept_from = (timezone.now() - dt.timedelta(days=sample_days)).replace(minute=0, second=0, microsecond=0)
+    idle_from = max(state.start, kept_from + dt.timedelta(hours=1))
     idle = idle_capacity(start=idle_from, end=state.end) if idle_from < state.end else []
     by_model = usage_by(filters=state.filters(), dimension="model")
     csv = _csv(request, {
@@ -231,7 +233,7 @@ def gpus(request: HttpRequest) -> HttpResponse:
     return _render(request, "dashboards/gpus.html", {
         "nav": "gpus", "runtimes": runtimes, "devices": [d for g in gauges for d in g.devices],
         "idle": idle, "idle_from": idle_from if idle_from > state.start else None,
-        "sample_days": settings.SAMPLE_RETENTION_DAYS, "by_model": by_model,
+        "sample_days": sample_days, "by_model": by_model,
         "totals": usage_totals(filters=state.filters()),
         "gpu_util": page_data.gpu_utilisation(gauges),
         "charts": [charts.gpu_utilisation(history, span=span), charts.gpu_memory(gauges),

@@ -15,6 +15,7 @@ from finops.telemetry.models import (
     Device,
     DeviceRollup,
     DeviceSample,
+    DeviceUseRollup,
     FillState,
     Granularity,
     MarginalRollup,
@@ -153,6 +154,15 @@ class RuntimeRollupAdmin(ReadOnlyAdmin):
     @admin.display(description="tokens/s avg")
     def tokens_per_s_avg(self, row: RuntimeRollup) -> str:
         return f"{row.tokens_per_s_sum / row.samples:.1f}" if row.samples else "n/a"
+
+
+@admin.register(DeviceUseRollup)
+class DeviceUseRollupAdmin(ReadOnlyAdmin):
+    list_display = ("granularity", "bucket", "runtime_id", "device", "requests", "gpu_seconds")
+    list_filter = ("granularity", "runtime_id")
+    search_fields = ("device",)
+    date_hierarchy = "bucket"
+    ordering = ("-bucket", "granularity")
 
 
 @admin.register(DeviceRollup)

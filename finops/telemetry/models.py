@@ -208,6 +208,28 @@ class MarginalRollup(RollupSums):
         return f"{self.granularity} {self.bucket:%Y-%m-%d %H:%M} {kept} {self.status_class}"
 
 
+class DeviceUseRollup(models.Model):
+    """Device time attributed to requests, summed per bucket of ``started_at``, runtime and device.
+
+    Written by the request rollup run beside ``Rollup`` (same watermark, same lock): what idle
+    capacity subtracts from the device time paid for, without reading a month of raw events.
+    Requests without a device or without measured device time are not counted here."""
+
+    granularity = models.CharField(max_length=6, choices=Granularity.choices)
+    bucket = models.DateTimeField()
+    runtime_id = models.CharField(max_length=100)
+    device = models.CharField(max_length=100)
+    requests = models.BigIntegerField(default=0)
+    gpu_seconds = models.FloatField(default=0.0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["granularity", "bucket", "runtime_id", "device"],
+                                               name="one_device_use_rollup_row_per_bucket")]
+
+    def __str__(self) -> str:
+        return f"{self.granularity} {self.bucket:%Y-%m-%d %H:%M} {self.runtime_id} {self.device}"
+
+
 class RuntimeRollup(models.Model):
     """Runtime samples summed per bucket of ``at`` and runtime: averages are sum / samples."""
 
@@ -251,6 +273,8 @@ class DeviceRollup(models.Model):
     power_w_count = models.BigIntegerField(default=0)
     energy_joules = models.FloatField(default=0.0)
     energy_count = models.BigIntegerField(default=0, help_text="Counter steps measured")
+    mem_total_max = models.BigIntegerField(null=True, blank=True)
+    temperature_c_max = models.FloatField(null=True, blank=True)
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["granularity", "bucket", "runtime_id", "device"],

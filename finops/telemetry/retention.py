@@ -21,6 +21,7 @@ from django.utils import timezone
 from finops.telemetry.models import (
     DeviceRollup,
     DeviceSample,
+    DeviceUseRollup,
     Granularity,
     MarginalRollup,
     RequestEvent,
@@ -43,7 +44,7 @@ class RetentionResult:
     raw_days_dropped: int
     runtime_samples_deleted: int
     device_samples_deleted: int
-    minute_rollups_deleted: int  # Rollup and MarginalRollup minute rows
+    minute_rollups_deleted: int  # Rollup, MarginalRollup and DeviceUseRollup minute rows
     minute_sample_rollups_deleted: int = 0  # RuntimeRollup and DeviceRollup minute rows
 
     def as_dict(self) -> dict[str, Any]:
@@ -66,7 +67,7 @@ def retention_run(*, now: dt.datetime | None = None) -> RetentionResult:
         state = fill_state_lock()
         minute_cutoff = now - dt.timedelta(days=settings.MINUTE_ROLLUP_RETENTION_DAYS)
         minutes = 0
-        for model in (Rollup, MarginalRollup):
+        for model in (Rollup, MarginalRollup, DeviceUseRollup):
             deleted, _ = model.objects.filter(granularity=Granularity.MINUTE, bucket__lt=minute_cutoff).delete()
             minutes += deleted
         keep_from, dropped = None, 0

@@ -28,7 +28,16 @@ from django.utils import timezone
 
 from finops.pricing.services import QUANTUM
 from finops.telemetry import sketch
-from finops.telemetry.models import FillState, Granularity, Marginal, MarginalRollup, RequestEvent, Rollup, RollupSums
+from finops.telemetry.models import (
+    DeviceUseRollup,
+    FillState,
+    Granularity,
+    Marginal,
+    MarginalRollup,
+    RequestEvent,
+    Rollup,
+    RollupSums,
+)
 
 FILL_STATE = "requests"
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -102,8 +111,10 @@ def rollup_run(*, now: dt.datetime | None = None) -> RollupResult:
         since, until = state.watermark, now - dt.timedelta(seconds=settings.ROLLUP_SETTLE_SECONDS)
         if until <= since:  # a run with an earlier clock than the last one: never move back
             return RollupResult(0, 0, since, since, time.perf_counter() - began)
-        minutes = minute_sums(RequestEvent.objects.filter(received_at__gt=since, received_at__lte=until))
+        window = RequestEvent.objects.filter(received_at__gt=since, received_at__lte=until)
+        minutes = minute_sums(window)
         rows = rollup_add(fold(minutes))
+        rows += device_use_add(device_use_minutes(window))
         state.watermark = until
         state.save(update_fields=["watermark", "updated_at"])
     counted = sum(s.requests for s in minutes.values())
@@ -207,6 +218,49 @@ def marginals(sums: Mapping[RollupKey, Sums]) -> dict[MarginalKey, Sums]:
                                  (Marginal.MODEL, model)):
             added.setdefault((granularity, bucket, dimension.value, value, status_class), Sums()).add(group)
     return added
+
+
+# (granularity, bucket, runtime_id, device): one DeviceUseRollup row; its (requests, gpu_seconds).
+DeviceUseKey = tuple[str, dt.datetime, str, str]
+DEVICE_USE_FIELDS = ["granularity", "bucket", "runtime_id", "device"]
+
+
+def device_use_minutes(events: QuerySet[RequestEvent]) -> dict[DeviceUseKey, tuple[int, float]]:
+    """Requests and their attributed device seconds per minute of started_at, runtime and device."""
+    rows = (events.filter(gpu_seconds__isnull=False, device__isnull=False).order_by()
+            .annotate(minute=TruncMinute("started_at", tzinfo=dt.UTC)).values("minute", "runtime_id", "device")
+            .annotate(n=Count("id"), seconds=Sum("gpu_seconds")))
+    return {(Granularity.MINUTE.value, row["minute"], row["runtime_id"], row["device"]): (row["n"], row["seconds"])
+            for row in rows}
+
+
+def device_use_add(minutes: Mapping[DeviceUseKey, tuple[int, float]]) -> int:
+    """Add per-minute device use, and the hours and days it folds into, to the DeviceUseRollup rows
+    (under the FillState lock, as ``rollup_add``); rows written."""
+    folded: dict[DeviceUseKey, tuple[int, float]] = {}
+    for (_, minute, runtime_id, device), (requests, seconds) in minutes.items():
+        for granularity, bucket in ((Granularity.MINUTE, minute), (Granularity.HOUR, minute.replace(minute=0)),
+                                    (Granularity.DAY, minute.replace(hour=0, minute=0))):
+            key = (granularity.value, bucket, runtime_id, device)
+            before = folded.get(key, (0, 0.0))
+            folded[key] = (before[0] + requests, before[1] + seconds)
+    written = 0
+    for chunk in _batched(sorted(folded), 300):
+        existing = {(r.granularity, r.bucket, r.runtime_id, r.device): r for granularity, group in
+                    itertools.groupby(chunk, key=lambda k: k[0])
+                    for r in DeviceUseRollup.objects.filter(granularity=granularity,
+                                                            bucket__in={k[1] for k in group})}
+        rows = []
+        for key in chunk:
+            requests, seconds = folded[key]
+            if (row := existing.get(key)) is not None:
+                requests, seconds = requests + row.requests, seconds + row.gpu_seconds
+            rows.append(DeviceUseRollup(**dict(zip(DEVICE_USE_FIELDS, key, strict=True)), requests=requests,
+                                        gpu_seconds=seconds))
+        DeviceUseRollup.objects.bulk_create(rows, update_conflicts=True, unique_fields=DEVICE_USE_FIELDS,
+                                            update_fields=["requests", "gpu_seconds"], batch_size=500)
+        written += len(rows)
+    return written
 
 
 def _add(model: type[RollupSums], unique_fields: list[str], sums: Mapping[tuple[Any, ...], Sums], *,

@@ -41,7 +41,7 @@ RUNTIME_MAXES = ("queue_depth_max", "running_max")
 DEVICE_KEY = ["granularity", "bucket", "runtime_id", "device"]
 DEVICE_SUMS = ("samples", "gpu_util_sum", "gpu_util_count", "mem_used_sum", "mem_used_count", "power_w_sum",
                "power_w_count", "energy_joules", "energy_count")
-DEVICE_MAXES = ("mem_used_max",)
+DEVICE_MAXES = ("mem_used_max", "mem_total_max", "temperature_c_max")
 
 # (granularity, bucket, runtime_id) and (granularity, bucket, runtime_id, device)
 RuntimeKey = tuple[str, dt.datetime, str]
@@ -79,7 +79,7 @@ def sample_rollup_run(*, now: dt.datetime | None = None) -> SampleRollupResult:
         runtime_minutes = runtime_minute_sums(RuntimeSample.objects.filter(window))
         device_minutes, names = device_minute_sums(DeviceSample.objects.filter(window))
         for key, (energy, steps) in energy_changes(since=since, until=until).items():
-            sums = device_minutes.setdefault(key, dict.fromkeys(DEVICE_SUMS, 0) | {"mem_used_max": None})
+            sums = device_minutes.setdefault(key, dict.fromkeys(DEVICE_SUMS, 0) | dict.fromkeys(DEVICE_MAXES))
             sums["energy_joules"] += energy
             sums["energy_count"] += steps
         rows = _add(RuntimeRollup, RUNTIME_KEY, RUNTIME_SUMS, RUNTIME_MAXES, _fold(runtime_minutes))
@@ -131,14 +131,16 @@ def device_minute_sums(samples: QuerySet[DeviceSample]
             .values("minute", "runtime_id", "device")
             .annotate(n=Count("id"), name=Max("name"), util_sum=Sum("gpu_util"), util_n=Count("gpu_util"),
                       mem_sum=Sum("mem_used"), mem_n=Count("mem_used"), mem_max=Max("mem_used"),
-                      power_sum=Sum("power_w"), power_n=Count("power_w")))
+                      power_sum=Sum("power_w"), power_n=Count("power_w"), mem_total=Max("mem_total"),
+                      temperature=Max("temperature_c")))
     sums: dict[DeviceKey, dict[str, Any]] = {}
     names: dict[tuple[str, str], str] = {}
     for row in rows:
         sums[(Granularity.MINUTE.value, row["minute"], row["runtime_id"], row["device"])] = {
             "samples": row["n"], "gpu_util_sum": float(row["util_sum"] or 0.0), "gpu_util_count": row["util_n"],
             "mem_used_sum": int(row["mem_sum"] or 0), "mem_used_count": row["mem_n"],
-            "mem_used_max": row["mem_max"], "power_w_sum": float(row["power_sum"] or 0.0),
+            "mem_used_max": row["mem_max"], "mem_total_max": row["mem_total"],
+            "temperature_c_max": row["temperature"], "power_w_sum": float(row["power_sum"] or 0.0),
             "power_w_count": row["power_n"], "energy_joules": 0.0, "energy_count": 0,
         }
         if row["name"]:

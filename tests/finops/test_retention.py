@@ -10,7 +10,15 @@ import pytest
 from django.db import connection
 from django.test import override_settings
 
-from finops.telemetry.models import DeviceSample, Granularity, MarginalRollup, RequestEvent, Rollup, RuntimeSample
+from finops.telemetry.models import (
+    DeviceSample,
+    DeviceUseRollup,
+    Granularity,
+    MarginalRollup,
+    RequestEvent,
+    Rollup,
+    RuntimeSample,
+)
 from finops.telemetry.partitioning import existing_partition_days
 from finops.telemetry.retention import retention_run
 from finops.telemetry.rollups import rollup_run
@@ -113,11 +121,12 @@ def test_samples_and_minute_rollups_expire_while_hours_and_days_stay() -> None:
 
     result = retention_run(now=NOW)
 
-    # One minute row in Rollup and its four marginal rows (total, tenant, feature, model).
-    assert (result.runtime_samples_deleted, result.device_samples_deleted, result.minute_rollups_deleted) == (1, 1, 5)
+    # One minute row in Rollup, its four marginal rows (total, tenant, feature, model) and the
+    # request's device use.
+    assert (result.runtime_samples_deleted, result.device_samples_deleted, result.minute_rollups_deleted) == (1, 1, 6)
     assert list(RuntimeSample.objects.values_list("at", flat=True)) == [days_ago(6)]
     assert list(DeviceSample.objects.values_list("at", flat=True)) == [days_ago(6)]
-    for table in (Rollup, MarginalRollup):
+    for table in (Rollup, MarginalRollup, DeviceUseRollup):
         assert set(table.objects.filter(granularity=Granularity.MINUTE).values_list("bucket", flat=True)) == {
             days_ago(6)}
     assert Rollup.objects.filter(granularity=Granularity.HOUR).count() == 2

@@ -29,7 +29,7 @@ SECOND = dt.timedelta(seconds=1)
 GPU_A, GPU_B = "GPU-aaaa", "GPU-bbbb"
 RUNTIME_FIELDS = ("samples", "queue_depth_sum", "queue_depth_max", "running_sum", "running_max", "tokens_per_s_sum")
 DEVICE_FIELDS = ("samples", "gpu_util_sum", "gpu_util_count", "mem_used_sum", "mem_used_count", "mem_used_max",
-                 "power_w_sum", "power_w_count", "energy_joules", "energy_count")
+                 "power_w_sum", "power_w_count", "energy_joules", "energy_count", "mem_total_max", "temperature_c_max")
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("sample_settings")]
 
 
@@ -72,6 +72,7 @@ def traffic(seed: int, *, count: int = 300) -> None:
                 gpu_util=rng.choice([None, rng.uniform(0, 100)]),
                 mem_used=rng.choice([None, rng.randrange(80 * 2**30)]),
                 power_w=rng.choice([None, rng.uniform(50, 700)]),
+                temperature_c=rng.choice([None, rng.uniform(30, 90)]),
                 energy_joules_total=None if rng.random() < 0.1 else energy[device],
             ))
     RuntimeSample.objects.bulk_create(runtime_rows)
@@ -92,7 +93,8 @@ def raw_runtime_totals(granularity: str) -> dict[tuple, dict[str, Any]]:
 
 
 def raw_device_totals(granularity: str) -> dict[tuple, dict[str, Any]]:
-    totals: dict[tuple, dict[str, Any]] = defaultdict(lambda: dict.fromkeys(DEVICE_FIELDS, 0) | {"mem_used_max": None})
+    maxima = ("mem_used_max", "mem_total_max", "temperature_c_max")
+    totals: dict[tuple, dict[str, Any]] = defaultdict(lambda: dict.fromkeys(DEVICE_FIELDS, 0) | dict.fromkeys(maxima))
     samples = list(DeviceSample.objects.order_by("runtime_id", "device", "at"))
     for s in samples:
         row = totals[(bucket_of(s.at, granularity), s.runtime_id, s.device)]
@@ -101,8 +103,10 @@ def raw_device_totals(granularity: str) -> dict[tuple, dict[str, Any]]:
             if (value := getattr(s, name)) is not None:
                 row[f"{name}_sum"] += value
                 row[f"{name}_count"] += 1
-        if s.mem_used is not None:
-            row["mem_used_max"] = max(row["mem_used_max"] or 0, s.mem_used)
+        for name, value in (("mem_used_max", s.mem_used), ("mem_total_max", s.mem_total),
+                            ("temperature_c_max", s.temperature_c)):
+            if value is not None:
+                row[name] = value if row[name] is None else max(row[name], value)
     for _, readings in itertools.groupby(samples, key=lambda s: (s.runtime_id, s.device)):
         measured = [s for s in readings if s.energy_joules_total is not None]
         for a, b in itertools.pairwise(measured):
@@ -127,7 +131,12 @@ def assert_rollups_match_raw() -> None:
             actual = rollup_rows(model, granularity, names)
             assert set(actual) == set(expected), (model.__name__, granularity)
             for key, row in expected.items():
-                assert actual[key] == pytest.approx(row, rel=1e-9, abs=1e-6), (model.__name__, granularity, key)
+                where = (model.__name__, granularity, key)
+                unknown = {name for name, value in row.items() if value is None}  # never measured: None, not 0
+                assert {name for name, value in actual[key].items() if value is None} == unknown, where
+                assert ({name: value for name, value in actual[key].items() if name not in unknown}
+                        == pytest.approx({name: value for name, value in row.items() if name not in unknown},
+                                         rel=1e-9, abs=1e-6)), where
 
 
 def snapshot() -> list[tuple]:

@@ -52,6 +52,8 @@ from finops.telemetry.models import (
     RuntimeSample,
 )
 from finops.telemetry.partitioning import ensure_partitions
+from finops.telemetry.rollups import rollup_run
+from finops.telemetry.sample_rollups import sample_rollup_run
 from tests.finops.factories import price_book
 
 pytestmark = pytest.mark.django_db
@@ -713,7 +715,16 @@ def device_samples(runtime_id: str, device: str, start: dt.datetime, minutes: in
         for i in range(count))
 
 
-def test_idle_capacity_is_paid_time_minus_attributed_time_priced_per_gpu_hour() -> None:
+def count_if(counted: bool) -> None:
+    """With ``counted``, run the request and sample rollups over everything stored so far, so the
+    selector reads rollup rows instead of raw rows: both must give the same answer."""
+    if counted:
+        rollup_run(now=timezone.now() + MINUTE)
+        sample_rollup_run(now=timezone.now() + MINUTE)
+
+
+@pytest.mark.parametrize("counted", [False, True], ids=["raw", "rolled-up"])
+def test_idle_capacity_is_paid_time_minus_attributed_time_priced_per_gpu_hour(counted: bool) -> None:
     start = floor(timezone.now(), "hour") - 2 * HOUR
     Device.objects.create(uuid="GPU-aaa", name="NVIDIA H100", runtime_id="gpu-1", last_seen_at=start)
     price_book(effective_from=start - DAY, devices={"NVIDIA H100": ("3.60", "0.10")})
@@ -723,6 +734,7 @@ def test_idle_capacity_is_paid_time_minus_attributed_time_priced_per_gpu_hour() 
           + [event(start + MINUTE, gpu_seconds=999.0, device="GPU-other")]  # another device
           + [event(start + 30 * MINUTE, gpu_seconds=999.0)])  # outside the range
 
+    count_if(counted)
     (gpu,) = idle_capacity(start=start, end=start + 20 * MINUTE)
 
     assert (gpu.runtime_id, gpu.device, gpu.device_type) == ("gpu-1", "GPU-aaa", "NVIDIA H100")
@@ -733,35 +745,41 @@ def test_idle_capacity_is_paid_time_minus_attributed_time_priced_per_gpu_hour() 
     assert gpu.idle_cost == pytest.approx(Decimal("0.48"))
 
 
-def test_idle_is_never_negative_and_uses_the_wildcard_price() -> None:
+@pytest.mark.parametrize("counted", [False, True], ids=["raw", "rolled-up"])
+def test_idle_is_never_negative_and_uses_the_wildcard_price(counted: bool) -> None:
     start = floor(timezone.now(), "hour") - 2 * HOUR
     price_book(effective_from=start - DAY, devices={"*": ("2.00", "0.10")})
     device_samples("gpu-1", "GPU-aaa", start, minutes=1, name="NVIDIA L4")
     store([event(start + SECOND, gpu_seconds=100.0)])
 
+    count_if(counted)
     (gpu,) = idle_capacity(start=start, end=start + HOUR)
 
     assert gpu.device_type == "NVIDIA L4"
     assert (gpu.paid_seconds, gpu.idle_seconds, gpu.idle_cost) == (60.0, 0.0, Decimal(0))
 
 
-def test_a_gap_in_the_samples_is_not_paid_time() -> None:
+@pytest.mark.parametrize("counted", [False, True], ids=["raw", "rolled-up"])
+def test_a_gap_in_the_samples_is_not_paid_time(counted: bool) -> None:
     start = floor(timezone.now(), "hour") - 2 * HOUR
     device_samples("gpu-1", "GPU-aaa", start, minutes=5)
     device_samples("gpu-1", "GPU-aaa", start + 30 * MINUTE, minutes=5)
 
+    count_if(counted)
     (gpu,) = idle_capacity(start=start, end=start + HOUR)
 
     assert gpu.paid_seconds == 600.0
     assert gpu.idle_cost is None  # no price book at all
 
 
-def test_a_cpu_runtime_is_paid_for_the_minutes_its_runtime_samples_cover() -> None:
+@pytest.mark.parametrize("counted", [False, True], ids=["raw", "rolled-up"])
+def test_a_cpu_runtime_is_paid_for_the_minutes_its_runtime_samples_cover(counted: bool) -> None:
     start = floor(timezone.now(), "hour") - 2 * HOUR
     price_book(effective_from=start - DAY, devices={"cpu": ("0.36", "0.10")})
     samples("cpu-1", start, minutes=3)
     store([event(start + SECOND, runtime_id="cpu-1", device="cpu", gpu_seconds=18.0, energy_joules=None)])
 
+    count_if(counted)
     (cpu,) = idle_capacity(start=start, end=start + HOUR)
 
     assert (cpu.runtime_id, cpu.device, cpu.device_type) == ("cpu-1", "cpu", "cpu")
@@ -769,12 +787,14 @@ def test_a_cpu_runtime_is_paid_for_the_minutes_its_runtime_samples_cover() -> No
     assert cpu.idle_cost == pytest.approx(Decimal("0.0162"))
 
 
-def test_idle_cost_follows_the_price_book_in_force_at_each_minute() -> None:
+@pytest.mark.parametrize("counted", [False, True], ids=["raw", "rolled-up"])
+def test_idle_cost_follows_the_price_book_in_force_at_each_minute(counted: bool) -> None:
     start = floor(timezone.now(), "hour") - 2 * HOUR
     price_book(effective_from=start - DAY, devices={"NVIDIA H100": ("3.60", "0.10")})
     price_book(effective_from=start + 5 * MINUTE, devices={"NVIDIA H100": ("7.20", "0.10")})
     device_samples("gpu-1", "GPU-aaa", start, minutes=10)
 
+    count_if(counted)
     (gpu,) = idle_capacity(start=start, end=start + HOUR)
 
     # 300 s at $3.60/h and 300 s at $7.20/h
@@ -782,7 +802,26 @@ def test_idle_cost_follows_the_price_book_in_force_at_each_minute() -> None:
     assert gpu.idle_cost == pytest.approx(Decimal("0.90"))
 
 
-def test_runtime_gauges_summarise_samples_and_leave_unmeasured_figures_empty() -> None:
+def test_a_minute_partly_rolled_up_and_partly_raw_is_paid_once(settings: Any) -> None:
+    start = floor(timezone.now(), "hour") - 2 * HOUR
+    rows = device_samples("gpu-1", "GPU-aaa", start, minutes=10)
+    for row in rows:  # each received a second after it was taken
+        DeviceSample.objects.filter(pk=row.pk).update(received_at=row.at + SECOND)
+    store([event(start + i * MINUTE, gpu_seconds=6.0) for i in range(10)])
+    halfway = start + dt.timedelta(minutes=4, seconds=30)  # minute 4 is half counted
+    settle = dt.timedelta(seconds=settings.ROLLUP_SETTLE_SECONDS)
+    sample_rollup_run(now=halfway + settle)
+    rollup_run(now=halfway + settle)
+
+    (gpu,) = idle_capacity(start=start, end=start + HOUR)
+
+    assert FillState.objects.get(name="samples").watermark == halfway
+    assert gpu.paid_seconds == 600.0
+    assert gpu.attributed_seconds == pytest.approx(60.0)
+
+
+@pytest.mark.parametrize("counted", [False, True], ids=["raw", "rolled-up"])
+def test_runtime_gauges_summarise_samples_and_leave_unmeasured_figures_empty(counted: bool) -> None:
     start = floor(timezone.now(), "hour") - 2 * HOUR
     Runtime.objects.create(name="idle-1", base_url="http://idle-1:8080")
     samples("gpu-1", start, minutes=2, tokens_per_s=120.0)  # queue depths cycle 0..3
@@ -790,6 +829,7 @@ def test_runtime_gauges_summarise_samples_and_leave_unmeasured_figures_empty() -
     device_samples("gpu-1", "GPU-aaa", start, minutes=2, power_w=300.0)
     device_samples("gpu-1", "GPU-bbb", start, minutes=2, power_w=200.0)
 
+    count_if(counted)
     gauges = {g.runtime_id: g for g in runtime_gauges(start=start, end=start + HOUR)}
 
     gpu, cpu, idle = gauges["gpu-1"], gauges["cpu-1"], gauges["idle-1"]
