@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -42,7 +41,6 @@ from finops.dashboards.selectors import (
     usage_series_split,
     usage_totals,
 )
-from finops.dashboards.tail import TailSnapshot, tail_snapshot
 from finops.telemetry.models import RequestEvent
 from finops.telemetry.rollups import cost_sum, cost_value
 
@@ -150,18 +148,6 @@ def overview(*, state: FilterState, fixed: dict[str, str] | None = None, now: dt
         today=spend_against_budget(state=state, period=Period.DAILY, now=now, fixed=fixed),
         month=spend_against_budget(state=state, period=Period.MONTHLY, now=now, fixed=fixed),
     )
-
-
-def page_tail(state: FilterState, *, now: dt.datetime | None = None) -> AbstractContextManager[TailSnapshot]:
-    """One read of the raw tail for everything a page shows: its range (widened to whole hours,
-    as ``rollup_plan`` may widen it) and the current day and month of the spend tiles."""
-    now = now or timezone.now()
-    month = period_at(Period.MONTHLY, now).start.astimezone(dt.UTC)
-    day = period_at(Period.DAILY, now).start.astimezone(dt.UTC)
-    start = min(state.start.replace(minute=0), month, day)
-    end = max(state.end, _ceil_minute(now))
-    end = end if end == end.replace(minute=0) else end.replace(minute=0) + dt.timedelta(hours=1)
-    return tail_snapshot(start=start, end=end)
 
 
 # -- series ---------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from decimal import Decimal
 from typing import Any, Literal, TypeVar
 
 from django.conf import settings
+from django.core.exceptions import EmptyResultSet
 from django.db import connection
 from django.db.models import (
     Aggregate,
@@ -54,10 +55,10 @@ from django.db.models import (
     Value,
     When,
 )
-from django.db.models.functions import Trunc
+from django.db.models.functions import Coalesce, Trunc
 from django.utils import timezone
 
-from finops.dashboards.tail import TailEvent, tail_events, watermark_after_read, watermark_before_read
+from finops.dashboards.tail import tail_span, watermark_after_read, watermark_before_read
 from finops.pricing.services import QUANTUM, PriceCatalog, Prices
 from finops.runtimes.models import Runtime
 from finops.telemetry import sketch
@@ -204,7 +205,10 @@ def _fetch(rows: QuerySet[Any]) -> list[dict[str, Any]]:
     """A ``values()`` query's rows as plain dicts, straight from the cursor: without Django's
     per-value converters, which cost more than the query for the thousands of rows of a split
     series. Truncated moments come back as the database gives them (see ``_moments``)."""
-    sql, params = rows.query.sql_with_params()
+    try:
+        sql, params = rows.query.sql_with_params()
+    except EmptyResultSet:  # a query that cannot match (``none()``): nothing to ask the database
+        return []
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         names = [column[0] for column in cursor.description]
@@ -285,18 +289,19 @@ def _in_tiles(plan: Plan) -> Q:
     return buckets
 
 
-def _tail(plan: Plan, filters: Filters, watermark: dt.datetime | None) -> list[TailEvent]:
-    """The raw events of the plan's range that the filters select, received after ``watermark``."""
-    return tail_events(start=plan.start, end=plan.end, watermark=watermark, keep=_selects(filters))
+_TAIL_MODEL = Coalesce("model_served", Value(""))
 
 
-def _selects(filters: Filters) -> Callable[[TailEvent], bool] | None:
-    """Whether a tail event is one of the filters' tenants, features and served models (None: all are)."""
-    if not (filters.tenants or filters.features or filters.models):
-        return None
-    tenants, features, models = set(filters.tenants), set(filters.features), set(filters.models)
-    return lambda e: ((not tenants or e.tenant in tenants) and (not features or e.feature in features)
-                      and (not models or e.model in models))
+def _tail(plan: Plan, filters: Filters, watermark: dt.datetime | None) -> QuerySet[RequestEvent]:
+    """The raw events of the plan's range that the filters select, received after ``watermark``:
+    only the days they can be in, as far as the page's tail snapshot knows (``tail.tail_span``)."""
+    span = tail_span(start=plan.start, end=plan.end, watermark=watermark)
+    if span is None:
+        return RequestEvent.objects.none()
+    events = RequestEvent.objects.filter(started_at__gte=span[0], started_at__lt=span[1])
+    if watermark is not None:
+        events = events.filter(received_at__gt=watermark)
+    return raw_events_filtered(events, filters).order_by()
 
 
 def raw_events_filtered(events: QuerySet[RequestEvent], filters: Filters) -> QuerySet[RequestEvent]:
@@ -313,17 +318,15 @@ def raw_events_filtered(events: QuerySet[RequestEvent], filters: Filters) -> Que
     return events
 
 
+def _tail_key(dimension: Dimension) -> Expression:
+    """A dimension's value in raw events."""
+    _check_dimension(dimension)
+    return _TAIL_MODEL if dimension == "model" else F(dimension)
+
+
 def _check_dimension(dimension: str) -> None:
     if dimension not in DIMENSIONS:
         raise ValueError(f"dimension must be one of {DIMENSIONS}, got {dimension!r}")
-
-
-def _event_key(step: Step | None, dimension: Dimension | None) -> Callable[[TailEvent], tuple[Any, ...]]:
-    """A tail event's group: ``(step start, dimension value)``, without whichever is not asked for."""
-    def key(event: TailEvent) -> tuple[Any, ...]:
-        at = (_floor(event.started_at.astimezone(dt.UTC), step),) if step else ()
-        return (*at, getattr(event, dimension)) if dimension else at
-    return key
 
 
 # -- request measures -----------------------------------------------------------------------------
@@ -348,6 +351,25 @@ def _rollup_sums() -> dict[str, Aggregate]:
     # Status classes are folded into the group's counters by the database, not returned as rows.
     for status_class, counter in _STATUS_COUNTERS.items():
         sums[f"total_{counter}"] = Sum("requests", filter=Q(status_class=status_class))
+    return sums
+
+
+def _tail_sums() -> dict[str, Aggregate]:
+    """``_rollup_sums`` of raw events, counted as the rollups count them."""
+    sums: dict[str, Aggregate] = {
+        "total_requests": Count("id"),
+        "total_prompt_tokens": Sum("prompt_tokens"),
+        "total_completion_tokens": Sum("completion_tokens"),
+        "total_cache_hits": Count("id", filter=Q(cache_hit=True)),
+        "total_gpu_seconds": Sum("gpu_seconds"),
+        "total_energy_joules": Sum("energy_joules"),
+        "total_energy_measured": Count("energy_joules"),
+        "total_list_cost": cost_sum("list_cost"),
+        "total_hardware_cost": cost_sum("hardware_cost"),
+        "total_unpriced": Count("id", filter=Q(list_cost__isnull=True)),  # no list price applied
+    }
+    for status_class, counter in _STATUS_COUNTERS.items():
+        sums[f"total_{counter}"] = Count("id", filter=Q(status_class=status_class))
     return sums
 
 
@@ -388,26 +410,6 @@ class _Sums:
     def merge(self, other: _Sums) -> None:
         for name, value in vars(other).items():
             setattr(self, name, getattr(self, name) + value)
-
-    def add_event(self, event: TailEvent) -> None:
-        """Add one raw event, counted as the rollups count it."""
-        self.requests += 1
-        counter = _STATUS_COUNTERS.get(event.status_class)
-        if counter:
-            setattr(self, counter, getattr(self, counter) + 1)
-        self.prompt_tokens += event.prompt_tokens
-        self.completion_tokens += event.completion_tokens
-        self.cache_hits += bool(event.cache_hit)
-        self.gpu_seconds += event.gpu_seconds or 0.0
-        if event.energy_joules is not None:
-            self.energy_joules += event.energy_joules
-            self.energy_measured += 1
-        if event.list_cost is None:
-            self.unpriced += 1  # no list price applied (the rollups' rule)
-        else:
-            self.list_cost += cost_value(event.list_cost)
-        if event.hardware_cost is not None:
-            self.hardware_cost += cost_value(event.hardware_cost)
 
 
 @dataclass(slots=True)
@@ -502,29 +504,34 @@ def _usage(
     """Measures grouped by the ``step`` the request started in and/or ``dimension``'s value,
     rollups and tail added up. A group's key is ``(step start, value)`` without whichever of the two
     is not asked for."""
-    def read() -> list[dict[str, Any]]:
-        rows, value = _rollups(plan, filters, dimension)
+    def grouped(rows: QuerySet[Any], moment: str, value: Expression | None,
+                sums: dict[str, Aggregate]) -> list[dict[str, Any]]:
         # Edge buckets finer than the step (hours and minutes at the range's ends) are folded into
         # their step by the database, so a month by day is a row per day and value.
         keys: dict[str, Expression] = {}
         if step:
-            keys["at"] = Trunc("bucket", step, tzinfo=dt.UTC)
-        if dimension:
+            keys["at"] = Trunc(moment, step, tzinfo=dt.UTC)
+        if value is not None:
             keys["kept"] = value
         if not keys:
-            return [rows.order_by().aggregate(**_rollup_sums())]
-        return _fetch(rows.values(**keys).annotate(**_rollup_sums()).order_by())
+            return [rows.aggregate(**sums)]
+        return _fetch(rows.values(**keys).annotate(**sums).order_by())
+
+    def read() -> list[dict[str, Any]]:
+        rows, value = _rollups(plan, filters, dimension)
+        return grouped(rows.order_by(), "bucket", value if dimension else None, _rollup_sums())
 
     watermark, rolled = _read_rollups(read, empty=[])
+    tail = grouped(_tail(plan, filters, watermark), "started_at", _tail_key(dimension) if dimension else None,
+                   _tail_sums())
     groups: dict[tuple[Any, ...], _Sums] = {}
     moment = _moments()
-    for row in rolled:
+    for row in [*rolled, *tail]:
+        if not row["total_requests"]:
+            continue  # an aggregate over no rows
         at = (moment(row["at"]),) if step else ()
         key = (*at, row["kept"]) if dimension else at
         groups.setdefault(key, _Sums()).add(row)
-    event_key = _event_key(step, dimension)
-    for event in _tail(plan, filters, watermark):
-        groups.setdefault(event_key(event), _Sums()).add_event(event)
     return groups
 
 
@@ -601,7 +608,8 @@ def dimension_values(*, filters: Filters, dimension: Dimension) -> list[str]:
         return set(rows.order_by().annotate(kept=value).values_list("kept", flat=True).distinct())
 
     watermark, rolled = _read_rollups(read, empty=set())
-    return sorted(rolled | {getattr(event, dimension) for event in _tail(plan, filters, watermark)})
+    tail = _tail(plan, filters, watermark).annotate(kept=_tail_key(dimension)).values_list("kept", flat=True)
+    return sorted(rolled | set(tail.distinct()))
 
 
 # -- latency --------------------------------------------------------------------------------------
@@ -671,13 +679,16 @@ def _histograms(
         return rolled
 
     watermark, merged = _read_rollups(read, empty={})
-    for event in _tail(plan, filters, watermark):
-        index = getattr(event, bucket_field)
-        if index is None:
-            # Ingest buckets every event on arrival; an event stored without its bucket is bucketed here.
-            index = sketch.bucket_index(getattr(event, value_field))
-        if index is not None:
-            add(merged, _floor(event.started_at.astimezone(dt.UTC), step) if step else None, index, 1)
+    tail = _tail(plan, filters, watermark)
+    at = Trunc("started_at", step, tzinfo=dt.UTC) if step else Value(None, output_field=DateTimeField())
+    moment = _moments()
+    for row in _fetch(tail.filter(**{f"{bucket_field}__isnull": False}).values(at=at, index=F(bucket_field))
+                      .annotate(count=Count("id")).order_by()):
+        add(merged, moment(row["at"]), row["index"], row["count"])
+    # Ingest buckets every event on arrival; an event stored without its bucket is bucketed here.
+    unbucketed = tail.filter(**{f"{bucket_field}__isnull": True, f"{value_field}__isnull": False})
+    for started, value in unbucketed.values_list("started_at", value_field):
+        add(merged, _floor(started.astimezone(dt.UTC), step) if step else None, sketch.bucket_index(value), 1)
     return merged
 
 
@@ -981,13 +992,12 @@ def _attributed_seconds(start: dt.datetime, end: dt.datetime) -> dict[tuple[str,
                     .annotate(seconds=Sum("gpu_seconds")).order_by().values_list("runtime_id", "device", "seconds"))
 
     watermark, rows = _read_rollups(read, [])
+    tail = (_tail(plan, Filters(start=start, end=end), watermark).filter(device__isnull=False)
+            .values("runtime_id", "device").annotate(seconds=Sum("gpu_seconds")).order_by()
+            .values_list("runtime_id", "device", "seconds"))
     seconds: dict[tuple[str, str], float] = {}
-    for runtime_id, device, used in rows:
+    for runtime_id, device, used in [*rows, *tail]:
         seconds[(runtime_id, device)] = seconds.get((runtime_id, device), 0.0) + (used or 0.0)
-    for event in tail_events(start=plan.start, end=plan.end, watermark=watermark):
-        if event.gpu_seconds is not None and event.device is not None:
-            key = (event.runtime_id, event.device)
-            seconds[key] = seconds.get(key, 0.0) + event.gpu_seconds
     return seconds
 
 

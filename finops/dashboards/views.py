@@ -34,6 +34,7 @@ from finops.dashboards.selectors import (
     usage_by,
     usage_totals,
 )
+from finops.dashboards.tail import tail_snapshot
 from finops.runtimes.selectors import runtime_ruleset_states
 
 PLURAL = {"tenant": "tenants", "feature": "features", "model": "models"}
@@ -46,11 +47,11 @@ SORT_COLUMNS = [("name", None), ("requests", "Requests"), ("tokens", "Tokens"), 
 
 
 def _one_tail_read(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
-    """Run a dashboard view with the raw tail of its filter bar's range read once, for all of its
-    selectors and menus (``page_data.page_tail``)."""
+    """Run a dashboard view with the raw tail's span read once, for all of its selectors and menus
+    (``tail.tail_snapshot``)."""
     @wraps(view)
     def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        with page_data.page_tail(filter_state_parse(request.GET)):
+        with tail_snapshot():
             return view(request, *args, **kwargs)
     return wrapper
 

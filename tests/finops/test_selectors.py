@@ -593,26 +593,48 @@ def test_a_split_series_and_its_unsplit_steps_agree_with_the_separate_selectors(
 # -- one tail read per page -----------------------------------------------------------------------
 
 
-def test_inside_a_tail_snapshot_selectors_read_no_raw_events(history: list[RequestEvent]) -> None:
-    outside = (usage_totals(filters=RAGGED), usage_by(filters=RAGGED, dimension="tenant"),
-               latency_percentiles(filters=RAGGED), dimension_values(filters=RAGGED, dimension="model"))
+def test_inside_a_tail_snapshot_selectors_answer_as_they_do_outside_one(history: list[RequestEvent]) -> None:
+    def everything() -> tuple[Any, ...]:
+        return (usage_totals(filters=RAGGED), usage_by(filters=RAGGED, dimension="tenant"),
+                usage_series(filters=RAGGED, step="hour", dimension="model"),
+                latency_series(filters=RAGGED, step="hour"), dimension_values(filters=RAGGED, dimension="model"))
 
-    with tail_snapshot(start=RAGGED.start, end=RAGGED.end), CaptureQueriesContext(connection) as queries:
-        inside = (usage_totals(filters=RAGGED), usage_by(filters=RAGGED, dimension="tenant"),
-                  latency_percentiles(filters=RAGGED), dimension_values(filters=RAGGED, dimension="model"))
+    outside = everything()
+    with tail_snapshot():
+        inside = everything()
+
+    assert inside == outside
+
+
+def test_a_snapshot_narrows_tail_queries_to_the_days_the_tail_started_in() -> None:
+    now = timezone.now()
+    old, recent = floor(now, "day") - 10 * DAY, floor(now, "minute") - 5 * MINUTE
+    events = store([event(old + HOUR, received_at=old + HOUR + SECOND),
+                    event(recent, received_at=recent + SECOND)])
+    roll_up(events[:1], watermark=old + 2 * HOUR)
+    month = Filters(start=floor(now, "day") - 20 * DAY, end=floor(now, "minute") + MINUTE)
+
+    with tail_snapshot() as snapshot, CaptureQueriesContext(connection) as queries:
+        totals = usage_totals(filters=month)
+
+    assert (snapshot.first, snapshot.last) == (recent, recent)
+    assert totals.requests == 2
+    tail_sql = [q["sql"] for q in queries.captured_queries if "telemetry_requestevent" in q["sql"]]
+    assert len(tail_sql) == 1
+
+
+def test_with_an_empty_tail_no_selector_reads_raw_events(history: list[RequestEvent]) -> None:
+    Rollup.objects.all().delete()
+    MarginalRollup.objects.all().delete()
+    roll_up(history, watermark=timezone.now())  # a run that caught up with everything
+    outside = usage_totals(filters=RAGGED), latency_percentiles(filters=RAGGED)
+
+    with tail_snapshot(), CaptureQueriesContext(connection) as queries:
+        inside = (usage_totals(filters=RAGGED), latency_percentiles(filters=RAGGED))
+        usage_by(filters=RAGGED, dimension="tenant"), dimension_values(filters=RAGGED, dimension="model")
 
     assert inside == outside
     assert not [q["sql"] for q in queries.captured_queries if "telemetry_requestevent" in q["sql"]]
-
-
-def test_a_range_the_snapshot_does_not_cover_reads_its_own_tail() -> None:
-    start = floor(timezone.now(), "hour") - 3 * HOUR
-    store([event(start + MINUTE), event(start + 2 * HOUR)])
-
-    with tail_snapshot(start=start + HOUR, end=start + 3 * HOUR):
-        wider = usage_totals(filters=Filters(start=start, end=start + 3 * HOUR))
-
-    assert wider.requests == 2
 
 
 def test_events_a_rollup_run_counts_after_the_snapshot_are_not_counted_twice() -> None:
@@ -622,13 +644,13 @@ def test_events_a_rollup_run_counts_after_the_snapshot_are_not_counted_twice() -
     roll_up(events[:1], watermark=minute + 10 * SECOND)
     filters = Filters(start=minute, end=minute + MINUTE)
 
-    with tail_snapshot(start=minute, end=minute + MINUTE) as snapshot:
+    with tail_snapshot() as snapshot:
         Rollup.objects.all().delete()
         MarginalRollup.objects.all().delete()
         roll_up(events, watermark=minute + 55 * SECOND)  # the next run lands while the page renders
         totals = usage_totals(filters=filters)
 
-    assert len(snapshot.events) == 1  # the second event was still raw when the snapshot was read
+    assert snapshot.first == snapshot.last == minute + 3 * SECOND  # the second event was still raw
     assert totals.requests == 2
 
 
