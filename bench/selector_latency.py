@@ -60,9 +60,9 @@ SUMS = """count(*) AS requests, sum(prompt_tokens) AS prompt_tokens, sum(complet
     count(*) FILTER (WHERE cache_hit) AS cache_hits, coalesce(sum(gpu_seconds), 0) AS gpu_seconds,
     coalesce(sum(energy_joules), 0) AS energy_joules, count(energy_joules) AS energy_measured,
     coalesce(sum(list_cost), 0) AS list_cost, coalesce(sum(hardware_cost), 0) AS hardware_cost,
-    count(*) FILTER (WHERE list_cost IS NULL) AS unpriced"""
+    coalesce(sum(saved_cost), 0) AS saved_cost, count(*) FILTER (WHERE list_cost IS NULL) AS unpriced"""
 SUM_COLUMNS = ("requests, prompt_tokens, completion_tokens, cache_hits, gpu_seconds, energy_joules, "
-               "energy_measured, list_cost, hardware_cost, unpriced")
+               "energy_measured, list_cost, hardware_cost, saved_cost, unpriced")
 
 
 def bucket_sql(column: str) -> str:
@@ -93,7 +93,7 @@ def generate_raw(events: int, end: dt.datetime) -> None:
         end_user, api_key_id, model_requested, model_served, route_reason, rule_id, priority, status, status_class,
         http_status, error_type, prompt_tokens, completion_tokens, cache_hit, queue_wait_ms, ttft_ms, e2e_ms,
         tpot_ms, queue_depth_at_admit, mean_batch_size, gpu_seconds, energy_joules, device, price_book_id,
-        list_cost, hardware_cost, e2e_bucket, ttft_bucket)
+        list_cost, hardware_cost, saved_cost, e2e_bucket, ttft_bucket)
     SELECT gen_random_uuid(), 'rt-' || (g %% 3), s.started, s.started + make_interval(secs => s.e2e / 1000),
         s.started + make_interval(secs => s.e2e / 1000 + 0.05), 'tenant-' || lpad(s.t::text, 2, '0'),
         'feature-' || lpad(((s.t * 7 + s.f) %% 20)::text, 2, '0'), 'user-' || (g %% 5000),
@@ -104,17 +104,19 @@ def generate_raw(events: int, end: dt.datetime) -> None:
              WHEN s.status = 'cancelled' THEN 'cancelled' ELSE 'rejected' END,
         CASE s.status WHEN 'ok' THEN 200 WHEN 'error' THEN 500 WHEN 'timeout' THEN 504 WHEN 'cancelled' THEN 499
              WHEN 'rejected_rule' THEN 403 WHEN 'rejected_budget' THEN 402 ELSE 503 END,
-        CASE WHEN s.status <> 'ok' THEN s.status END, s.prompt, s.completion, s.r5 < 0.1,
+        CASE WHEN s.status <> 'ok' THEN s.status END, s.prompt, s.completion, s.hit,
         CASE WHEN NOT s.rejected THEN s.r6 * 50 END, s.ttft, s.e2e,
         CASE WHEN s.completion > 0 THEN s.e2e / s.completion END, g %% 20,
         CASE WHEN NOT s.rejected THEN 1 + s.r6 * 31 END, CASE WHEN NOT s.rejected THEN s.e2e / 1000 END, NULL,
         'cpu', 1,
-        CASE WHEN NOT s.rejected THEN round((s.prompt * 0.2 + s.completion * 0.8) / 1e6, 12) END,
+        CASE WHEN s.rejected THEN NULL WHEN s.hit THEN 0 ELSE round((s.prompt * 0.2 + s.completion * 0.8) / 1e6, 12)
+             END,
         CASE WHEN NOT s.rejected THEN round((s.e2e / 1000 * 0.05 / 3600)::numeric, 12) END,
+        CASE WHEN s.hit AND NOT s.rejected THEN round((s.prompt * 0.2 + s.completion * 0.8) / 1e6, 12) END,
         {bucket_sql('s.e2e')}, {bucket_sql('s.ttft')}
     FROM (
         SELECT r.*,
-            r.status IN ('rejected_rule', 'rejected_budget', 'shed') AS rejected,
+            r.status IN ('rejected_rule', 'rejected_budget', 'shed') AS rejected, r.r5 < 0.1 AS hit,
             (ARRAY['smollm2-135m', 'llama-3.1-8b', 'qwen2.5-7b', 'mistral-7b'])[1 + (r.t + (r.r4 < 0.2)::int) %% 4]
                 AS model,
             CASE WHEN r.status IN ('rejected_rule', 'rejected_budget', 'shed') THEN 2.0

@@ -346,6 +346,7 @@ def _rollup_sums() -> dict[str, Aggregate]:
         "total_energy_measured": Sum("energy_measured"),
         "total_list_cost": cost_sum("list_cost"),
         "total_hardware_cost": cost_sum("hardware_cost"),
+        "total_saved_cost": cost_sum("saved_cost"),
         "total_unpriced": Sum("unpriced"),
     }
     # Status classes are folded into the group's counters by the database, not returned as rows.
@@ -366,6 +367,7 @@ def _tail_sums() -> dict[str, Aggregate]:
         "total_energy_measured": Count("energy_joules"),
         "total_list_cost": cost_sum("list_cost"),
         "total_hardware_cost": cost_sum("hardware_cost"),
+        "total_saved_cost": cost_sum("saved_cost"),
         "total_unpriced": Count("id", filter=Q(list_cost__isnull=True)),  # no list price applied
     }
     for status_class, counter in _STATUS_COUNTERS.items():
@@ -388,6 +390,7 @@ class _Sums:
     energy_measured: int = 0
     list_cost: Decimal = ZERO
     hardware_cost: Decimal = ZERO
+    saved_cost: Decimal = ZERO
     unpriced: int = 0
 
     def add(self, row: Mapping[str, Any]) -> None:
@@ -406,6 +409,7 @@ class _Sums:
         self.energy_joules += float(row["total_energy_joules"] or 0.0)
         self.list_cost += cost_value(row["total_list_cost"])
         self.hardware_cost += cost_value(row["total_hardware_cost"])
+        self.saved_cost += cost_value(row["total_saved_cost"])
 
     def merge(self, other: _Sums) -> None:
         for name, value in vars(other).items():
@@ -437,6 +441,7 @@ class Measures:
     energy_per_1k_tokens: float | None  # measured joules per 1,000 tokens of all requests
     list_cost: Decimal
     hardware_cost: Decimal
+    saved_cost: Decimal  # list price that cache hits did not cost
     unpriced: int
     cost_per_1k_tokens: Decimal | None  # list cost per 1,000 tokens
     hardware_cost_per_1k_tokens: Decimal | None
@@ -488,6 +493,7 @@ def _measures(sums: _Sums) -> dict[str, Any]:
         "energy_per_1k_tokens": energy * 1000 / tokens if energy is not None and tokens else None,
         "list_cost": sums.list_cost,
         "hardware_cost": sums.hardware_cost,
+        "saved_cost": sums.saved_cost,
         "unpriced": sums.unpriced,
         "cost_per_1k_tokens": per_1k(sums.list_cost),
         "hardware_cost_per_1k_tokens": per_1k(sums.hardware_cost),

@@ -18,13 +18,15 @@ from django.db.models import BooleanField, ExpressionWrapper, Q, Value
 from django.db.models.functions import Coalesce, TruncMinute
 from django.utils import timezone
 
-from finops.pricing.services import PriceCatalog, hardware_cost, list_cost
+from finops.pricing.services import PriceCatalog, hardware_cost, served_list_cost
 from finops.telemetry.models import RequestEvent
 from finops.telemetry.retention import raw_retention_start
 from finops.telemetry.rollups import RollupKey, Sums, fill_state_lock, fold, rollup_add
 from finops.telemetry.selectors import device_types_for
 
 CHUNK = 2000
+# (id, started_at, price book id, list cost, hardware cost, saved cost) of an event whose price changed.
+Changed = tuple[int, dt.datetime, int | None, Decimal | None, Decimal | None, Decimal | None]
 
 
 class RepricingRefused(ValueError):
@@ -54,24 +56,27 @@ def reprice_range(*, start: dt.datetime, end: dt.datetime, now: dt.datetime | No
                   .annotate(counted=counted, minute=TruncMinute("started_at", tzinfo=dt.UTC),
                             served=Coalesce("model_served", Value("")))
                   .values_list("id", "started_at", "model_served", "prompt_tokens", "completion_tokens",
-                               "gpu_seconds", "energy_joules", "device", "price_book_id", "list_cost",
-                               "hardware_cost", "counted", "minute", "tenant", "feature", "served", "status_class"))
-        changed: list[tuple[int, dt.datetime, int | None, Decimal | None, Decimal | None]] = []
+                               "cache_hit", "gpu_seconds", "energy_joules", "device", "price_book_id", "list_cost",
+                               "hardware_cost", "saved_cost", "counted", "minute", "tenant", "feature", "served",
+                               "status_class"))
+        changed: list[Changed] = []
         differences: dict[RollupKey, Sums] = {}
-        for (pk, started, model, prompt, completion, gpu, energy, device, old_book, old_list, old_hardware,
-             was_counted, *group) in events.iterator(chunk_size=CHUNK):
+        for (pk, started, model, prompt, completion, cache_hit, gpu, energy, device, old_book, old_list,
+             old_hardware, old_saved, was_counted, *group) in events.iterator(chunk_size=CHUNK):
             prices = catalog.at(started)
             book = prices.book_id if prices else None
-            listed = list_cost(prices, model=model, prompt_tokens=prompt, completion_tokens=completion)
+            listed, saved = served_list_cost(prices, model=model, prompt_tokens=prompt, completion_tokens=completion,
+                                             cache_hit=cache_hit)
             hardware = hardware_cost(prices, device_type=devices.get(device),
                                      gpu_seconds=gpu, energy_joules=energy)
-            if (book, listed, hardware) == (old_book, old_list, old_hardware):
+            if (book, listed, hardware, saved) == (old_book, old_list, old_hardware, old_saved):
                 continue
-            changed.append((pk, started, book, listed, hardware))
+            changed.append((pk, started, book, listed, hardware, saved))
             if was_counted:  # already in the rollups at its old cost; the rest are counted later, at the new
                 difference = differences.setdefault(("minute", *group), Sums())
                 difference.list_cost += (listed or Decimal(0)) - (old_list or Decimal(0))
                 difference.hardware_cost += (hardware or Decimal(0)) - (old_hardware or Decimal(0))
+                difference.saved_cost += (saved or Decimal(0)) - (old_saved or Decimal(0))
                 difference.unpriced += (listed is None) - (old_list is None)
         events_update(changed)
         # Only existing rows move: a missing minute row has expired (MINUTE_ROLLUP_RETENTION_DAYS).
@@ -79,20 +84,22 @@ def reprice_range(*, start: dt.datetime, end: dt.datetime, now: dt.datetime | No
     return len(changed)
 
 
-def events_update(changed: list[tuple[int, dt.datetime, int | None, Decimal | None, Decimal | None]]) -> None:
+def events_update(changed: list[Changed]) -> None:
     """Write new prices, one pipelined statement per event: Django's bulk_update builds a CASE
     per column whose cost grows with the square of the batch (90 s for 100k events here)."""
     if not changed:
         return
     table = connection.ops.quote_name(RequestEvent._meta.db_table)
-    fields = [RequestEvent._meta.get_field(name) for name in ("price_book_id", "list_cost", "hardware_cost", "id")]
+    fields = [RequestEvent._meta.get_field(name)
+              for name in ("price_book_id", "list_cost", "hardware_cost", "saved_cost", "id")]
     where = "id = %s"
     if connection.vendor == "postgresql":  # the partition key lets each update go straight to its day
         where += " AND started_at = %s"
-    sql = f"UPDATE {table} SET price_book_id = %s, list_cost = %s, hardware_cost = %s WHERE {where}"
+    sql = f"UPDATE {table} SET price_book_id = %s, list_cost = %s, hardware_cost = %s, saved_cost = %s WHERE {where}"
     rows = []
-    for pk, started, book, listed, hardware in changed:
-        row = [f.get_db_prep_save(v, connection) for f, v in zip(fields, (book, listed, hardware, pk), strict=True)]
+    for pk, started, book, listed, hardware, saved in changed:
+        values = (book, listed, hardware, saved, pk)
+        row = [f.get_db_prep_save(v, connection) for f, v in zip(fields, values, strict=True)]
         rows.append((*row, started) if connection.vendor == "postgresql" else tuple(row))
     with connection.cursor() as cursor:
         cursor.executemany(sql, rows)

@@ -72,6 +72,17 @@ def list_cost(prices: Prices | None, *, model: str | None, prompt_tokens: int, c
     return ((prompt * prompt_tokens + completion * completion_tokens) / MILLION).quantize(QUANTUM)
 
 
+def served_list_cost(prices: Prices | None, *, model: str | None, prompt_tokens: int, completion_tokens: int,
+                     cache_hit: bool) -> tuple[Decimal | None, Decimal | None]:
+    """What a request cost at list price, and what it saved: a cache hit costs nothing and saves
+    what its tokens would have cost (DESIGN.md, "Cost model"). Both None where no list price
+    applies; ``saved`` is None for a request the engine served."""
+    listed = list_cost(prices, model=model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+    if cache_hit and listed is not None:
+        return Decimal(0), listed
+    return listed, None
+
+
 def hardware_cost(prices: Prices | None, *, device_type: str | None, gpu_seconds: float | None,
                   energy_joules: float | None) -> Decimal | None:
     """Attributed device time and energy at the device type's rates; None where nothing was

@@ -62,6 +62,8 @@ class RequestEvent(models.Model):
     price_book_id = models.BigIntegerField(null=True, blank=True)
     list_cost = models.DecimalField(**COST, null=True, blank=True)
     hardware_cost = models.DecimalField(**COST, null=True, blank=True)
+    # What a cache hit saved at list price (its list_cost is 0); null for other requests.
+    saved_cost = models.DecimalField(**COST, null=True, blank=True)
     # Latency sketch bucket indexes (finops.telemetry.sketch), computed once on arrival.
     e2e_bucket = models.SmallIntegerField(null=True, blank=True)
     ttft_bucket = models.SmallIntegerField(null=True, blank=True)
@@ -142,6 +144,7 @@ class RollupSums(models.Model):
     energy_measured = models.BigIntegerField(default=0, help_text="Events whose energy was measured")
     list_cost = models.DecimalField(**COST, default=0)
     hardware_cost = models.DecimalField(**COST, default=0)
+    saved_cost = models.DecimalField(**COST, default=0, db_default=0, help_text="List price cache hits saved")
     unpriced = models.BigIntegerField(default=0, help_text="Events no price book row applied to")
     e2e_hist = models.JSONField(default=dict)  # sketch bucket index -> count
     ttft_hist = models.JSONField(default=dict)

@@ -45,7 +45,7 @@ GROUP_FIELDS = ("tenant", "feature", "served", "status_class")
 UNIQUE_FIELDS = ["granularity", "bucket", "tenant", "feature", "model", "status_class"]
 MARGINAL_UNIQUE_FIELDS = ["granularity", "bucket", "dimension", "value", "status_class"]
 SUM_FIELDS = ["requests", "prompt_tokens", "completion_tokens", "cache_hits", "gpu_seconds", "energy_joules",
-              "energy_measured", "list_cost", "hardware_cost", "unpriced", "e2e_hist", "ttft_hist"]
+              "energy_measured", "list_cost", "hardware_cost", "saved_cost", "unpriced", "e2e_hist", "ttft_hist"]
 PICO = 10**12  # the cost columns' 12 decimal places, as an integer scale
 
 # (granularity, bucket, tenant, feature, model, status_class): one Rollup row.
@@ -67,6 +67,7 @@ class Sums:
     energy_measured: int = 0
     list_cost: Decimal = Decimal(0)
     hardware_cost: Decimal = Decimal(0)
+    saved_cost: Decimal = Decimal(0)
     unpriced: int = 0
     e2e_hist: dict[int, int] = field(default_factory=dict)
     ttft_hist: dict[int, int] = field(default_factory=dict)
@@ -169,13 +170,14 @@ def minute_sums(events: QuerySet[RequestEvent]) -> dict[RollupKey, Sums]:
         measured=Count("energy_joules"),
         listed=cost_sum("list_cost"),
         hardware=cost_sum("hardware_cost"),
+        saved=cost_sum("saved_cost"),
         unpriced=Count("id", filter=Q(list_cost__isnull=True)),
     ):
         sums[_key(row)] = Sums(
             requests=row["n"], prompt_tokens=row["prompt"] or 0, completion_tokens=row["completion"] or 0,
             cache_hits=row["hits"], gpu_seconds=row["gpu"] or 0.0, energy_joules=row["energy"] or 0.0,
             energy_measured=row["measured"], list_cost=cost_value(row["listed"]),
-            hardware_cost=cost_value(row["hardware"]), unpriced=row["unpriced"],
+            hardware_cost=cost_value(row["hardware"]), saved_cost=cost_value(row["saved"]), unpriced=row["unpriced"],
         )
     for column, histogram in (("e2e_bucket", "e2e_hist"), ("ttft_bucket", "ttft_hist")):
         counts = (grouped.filter(**{f"{column}__isnull": False}).values("minute", *GROUP_FIELDS, column)
@@ -311,7 +313,7 @@ def _key(row: Mapping[str, Any] | tuple[Any, ...]) -> RollupKey:
 
 def _row_value(row: RollupSums, name: str) -> Any:
     value = getattr(row, name)
-    if name in ("list_cost", "hardware_cost"):
+    if name in ("list_cost", "hardware_cost", "saved_cost"):
         return Decimal(value or 0)
     if name in ("e2e_hist", "ttft_hist"):
         return sketch.merge([value or {}])

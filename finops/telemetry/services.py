@@ -27,7 +27,7 @@ from django.db.models.signals import post_delete, post_save
 from django.utils import timezone
 
 from finops.pricing.models import DevicePrice, ModelPrice, PriceBook
-from finops.pricing.services import PriceCatalog, Prices, hardware_cost, list_cost
+from finops.pricing.services import PriceCatalog, Prices, hardware_cost, served_list_cost
 from finops.runtimes.models import Runtime, RuntimeToken, token_digest
 from finops.telemetry import partitioning
 from finops.telemetry.contracts import ParsedBatch, Refusal, RequestEvent, RuntimeSample, batch_parse
@@ -51,7 +51,8 @@ _MAX_TOKEN_CHARS = 512
 
 # A stored event is the contract's fields as they came, then what ingest derives from them.
 EVENT_FIELDS = tuple(RequestEvent.model_fields)
-DERIVED_COLUMNS = ("status_class", "price_book_id", "list_cost", "hardware_cost", "e2e_bucket", "ttft_bucket")
+DERIVED_COLUMNS = ("status_class", "price_book_id", "list_cost", "hardware_cost", "saved_cost", "e2e_bucket",
+                   "ttft_bucket")
 EVENT_COLUMNS = EVENT_FIELDS + DERIVED_COLUMNS
 _event_fields = operator.itemgetter(*EVENT_FIELDS)
 SAMPLE_COLUMNS = ("runtime_id", "at", "queue_depth", "running", "tokens_per_s", "kv_cache_used")
@@ -319,16 +320,16 @@ def _store_events(events: list[tuple[int, RequestEvent]], *, runtime: Authentica
             continue
         position = bisect.bisect_right(book_starts, started)
         prices: Prices | None = books[position - 1] if position else None
-        listed = list_cost(prices, model=fields["model_served"], prompt_tokens=fields["prompt_tokens"],
-                           completion_tokens=fields["completion_tokens"])
+        listed, saved = served_list_cost(prices, model=fields["model_served"], prompt_tokens=fields["prompt_tokens"],
+                                         completion_tokens=fields["completion_tokens"], cache_hit=fields["cache_hit"])
         hardware = hardware_cost(prices, device_type=device_types.get(fields["device"]),
                                  gpu_seconds=fields["gpu_seconds"], energy_joules=fields["energy_joules"])
-        if (listed is not None and listed >= COST_LIMIT) or (hardware is not None and hardware >= COST_LIMIT):
+        if any(cost is not None and cost >= COST_LIMIT for cost in (listed, saved, hardware)):
             refused.append(Refusal("event", index, str(e.event_id), ["cost: too large to store; check the prices"]))
             continue
         rows[key] = (
             *_event_fields(fields), STATUS_CLASSES[fields["status"]], prices.book_id if prices else None, listed,
-            hardware, bucket_index(fields["e2e_ms"]), bucket_index(fields["ttft_ms"]),
+            hardware, saved, bucket_index(fields["e2e_ms"]), bucket_index(fields["ttft_ms"]),
         )
     if not rows:
         return 0, duplicates

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from decimal import Decimal
 
 from django.test import Client
 from django.utils import timezone
@@ -26,7 +27,7 @@ def logged_in(group: str | None = "product-manager", username: str = "pat") -> C
 def traffic(now: dt.datetime | None = None, *, with_gpu_runtime: bool = False) -> None:
     """Two tenants and two features over the last hour on the CPU runtime ``rt-1``: acme's chat
     costs $3 over three requests (two by end user alice), globex's search $0.50; one globex request
-    was served from the cache, one rejected by a budget. Energy is not measured (a CPU runtime).
+    was served from the cache (saving $0.25), one rejected by a budget. Energy is not measured (a CPU runtime).
     With ``with_gpu_runtime`` the GPU runtime ``gpu-1`` is sampled too (it served none of these)."""
     now = now or timezone.now()
     minutes = [now - dt.timedelta(minutes=m) for m in (50, 30, 20, 10, 5, 3)]
@@ -37,7 +38,7 @@ def traffic(now: dt.datetime | None = None, *, with_gpu_runtime: bool = False) -
         request_event(started_at=minutes[2], tenant="acme", feature="chat", cost="0.5", end_user="bob"),
         request_event(started_at=minutes[3], tenant="globex", feature="search", cost="0.5", end_user="carol"),
         request_event(started_at=minutes[4], tenant="globex", feature="search", cost="0", cache_hit=True,
-                      gpu_seconds=0.0),
+                      gpu_seconds=0.0, saved_cost=Decimal("0.25")),
         request_event(started_at=minutes[5], tenant="globex", feature="search", cost=None, status="rejected_budget",
                       http_status=429, model_served=None, prompt_tokens=0, completion_tokens=0, ttft_ms=None,
                       e2e_ms=1.0, gpu_seconds=None, rule_id="b1-block"),

@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from finops.pricing.models import ModelPrice
 from finops.pricing.repricing import RepricingRefused, reprice_range
-from finops.pricing.services import PriceCatalog, hardware_cost, list_cost
+from finops.pricing.services import PriceCatalog, hardware_cost, list_cost, served_list_cost
 from finops.telemetry.models import Device, Granularity, RequestEvent, Rollup
 from finops.telemetry.retention import retention_run
 from finops.telemetry.rollups import rollup_run
@@ -35,8 +35,8 @@ def priced(e: RequestEvent, catalog: PriceCatalog) -> RequestEvent:
     prices = catalog.at(e.started_at)
     device_type = "cpu" if e.device == "cpu" else dict(Device.objects.values_list("uuid", "name")).get(e.device)
     e.price_book_id = prices.book_id if prices else None
-    e.list_cost = list_cost(prices, model=e.model_served, prompt_tokens=e.prompt_tokens,
-                            completion_tokens=e.completion_tokens)
+    e.list_cost, e.saved_cost = served_list_cost(prices, model=e.model_served, prompt_tokens=e.prompt_tokens,
+                                                 completion_tokens=e.completion_tokens, cache_hit=e.cache_hit)
     e.hardware_cost = hardware_cost(prices, device_type=device_type, gpu_seconds=e.gpu_seconds,
                                     energy_joules=e.energy_joules)
     return e
@@ -66,6 +66,47 @@ def test_costs_use_the_named_row_then_the_any_row_and_are_none_where_nothing_app
     assert hardware_cost(prices, device_type=H100, gpu_seconds=1.0, energy_joules=3600.0) == Decimal("0.00118")
     assert hardware_cost(prices, device_type="unknown", gpu_seconds=1.0, energy_joules=None) is None
     assert hardware_cost(prices, device_type="cpu", gpu_seconds=None, energy_joules=None) is None
+
+
+def test_a_cache_hit_costs_nothing_at_list_price_and_records_what_it_saved() -> None:
+    price_book(effective_from=T0, models={"smollm2": ("0.10", "0.40")})
+    prices = PriceCatalog.load().at(T0)
+    served = {"model": "smollm2", "prompt_tokens": 1000, "completion_tokens": 500}
+    assert served_list_cost(prices, **served, cache_hit=False) == (Decimal("0.0003"), None)
+    assert served_list_cost(prices, **served, cache_hit=True) == (Decimal(0), Decimal("0.0003"))
+    assert served_list_cost(prices, **{**served, "model": "unpriced"}, cache_hit=True) == (None, None)
+
+
+def test_ingest_prices_cache_hits_at_zero_and_the_rollups_add_up_what_they_saved(post_batch: Any) -> None:
+    now = timezone.now()
+    price_book(effective_from=now - 24 * HOUR, models={"smollm2": ("0.10", "0.40")})
+    sent = [event_dict(started_at=now - HOUR, prompt_tokens=1000, completion_tokens=500, cache_hit=hit,
+                       gpu_seconds=0.0 if hit else 0.5)
+            for hit in (True, True, False)]
+    assert post_batch(batch_body(events=sent)).status_code == 202
+    rollup_run(now=now + dt.timedelta(minutes=1))
+
+    stored = sorted(RequestEvent.objects.values_list("cache_hit", "list_cost", "saved_cost"))
+    assert stored == [(False, Decimal("0.0003"), None), (True, Decimal(0), Decimal("0.0003")),
+                      (True, Decimal(0), Decimal("0.0003"))]
+    day = Rollup.objects.get(granularity=Granularity.DAY)
+    assert (day.cache_hits, day.list_cost, day.saved_cost) == (2, Decimal("0.0003"), Decimal("0.0006"))
+    assert_rollups_match_raw()
+
+
+def test_repricing_a_cache_hit_moves_what_it_saved() -> None:
+    price_book(effective_from=T0 - 24 * HOUR, models={"smollm2": ("0.10", "0.40")})
+    hit = event(started_at=T0, cache_hit=True, prompt_tokens=1000, completion_tokens=500)
+    store(priced(hit, PriceCatalog.load()))
+    rollup_run(now=T0 + HOUR)
+
+    price_book(effective_from=T0 - HOUR, models={"smollm2": ("1.00", "4.00")})
+    assert reprice_range(start=T0, end=T0 + HOUR, now=T0 + 2 * HOUR) == 1
+
+    stored = RequestEvent.objects.get()
+    assert (stored.list_cost, stored.saved_cost) == (Decimal(0), Decimal("0.003"))
+    assert Rollup.objects.get(granularity=Granularity.DAY).saved_cost == Decimal("0.003")
+    assert_rollups_match_raw()
 
 
 # -- re-pricing -----------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from finops.telemetry.rollups import FILL_STATE, rollup_run
 T0 = dt.datetime(2026, 11, 20, 12, 0, tzinfo=dt.UTC)
 SECOND = dt.timedelta(seconds=1)
 COUNTS = ("requests", "prompt_tokens", "completion_tokens", "cache_hits", "energy_measured", "unpriced")
-COSTS = ("list_cost", "hardware_cost")
+COSTS = ("list_cost", "hardware_cost", "saved_cost")
 
 
 def event(**fields: Any) -> RequestEvent:
@@ -103,6 +103,7 @@ def add_event(row: dict[str, Any], e: RequestEvent) -> None:
         row["energy_measured"] += e.energy_joules is not None
         row["list_cost"] += e.list_cost or 0
         row["hardware_cost"] += e.hardware_cost or 0
+        row["saved_cost"] += e.saved_cost or 0
         row["unpriced"] += e.list_cost is None
         for column, histogram in (("e2e_bucket", "e2e_hist"), ("ttft_bucket", "ttft_hist")):
             if (index := getattr(e, column)) is not None:

@@ -174,6 +174,7 @@ def add_event(row: Rollup | MarginalRollup, e: RequestEvent) -> None:
         row.unpriced += 1
     row.list_cost += e.list_cost or 0
     row.hardware_cost += e.hardware_cost or 0
+    row.saved_cost += e.saved_cost or 0
     for hist, index in ((row.e2e_hist, e.e2e_bucket), (row.ttft_hist, e.ttft_bucket)):
         if index is not None:
             hist[str(index)] = hist.get(str(index), 0) + 1
@@ -202,6 +203,7 @@ def expected(events: Iterable[RequestEvent], filters: Filters) -> dict[str, Any]
         "energy_joules": pytest.approx(sum(measured)) if measured else None,
         "list_cost": sum((e.list_cost for e in chosen if e.list_cost is not None), Decimal(0)),
         "hardware_cost": sum((e.hardware_cost for e in chosen if e.hardware_cost is not None), Decimal(0)),
+        "saved_cost": sum((e.saved_cost for e in chosen if e.saved_cost is not None), Decimal(0)),
         "unpriced": sum(e.list_cost is None for e in chosen),
     }
 
@@ -209,7 +211,7 @@ def expected(events: Iterable[RequestEvent], filters: Filters) -> dict[str, Any]
 def measured(measures: Measures) -> dict[str, Any]:
     return {name: getattr(measures, name) for name in (
         "requests", "ok", "errors", "rejections", "cancelled", "prompt_tokens", "completion_tokens",
-        "cache_hits", "gpu_seconds", "energy_joules", "list_cost", "hardware_cost", "unpriced")}
+        "cache_hits", "gpu_seconds", "energy_joules", "list_cost", "hardware_cost", "saved_cost", "unpriced")}
 
 
 STATUSES = ["ok"] * 8 + ["error", "timeout", "cancelled", "rejected_rule", "rejected_budget", "shed"]
@@ -229,6 +231,8 @@ def traffic(rng: random.Random, *, start: dt.datetime, end: dt.datetime, count: 
         measured_energy = rng.random() < 0.7
         priced = rng.random() < 0.9
         late = rng.random() < late_share
+        hit = not rejected and rng.random() < 0.15
+        price = Decimal(rng.randint(0, 10**7)) / 10**12 if priced else None
         events.append(event(
             started,
             status=status,
@@ -237,12 +241,13 @@ def traffic(rng: random.Random, *, start: dt.datetime, end: dt.datetime, count: 
             model_served=model,
             prompt_tokens=rng.randint(0 if rejected else 1, 2000),
             completion_tokens=0 if rejected else rng.randint(0, 500),
-            cache_hit=not rejected and rng.random() < 0.15,
+            cache_hit=hit,
             e2e_ms=rng.lognormvariate(5, 1.2),
             ttft_ms=None if rejected else rng.lognormvariate(3.5, 1),
             gpu_seconds=None if rejected else round(rng.uniform(0.01, 3), 6),
             energy_joules=round(rng.uniform(1, 900), 3) if measured_energy and not rejected else None,
-            list_cost=Decimal(rng.randint(0, 10**7)) / 10**12 if priced else None,
+            list_cost=Decimal(0) if hit and priced else price,
+            saved_cost=price if hit else None,
             hardware_cost=Decimal(rng.randint(0, 10**7)) / 10**12 if priced and not rejected else None,
             received_at=(late_after + dt.timedelta(seconds=rng.uniform(1, 600)) if late
                          else started + dt.timedelta(seconds=rng.uniform(0.1, 5))),
@@ -364,6 +369,7 @@ def test_totals_equal_direct_sums_over_the_raw_events(history: list[RequestEvent
 
     want = expected(history, RAGGED)
     assert measured(totals) == want
+    assert want["saved_cost"] > 0  # cache hits cost nothing and add up what they saved
     assert totals.tokens == want["prompt_tokens"] + want["completion_tokens"]
     assert totals.error_rate == pytest.approx(want["errors"] / want["requests"])
     assert totals.rejection_rate == pytest.approx(want["rejections"] / want["requests"])
