@@ -60,9 +60,14 @@ SUMS = """count(*) AS requests, sum(prompt_tokens) AS prompt_tokens, sum(complet
     count(*) FILTER (WHERE cache_hit) AS cache_hits, coalesce(sum(gpu_seconds), 0) AS gpu_seconds,
     coalesce(sum(energy_joules), 0) AS energy_joules, count(energy_joules) AS energy_measured,
     coalesce(sum(list_cost), 0) AS list_cost, coalesce(sum(hardware_cost), 0) AS hardware_cost,
-    coalesce(sum(saved_cost), 0) AS saved_cost, count(*) FILTER (WHERE list_cost IS NULL) AS unpriced"""
+    coalesce(sum(saved_cost), 0) AS saved_cost, count(*) FILTER (WHERE list_cost IS NULL) AS unpriced,
+    coalesce(sum(queue_wait_ms), 0) AS queue_wait_ms_sum, count(queue_wait_ms) AS queue_waits,
+    max(queue_wait_ms) AS queue_wait_ms_max, count(*) FILTER (WHERE status = 'rejected_rule') AS rejected_rule,
+    count(*) FILTER (WHERE status = 'rejected_budget') AS rejected_budget,
+    count(*) FILTER (WHERE status = 'shed') AS shed"""
 SUM_COLUMNS = ("requests, prompt_tokens, completion_tokens, cache_hits, gpu_seconds, energy_joules, "
-               "energy_measured, list_cost, hardware_cost, saved_cost, unpriced")
+               "energy_measured, list_cost, hardware_cost, saved_cost, unpriced, queue_wait_ms_sum, queue_waits, "
+               "queue_wait_ms_max, rejected_rule, rejected_budget, shed")
 
 
 def bucket_sql(column: str) -> str:
@@ -233,7 +238,8 @@ def marginal_sql(dimension: str) -> str:
     """``MarginalRollup`` rows keeping ``dimension`` ("" keeps none), added up from the rollup rows
     — what ``finops.telemetry.rollups.marginals`` writes beside them."""
     value = dimension or "''"
-    sums = ", ".join(f"sum({column}) AS {column}" for column in SUM_COLUMNS.split(", "))
+    sums = ", ".join(f"{'max' if column.endswith('_max') else 'sum'}({column}) AS {column}"
+                     for column in SUM_COLUMNS.split(", "))
     key = f"granularity, bucket, {value} AS value, status_class"
     hist = ("SELECT granularity, bucket, value, status_class, jsonb_object_agg(k, n ORDER BY k::int) AS hist FROM ("
             f"SELECT {key}, h.key AS k, sum(h.value::bigint) AS n FROM telemetry_rollup "

@@ -18,7 +18,6 @@ from typing import Any
 from django.utils import timezone
 
 from finops.budgets.periods import org_time_zone
-from finops.dashboards.page_data import RawSeries
 from finops.dashboards.selectors import (
     STEP_LENGTH,
     DeviceGauge,
@@ -178,44 +177,37 @@ def queue_depth(history: list[RuntimeHistoryPoint], *, span: tuple[dt.datetime, 
                  note="all tenants: runtimes sample their whole queue")
 
 
-def queue_wait(series: RawSeries) -> Chart:
-    """Mean and worst queue wait per step, from raw events."""
+def queue_wait(points: list[SeriesPoint]) -> Chart:
+    """Mean and worst queue wait per step of the requests that waited in a runtime's queue."""
     title = "Queue wait"
-    note = f"last {_length(series.end - series.start)} of the range, from raw events"
-    if not series.points:
-        return Chart("queue-wait", title, None, note=note)
-    traces = [_line(name, xs, ys, i, mode="lines+markers")
-              for i, (name, (xs, ys)) in enumerate(_raw_lines(series).items())]
-    layout = _span(_layout(y_title="ms", y_format="~s"), (series.start, series.end))
-    return Chart("queue-wait", title, {"data": traces, "layout": layout}, note=note)
+    if not any(p.queue_wait_ms_max is not None for p in points):
+        return Chart("queue-wait", title, None, empty=(
+            "No request waited in a runtime's queue in this range (rejected and cached requests never queue)."))
+    xs = [_x(p.at) for p in points]
+    traces = [_line("mean", xs, [p.queue_wait_ms_mean for p in points], 0, mode="lines+markers"),
+              _line("max", xs, [p.queue_wait_ms_max for p in points], 1, mode="lines+markers")]
+    return Chart("queue-wait", title, {"data": traces, "layout": _layout(y_title="ms", y_format="~s")})
 
 
-def rejections_by_reason(series: RawSeries) -> Chart:
+REJECTION_REASONS = (("rule", "rejected_rule"), ("budget", "rejected_budget"), ("load shedding", "shed"))
+
+
+def rejections_by_reason(points: list[SeriesPoint], *, step: str) -> Chart:
     """Rejected requests per step, stacked by reason (rule, budget, load shedding)."""
     title = "Rejections by reason"
-    note = f"last {_length(series.end - series.start)} of the range, from raw events"
-    if not series.points:
-        return Chart("rejections", title, None, note=note,
+    if not any(p.rejections for p in points):
+        return Chart("rejections", title, None,
                      empty="No request was rejected in this range: no rule, budget or load shedding turned one away.")
-    traces = [{"type": "bar", "name": name, "x": xs, "y": ys, "width": _bar_width(series.step),
+    xs = [_x(p.at) for p in points]
+    reasons = [(name, [getattr(p, field) for p in points]) for name, field in REJECTION_REASONS]
+    # Rejections counted before the rollups kept their reasons.
+    unknown = [p.rejections - p.rejected_rule - p.rejected_budget - p.shed for p in points]
+    if any(unknown):
+        reasons.append(("reason not recorded", unknown))
+    traces = [{"type": "bar", "name": name, "x": xs, "y": ys, "width": _bar_width(step),
                "marker": {"color": PALETTE[(i + 3) % len(PALETTE)]}}
-              for i, (name, (xs, ys)) in enumerate(_raw_lines(series).items())]
-    layout = _span(_layout(y_title="requests", stacked=True), (series.start, series.end))
-    return Chart("rejections", title, {"data": traces, "layout": layout}, note=note)
-
-
-def _raw_lines(series: RawSeries) -> dict[str, tuple[list[str], list[float | None]]]:
-    lines: dict[str, tuple[list[str], list[float | None]]] = {}
-    for at, name, value in series.points:
-        xs, ys = lines.setdefault(name, ([], []))
-        xs.append(_x(at))
-        ys.append(value)
-    return dict(sorted(lines.items()))
-
-
-def _length(length: dt.timedelta) -> str:
-    hours = length.total_seconds() / 3600
-    return f"{hours:g} h" if hours < 48 else f"{hours / 24:g} days"
+              for i, (name, ys) in enumerate(reasons) if any(ys)]
+    return Chart("rejections", title, {"data": traces, "layout": _layout(y_title="requests", stacked=True)})
 
 
 def _device_chart(history: list[RuntimeHistoryPoint], *, chart_id: str, title: str, field: str,

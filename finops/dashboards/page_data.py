@@ -1,11 +1,10 @@
 """What each dashboard page reads: plain functions composing the selectors (``selectors.py``,
 the budgets' selectors) into the figures a page shows, so the views only parse and render.
 
-Three reads here go to raw request events because no rollup keeps what they need: queue wait per
-request, rejections split by reason (rollups keep only the status class) and top end users. They
-read at most the last ``RAW_WINDOW`` of the range (the whole range when it is shorter), through the
-``(started_at, tenant)`` index, and the pages say so beside them: a month of raw events is too many
-rows to scan within a page load.
+One read here goes to raw request events because no rollup keeps what it needs: top end users
+(there are too many end users to roll up per bucket). It reads at most the last ``RAW_WINDOW`` of
+the range (the whole range when it is shorter), through the ``(started_at, tenant)`` index, and the
+page says so beside it: a month of raw events is too many rows to scan within a page load.
 """
 
 from __future__ import annotations
@@ -15,8 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 
-from django.db.models import Avg, Count, F, Max, QuerySet, Sum
-from django.db.models.functions import Trunc
+from django.db.models import Count, QuerySet, Sum
 from django.utils import timezone
 
 from finops.budgets.models import ANY, Budget, Period, Unit
@@ -158,45 +156,6 @@ def _raw_events(filters: Filters) -> tuple[QuerySet[RequestEvent], dt.datetime]:
     start = max(filters.start, filters.end - RAW_WINDOW)
     events = RequestEvent.objects.filter(started_at__gte=start, started_at__lt=filters.end)
     return raw_events_filtered(events, filters).order_by(), start
-
-
-@dataclass(frozen=True)
-class RawSeries:
-    """A series read from raw events over ``[start, end)`` (see ``RAW_WINDOW``)."""
-
-    start: dt.datetime
-    end: dt.datetime
-    step: Step
-    points: list[tuple[dt.datetime, str, float | None]]  # (step start, label, value)
-
-
-def _raw_step(start: dt.datetime, end: dt.datetime) -> Step:
-    return "minute" if end - start <= dt.timedelta(hours=3) else "hour"
-
-
-def rejections_by_reason(*, filters: Filters) -> RawSeries:
-    """Rejected requests per step and status (``rejected_rule``, ``rejected_budget``, ``shed``)."""
-    events, start = _raw_events(filters)
-    raw_step = _raw_step(start, filters.end)
-    rows = (events.filter(status_class="rejected")
-            .values(at=Trunc("started_at", raw_step, tzinfo=dt.UTC), reason=F("status"))
-            .annotate(count=Count("id")).order_by("at", "reason"))
-    return RawSeries(start, filters.end, raw_step,
-                     [(row["at"].astimezone(dt.UTC), row["reason"], float(row["count"])) for row in rows])
-
-
-def queue_wait_series(*, filters: Filters) -> RawSeries:
-    """Mean and worst queue wait (ms) per step of the requests that waited in a queue."""
-    events, start = _raw_events(filters)
-    raw_step = _raw_step(start, filters.end)
-    rows = (events.filter(queue_wait_ms__isnull=False)
-            .values(at=Trunc("started_at", raw_step, tzinfo=dt.UTC))
-            .annotate(mean=Avg("queue_wait_ms"), worst=Max("queue_wait_ms")).order_by("at"))
-    points: list[tuple[dt.datetime, str, float | None]] = []
-    for row in rows:
-        at = row["at"].astimezone(dt.UTC)
-        points += [(at, "mean", row["mean"]), (at, "max", row["worst"])]
-    return RawSeries(start, filters.end, raw_step, points)
 
 
 @dataclass(frozen=True)

@@ -348,6 +348,12 @@ def _rollup_sums() -> dict[str, Aggregate]:
         "total_hardware_cost": cost_sum("hardware_cost"),
         "total_saved_cost": cost_sum("saved_cost"),
         "total_unpriced": Sum("unpriced"),
+        "total_queue_wait_ms_sum": Sum("queue_wait_ms_sum"),
+        "total_queue_waits": Sum("queue_waits"),
+        "total_queue_wait_ms_max": Max("queue_wait_ms_max"),
+        "total_rejected_rule": Sum("rejected_rule"),
+        "total_rejected_budget": Sum("rejected_budget"),
+        "total_shed": Sum("shed"),
     }
     # Status classes are folded into the group's counters by the database, not returned as rows.
     for status_class, counter in _STATUS_COUNTERS.items():
@@ -369,6 +375,12 @@ def _tail_sums() -> dict[str, Aggregate]:
         "total_hardware_cost": cost_sum("hardware_cost"),
         "total_saved_cost": cost_sum("saved_cost"),
         "total_unpriced": Count("id", filter=Q(list_cost__isnull=True)),  # no list price applied
+        "total_queue_wait_ms_sum": Sum("queue_wait_ms"),
+        "total_queue_waits": Count("queue_wait_ms"),
+        "total_queue_wait_ms_max": Max("queue_wait_ms"),
+        "total_rejected_rule": Count("id", filter=Q(status="rejected_rule")),
+        "total_rejected_budget": Count("id", filter=Q(status="rejected_budget")),
+        "total_shed": Count("id", filter=Q(status="shed")),
     }
     for status_class, counter in _STATUS_COUNTERS.items():
         sums[f"total_{counter}"] = Count("id", filter=Q(status_class=status_class))
@@ -392,6 +404,12 @@ class _Sums:
     hardware_cost: Decimal = ZERO
     saved_cost: Decimal = ZERO
     unpriced: int = 0
+    queue_wait_ms_sum: float = 0.0
+    queue_waits: int = 0
+    queue_wait_ms_max: float | None = None
+    rejected_rule: int = 0
+    rejected_budget: int = 0
+    shed: int = 0
 
     def add(self, row: Mapping[str, Any]) -> None:
         """Add a row of ``_rollup_sums`` (spelled out: a split series adds thousands of rows)."""
@@ -410,10 +428,22 @@ class _Sums:
         self.list_cost += cost_value(row["total_list_cost"])
         self.hardware_cost += cost_value(row["total_hardware_cost"])
         self.saved_cost += cost_value(row["total_saved_cost"])
+        self.queue_wait_ms_sum += float(row["total_queue_wait_ms_sum"] or 0.0)
+        self.queue_waits += int(row["total_queue_waits"] or 0)
+        self.rejected_rule += int(row["total_rejected_rule"] or 0)
+        self.rejected_budget += int(row["total_rejected_budget"] or 0)
+        self.shed += int(row["total_shed"] or 0)
+        self._wait_max(row["total_queue_wait_ms_max"])
+
+    def _wait_max(self, value: float | None) -> None:
+        if value is not None and (self.queue_wait_ms_max is None or value > self.queue_wait_ms_max):
+            self.queue_wait_ms_max = float(value)
 
     def merge(self, other: _Sums) -> None:
         for name, value in vars(other).items():
-            setattr(self, name, getattr(self, name) + value)
+            if name != "queue_wait_ms_max":
+                setattr(self, name, getattr(self, name) + value)
+        self._wait_max(other.queue_wait_ms_max)
 
 
 @dataclass(slots=True)
@@ -443,6 +473,11 @@ class Measures:
     hardware_cost: Decimal
     saved_cost: Decimal  # list price that cache hits did not cost
     unpriced: int
+    queue_wait_ms_mean: float | None  # over the requests that waited in a runtime's queue (None: none did)
+    queue_wait_ms_max: float | None
+    rejected_rule: int  # rejections by reason: a throttling or blocking rule,
+    rejected_budget: int  # an exhausted budget allowance,
+    shed: int  # or load shedding (rejections of events older than these counters have no known reason)
     cost_per_1k_tokens: Decimal | None  # list cost per 1,000 tokens
     hardware_cost_per_1k_tokens: Decimal | None
 
@@ -495,6 +530,11 @@ def _measures(sums: _Sums) -> dict[str, Any]:
         "hardware_cost": sums.hardware_cost,
         "saved_cost": sums.saved_cost,
         "unpriced": sums.unpriced,
+        "queue_wait_ms_mean": sums.queue_wait_ms_sum / sums.queue_waits if sums.queue_waits else None,
+        "queue_wait_ms_max": sums.queue_wait_ms_max,
+        "rejected_rule": sums.rejected_rule,
+        "rejected_budget": sums.rejected_budget,
+        "shed": sums.shed,
         "cost_per_1k_tokens": per_1k(sums.list_cost),
         "hardware_cost_per_1k_tokens": per_1k(sums.hardware_cost),
     }

@@ -124,9 +124,9 @@ def _request_charts(state: FilterState, *, fixed: dict[str, str], split: Dimensi
         history = runtime_history(start=state.start, end=state.end, step=state.step)
         result.append(charts.queue_depth(history, span=(state.start, state.end)))
     result += [
-        charts.queue_wait(page_data.queue_wait_series(filters=filters)),
+        charts.queue_wait(total),
         charts.cache_hit_rate(total),
-        charts.rejections_by_reason(page_data.rejections_by_reason(filters=filters)),
+        charts.rejections_by_reason(total, step=state.step),
     ]
     return result
 

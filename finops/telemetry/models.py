@@ -146,6 +146,14 @@ class RollupSums(models.Model):
     hardware_cost = models.DecimalField(**COST, default=0)
     saved_cost = models.DecimalField(**COST, default=0, db_default=0, help_text="List price cache hits saved")
     unpriced = models.BigIntegerField(default=0, help_text="Events no price book row applied to")
+    # Queue wait of the events that waited in a runtime's queue (rejected ones did not).
+    queue_wait_ms_sum = models.FloatField(default=0.0, db_default=0.0)
+    queue_waits = models.BigIntegerField(default=0, db_default=0, help_text="Events whose queue wait was measured")
+    queue_wait_ms_max = models.FloatField(null=True, blank=True)
+    # Rejections by reason (their status); the rows of status class "rejected" hold them.
+    rejected_rule = models.BigIntegerField(default=0, db_default=0)
+    rejected_budget = models.BigIntegerField(default=0, db_default=0)
+    shed = models.BigIntegerField(default=0, db_default=0)
     e2e_hist = models.JSONField(default=dict)  # sketch bucket index -> count
     ttft_hist = models.JSONField(default=dict)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import BigIntegerField, Count, F, Func, Min, Q, QuerySet, Sum, Value
+from django.db.models import BigIntegerField, Count, F, Func, Max, Min, Q, QuerySet, Sum, Value
 from django.db.models.functions import Coalesce, TruncMinute
 from django.utils import timezone
 
@@ -44,8 +44,12 @@ EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 GROUP_FIELDS = ("tenant", "feature", "served", "status_class")
 UNIQUE_FIELDS = ["granularity", "bucket", "tenant", "feature", "model", "status_class"]
 MARGINAL_UNIQUE_FIELDS = ["granularity", "bucket", "dimension", "value", "status_class"]
-SUM_FIELDS = ["requests", "prompt_tokens", "completion_tokens", "cache_hits", "gpu_seconds", "energy_joules",
-              "energy_measured", "list_cost", "hardware_cost", "saved_cost", "unpriced", "e2e_hist", "ttft_hist"]
+# The columns a rollup row adds up, the one it keeps the largest value of, and its histograms.
+ADDED_FIELDS = ["requests", "prompt_tokens", "completion_tokens", "cache_hits", "gpu_seconds", "energy_joules",
+                "energy_measured", "list_cost", "hardware_cost", "saved_cost", "unpriced", "queue_wait_ms_sum",
+                "queue_waits", "rejected_rule", "rejected_budget", "shed"]
+MAX_FIELD = "queue_wait_ms_max"
+SUM_FIELDS = [*ADDED_FIELDS, MAX_FIELD, "e2e_hist", "ttft_hist"]  # every column a rollup run writes
 PICO = 10**12  # the cost columns' 12 decimal places, as an integer scale
 
 # (granularity, bucket, tenant, feature, model, status_class): one Rollup row.
@@ -69,12 +73,20 @@ class Sums:
     hardware_cost: Decimal = Decimal(0)
     saved_cost: Decimal = Decimal(0)
     unpriced: int = 0
+    queue_wait_ms_sum: float = 0.0
+    queue_waits: int = 0
+    rejected_rule: int = 0
+    rejected_budget: int = 0
+    shed: int = 0
+    queue_wait_ms_max: float | None = None  # None: no queue wait measured (or, in a difference, unchanged)
     e2e_hist: dict[int, int] = field(default_factory=dict)
     ttft_hist: dict[int, int] = field(default_factory=dict)
 
     def add(self, other: Sums) -> None:
-        for name in SUM_FIELDS[:-2]:
+        for name in ADDED_FIELDS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        if other.queue_wait_ms_max is not None:
+            self.queue_wait_ms_max = max(self.queue_wait_ms_max or 0.0, other.queue_wait_ms_max)
         for mine, theirs in ((self.e2e_hist, other.e2e_hist), (self.ttft_hist, other.ttft_hist)):
             for index, count in theirs.items():
                 mine[index] = mine.get(index, 0) + count
@@ -172,12 +184,20 @@ def minute_sums(events: QuerySet[RequestEvent]) -> dict[RollupKey, Sums]:
         hardware=cost_sum("hardware_cost"),
         saved=cost_sum("saved_cost"),
         unpriced=Count("id", filter=Q(list_cost__isnull=True)),
+        wait_sum=Sum("queue_wait_ms"),
+        waits=Count("queue_wait_ms"),
+        wait_max=Max("queue_wait_ms"),
+        rejected_rule=Count("id", filter=Q(status="rejected_rule")),
+        rejected_budget=Count("id", filter=Q(status="rejected_budget")),
+        shed=Count("id", filter=Q(status="shed")),
     ):
         sums[_key(row)] = Sums(
             requests=row["n"], prompt_tokens=row["prompt"] or 0, completion_tokens=row["completion"] or 0,
             cache_hits=row["hits"], gpu_seconds=row["gpu"] or 0.0, energy_joules=row["energy"] or 0.0,
             energy_measured=row["measured"], list_cost=cost_value(row["listed"]),
             hardware_cost=cost_value(row["hardware"]), saved_cost=cost_value(row["saved"]), unpriced=row["unpriced"],
+            queue_wait_ms_sum=row["wait_sum"] or 0.0, queue_waits=row["waits"], queue_wait_ms_max=row["wait_max"],
+            rejected_rule=row["rejected_rule"], rejected_budget=row["rejected_budget"], shed=row["shed"],
         )
     for column, histogram in (("e2e_bucket", "e2e_hist"), ("ttft_bucket", "ttft_hist")):
         counts = (grouped.filter(**{f"{column}__isnull": False}).values("minute", *GROUP_FIELDS, column)
@@ -315,6 +335,8 @@ def _row_value(row: RollupSums, name: str) -> Any:
     value = getattr(row, name)
     if name in ("list_cost", "hardware_cost", "saved_cost"):
         return Decimal(value or 0)
+    if name == MAX_FIELD:
+        return value
     if name in ("e2e_hist", "ttft_hist"):
         return sketch.merge([value or {}])
     return value or 0

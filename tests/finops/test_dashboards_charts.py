@@ -15,15 +15,20 @@ from finops.dashboards.filterbar import filter_state_parse
 from finops.dashboards.selectors import (
     Filters,
     LatencyPoint,
+    Measures,
+    SeriesPoint,
     latency_percentiles,
     latency_series,
     runtime_gauges,
     runtime_history,
 )
+from finops.telemetry.models import Rollup
 from finops.telemetry.rollups import rollup_run
+from tests.finops.budget_factories import request_event, store
 from tests.finops.dashboard_factories import runtime_samples, traffic
 
 pytestmark = pytest.mark.django_db
+ZERO_POINT = {field: 0 for field in Measures.__dataclass_fields__} | {"queue_wait_ms_max": None}
 
 
 def every_chart(now: dt.datetime) -> list[charts.Chart]:
@@ -38,9 +43,9 @@ def every_chart(now: dt.datetime) -> list[charts.Chart]:
         charts.latency(latency_series(filters=filters, step=state.step, metric="e2e")),
         charts.time_to_first_token(latency_series(filters=filters, step=state.step, metric="ttft")),
         charts.queue_depth(history),
-        charts.queue_wait(page_data.queue_wait_series(filters=filters)),
+        charts.queue_wait(total),
         charts.cache_hit_rate(total),
-        charts.rejections_by_reason(page_data.rejections_by_reason(filters=filters)),
+        charts.rejections_by_reason(total, step=state.step),
         charts.gpu_utilisation(history),
         charts.gpu_power(history),
         charts.gpu_memory(gauges),
@@ -73,12 +78,40 @@ def test_spend_is_stacked_by_feature_in_dollars() -> None:
     assert sum(traces["chat"]["y"]) == pytest.approx(3.0)
 
 
-def test_rejections_are_split_by_reason() -> None:
+@pytest.mark.parametrize("rolled", [False, True])
+def test_rejections_are_split_by_reason_from_rollups_and_tail(rolled: bool) -> None:
     now = timezone.now()
     traffic(now)
-    chart = charts.rejections_by_reason(page_data.rejections_by_reason(
-        filters=filter_state_parse({"range": "1h"}, now=now).filters()))
-    assert [trace["name"] for trace in chart.figure["data"]] == ["rejected_budget"]
+    store([request_event(started_at=now - dt.timedelta(minutes=m), status="shed", http_status=503,
+                         model_served=None, queue_wait_ms=None) for m in (40, 2)])
+    if rolled:
+        rollup_run(now=now - dt.timedelta(minutes=8))  # the shed request of 40 minutes ago is rolled up
+    assert Rollup.objects.filter(status_class="rejected").exists() is rolled
+    state = filter_state_parse({"range": "1h"}, now=now)
+    chart = charts.rejections_by_reason(page_data.series(state=state)[0], step=state.step)
+    assert {trace["name"]: sum(trace["y"]) for trace in chart.figure["data"]} == {"budget": 1, "load shedding": 2}
+
+
+def test_rejections_counted_before_reasons_were_kept_say_so() -> None:
+    at = dt.datetime(2026, 11, 22, 10, 0, tzinfo=dt.UTC)
+    point = SeriesPoint(**{**ZERO_POINT, "requests": 3, "rejections": 3, "shed": 1}, at=at, value=None)
+    chart = charts.rejections_by_reason([point], step="hour")
+    assert {trace["name"]: trace["y"] for trace in chart.figure["data"]} == {
+        "load shedding": [1], "reason not recorded": [2]}
+
+
+@pytest.mark.parametrize("rolled", [False, True])
+def test_queue_wait_is_the_mean_and_worst_of_the_requests_that_queued(rolled: bool) -> None:
+    now = timezone.now().replace(second=30)
+    store([request_event(started_at=now - dt.timedelta(minutes=30, seconds=s), queue_wait_ms=wait)
+           for s, wait in ((1, 10.0), (2, 50.0), (3, None))])
+    if rolled:
+        rollup_run(now=now)
+    assert Rollup.objects.exists() is rolled
+    state = filter_state_parse({"range": "1h"}, now=now)
+    chart = charts.queue_wait(page_data.series(state=state)[0])
+    lines = {trace["name"]: [y for y in trace["y"] if y is not None] for trace in chart.figure["data"]}
+    assert lines == {"mean": [30.0], "max": [50.0]}
 
 
 def test_a_cpu_runtime_has_no_gpu_chart_but_says_why() -> None:

@@ -34,7 +34,8 @@ from finops.telemetry.rollups import FILL_STATE, rollup_run
 
 T0 = dt.datetime(2026, 11, 20, 12, 0, tzinfo=dt.UTC)
 SECOND = dt.timedelta(seconds=1)
-COUNTS = ("requests", "prompt_tokens", "completion_tokens", "cache_hits", "energy_measured", "unpriced")
+COUNTS = ("requests", "prompt_tokens", "completion_tokens", "cache_hits", "energy_measured", "unpriced", "queue_waits",
+          "rejected_rule", "rejected_budget", "shed", "queue_wait_ms_max")
 COSTS = ("list_cost", "hardware_cost", "saved_cost")
 
 
@@ -79,7 +80,8 @@ def raw_totals(granularity: str, events: list[RequestEvent] | None = None, *,
     """What every Rollup row of a granularity must hold, summed in Python from raw events; with
     ``marginal``, every MarginalRollup row (keyed by bucket, dimension, value, status class)."""
     totals: dict[tuple, dict[str, Any]] = defaultdict(
-        lambda: {**dict.fromkeys(COUNTS, 0), "gpu_seconds": 0.0, "energy_joules": 0.0,
+        lambda: {**dict.fromkeys(COUNTS, 0), "queue_wait_ms_max": None, "queue_wait_ms_sum": 0.0,
+                 "gpu_seconds": 0.0, "energy_joules": 0.0,
                  **dict.fromkeys(COSTS, Decimal(0)), "e2e_hist": {}, "ttft_hist": {}})
     for e in RequestEvent.objects.all() if events is None else events:
         bucket, model = bucket_of(e.started_at, granularity), e.model_served or ""
@@ -105,6 +107,12 @@ def add_event(row: dict[str, Any], e: RequestEvent) -> None:
         row["hardware_cost"] += e.hardware_cost or 0
         row["saved_cost"] += e.saved_cost or 0
         row["unpriced"] += e.list_cost is None
+        if e.queue_wait_ms is not None:
+            row["queue_waits"] += 1
+            row["queue_wait_ms_sum"] += e.queue_wait_ms
+            row["queue_wait_ms_max"] = max(row["queue_wait_ms_max"] or 0.0, e.queue_wait_ms)
+        if e.status in ("rejected_rule", "rejected_budget", "shed"):
+            row[e.status] += 1
         for column, histogram in (("e2e_bucket", "e2e_hist"), ("ttft_bucket", "ttft_hist")):
             if (index := getattr(e, column)) is not None:
                 row[histogram][index] = row[histogram].get(index, 0) + 1
@@ -115,7 +123,8 @@ def rollup_totals(granularity: str, *, marginal: bool = False) -> dict[tuple, di
     return {
         ((r.bucket, r.dimension, r.value, r.status_class) if marginal
          else (r.bucket, r.tenant, r.feature, r.model, r.status_class)): {
-            **{name: getattr(r, name) for name in (*COUNTS, *COSTS, "gpu_seconds", "energy_joules")},
+            **{name: getattr(r, name) for name in (*COUNTS, *COSTS, "gpu_seconds", "energy_joules",
+                                                   "queue_wait_ms_sum")},
             "e2e_hist": sketch.merge([r.e2e_hist]), "ttft_hist": sketch.merge([r.ttft_hist]),
         }
         for r in rows
@@ -135,6 +144,7 @@ def assert_rollups_match_raw(events: list[RequestEvent] | None = None,
                 n: row[n] for n in (*COUNTS, *COSTS, "e2e_hist", "ttft_hist")}, (granularity, key)
             assert got["gpu_seconds"] == pytest.approx(row["gpu_seconds"], rel=1e-9, abs=1e-9)
             assert got["energy_joules"] == pytest.approx(row["energy_joules"], rel=1e-9, abs=1e-9)
+            assert got["queue_wait_ms_sum"] == pytest.approx(row["queue_wait_ms_sum"], rel=1e-9, abs=1e-9)
 
 
 def snapshot() -> list[tuple]:
@@ -154,21 +164,24 @@ def watermark() -> dt.datetime:
 
 @pytest.mark.django_db
 def test_a_run_counts_settled_events_per_minute_hour_and_day() -> None:
-    store(event(), event(tenant="globex", started_at=T0 + 61 * SECOND, cache_hit=True, energy_joules=3.5),
+    store(event(queue_wait_ms=12.0), event(queue_wait_ms=30.0, started_at=T0 + SECOND),
+          event(tenant="globex", started_at=T0 + 61 * SECOND, cache_hit=True, energy_joules=3.5),
           event(status="shed", model_served=None, list_cost=None, hardware_cost=None, gpu_seconds=None,
                 ttft_ms=None, ttft_bucket=None))
     result = rollup_run(now=T0 + dt.timedelta(minutes=5))
 
-    assert result.events == 3
+    assert result.events == 4
     assert Rollup.objects.filter(granularity="minute").count() == 3
     rejected = Rollup.objects.get(granularity="day", status_class="rejected")
     assert (rejected.model, rejected.unpriced, rejected.list_cost, rejected.ttft_hist) == ("", 1, 0, {})
+    assert (rejected.shed, rejected.rejected_rule, rejected.queue_waits, rejected.queue_wait_ms_max) == (1, 0, 0, None)
     globex = Rollup.objects.get(granularity="minute", tenant="globex")
     assert globex.bucket == T0 + dt.timedelta(minutes=1)
     assert (globex.cache_hits, globex.energy_measured, globex.energy_joules) == (1, 1, 3.5)
     ok_hour = Rollup.objects.get(granularity="hour", tenant="acme", status_class="ok")
-    assert (ok_hour.bucket, ok_hour.requests, ok_hour.list_cost) == (T0, 1, Decimal("0.000009"))
-    assert ok_hour.e2e_hist == {str(sketch.bucket_index(120.0)): 1}
+    assert (ok_hour.bucket, ok_hour.requests, ok_hour.list_cost) == (T0, 2, Decimal("0.000018"))
+    assert (ok_hour.queue_waits, ok_hour.queue_wait_ms_sum, ok_hour.queue_wait_ms_max) == (2, 42.0, 30.0)
+    assert ok_hour.e2e_hist == {str(sketch.bucket_index(120.0)): 2}
     assert_rollups_match_raw()
 
 
@@ -409,6 +422,7 @@ def raw_events(draw: st.DrawFn) -> RequestEvent:
         energy_joules=draw(st.none() | st.floats(0, 10_000, allow_nan=False)),
         list_cost=draw(st.none() | pico_dollars), hardware_cost=draw(st.none() | pico_dollars),
         e2e_ms=e2e, ttft_ms=ttft, ttft_bucket=sketch.bucket_index(ttft),
+        queue_wait_ms=draw(st.none() | st.floats(0, 60_000, allow_nan=False)),
     )
 
 

@@ -175,6 +175,12 @@ def add_event(row: Rollup | MarginalRollup, e: RequestEvent) -> None:
     row.list_cost += e.list_cost or 0
     row.hardware_cost += e.hardware_cost or 0
     row.saved_cost += e.saved_cost or 0
+    if e.queue_wait_ms is not None:
+        row.queue_waits += 1
+        row.queue_wait_ms_sum += e.queue_wait_ms
+        row.queue_wait_ms_max = max(row.queue_wait_ms_max or 0.0, e.queue_wait_ms)
+    if e.status in ("rejected_rule", "rejected_budget", "shed"):
+        setattr(row, e.status, getattr(row, e.status) + 1)
     for hist, index in ((row.e2e_hist, e.e2e_bucket), (row.ttft_hist, e.ttft_bucket)):
         if index is not None:
             hist[str(index)] = hist.get(str(index), 0) + 1
@@ -190,6 +196,7 @@ def expected(events: Iterable[RequestEvent], filters: Filters) -> dict[str, Any]
         and (not filters.models or (e.model_served or "") in filters.models)
     ]
     measured = [e.energy_joules for e in chosen if e.energy_joules is not None]
+    waits = [e.queue_wait_ms for e in chosen if e.queue_wait_ms is not None]
     return {
         "requests": len(chosen),
         "ok": sum(e.status_class == "ok" for e in chosen),
@@ -205,13 +212,17 @@ def expected(events: Iterable[RequestEvent], filters: Filters) -> dict[str, Any]
         "hardware_cost": sum((e.hardware_cost for e in chosen if e.hardware_cost is not None), Decimal(0)),
         "saved_cost": sum((e.saved_cost for e in chosen if e.saved_cost is not None), Decimal(0)),
         "unpriced": sum(e.list_cost is None for e in chosen),
+        "queue_wait_ms_mean": pytest.approx(sum(waits) / len(waits)) if waits else None,
+        "queue_wait_ms_max": max(waits, default=None),
+        **{status: sum(e.status == status for e in chosen) for status in ("rejected_rule", "rejected_budget", "shed")},
     }
 
 
 def measured(measures: Measures) -> dict[str, Any]:
     return {name: getattr(measures, name) for name in (
         "requests", "ok", "errors", "rejections", "cancelled", "prompt_tokens", "completion_tokens",
-        "cache_hits", "gpu_seconds", "energy_joules", "list_cost", "hardware_cost", "saved_cost", "unpriced")}
+        "cache_hits", "gpu_seconds", "energy_joules", "list_cost", "hardware_cost", "saved_cost", "unpriced",
+        "queue_wait_ms_mean", "queue_wait_ms_max", "rejected_rule", "rejected_budget", "shed")}
 
 
 STATUSES = ["ok"] * 8 + ["error", "timeout", "cancelled", "rejected_rule", "rejected_budget", "shed"]
@@ -242,6 +253,7 @@ def traffic(rng: random.Random, *, start: dt.datetime, end: dt.datetime, count: 
             prompt_tokens=rng.randint(0 if rejected else 1, 2000),
             completion_tokens=0 if rejected else rng.randint(0, 500),
             cache_hit=hit,
+            queue_wait_ms=None if rejected or hit else round(rng.uniform(0, 500), 3),
             e2e_ms=rng.lognormvariate(5, 1.2),
             ttft_ms=None if rejected else rng.lognormvariate(3.5, 1),
             gpu_seconds=None if rejected else round(rng.uniform(0.01, 3), 6),
@@ -589,7 +601,7 @@ def test_a_split_series_and_its_unsplit_steps_agree_with_the_separate_selectors(
 
     assert by_feature == usage_series(filters=RAGGED, step="hour", dimension="feature")
     assert [p.at for p in total] == [p.at for p in unsplit]
-    floats = ("gpu_seconds", "energy_joules")  # added in another order: equal to the last few bits
+    floats = ("gpu_seconds", "energy_joules", "queue_wait_ms_mean")  # added in another order: equal to the last bits
     for mine, theirs in zip(total, unsplit, strict=True):
         assert ({k: v for k, v in measured(mine).items() if k not in floats}
                 == {k: v for k, v in measured(theirs).items() if k not in floats})
