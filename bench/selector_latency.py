@@ -234,6 +234,27 @@ def generate_rollups(tail: int) -> dt.datetime:
     return watermark
 
 
+def generate_tail(tail: int) -> None:
+    """``tail`` more raw events on a kept database whose rollups caught up: copies of the newest,
+    moved to end now and received now — what arrives while the rollups stall for a few minutes."""
+    from django.db import connection
+
+    from finops.telemetry import partitioning
+    from finops.telemetry.models import RequestEvent
+
+    today = dt.datetime.now(dt.UTC).date()
+    partitioning.ensure_partitions({today, today + dt.timedelta(days=1)})
+    moved = ("id", "event_id", "started_at", "finished_at", "received_at")
+    kept = ", ".join(f.column for f in RequestEvent._meta.concrete_fields if f.column not in moved)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO telemetry_requestevent (event_id, started_at, finished_at, received_at, {kept}) "
+            f"SELECT gen_random_uuid(), started_at + shift, finished_at + shift, now(), {kept} "
+            "FROM (SELECT * FROM telemetry_requestevent ORDER BY started_at DESC LIMIT %s) newest, "
+            "(SELECT now() - max(started_at) AS shift FROM telemetry_requestevent) latest", [tail])
+        progress(f"raw tail: {cursor.rowcount:,} events received after the rollup watermark")
+
+
 def marginal_sql(dimension: str) -> str:
     """``MarginalRollup`` rows keeping ``dimension`` ("" keeps none), added up from the rollup rows
     — what ``finops.telemetry.rollups.marginals`` writes beside them."""
@@ -458,6 +479,8 @@ def main(argv: Sequence[str]) -> int:
 
             if not RuntimeSample.objects.exists():
                 generate_samples(dt.datetime.now(dt.UTC))
+            if not tail_size():
+                generate_tail(settings.tail)
             notes.append(f"reused the kept database {DATABASE} (no generation)")
         else:
             create_database(DATABASE)

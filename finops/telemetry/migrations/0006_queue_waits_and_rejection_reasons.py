@@ -41,6 +41,7 @@ def queue_waits_and_reasons_from_events(apps, schema_editor):
     counted = RequestEvent.objects.filter(received_at__lte=watermark).order_by()
     minutes_from = watermark - dt.timedelta(days=settings.MINUTE_ROLLUP_RETENTION_DAYS + 1)
     quote = schema_editor.connection.ops.quote_name
+    utc = " AT TIME ZONE 'UTC'" if schema_editor.connection.vendor == "postgresql" else ""
     with schema_editor.connection.cursor() as cursor:
         for granularity, trunc in TRUNCS.items():
             events = counted.filter(started_at__gte=minutes_from) if granularity == "minute" else counted
@@ -49,7 +50,10 @@ def queue_waits_and_reasons_from_events(apps, schema_editor):
                         **{f"k_{column}": value for column, value in group.items()}}
                 sql, params = events.values(**keys).annotate(**SUMS).query.sql_with_params()
                 matches = " AND ".join(f"{quote(table)}.{column} = s.k_{column}"
-                                       for column in ("bucket", "status_class", *group))
+                                       for column in ("status_class", *group))
+                # PostgreSQL truncates to a timestamp without time zone; compared as one, the bucket
+                # is no hash key and the join degrades to comparing every minute of a group.
+                matches += f" AND {quote(table)}.bucket = s.k_bucket{utc}"
                 where = f"{quote(table)}.granularity = %s AND {matches}"
                 extra = [granularity]
                 if dimension is not None:
