@@ -179,6 +179,9 @@ def generate_samples(end: dt.datetime) -> None:
     began = time.perf_counter()
     result = sample_rollup_run(now=end + dt.timedelta(minutes=5))
     progress(f"sample rollups: {result.as_dict()} in {time.perf_counter() - began:.0f} s")
+    with connection.cursor() as cursor:  # fresh statistics, as autovacuum keeps them on a live database
+        cursor.execute("ANALYZE telemetry_runtimesample, telemetry_devicesample, telemetry_runtimerollup, "
+                       "telemetry_devicerollup")
 
 
 def generate_rollups(tail: int) -> dt.datetime:

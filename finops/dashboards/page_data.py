@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 
-from django.db.models import Count, QuerySet, Sum
+from django.db.models import Count, F, QuerySet, Sum
 from django.utils import timezone
 
 from finops.budgets.models import ANY, Budget, Period, Unit
@@ -25,13 +25,14 @@ from finops.dashboards.selectors import (
     DIMENSIONS,
     Dimension,
     Filters,
+    LatencySummary,
     Row,
     RuntimeGauge,
     RuntimeHistoryPoint,
     SeriesPoint,
     Step,
     Totals,
-    latency_percentiles,
+    latency_summary,
     raw_events_filtered,
     runtime_history,
     usage_by,
@@ -66,23 +67,23 @@ class SpendAgainstBudget:
 @dataclass(frozen=True)
 class Overview:
     totals: Totals
-    latency: dict[float, float | None]
-    ttft: dict[float, float | None]
+    latency: LatencySummary  # end to end: the KPI over the range and the chart's steps, one read
+    ttft: LatencySummary
     gpu_util: float | None  # mean over runtimes that measured it
     today: SpendAgainstBudget
     month: SpendAgainstBudget
 
     @property
     def p50(self) -> float | None:
-        return self.latency.get(0.5)
+        return self.latency.overall.get(0.5)
 
     @property
     def p95(self) -> float | None:
-        return self.latency.get(0.95)
+        return self.latency.overall.get(0.95)
 
     @property
     def ttft_p95(self) -> float | None:
-        return self.ttft.get(0.95)
+        return self.ttft.overall.get(0.95)
 
 
 def _ceil_minute(moment: dt.datetime) -> dt.datetime:
@@ -140,8 +141,8 @@ def overview(*, state: FilterState, fixed: dict[str, str] | None = None, now: dt
     filters = state.filters(**fixed)
     return Overview(
         totals=usage_totals(filters=filters),
-        latency=latency_percentiles(filters=filters, metric="e2e"),
-        ttft=latency_percentiles(filters=filters, metric="ttft"),
+        latency=latency_summary(filters=filters, metric="e2e", step=state.step),
+        ttft=latency_summary(filters=filters, metric="ttft", step=state.step),
         gpu_util=gpu_utilisation_history(runtime_history(start=state.start, end=state.end, step=_coarse(state))),
         today=spend_against_budget(state=state, period=Period.DAILY, now=now, fixed=fixed),
         month=spend_against_budget(state=state, period=Period.MONTHLY, now=now, fixed=fixed),
@@ -170,15 +171,15 @@ def top_end_users(*, filters: Filters, limit: int = TOP_END_USERS) -> tuple[list
     """The end users who cost most at list price in the range's last ``RAW_WINDOW``, and where that
     window starts. Requests without an end user are left out."""
     events, start = _raw_events(filters)
+    # Ranked and cut by the database: a big tenant has thousands of end users in the window.
     rows = (events.filter(end_user__isnull=False).exclude(end_user="")
             .values("end_user")
-            .annotate(requests=Count("id"), prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens"),
+            .annotate(requests=Count("id"), tokens=Sum(F("prompt_tokens") + F("completion_tokens")),
                       cost=cost_sum("list_cost"))
-            .order_by())
-    users = [EndUser(row["end_user"], row["requests"], int(row["prompt"] or 0) + int(row["completion"] or 0),
-                     cost_value(row["cost"])) for row in rows]
-    users.sort(key=lambda u: (-u.list_cost, -u.tokens, u.end_user))
-    return users[:limit], start
+            .order_by(F("cost").desc(nulls_last=True), F("tokens").desc(nulls_last=True), "end_user")[:limit])
+    users = [EndUser(row["end_user"], row["requests"], int(row["tokens"] or 0), cost_value(row["cost"]))
+             for row in rows]
+    return users, start
 
 
 # -- breakdowns (features, tenants, models) -------------------------------------------------------

@@ -690,6 +690,20 @@ def latency_series(
     """``latency_percentiles`` per ``step`` of the range (every step present, in order), from one
     grouped read of the rollups and one of the tail — not one query per point. Partial first and
     last steps are as in ``usage_series``."""
+    return latency_summary(filters=filters, metric=metric, step=step, quantiles=quantiles).points
+
+
+@dataclass(frozen=True)
+class LatencySummary:
+    overall: dict[float, float | None]  # what latency_percentiles says over the whole range
+    points: list[LatencyPoint]  # what latency_series says
+
+
+def latency_summary(
+    *, filters: Filters, metric: Metric = "e2e", step: Step = "hour", quantiles: Iterable[float] = (0.5, 0.95, 0.99)
+) -> LatencySummary:
+    """``latency_percentiles`` and ``latency_series`` together, from the series' one read: the
+    range's sketch is its steps' sketches added up (sketches merge exactly)."""
     if step not in STEPS:
         raise ValueError(f"step must be one of {STEPS}, got {step!r}")
     quantiles = tuple(quantiles)
@@ -702,7 +716,11 @@ def latency_series(
         points.append(LatencyPoint(at=at, requests=sum(histogram.values()),
                                    quantiles=sketch.quantiles(histogram, quantiles)))
         at += STEP_LENGTH[step]
-    return points
+    overall: dict[int, int] = {}
+    for histogram in merged.values():
+        for index, count in histogram.items():
+            overall[index] = overall.get(index, 0) + count
+    return LatencySummary(sketch.quantiles(overall, quantiles), points)
 
 
 def _histograms(

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-from django.db.models import Max, Min
+from django.db.models import Count, Max, Min
 
 from finops.telemetry.models import FillState, RequestEvent
 
@@ -88,8 +88,11 @@ def read() -> TailSnapshot:
     since = rollup_watermark()
     snapshot = TailSnapshot(since, last_watermark=since)
     if since is not None:
+        # The count is not needed but must stay: with only MIN and MAX, PostgreSQL reads each
+        # partition's started_at index from its end until a row passes the received_at filter —
+        # millions of rows (3 s on 10M events) where the received_at index finds the tail in 5 ms.
         bounds = RequestEvent.objects.filter(received_at__gt=since).aggregate(
-            first=Min("started_at"), last=Max("started_at"))
+            first=Min("started_at"), last=Max("started_at"), events=Count("id"))
         snapshot.first, snapshot.last = bounds["first"], bounds["last"]
     return snapshot
 

@@ -28,7 +28,6 @@ from finops.dashboards.selectors import (
     Filters,
     dimension_values,
     idle_capacity,
-    latency_series,
     runtime_gauges,
     runtime_history,
     usage_by,
@@ -110,15 +109,14 @@ def _csv_urls(request: HttpRequest, state: FilterState, names: list[str], **extr
     return {name: request.path + state.query(format="csv", table=name, **extra) for name in names}
 
 
-def _request_charts(state: FilterState, *, fixed: dict[str, str], split: Dimension,
+def _request_charts(state: FilterState, overview: page_data.Overview, *, fixed: dict[str, str], split: Dimension,
                     with_queue_depth: bool = False) -> list[charts.Chart]:
-    filters = state.filters(**fixed)
     total, by = page_data.series(state=state, fixed=fixed, split=split)
     result = [
         charts.spend_by(by, dimension=split, step=state.step),
         charts.tokens_per_second(total, step=state.step),
-        charts.latency(latency_series(filters=filters, step=state.step, metric="e2e")),
-        charts.time_to_first_token(latency_series(filters=filters, step=state.step, metric="ttft")),
+        charts.latency(overview.latency.points),
+        charts.time_to_first_token(overview.ttft.points),
     ]
     if with_queue_depth:
         history = runtime_history(start=state.start, end=state.end, step=state.step)
@@ -136,10 +134,11 @@ def _request_charts(state: FilterState, *, fixed: dict[str, str], split: Dimensi
 @_one_tail_read
 def overview(request: HttpRequest) -> HttpResponse:
     state = filter_state_parse(request.GET)
+    overview = page_data.overview(state=state)
     return _render(request, "dashboards/overview.html", {
         "nav": "overview",
-        "overview": page_data.overview(state=state),
-        "charts": _request_charts(state, fixed={}, split="feature", with_queue_depth=True),
+        "overview": overview,
+        "charts": _request_charts(state, overview, fixed={}, split="feature", with_queue_depth=True),
     }, state=state)
 
 
@@ -192,11 +191,12 @@ def detail(request: HttpRequest, dimension: Dimension, value: str) -> HttpRespon
     if csv is not None:
         return csv
     users, users_from = page_data.top_end_users(filters=filters)
+    overview = page_data.overview(state=state, fixed=fixed)
     return _render(request, "dashboards/detail.html", {
         "nav": PLURAL[dimension], "dimension": dimension, "value": value,
         "list_name": f"dashboards:{PLURAL[dimension]}", "plural": PLURAL[dimension],
-        "overview": page_data.overview(state=state, fixed=fixed),
-        "charts": _request_charts(state, fixed=fixed, split=SPLIT[dimension]),
+        "overview": overview,
+        "charts": _request_charts(state, overview, fixed=fixed, split=SPLIT[dimension]),
         "end_users": users, "end_users_from": users_from,
         "budgets": page_data.budgets_for(dimension=dimension, value=value),
         "can_edit": can_edit_budgets(request.user),

@@ -31,6 +31,7 @@ from finops.dashboards.selectors import (
     idle_capacity,
     latency_percentiles,
     latency_series,
+    latency_summary,
     rollup_plan,
     runtime_gauges,
     usage_by,
@@ -723,6 +724,19 @@ def test_a_latency_series_gives_each_step_the_percentiles_of_its_own_requests(
         assert point.requests == len(in_step)
         assert point.quantiles == latency_percentiles(filters=window, metric="e2e", quantiles=(0.5, 0.99))
     assert sum(p.requests for p in points) > 0
+
+
+@pytest.mark.parametrize("step", ["hour", "day"])
+@pytest.mark.parametrize("metric", ["e2e", "ttft"])
+def test_a_latency_summary_is_the_percentiles_and_the_series_from_one_read(
+    history: list[RequestEvent], step: str, metric: str
+) -> None:
+    with CaptureQueriesContext(connection) as queries:
+        summary = latency_summary(filters=RAGGED, metric=metric, step=step)
+
+    assert summary.overall == latency_percentiles(filters=RAGGED, metric=metric)
+    assert summary.points == latency_series(filters=RAGGED, metric=metric, step=step)
+    assert len([q for q in queries.captured_queries if "hist" in q["sql"]]) == 1
 
 
 def test_tail_events_stored_without_a_bucket_are_bucketed_on_read() -> None:
