@@ -25,6 +25,7 @@ from finops.dashboards.selectors import (
     RuntimeGauge,
     RuntimeHistoryPoint,
     SeriesPoint,
+    SpendPoint,
 )
 
 NO_REQUESTS = ("No requests in this range — send traffic to a runtime registered with "
@@ -98,10 +99,10 @@ def _bar_width(step: str) -> float:
     return STEP_LENGTH[step].total_seconds() * 1000 * 0.8
 
 
-def spend_by(points: list[SeriesPoint], *, dimension: str, step: str, chart_id: str = "spend") -> Chart:
+def spend_by(points: list[SpendPoint], *, dimension: str, step: str, chart_id: str = "spend") -> Chart:
     """List-price spend per step, stacked by ``dimension``'s values."""
     title = f"Spend by {dimension} (list price)"
-    if not _any_requests(points):
+    if not any(point.requests for point in points):
         return Chart(chart_id, title, None)
     traces = []
     for i, (value, (xs, ys)) in enumerate(sorted(_per_value(points, lambda p: float(p.list_cost)).items())):

@@ -30,14 +30,15 @@ from finops.dashboards.selectors import (
     RuntimeGauge,
     RuntimeHistoryPoint,
     SeriesPoint,
+    SpendPoint,
     Step,
     Totals,
     latency_summary,
     raw_events_filtered,
     runtime_history,
+    spend_series,
     usage_by,
     usage_series,
-    usage_series_split,
     usage_totals,
 )
 from finops.telemetry.models import RequestEvent
@@ -209,7 +210,7 @@ DEFAULT_SORT = "cost"
 @dataclass(frozen=True)
 class Breakdown:
     rows: list[BreakdownRow]
-    series: list[SeriesPoint]  # the range's steps split by the dimension (the sparklines' source)
+    series: list[SpendPoint]  # the range's steps split by the dimension (the sparklines' source)
 
 
 def breakdown(*, state: FilterState, dimension: Dimension, sort: str = DEFAULT_SORT) -> Breakdown:
@@ -219,7 +220,7 @@ def breakdown(*, state: FilterState, dimension: Dimension, sort: str = DEFAULT_S
         raise ValueError(f"dimension must be one of {DIMENSIONS}")
     filters = state.filters()
     rows = usage_by(filters=filters, dimension=dimension)
-    series = usage_series(filters=filters, step=state.step, dimension=dimension)
+    series = spend_series(filters=filters, step=state.step, dimension=dimension)
     sparks: dict[str, list[float]] = {}
     for point in series:
         sparks.setdefault(point.value or "", []).append(float(point.list_cost))
@@ -240,9 +241,10 @@ def budgets_for(*, dimension: Dimension, value: str) -> list[BudgetStatus]:
 
 
 def series(*, state: FilterState, fixed: dict[str, str] | None = None,
-           split: Dimension | None = None) -> tuple[list[SeriesPoint], list[SeriesPoint]]:
-    """The page's usage series: unsplit, and split by ``split`` (for the stacked spend chart)."""
+           split: Dimension | None = None) -> tuple[list[SeriesPoint], list[SpendPoint]]:
+    """The page's usage series, and its spend split by ``split`` (for the stacked spend chart)."""
     filters = state.filters(**(fixed or {}))
+    total = usage_series(filters=filters, step=state.step)
     if split is None:
-        return usage_series(filters=filters, step=state.step), []
-    return usage_series_split(filters=filters, step=state.step, dimension=split)
+        return total, []
+    return total, spend_series(filters=filters, step=state.step, dimension=split)

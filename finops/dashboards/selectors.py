@@ -439,11 +439,6 @@ class _Sums:
         if value is not None and (self.queue_wait_ms_max is None or value > self.queue_wait_ms_max):
             self.queue_wait_ms_max = float(value)
 
-    def merge(self, other: _Sums) -> None:
-        for name, value in vars(other).items():
-            if name != "queue_wait_ms_max":
-                setattr(self, name, getattr(self, name) + value)
-        self._wait_max(other.queue_wait_ms_max)
 
 
 @dataclass(slots=True)
@@ -550,6 +545,23 @@ def _usage(
     """Measures grouped by the ``step`` the request started in and/or ``dimension``'s value,
     rollups and tail added up. A group's key is ``(step start, value)`` without whichever of the two
     is not asked for."""
+    rolled, tail = _grouped_sums(filters, plan, dimension, step, _rollup_sums(), _tail_sums())
+    groups: dict[tuple[Any, ...], _Sums] = {}
+    moment = _moments()
+    for row in [*rolled, *tail]:
+        if not row["total_requests"]:
+            continue  # an aggregate over no rows
+        at = (moment(row["at"]),) if step else ()
+        key = (*at, row["kept"]) if dimension else at
+        groups.setdefault(key, _Sums()).add(row)
+    return groups
+
+
+def _grouped_sums(filters: Filters, plan: Plan, dimension: Dimension | None, step: Step | None,
+                  rollup_sums: dict[str, Aggregate], tail_sums: dict[str, Aggregate]
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rollups' and the tail's rows of the given sums, grouped by ``step`` start (``at``) and
+    ``dimension``'s value (``kept``); one row without either."""
     def grouped(rows: QuerySet[Any], moment: str, value: Expression | None,
                 sums: dict[str, Aggregate]) -> list[dict[str, Any]]:
         # Edge buckets finer than the step (hours and minutes at the range's ends) are folded into
@@ -565,20 +577,12 @@ def _usage(
 
     def read() -> list[dict[str, Any]]:
         rows, value = _rollups(plan, filters, dimension)
-        return grouped(rows.order_by(), "bucket", value if dimension else None, _rollup_sums())
+        return grouped(rows.order_by(), "bucket", value if dimension else None, rollup_sums)
 
     watermark, rolled = _read_rollups(read, empty=[])
     tail = grouped(_tail(plan, filters, watermark), "started_at", _tail_key(dimension) if dimension else None,
-                   _tail_sums())
-    groups: dict[tuple[Any, ...], _Sums] = {}
-    moment = _moments()
-    for row in [*rolled, *tail]:
-        if not row["total_requests"]:
-            continue  # an aggregate over no rows
-        at = (moment(row["at"]),) if step else ()
-        key = (*at, row["kept"]) if dimension else at
-        groups.setdefault(key, _Sums()).add(row)
-    return groups
+                   tail_sums)
+    return rolled, tail
 
 
 def usage_totals(*, filters: Filters) -> Totals:
@@ -606,29 +610,54 @@ def usage_series(*, filters: Filters, step: Step = "hour", dimension: Dimension 
     over the same range. A step coarser than the range's alignment makes its first and last points
     partial (they count only the part of the step inside the range).
     """
-    plan, groups = _series_groups(filters, step, dimension)
-    return _series_points(plan, step, groups, dimension)
-
-
-def usage_series_split(*, filters: Filters, step: Step, dimension: Dimension) -> tuple[list[SeriesPoint],
-                                                                                        list[SeriesPoint]]:
-    """``usage_series`` unsplit and split by ``dimension``, from one read (the unsplit steps are the
-    split ones added up)."""
-    plan, groups = _series_groups(filters, step, dimension)
-    totals: dict[tuple[Any, ...], _Sums] = {}
-    for (at, _), sums in groups.items():
-        totals.setdefault((at,), _Sums()).merge(sums)
-    return _series_points(plan, step, totals, None), _series_points(plan, step, groups, dimension)
-
-
-def _series_groups(filters: Filters, step: Step,
-                   dimension: Dimension | None) -> tuple[Plan, dict[tuple[Any, ...], _Sums]]:
     if step not in STEPS:
         raise ValueError(f"step must be one of {STEPS}, got {step!r}")
     if dimension is not None:
         _check_dimension(dimension)
     plan = rollup_plan(filters=filters, coarsest=step)
-    return plan, _usage(filters=filters, plan=plan, dimension=dimension, step=step)
+    groups = _usage(filters=filters, plan=plan, dimension=dimension, step=step)
+    return _series_points(plan, step, groups, dimension)
+
+
+@dataclass(slots=True)
+class SpendPoint:
+    """List-price spend and requests of one value of a dimension over one step."""
+
+    at: dt.datetime  # the step's first moment
+    value: str
+    requests: int
+    list_cost: Decimal
+
+
+def spend_series(*, filters: Filters, step: Step, dimension: Dimension) -> list[SpendPoint]:
+    """List-price spend and requests per ``step`` and value of ``dimension``: what a split
+    ``usage_series`` says of them (every step for every value seen, ordered by time then value),
+    from a read of those two sums only — what stacked spend charts and sparklines draw, without
+    the rest of the measures of every step and value."""
+    if step not in STEPS:
+        raise ValueError(f"step must be one of {STEPS}, got {step!r}")
+    _check_dimension(dimension)
+    plan = rollup_plan(filters=filters, coarsest=step)
+    rolled, tail = _grouped_sums(
+        filters, plan, dimension, step,
+        {"total_requests": Sum("requests"), "total_list_cost": cost_sum("list_cost")},
+        {"total_requests": Count("id"), "total_list_cost": cost_sum("list_cost")})
+    sums: dict[tuple[dt.datetime | None, str], tuple[int, Decimal]] = {}
+    moment = _moments()
+    for row in [*rolled, *tail]:
+        if row["total_requests"]:
+            key = (moment(row["at"]), row["kept"])
+            requests, cost = sums.get(key, (0, ZERO))
+            sums[key] = (requests + int(row["total_requests"]), cost + cost_value(row["total_list_cost"]))
+    values = sorted({value for _, value in sums})
+    points = []
+    at = _floor(plan.start, step)
+    while at < plan.end:
+        for value in values:
+            requests, cost = sums.get((at, value), (0, ZERO))
+            points.append(SpendPoint(at, value, requests, cost))
+        at += STEP_LENGTH[step]
+    return points
 
 
 def _series_points(plan: Plan, step: Step, groups: Mapping[tuple[Any, ...], _Sums],

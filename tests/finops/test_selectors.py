@@ -34,9 +34,9 @@ from finops.dashboards.selectors import (
     latency_summary,
     rollup_plan,
     runtime_gauges,
+    spend_series,
     usage_by,
     usage_series,
-    usage_series_split,
     usage_totals,
 )
 from finops.dashboards.tail import tail_snapshot
@@ -595,18 +595,15 @@ def test_a_series_includes_requests_still_in_the_tail() -> None:
     assert [(p.at, p.requests) for p in points] == [(start, 2), (start + HOUR, 1)]
 
 
-def test_a_split_series_and_its_unsplit_steps_agree_with_the_separate_selectors(history: list[RequestEvent]) -> None:
-    total, by_feature = usage_series_split(filters=RAGGED, step="hour", dimension="feature")
+def test_a_spend_series_is_what_the_split_usage_series_says_of_spend_and_requests(
+    history: list[RequestEvent]
+) -> None:
+    spend = spend_series(filters=RAGGED, step="hour", dimension="feature")
 
-    unsplit = usage_series(filters=RAGGED, step="hour")
-
-    assert by_feature == usage_series(filters=RAGGED, step="hour", dimension="feature")
-    assert [p.at for p in total] == [p.at for p in unsplit]
-    floats = ("gpu_seconds", "energy_joules", "queue_wait_ms_mean")  # added in another order: equal to the last bits
-    for mine, theirs in zip(total, unsplit, strict=True):
-        assert ({k: v for k, v in measured(mine).items() if k not in floats}
-                == {k: v for k, v in measured(theirs).items() if k not in floats})
-        assert [getattr(mine, n) for n in floats] == pytest.approx([getattr(theirs, n) for n in floats])
+    split = usage_series(filters=RAGGED, step="hour", dimension="feature")
+    assert [(p.at, p.value, p.requests, p.list_cost) for p in spend] == [
+        (p.at, p.value, p.requests, p.list_cost) for p in split]
+    assert sum(p.requests for p in spend) == usage_totals(filters=RAGGED).requests
 
 
 # -- one tail read per page -----------------------------------------------------------------------
