@@ -237,6 +237,13 @@ def generate_rollups(tail: int) -> dt.datetime:
     return watermark
 
 
+def vacuum() -> None:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("VACUUM ANALYZE")
+
+
 def generate_tail(tail: int) -> None:
     """``tail`` more raw events on a kept database whose rollups caught up: copies of the newest,
     moved to end now and received now — what arrives while the rollups stall for a few minutes."""
@@ -478,6 +485,7 @@ def main(argv: Sequence[str]) -> int:
         if settings.reuse and database_exists(DATABASE):
             django_use(DATABASE)
             migrate(DATABASE)  # a kept database may predate the newest migrations
+            vacuum()  # what autovacuum does after a migration rewrote rows, before timing them
             from finops.telemetry.models import RuntimeSample
 
             if not RuntimeSample.objects.exists():

@@ -768,7 +768,7 @@ def _histograms(
     def read() -> dict[dt.datetime | None, dict[int, int]]:
         rolled: dict[dt.datetime | None, dict[int, int]] = {}
         for at, index, count in _summed_histograms(_rollups(plan, filters)[0], hist_field, step=step):
-            add(rolled, at, index, count)
+            rolled.setdefault(at, {})[index] = count  # one row per (step, index)
         return rolled
 
     watermark, merged = _read_rollups(read, empty={})
@@ -788,9 +788,10 @@ def _histograms(
 # Sparse histograms are added up by the database: a month of day rows is tens of thousands of
 # JSON documents, too many to decode in Python within a page load.
 _HISTOGRAM_SUM_SQL = {
-    "postgresql": "SELECT {bucket}, h.key, SUM(h.value::bigint) FROM ({rows}) r "
+    "postgresql": "SELECT {bucket}, h.key::int, SUM(h.value::bigint)::bigint FROM ({rows}) r "
                   "CROSS JOIN LATERAL jsonb_each_text(r.hist) h GROUP BY 1, 2",
-    "sqlite": "SELECT {bucket}, h.key, SUM(h.value) FROM ({rows}) r, json_each(r.hist) h GROUP BY 1, 2",
+    "sqlite": "SELECT {bucket}, CAST(h.key AS INTEGER), SUM(h.value) FROM ({rows}) r, json_each(r.hist) h "
+              "GROUP BY 1, 2",
 }
 
 
@@ -812,7 +813,7 @@ def _summed_histograms(rows: QuerySet[Any], hist_field: str, *,
     moment = _moments()
     with connection.cursor() as cursor:
         cursor.execute(template.format(rows=sql, bucket="r.at" if step else "NULL"), params)
-        return [(moment(at), int(key), int(count)) for at, key, count in cursor.fetchall() if count]
+        return [(moment(at), key, count) for at, key, count in cursor.fetchall() if count]
 
 
 # -- runtimes and devices -------------------------------------------------------------------------

@@ -190,17 +190,21 @@ def detail(request: HttpRequest, dimension: Dimension, value: str) -> HttpRespon
     })
     if csv is not None:
         return csv
-    users, users_from = page_data.top_end_users(filters=filters)
+    csv_urls = _csv_urls(request, state, ["end-users", "budgets"])
+    if request.GET.get("part") == "end-users":
+        users, users_from = page_data.top_end_users(filters=filters)
+        return render(request, "dashboards/detail.html#end_users", {
+            "state": state, "end_users": users, "end_users_from": users_from, "csv": csv_urls})
     overview = page_data.overview(state=state, fixed=fixed)
     return _render(request, "dashboards/detail.html", {
         "nav": PLURAL[dimension], "dimension": dimension, "value": value,
         "list_name": f"dashboards:{PLURAL[dimension]}", "plural": PLURAL[dimension],
         "overview": overview,
         "charts": _request_charts(state, overview, fixed=fixed, split=SPLIT[dimension]),
-        "end_users": users, "end_users_from": users_from,
+        "end_users_url": request.path + state.query(part="end-users"),
         "budgets": page_data.budgets_for(dimension=dimension, value=value),
         "can_edit": can_edit_budgets(request.user),
-        "csv": _csv_urls(request, state, ["end-users", "budgets"]),
+        "csv": csv_urls,
     }, state=state, fixed=fixed)
 
 

@@ -9,6 +9,8 @@ merge by adding counts, and the quantile of the merge keeps the same 2% bound. V
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections.abc import Iterable, Mapping
 
@@ -55,17 +57,14 @@ def quantiles(histogram: Mapping[str | int, int], qs: Iterable[float]) -> dict[f
     qs = tuple(qs)
     if any(not 0 <= q <= 1 for q in qs):
         raise ValueError("q must be between 0 and 1")
-    counts = sorted((int(k), int(v)) for k, v in histogram.items() if int(v) > 0)
-    total = sum(c for _, c in counts)
-    if total == 0:
+    if any(isinstance(key, str) for key in histogram):  # as JSON stores them
+        histogram = {int(key): int(count) for key, count in histogram.items()}
+    indexes = sorted(histogram)
+    # cumulative[i]: values counted in the buckets up to indexes[i] (a page computes thousands).
+    cumulative = list(itertools.accumulate(histogram[index] for index in indexes))
+    total = cumulative[-1] if cumulative else 0
+    if total <= 0:
         return dict.fromkeys(qs)
-    result: dict[float, float | None] = {}
-    for q in qs:
-        rank, seen = q * (total - 1), 0
-        result[q] = bucket_value(counts[-1][0])
-        for index, count in counts:
-            seen += count
-            if seen > rank:
-                result[q] = bucket_value(index)
-                break
-    return result
+    # The q-quantile is in the first bucket whose cumulative count passes its rank.
+    return {q: bucket_value(indexes[min(bisect.bisect_right(cumulative, q * (total - 1)), len(indexes) - 1)])
+            for q in qs}

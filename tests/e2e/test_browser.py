@@ -124,6 +124,8 @@ def test_a_product_manager_sees_no_edit_controls(page: Any, live_server: Any) ->
     assert page.locator("text=New budget").count() == 0
     page.goto("/tenants/acme/")
     charts_drawn(page)
+    page.wait_for_selector("#end-users")  # loaded after the page, from raw events
+    assert page.locator("#end-users td:text-is('alice')").count() == 1
     assert page.locator("a:text-is('Create one')").count() == 0
     assert page.locator("a[href='/budgets/new/']").count() == 0
     assert page.errors == []
