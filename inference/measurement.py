@@ -32,6 +32,7 @@ class RequestMeasurement:
     route_reason: str = "requested"
     rule_id: str | None = None
     device: str | None = None
+    cache_hit: bool = False
     status: EventStatus = "ok"
     http_status: int = 200
     error_type: str | None = None
@@ -85,6 +86,7 @@ class RequestMeasurement:
             error_type=self.error_type,
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
+            cache_hit=self.cache_hit,
             queue_wait_ms=None if self.queue_wait_s is None else self.queue_wait_s * 1000,
             ttft_ms=ttft_ms,
             e2e_ms=e2e_s * 1000,
