@@ -76,7 +76,10 @@ def validation_error(exc: RequestValidationError | Exception, *, within: str | N
     if not errors:
         return ApiError(400, "The request body is not valid.", code="invalid_request", param=within)
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_type_tag(p)]
+    parts = list(first.get("loc", ()))
+    if isinstance(exc, RequestValidationError) and parts[:1] == ["body"]:
+        parts = parts[1:]  # FastAPI's name for where the fields came from, not a field
+    loc = [str(p) for p in parts if not _is_type_tag(p)]
     if within is not None:
         loc.insert(0, within)
     param = ".".join(loc) or None

@@ -57,11 +57,11 @@ def install_job_routes(app: FastAPI, runtime: Runtime, runner: JobRunner) -> Non
     @app.delete("/v1/jobs/{job_id}")
     async def cancel(job_id: str, request: Request) -> JSONResponse:
         key = runtime.authenticate(request.headers.get("authorization"))
-        job = runner.cancel(job_id, tenant=key.tenant)
+        job, cancelled = runner.cancel(job_id, tenant=key.tenant)
         if job is None:
             raise _not_found(job_id)
-        if job.status != "cancelled":
-            raise ApiError(409, f"The job has already {job.status}; only a queued or running job can be "
+        if not cancelled:
+            raise ApiError(409, f"The job is already {job.status}; only a queued or running job can be "
                            "cancelled.", code="job_finished")
         return JSONResponse(job.public())
 
@@ -86,11 +86,15 @@ async def _check(runtime: Runtime, submission: JobSubmission) -> None:
     if body.stream:
         raise ApiError(400, "A job is not streamed: read its progress from /v1/jobs/{id}/events.",
                        code="invalid_value", param="body.stream")
-    backend = runtime.backend(body.model)
-    if isinstance(backend, LocalBackend):
-        await asyncio.to_thread(backend.prepare, body)
-    else:
-        backend.prepare(body)
+    try:
+        backend = runtime.backend(body.model)
+        if isinstance(backend, LocalBackend):
+            await asyncio.to_thread(backend.prepare, body)
+        else:
+            backend.prepare(body)
+    except ApiError as exc:  # named as the field of the job's body that it is
+        exc.param = f"body.{exc.param}" if exc.param else "body"
+        raise
 
 
 def _tenants_job(runtime: Runtime, runner: JobRunner, job_id: str, request: Request) -> Job:

@@ -105,17 +105,19 @@ class JobRunner:
         self._wake.set()
         return job
 
-    def cancel(self, job_id: str, *, tenant: str) -> Job | None:
-        """Cancel a queued or running job (a running attempt is stopped, freeing its slot). None
-        when the tenant has no such job; the job as it stands otherwise (finished ones unchanged)."""
+    def cancel(self, job_id: str, *, tenant: str) -> tuple[Job | None, bool]:
+        """Cancel a queued or running job (a running attempt is stopped, freeing its slot). Returns
+        the job as it now stands (None when the tenant has no such job) and whether this call
+        cancelled it (not when it had already finished)."""
         if self.store.get(job_id, tenant=tenant) is None:
-            return None
-        if self.store.cancel(job_id):
+            return None, False
+        cancelled = self.store.cancel(job_id)
+        if cancelled:
             running = self._running.get(job_id)
             if running is not None:
                 running[0].cancel()
             self._notify(job_id)
-        return self.store.get(job_id)
+        return self.store.get(job_id), cancelled
 
     def replay(self, job_id: str) -> Job | None:
         """Queue a dead-lettered job again; None when no failed job has that id."""
