@@ -18,9 +18,10 @@ from inference.engine.models import LoadedModel
 from inference.jobs.store import FINISHED
 from tests.inference.fake_upstream import FakeUpstream, fake_upstream, text_of
 from tests.inference.live import ACME, GLOBEX, INITECH, LiveRuntime, serve, slowed, tiny_config
+from tests.inference.rulesets import ADMIN_TOKEN, admin
 
-ADMIN_TOKEN = "admin-token-0123456789"
 CHAT_URL = "/v1/chat/completions"
+UPSTREAM_CHAT = {"model": "big", "messages": [{"role": "user", "content": "Hi"}]}
 
 
 def chat(max_tokens: int = 5, **fields: Any) -> dict[str, Any]:
@@ -283,14 +284,10 @@ def gateway(fake: FakeUpstream) -> Iterator[LiveRuntime]:
         yield server
 
 
-def admin(live: LiveRuntime, token: str = ADMIN_TOKEN) -> httpx.Client:
-    return httpx.Client(base_url=live.base_url, headers={"Authorization": f"Bearer {token}"}, timeout=10)
-
-
 def test_a_job_the_upstream_refuses_is_dead_lettered_at_once_and_an_admin_replays_it(
         gateway: LiveRuntime, fake: FakeUpstream) -> None:
     fake.fail(400, "this prompt is refused")
-    job_id = submitted(gateway, {"model": "big", "messages": [{"role": "user", "content": "Hi"}]})
+    job_id = submitted(gateway, UPSTREAM_CHAT)
 
     failed = finished(gateway, job_id)
     assert (failed["status"], failed["attempts"], failed["error"]["code"]) == ("failed", 1, "upstream_rejected")
@@ -316,7 +313,7 @@ def test_a_job_the_upstream_refuses_is_dead_lettered_at_once_and_an_admin_replay
 def test_a_job_failing_transiently_is_retried_up_to_its_attempts_then_dead_lettered(
         gateway: LiveRuntime, fake: FakeUpstream) -> None:
     fake.fail(503, "overloaded")
-    job_id = submitted(gateway, {"model": "big", "messages": [{"role": "user", "content": "Hi"}]})
+    job_id = submitted(gateway, UPSTREAM_CHAT)
 
     failed = finished(gateway, job_id)
 
@@ -330,7 +327,7 @@ def test_a_job_failing_transiently_is_retried_up_to_its_attempts_then_dead_lette
 
 
 def test_the_dead_letter_list_needs_the_admin_token(gateway: LiveRuntime) -> None:
-    assert_error(httpx.get(gateway.base_url + "/admin/jobs/dead"), 401, "missing_admin_token")
+    assert_error(admin(gateway, None).get("/admin/jobs/dead"), 401, "missing_admin_token")
     assert_error(admin(gateway, "wrong-token-0123456789").get("/admin/jobs/dead"), 401, "invalid_admin_token")
     assert_error(gateway.client().get("/admin/jobs/dead"), 401, "invalid_admin_token")
     assert_error(admin(gateway).post("/admin/jobs/dead/job_nonexistent/replay"), 404, "job_not_found")
