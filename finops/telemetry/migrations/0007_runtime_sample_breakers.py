@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('telemetry', '0004_device_use_rollups'),
+        ('telemetry', '0006_queue_waits_and_rejection_reasons'),
     ]
 
     operations = [
