@@ -28,7 +28,7 @@ from inference.backends import LocalBackend, Output, Outputs, Prepared, Upstream
 from inference.config import RuntimeConfig, Tier
 from inference.engine.engine import GenerationResult, TokenDelta
 from inference.errors import ApiError, install_error_handlers
-from inference.fallback import CachedFallback, answer_chunks, route_around_breaker
+from inference.fallback import CachedFallback, route_around_breaker
 from inference.jobs import Attempt, Job, JobRunner, JobStore
 from inference.jobs.routes import install_job_routes
 from inference.measurement import RequestMeasurement
@@ -135,19 +135,13 @@ async def _serve(runtime: Runtime, request: Request,
         raise
     assert watcher is not None
 
-    if isinstance(admitted, CachedFallback):
-        watcher.cancel()
-        runtime.record(m)
-        return _cached_reply(admitted.answer, body)
-    backend, prepared, slot = admitted
     try:
-        gen = _started(runtime, m, admitted)
+        exchange = _exchange(runtime, m, admitted)
     except ApiError:
         _stop(watcher)
         raise
-    exchange = _Exchange(runtime, m, gen, slot.release, model=backend.name, kind=prepared.kind)
     try:
-        first = await _unless_gone(watcher, gen.next())
+        first = await _unless_gone(watcher, exchange.gen.next())
     except _ClientGone:
         exchange.abandon()
         return Response(status_code=499)
@@ -155,7 +149,7 @@ async def _serve(runtime: Runtime, request: Request,
         watcher.cancel()
         exchange.close_with_error(first)
         raise first
-    if prepared.stream:
+    if body.stream:
         watcher.cancel()  # from here the streaming response notices a disconnect itself
         return _ExchangeStream(exchange, exchange.sse(first, include_usage=body.include_usage()),
                                media_type="text/event-stream",
@@ -185,7 +179,7 @@ async def _admit(runtime: Runtime, m: RequestMeasurement, body: ChatCompletionRe
     # The rules act after authentication and before the queue: a refusal costs no slot.
     match = runtime.rules.match(m.tenant, m.feature, body.model, runtime.backends)
     backend, cap = _routed(runtime, m, body, backend, match)
-    routed = route_around_breaker(runtime, m, body, backend)
+    routed = await route_around_breaker(runtime, m, body, backend, max_tokens_cap=cap)
     if isinstance(routed, CachedFallback):
         return routed
     backend = routed
@@ -219,25 +213,26 @@ def _refused(runtime: Runtime, m: RequestMeasurement, exc: RuleRejection | Shed 
     return error
 
 
-def _started(runtime: Runtime, m: RequestMeasurement, admitted: Admitted) -> Outputs:
-    """Start an admitted request (retried on transient failures); a stopping engine is a 503."""
-    slot = admitted.slot
-    m.queue_wait_s, m.queue_depth_at_admit = slot.queue_wait_s, slot.depth_at_admit
-    try:
-        return start_with_retries(runtime, admitted.backend, admitted.prepared)
-    except RuntimeError:  # the engine is stopping: nothing was started, so nothing is lost
-        slot.release()
-        m.fail("error", 503, "shutting_down")
-        runtime.record(m)
-        raise SHUTTING_DOWN from None
-
-
-def _cached_reply(answer: dict[str, Any], body: ChatCompletionRequest | CompletionRequest) -> Response:
-    if not body.stream:
-        return JSONResponse(answer)
-    chunks = [_sse(chunk) for chunk in answer_chunks(answer, include_usage=body.include_usage())]
-    return StreamingResponse(iter([*chunks, b"data: [DONE]\n\n"]), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+def _exchange(runtime: Runtime, m: RequestMeasurement, admitted: Admitted | CachedFallback,
+              on_text: Callable[[str], None] | None = None) -> _Exchange:
+    """Start an admitted request (retried on transient failures), or replay the cached answer
+    given in its place; a stopping engine is a 503. ``on_text`` also gets the text as it comes."""
+    if isinstance(admitted, CachedFallback):
+        outputs, release, model, kind = admitted.replay, (lambda: None), admitted.model, admitted.kind
+    else:
+        slot = admitted.slot
+        m.queue_wait_s, m.queue_depth_at_admit = slot.queue_wait_s, slot.depth_at_admit
+        try:
+            outputs = start_with_retries(runtime, admitted.backend, admitted.prepared)
+        except RuntimeError:  # the engine is stopping: nothing was started, so nothing is lost
+            slot.release()
+            m.fail("error", 503, "shutting_down")
+            runtime.record(m)
+            raise SHUTTING_DOWN from None
+        release, model, kind = slot.release, admitted.backend.name, admitted.prepared.kind
+    if on_text is not None:
+        outputs = _Observed(outputs, on_text)
+    return _Exchange(runtime, m, outputs, release, model=model, kind=kind)
 
 
 async def _run_job_attempt(runtime: Runtime, job: Job, attempt: Attempt) -> dict[str, Any]:
@@ -257,11 +252,7 @@ async def _run_job_attempt(runtime: Runtime, job: Job, attempt: Attempt) -> dict
         m.fail("cancelled", 499, attempt.cancel_reason)
         runtime.record(m)
         raise
-    if isinstance(admitted, CachedFallback):
-        runtime.record(m)
-        return admitted.answer
-    exchange = _Exchange(runtime, m, _Observed(_started(runtime, m, admitted), attempt.token),
-                         admitted.slot.release, model=admitted.backend.name, kind=admitted.prepared.kind)
+    exchange = _exchange(runtime, m, admitted, on_text=attempt.token)
     try:
         return await exchange.collect(await exchange.gen.next())
     except asyncio.CancelledError:  # the engine slot is freed once the backend has stopped

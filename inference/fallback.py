@@ -8,9 +8,11 @@ in order:
   with ``model_served`` the fallback model;
 - ``cache``: a cached answer to the same request, asked of ``Runtime.fallback_cache``. Until a
   response cache is wired that hook is ``NO_CACHE``, which holds nothing, and the step is passed
-  over. A cache plugs in by implementing ``FallbackCache`` (``cached_answer`` returns the finished
-  response body it holds for this request and model, one past its freshness included, or None) and
-  being set as ``runtime.fallback_cache``; the answer's event is a cache hit, so the breaker does
+  over. A cache plugs in by implementing ``FallbackCache`` and being set as
+  ``runtime.fallback_cache``: ``cached_answer`` returns the answer it holds for this tenant, model
+  and request (one past its freshness included, if it keeps those) replayed as a generation — its
+  text as ``TokenDelta``s, then a ``GenerationResult`` — or None. The request is then answered as
+  if the model had (JSON or SSE alike) from no slot; its event is a cache hit, so the breaker does
   not take it for the model answering;
 - ``503``: the client is told the model is unavailable, with ``Retry-After`` the breaker's remaining
   cool-down. A chain that runs out ends there too, so a model with no chain answers 503 while open.
@@ -19,8 +21,9 @@ in order:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
+from inference.backends import Outputs
 from inference.errors import ApiError
 from inference.measurement import RequestMeasurement
 from inference.schemas import ChatCompletionRequest, CompletionRequest
@@ -32,13 +35,15 @@ Body = ChatCompletionRequest | CompletionRequest
 
 
 class FallbackCache(Protocol):
-    def cached_answer(self, body: Body, *, model: str) -> dict[str, Any] | None:
-        """The response body (``chat.completion`` or ``text_completion``) held for this request to
-        ``model``, or None."""
+    async def cached_answer(self, body: Body, *, tenant: str, model: str,
+                            max_tokens_cap: int | None) -> Outputs | None:
+        """The answer held for ``tenant``'s request ``body`` to ``model`` (its length bounded by
+        ``max_tokens_cap`` when a rule says so), replayed as a finished generation; or None."""
 
 
 class _NoCache:
-    def cached_answer(self, body: Body, *, model: str) -> dict[str, Any] | None:
+    async def cached_answer(self, body: Body, *, tenant: str, model: str,
+                            max_tokens_cap: int | None) -> Outputs | None:
         return None
 
 
@@ -49,11 +54,13 @@ NO_CACHE: FallbackCache = _NoCache()
 class CachedFallback:
     """A cached answer given in place of a model whose breaker is open."""
 
-    answer: dict[str, Any]
+    replay: Outputs
+    model: str
+    kind: Literal["chat", "completion"]
 
 
-def route_around_breaker(runtime: Runtime, m: RequestMeasurement, body: Body,
-                         backend: Backend) -> Backend | CachedFallback:
+async def route_around_breaker(runtime: Runtime, m: RequestMeasurement, body: Body, backend: Backend, *,
+                               max_tokens_cap: int | None) -> Backend | CachedFallback:
     """``backend`` if its breaker lets the request through, else the first step of its fallback
     chain that can take it; raise the 503 when none can."""
     breakers = runtime.breakers
@@ -64,14 +71,14 @@ def route_around_breaker(runtime: Runtime, m: RequestMeasurement, body: Body,
         if step == "503":
             break
         if step == "cache":
-            answer = runtime.fallback_cache.cached_answer(body, model=model)
-            if answer is not None:
+            replay = await runtime.fallback_cache.cached_answer(body, tenant=m.tenant, model=model,
+                                                                max_tokens_cap=max_tokens_cap)
+            if replay is not None:
                 breakers.fallbacks_total[(model, step)] += 1
-                usage = answer.get("usage") or {}
-                m.route_reason, m.cache_hit, m.model_served = "fallback", True, answer.get("model", model)
-                m.prompt_tokens = usage.get("prompt_tokens", 0)
-                m.completion_tokens = usage.get("completion_tokens", 0)
-                return CachedFallback(answer)
+                m.route_reason, m.cache_hit, m.model_served, m.queue_wait_s = "fallback", True, model, 0.0
+                kind: Literal["chat", "completion"] = "chat" if isinstance(body, ChatCompletionRequest) \
+                    else "completion"
+                return CachedFallback(replay, model, kind)
         elif breakers.of(step).admit(m.event_id):
             breakers.fallbacks_total[(model, step)] += 1
             m.route_reason = "fallback"
@@ -79,23 +86,3 @@ def route_around_breaker(runtime: Runtime, m: RequestMeasurement, body: Body,
     breakers.fallbacks_total[(model, "503")] += 1
     raise ApiError(503, f"The model '{model}' is failing and is out of service for now; try again later.",
                    code="model_unavailable", retry_after_s=breakers.of(model).retry_after_s())
-
-
-def answer_chunks(answer: dict[str, Any], *, include_usage: bool) -> list[dict[str, Any]]:
-    """A finished answer as the chunks of a streamed one: its whole text in one piece, then the
-    finish reason (and the usage when asked), for a streaming client served from the cache."""
-    chat = answer.get("object") == "chat.completion"
-    choice = answer["choices"][0]
-    envelope = {"id": answer["id"], "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": answer["created"], "model": answer["model"]}
-    if chat:
-        pieces = [{"index": 0, "delta": {"role": "assistant", "content": choice["message"]["content"]},
-                   "logprobs": None, "finish_reason": None},
-                  {"index": 0, "delta": {}, "logprobs": None, "finish_reason": choice["finish_reason"]}]
-    else:
-        pieces = [{"index": 0, "text": choice["text"], "logprobs": None, "finish_reason": None},
-                  {"index": 0, "text": "", "logprobs": None, "finish_reason": choice["finish_reason"]}]
-    chunks = [{**envelope, "choices": [piece]} for piece in pieces]
-    if include_usage and answer.get("usage"):
-        chunks.append({**envelope, "choices": [], "usage": answer["usage"]})
-    return chunks

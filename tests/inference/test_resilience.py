@@ -20,8 +20,10 @@ from typing import Any
 import httpx
 import pytest
 
+from inference.backends import Generation
 from inference.config import Fallback, RuntimeConfig, Upstream
 from inference.contracts import RequestEvent
+from inference.engine.engine import GenerationResult, TokenDelta
 from inference.engine.models import LoadedModel
 from inference.fallback import Body
 from tests.inference.collector import Collector
@@ -177,44 +179,51 @@ def test_a_model_with_no_fallback_answers_503_with_retry_after_while_open(live: 
 
 
 class StubCache:
-    """A response cache's side of the fallback hook, holding one answer."""
+    """A response cache's side of the fallback hook, holding one answer for the model ``cached``."""
 
-    def __init__(self, answer: dict[str, Any]) -> None:
-        self.answer = answer
-        self.asked: list[tuple[str, str]] = []
+    TEXT = "an answer from before"
 
-    def cached_answer(self, body: Body, *, model: str) -> dict[str, Any] | None:
-        self.asked.append((body.model, model))
-        return self.answer if model == "cached" else None
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, str, str]] = []
+
+    async def cached_answer(self, body: Body, *, tenant: str, model: str,
+                            max_tokens_cap: int | None) -> Generation | None:
+        self.asked.append((tenant, model, body.model))
+        if model != "cached":
+            return None
+        replay, now = Generation(), time.perf_counter()
+        replay.outputs.put_nowait(TokenDelta(self.TEXT, 4))
+        replay.outputs.put_nowait(GenerationResult(
+            text=self.TEXT, finish_reason="stop", prompt_tokens=9, completion_tokens=4, submitted_at=now,
+            first_token_at=now, finished_at=now, gpu_seconds=0.0, energy_joules=None, mean_batch_size=None))
+        return replay
 
 
-CACHED = {"id": "chatcmpl-cached", "object": "chat.completion", "created": 1764000000, "model": "cached",
-          "choices": [{"index": 0, "message": {"role": "assistant", "content": "an answer from before"},
-                       "logprobs": None, "finish_reason": "stop"}],
-          "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}}
-
-
-def test_the_cache_step_is_passed_over_until_a_cache_is_wired(live: LiveRuntime, fake: FakeUpstream) -> None:
+def test_the_cache_step_answers_from_a_wired_cache_and_is_passed_over_without_one(
+        live: LiveRuntime, fake: FakeUpstream) -> None:
     trip(live, fake, "cached")
     assert ask(live, "cached").status_code == 503, "no cache: the chain goes on to its 503"
 
-    cache = StubCache(CACHED)
+    cache = StubCache()
     live.runtime.fallback_cache = cache
     answered = ask(live, "cached")
     streamed = live.client().post("/v1/chat/completions",
                                   json=chat("cached", stream=True, stream_options={"include_usage": True}))
 
-    assert answered.status_code == 200 and answered.json() == CACHED
-    assert cache.asked == [("cached", "cached"), ("cached", "cached")]
+    assert answered.status_code == 200
+    body = answered.json()
+    assert (body["model"], body["choices"][0]["message"]["content"]) == ("cached", StubCache.TEXT)
+    assert body["usage"] == {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
+    assert cache.asked == [("acme", "cached", "cached")] * 2
     event = last_event(live, TRIP + 3)
     assert (event.route_reason, event.cache_hit, event.model_served, event.status) == (
         "fallback", True, "cached", "ok")
-    assert (event.prompt_tokens, event.completion_tokens) == (9, 4)
+    assert (event.prompt_tokens, event.completion_tokens, event.gpu_seconds) == (9, 4, 0.0)
     chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
     assert streamed.text.rstrip().endswith("data: [DONE]")
-    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == \
-        "an answer from before"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == StubCache.TEXT
     assert chunks[-1]["usage"]["total_tokens"] == 13
+    assert len(fake.requests) == TRIP, "the cache answered: the failing upstream was not asked"
     assert metric(live, "wattson_fallbacks_total", model="cached", step="cache") == 2
     assert metric(live, "wattson_breaker_state", model="cached") == 2, "cache hits do not close the breaker"
 
