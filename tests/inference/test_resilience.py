@@ -10,8 +10,10 @@ Its breakers open at half of at least 4 outcomes and cool down for a second.
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -157,6 +159,42 @@ def test_while_half_open_only_the_probe_reaches_the_model(live: LiveRuntime, fak
     assert (probe.json()["model"], other.json()["model"]) == ("big", "tiny-random")
     assert len(fake.requests) == hits + 1
     assert metric(live, "wattson_breaker_state", model="big") == 0
+
+
+def failing_while(loaded: LoadedModel, broken: threading.Event, name: str) -> LoadedModel:
+    """The same weights under another name, whose forward pass raises while ``broken`` is set."""
+    model = copy.copy(loaded.model)
+    forward = loaded.model.forward
+
+    def flaky_forward(*args: Any, **kwargs: Any) -> Any:
+        if broken.is_set():
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return forward(*args, **kwargs)
+
+    model.forward = flaky_forward  # type: ignore[method-assign]
+    return dataclasses.replace(loaded, name=name, model=model)
+
+
+def test_a_local_models_breaker_opens_on_engine_errors_and_its_traffic_takes_another_model(
+        tiny_model: LoadedModel) -> None:
+    broken = threading.Event()
+    flaky, spare = failing_while(tiny_model, broken, "flaky"), dataclasses.replace(tiny_model, name="spare")
+    config = tiny_config(models=("flaky", "spare"), fallbacks=(Fallback("flaky", ("spare",)),),
+                         breaker_min_requests=TRIP, breaker_cooldown_s=COOLDOWN_S)
+    with serve(config, preloaded=(flaky, spare)) as live:
+        broken.set()
+        for _ in range(TRIP):
+            assert ask(live, "flaky").status_code == 500
+        assert metric(live, "wattson_breaker_state", model="flaky") == 2
+        served = ask(live, "flaky")
+        assert (served.status_code, served.json()["model"]) == (200, "spare")
+        event = last_event(live, TRIP + 1)
+        assert (event.model_requested, event.model_served, event.route_reason) == ("flaky", "spare", "fallback")
+
+        broken.clear()
+        time.sleep(COOLDOWN_S + 0.1)
+        assert ask(live, "flaky").json()["model"] == "flaky"
+        assert metric(live, "wattson_breaker_state", model="flaky") == 0
 
 
 def test_a_model_with_no_fallback_answers_503_with_retry_after_while_open(live: LiveRuntime,
