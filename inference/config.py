@@ -153,8 +153,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("--finops-url", "control plane base URL for telemetry (off when unset)"),
     Option("--finops-token", "bearer token for the control plane's ingest API"),
     Option("--spool-dir", "append-only telemetry spool, resent in order when the collector is back", Path),
-    Option("--state-dir", "where the accepted ruleset and the budget ledger are kept, one runtime per "
-           "directory (default: .cache/runtime-state/RUNTIME_ID)", Path),
+    Option("--state-dir", "where the accepted ruleset, the budget ledger and the async jobs are kept, one "
+           "runtime per directory (default: .cache/runtime-state/RUNTIME_ID)", Path),
     Option("--admin-token", "bearer token for PUT/GET /admin/ruleset (the endpoints answer 403 when unset)"),
     Option("--ruleset-pull-interval-s", "how often the ruleset is pulled from --finops-url", float),
     Option("--spool-max-mb", "spool size at which new records are refused loudly", float),
