@@ -49,6 +49,7 @@ class CircuitBreaker:
         self.settings = settings
         self._clock = clock
         self._outcomes: deque[tuple[float, bool]] = deque()
+        self._failures = 0  # among the outcomes in the window
         self._open_until: float | None = None  # set while open or half-open
         self._probes: dict[object, float] = {}  # probe id -> when it was let through
         self._probe_successes = 0
@@ -93,12 +94,12 @@ class CircuitBreaker:
             return  # while open, only probes speak for the model
         now = self._clock()
         self._outcomes.append((now, ok))
+        self._failures += not ok
         horizon = now - self.settings.window_s
         while self._outcomes and self._outcomes[0][0] < horizon:
-            self._outcomes.popleft()
-        failures = sum(1 for _, good in self._outcomes if not good)
+            self._failures -= not self._outcomes.popleft()[1]
         if len(self._outcomes) >= self.settings.min_requests and \
-                failures >= self.settings.error_rate * len(self._outcomes):
+                self._failures >= self.settings.error_rate * len(self._outcomes):
             self._open()
 
     def retry_after_s(self) -> int:
@@ -108,15 +109,16 @@ class CircuitBreaker:
         return max(1, math.ceil(self._open_until - self._clock()))
 
     def _open(self) -> None:
-        self._open_until = self._clock() + self.settings.cooldown_s
-        self._outcomes.clear()
-        self._probes.clear()
-        self._probe_successes = 0
+        self._reset(open_until=self._clock() + self.settings.cooldown_s)
         self.opens_total += 1
 
     def _close(self) -> None:
-        self._open_until = None
+        self._reset(open_until=None)
+
+    def _reset(self, *, open_until: float | None) -> None:
+        self._open_until = open_until
         self._outcomes.clear()
+        self._failures = 0
         self._probes.clear()
         self._probe_successes = 0
 
