@@ -32,12 +32,12 @@ class RequestMeasurement:
     route_reason: str = "requested"
     rule_id: str | None = None
     device: str | None = None
-    cache_hit: bool = False
     status: EventStatus = "ok"
     http_status: int = 200
     error_type: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cache_hit: bool = False
     queue_wait_s: float | None = None
     queue_depth_at_admit: int | None = None
     result: GenerationResult | None = None
