@@ -85,11 +85,7 @@ class RuntimeConfig:
     export_batch_size: int = 500
     export_interval_s: float = 1.0
     sample_interval_s: float = 5.0
-    upstreams: tuple[Upstream, ...] = ()
-    upstream_timeout_s: float = 120.0
-    upstream_max_concurrency: int = 64
-    upstream_retries: int = 2
-    upstream_retry_backoff_s: float = 0.2
+    # Faults (inference/breaker.py, fallback.py) and async jobs (inference/jobs/).
     fallbacks: tuple[Fallback, ...] = ()
     breaker_window_s: float = 30.0
     breaker_min_requests: int = 10
@@ -99,6 +95,11 @@ class RuntimeConfig:
     jobs_concurrency: int = 4
     job_max_attempts: int = 3
     job_ttl_s: float = 7 * 24 * 3600.0
+    upstreams: tuple[Upstream, ...] = ()
+    upstream_timeout_s: float = 120.0
+    upstream_retries: int = 2
+    upstream_retry_backoff_s: float = 0.2
+    upstream_max_concurrency: int = 64
     log_level: str = "info"
 
     @property
@@ -162,17 +163,6 @@ OPTIONS: tuple[Option, ...] = (
     Option("--export-interval-s", "how often buffered telemetry is sent", float),
     Option("--sample-interval-s", "how often a runtime sample (queue, tokens/s, GPUs) is taken", float),
     Option(
-        "--upstream",
-        "NAME=URL[#MODEL]: serve model NAME from an OpenAI-compatible server at URL (its model "
-        "MODEL, default NAME); repeatable",
-        repeatable=True,
-    ),
-    Option("--upstream-timeout-s", "timeout for one upstream request", float),
-    Option("--upstream-max-concurrency", "most requests in flight to one upstream", int),
-    Option("--upstream-retries", "most retries of an upstream request that failed transiently (connection "
-           "error, timeout, 502/503/504) before its first token; 4xx answers are never retried", int),
-    Option("--upstream-retry-backoff-s", "backoff before the first retry, doubled each time, with jitter", float),
-    Option(
         "--fallback",
         "MODEL=STEP[:STEP...]: where MODEL's requests go while its circuit breaker is open, in order: "
         "another served model, 'cache' (a cached answer, when a response cache is wired) or '503' "
@@ -187,6 +177,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("--jobs-concurrency", "most async jobs (POST /v1/jobs) running at once", int),
     Option("--job-max-attempts", "most attempts of a job before it fails to the dead-letter list", int),
     Option("--job-ttl-s", "how long a finished job (and its events) is kept", float),
+    Option(
+        "--upstream",
+        "NAME=URL[#MODEL]: serve model NAME from an OpenAI-compatible server at URL (its model "
+        "MODEL, default NAME); repeatable",
+        repeatable=True,
+    ),
+    Option("--upstream-timeout-s", "timeout for one upstream request", float),
+    Option("--upstream-retries", "most retries of an upstream request that failed transiently (connection "
+           "error, timeout, 502/503/504) before its first token; 4xx answers are never retried", int),
+    Option("--upstream-retry-backoff-s", "backoff before the first retry, doubled each time, with jitter", float),
+    Option("--upstream-max-concurrency", "most requests in flight to one upstream", int),
     Option("--log-level", "logging level", choices=("debug", "info", "warning", "error")),
 )
 

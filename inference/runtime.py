@@ -54,14 +54,14 @@ class Runtime:
         self._http: httpx.AsyncClient | None = None
         self.ready = False
         self._listeners: list[Callable[[RequestEvent], None]] = []
-        self.rules = RuleEnforcer()
-        self.ruleset = RulesetKeeper(self.rules, config.resolved_state_dir, runtime_id=config.runtime_id)
-        self.puller: RulesetPuller | None = None
-        self.metrics.watch(self._live_gauges)
         self.breakers = CircuitBreakers(_breaker_settings(config), {f.model: f.steps for f in config.fallbacks})
         self.metrics.watch(self.breakers.gauges)
         # The fallback chains' "cache" step: a response cache sets itself here (inference.fallback).
         self.fallback_cache: FallbackCache = NO_CACHE
+        self.rules = RuleEnforcer()
+        self.ruleset = RulesetKeeper(self.rules, config.resolved_state_dir, runtime_id=config.runtime_id)
+        self.puller: RulesetPuller | None = None
+        self.metrics.watch(self._live_gauges)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
