@@ -237,6 +237,27 @@ def parse_fallback(spec: str) -> Fallback:
     return Fallback(model=model, steps=steps)
 
 
+
+def _validate_fallbacks(fallbacks: tuple[Fallback, ...], served: list[str]) -> None:
+    seen: set[str] = set()
+    for fallback in fallbacks:
+        if fallback.model not in served:
+            raise ConfigError(f"--fallback {fallback.model}: no such model is served here")
+        if fallback.model in seen:
+            raise ConfigError(f"--fallback {fallback.model} is given twice")
+        seen.add(fallback.model)
+        for position, step in enumerate(fallback.steps):
+            if step not in FALLBACK_KEYWORDS and step not in served:
+                raise ConfigError(f"--fallback {fallback.model}: step {step!r} is neither a served model "
+                                  f"nor one of {', '.join(FALLBACK_KEYWORDS)}")
+            if step == fallback.model:
+                raise ConfigError(f"--fallback {fallback.model}: a model cannot fall back to itself")
+            if step == "503" and position != len(fallback.steps) - 1:
+                raise ConfigError(f"--fallback {fallback.model}: '503' ends the chain; nothing can follow it")
+        if len(set(fallback.steps)) != len(fallback.steps):
+            raise ConfigError(f"--fallback {fallback.model}: a step is listed twice")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m inference serve",
@@ -322,23 +343,3 @@ def _validate(config: RuntimeConfig) -> None:
         raise ConfigError("--admin-token must be 16-200 characters of letters, digits and _ - . ~ + / =")
     if config.finops_url and not config.finops_url.startswith(("http://", "https://")):
         raise ConfigError("--finops-url must start with http:// or https://")
-
-
-def _validate_fallbacks(fallbacks: tuple[Fallback, ...], served: list[str]) -> None:
-    seen: set[str] = set()
-    for fallback in fallbacks:
-        if fallback.model not in served:
-            raise ConfigError(f"--fallback {fallback.model}: no such model is served here")
-        if fallback.model in seen:
-            raise ConfigError(f"--fallback {fallback.model} is given twice")
-        seen.add(fallback.model)
-        for position, step in enumerate(fallback.steps):
-            if step not in FALLBACK_KEYWORDS and step not in served:
-                raise ConfigError(f"--fallback {fallback.model}: step {step!r} is neither a served model "
-                                  f"nor one of {', '.join(FALLBACK_KEYWORDS)}")
-            if step == fallback.model:
-                raise ConfigError(f"--fallback {fallback.model}: a model cannot fall back to itself")
-            if step == "503" and position != len(fallback.steps) - 1:
-                raise ConfigError(f"--fallback {fallback.model}: '503' ends the chain; nothing can follow it")
-        if len(set(fallback.steps)) != len(fallback.steps):
-            raise ConfigError(f"--fallback {fallback.model}: a step is listed twice")
