@@ -237,7 +237,6 @@ def parse_fallback(spec: str) -> Fallback:
     return Fallback(model=model, steps=steps)
 
 
-
 def _validate_fallbacks(fallbacks: tuple[Fallback, ...], served: list[str]) -> None:
     seen: set[str] = set()
     for fallback in fallbacks:
