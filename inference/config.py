@@ -48,6 +48,18 @@ class Upstream:
 
 
 @dataclass(frozen=True)
+class Fallback:
+    """Where a model's requests go while its circuit breaker is open, step by step: another served
+    model, ``cache`` (a cached answer, when a response cache is wired) or ``503``."""
+
+    model: str
+    steps: tuple[str, ...]
+
+
+FALLBACK_KEYWORDS = ("cache", "503")
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     host: str = "127.0.0.1"
     port: int = 8100
@@ -73,8 +85,20 @@ class RuntimeConfig:
     export_batch_size: int = 500
     export_interval_s: float = 1.0
     sample_interval_s: float = 5.0
+    # Faults (inference/breaker.py, fallback.py) and async jobs (inference/jobs/).
+    fallbacks: tuple[Fallback, ...] = ()
+    breaker_window_s: float = 30.0
+    breaker_min_requests: int = 10
+    breaker_error_rate: float = 0.5
+    breaker_cooldown_s: float = 15.0
+    breaker_probes: int = 1
+    jobs_concurrency: int = 4
+    job_max_attempts: int = 3
+    job_ttl_s: float = 7 * 24 * 3600.0
     upstreams: tuple[Upstream, ...] = ()
     upstream_timeout_s: float = 120.0
+    upstream_retries: int = 2
+    upstream_retry_backoff_s: float = 0.2
     upstream_max_concurrency: int = 64
     log_level: str = "info"
 
@@ -130,8 +154,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("--finops-url", "control plane base URL for telemetry (off when unset)"),
     Option("--finops-token", "bearer token for the control plane's ingest API"),
     Option("--spool-dir", "append-only telemetry spool, resent in order when the collector is back", Path),
-    Option("--state-dir", "where the accepted ruleset and the budget ledger are kept, one runtime per "
-           "directory (default: .cache/runtime-state/RUNTIME_ID)", Path),
+    Option("--state-dir", "where the accepted ruleset, the budget ledger and the async jobs are kept, one "
+           "runtime per directory (default: .cache/runtime-state/RUNTIME_ID)", Path),
     Option("--admin-token", "bearer token for PUT/GET /admin/ruleset (the endpoints answer 403 when unset)"),
     Option("--ruleset-pull-interval-s", "how often the ruleset is pulled from --finops-url", float),
     Option("--spool-max-mb", "spool size at which new records are refused loudly", float),
@@ -139,12 +163,30 @@ OPTIONS: tuple[Option, ...] = (
     Option("--export-interval-s", "how often buffered telemetry is sent", float),
     Option("--sample-interval-s", "how often a runtime sample (queue, tokens/s, GPUs) is taken", float),
     Option(
+        "--fallback",
+        "MODEL=STEP[:STEP...]: where MODEL's requests go while its circuit breaker is open, in order: "
+        "another served model, 'cache' (a cached answer, when a response cache is wired) or '503' "
+        "(the chain ends in a 503 with Retry-After in any case); repeatable",
+        repeatable=True,
+    ),
+    Option("--breaker-window-s", "the circuit breakers' rolling window of outcomes", float),
+    Option("--breaker-min-requests", "fewest outcomes in the window before a breaker may open", int),
+    Option("--breaker-error-rate", "share of failures in the window (0-1] that opens a breaker", float),
+    Option("--breaker-cooldown-s", "how long an open breaker waits before letting probes through", float),
+    Option("--breaker-probes", "probes a half-open breaker lets through; all must succeed to close it", int),
+    Option("--jobs-concurrency", "most async jobs (POST /v1/jobs) running at once", int),
+    Option("--job-max-attempts", "most attempts of a job before it fails to the dead-letter list", int),
+    Option("--job-ttl-s", "how long a finished job (and its events) is kept", float),
+    Option(
         "--upstream",
         "NAME=URL[#MODEL]: serve model NAME from an OpenAI-compatible server at URL (its model "
         "MODEL, default NAME); repeatable",
         repeatable=True,
     ),
     Option("--upstream-timeout-s", "timeout for one upstream request", float),
+    Option("--upstream-retries", "most retries of an upstream request that failed transiently (connection "
+           "error, timeout, 502/503/504) before its first token; 4xx answers are never retried", int),
+    Option("--upstream-retry-backoff-s", "backoff before the first retry, doubled each time, with jitter", float),
     Option("--upstream-max-concurrency", "most requests in flight to one upstream", int),
     Option("--log-level", "logging level", choices=("debug", "info", "warning", "error")),
 )
@@ -185,6 +227,34 @@ def parse_upstream(spec: str) -> Upstream:
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"--upstream {name}: URL must start with http:// or https://")
     return Upstream(name=name, url=url.rstrip("/"), upstream_model=upstream_model or name)
+
+
+def parse_fallback(spec: str) -> Fallback:
+    model, sep, rest = spec.partition("=")
+    steps = tuple(step.strip() for step in rest.split(":"))
+    if not sep or not _NAME_RE.match(model) or not rest or not all(steps):
+        raise ConfigError(f"--fallback {spec!r} must be MODEL=STEP[:STEP...]")
+    return Fallback(model=model, steps=steps)
+
+
+def _validate_fallbacks(fallbacks: tuple[Fallback, ...], served: list[str]) -> None:
+    seen: set[str] = set()
+    for fallback in fallbacks:
+        if fallback.model not in served:
+            raise ConfigError(f"--fallback {fallback.model}: no such model is served here")
+        if fallback.model in seen:
+            raise ConfigError(f"--fallback {fallback.model} is given twice")
+        seen.add(fallback.model)
+        for position, step in enumerate(fallback.steps):
+            if step not in FALLBACK_KEYWORDS and step not in served:
+                raise ConfigError(f"--fallback {fallback.model}: step {step!r} is neither a served model "
+                                  f"nor one of {', '.join(FALLBACK_KEYWORDS)}")
+            if step == fallback.model:
+                raise ConfigError(f"--fallback {fallback.model}: a model cannot fall back to itself")
+            if step == "503" and position != len(fallback.steps) - 1:
+                raise ConfigError(f"--fallback {fallback.model}: '503' ends the chain; nothing can follow it")
+        if len(set(fallback.steps)) != len(fallback.steps):
+            raise ConfigError(f"--fallback {fallback.model}: a step is listed twice")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,6 +306,8 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
         values["upstreams"] = tuple(parse_upstream(s) for s in values.pop("upstream"))
         if "models" not in values:
             values["models"] = ()
+    if "fallback" in values:
+        values["fallbacks"] = tuple(parse_fallback(s) for s in values.pop("fallback"))
     config = RuntimeConfig(**values)
     _validate(config)
     return config
@@ -243,22 +315,29 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
 
 def _validate(config: RuntimeConfig) -> None:
     positive = ("port", "max_batch_size", "max_queue_depth", "max_model_len", "max_prefill_tokens",
-                "default_max_tokens", "export_batch_size", "upstream_max_concurrency")
+                "default_max_tokens", "export_batch_size", "upstream_max_concurrency", "breaker_min_requests",
+                "breaker_probes", "jobs_concurrency", "job_max_attempts")
     for name in positive:
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be positive")
     if config.torch_threads is not None and config.torch_threads <= 0:
         raise ConfigError("torch_threads must be positive")
     for name in ("max_queue_wait_s", "export_interval_s", "sample_interval_s", "upstream_timeout_s",
-                 "spool_max_mb", "ruleset_pull_interval_s"):
+                 "spool_max_mb", "ruleset_pull_interval_s", "breaker_window_s", "breaker_cooldown_s",
+                 "upstream_retry_backoff_s", "job_ttl_s"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be positive")
+    if config.upstream_retries < 0:
+        raise ConfigError("upstream_retries must not be negative")
+    if not 0 < config.breaker_error_rate <= 1:
+        raise ConfigError("breaker_error_rate must be above 0 and at most 1")
     names = list(config.models) + [u.name for u in config.upstreams]
     if not names:
         raise ConfigError("nothing to serve: give at least one --model or --upstream")
     served = [Path(m).name if "/" in m else m for m in config.models] + [u.name for u in config.upstreams]
     if len(set(served)) != len(served):
         raise ConfigError(f"model names must be unique, got {served}")
+    _validate_fallbacks(config.fallbacks, served)
     if config.admin_token is not None and not _TOKEN_RE.match(config.admin_token):
         raise ConfigError("--admin-token must be 16-200 characters of letters, digits and _ - . ~ + / =")
     if config.finops_url and not config.finops_url.startswith(("http://", "https://")):

@@ -16,11 +16,13 @@ import torch
 
 from inference.admission import AdmissionQueue
 from inference.backends import LocalBackend, UpstreamBackend
+from inference.breaker import BreakerSettings, CircuitBreakers
 from inference.config import ApiKey, RuntimeConfig
 from inference.contracts import RequestEvent
 from inference.engine.engine import Engine
 from inference.engine.models import LoadedModel, load_model, resolve_device
 from inference.errors import ApiError
+from inference.fallback import NO_CACHE, FallbackCache
 from inference.gpu import GpuMonitor
 from inference.measurement import RequestMeasurement
 from inference.metrics import RuntimeMetrics, gauge
@@ -52,6 +54,10 @@ class Runtime:
         self._http: httpx.AsyncClient | None = None
         self.ready = False
         self._listeners: list[Callable[[RequestEvent], None]] = []
+        self.breakers = CircuitBreakers(_breaker_settings(config), {f.model: f.steps for f in config.fallbacks})
+        self.metrics.watch(self.breakers.gauges)
+        # The fallback chains' "cache" step: a response cache sets itself here (inference.fallback).
+        self.fallback_cache: FallbackCache = NO_CACHE
         self.rules = RuleEnforcer()
         self.ruleset = RulesetKeeper(self.rules, config.resolved_state_dir, runtime_id=config.runtime_id)
         self.puller: RulesetPuller | None = None
@@ -96,6 +102,7 @@ class Runtime:
             self.puller = RulesetPuller(self.ruleset, url=config.finops_url, token=config.finops_token,
                                         interval_s=config.ruleset_pull_interval_s)
             self.puller.start()
+        self.breakers.track(self.backends)
         self.sampler = RuntimeSampler(self, interval_s=config.sample_interval_s)
         self.sampler.start()
         self.ready = True
@@ -180,6 +187,7 @@ class Runtime:
             log.exception("request %s could not be recorded", measurement.event_id)
             return
         self.metrics.observe_event(event)
+        self.breakers.observe(event)
         if self.exporter is not None:
             self.exporter.record_event(event)
         for listener in self._listeners:
@@ -253,6 +261,14 @@ class Runtime:
         if self.puller is not None:
             rows += gauge("wattson_ruleset_pull_failures_total", "Ruleset pulls that failed", self.puller.failed_total)
         return rows
+
+
+def _breaker_settings(config: RuntimeConfig) -> BreakerSettings:
+    # A probe is over within its longest queue wait and its slowest answer, retries included.
+    lease = config.max_queue_wait_s + config.upstream_timeout_s * (config.upstream_retries + 1) + 60
+    return BreakerSettings(window_s=config.breaker_window_s, min_requests=config.breaker_min_requests,
+                           error_rate=config.breaker_error_rate, cooldown_s=config.breaker_cooldown_s,
+                           probes=config.breaker_probes, probe_lease_s=lease)
 
 
 def _digest(key: str) -> str:
