@@ -3,8 +3,11 @@
 Requests wait here until the engine (or upstream) has a free slot. The order is effective priority
 (the ``X-Wattson-Priority`` hint, capped by the key's tier), then tier, then arrival. Over the
 queue's depth the lowest-priority waiting request is shed; past the longest allowed wait a request
-is shed too. Shed requests get 503 with ``Retry-After`` (the API's job); a waiting client that goes
-away simply leaves the queue.
+is shed too. With a target wait, the queue also sheds before it is full: while the estimated wait
+(the requests waiting, drained at the observed service rate) is past the target, waiting low-priority
+requests are shed, lowest first, and past twice the target normal ones too; high-priority work is
+only ever shed by a full queue or its own wait. Shed requests get 503 with ``Retry-After`` (the
+API's job); a waiting client that goes away simply leaves the queue.
 """
 
 from __future__ import annotations
@@ -31,7 +34,10 @@ def effective_priority(hint: PriorityName, tier: Tier) -> PriorityName:
     return hint if PRIORITY_RANK[hint] <= PRIORITY_RANK[cap] else cap
 
 
-ShedReason = Literal["queue_full", "queue_timeout", "displaced"]
+ShedReason = Literal["queue_full", "queue_timeout", "displaced", "overloaded"]
+# How far past the target wait the queue may be before waiting work of each priority is shed.
+SHED_PAST_TARGET: dict[int, float] = {PRIORITY_RANK["low"]: 1.0, PRIORITY_RANK["normal"]: 2.0}
+_PRIORITY_NAME = {rank: name for name, rank in PRIORITY_RANK.items()}
 
 
 class Shed(Exception):
@@ -68,16 +74,18 @@ class Slot:
 
 
 class AdmissionQueue:
-    def __init__(self, *, capacity: int, max_depth: int, max_wait_s: float) -> None:
+    def __init__(self, *, capacity: int, max_depth: int, max_wait_s: float, target_wait_s: float | None = None) -> None:
         self.capacity = capacity
         self.max_depth = max_depth
         self.max_wait_s = max_wait_s
+        self.target_wait_s = target_wait_s
         self.in_use = 0
         self._heap: list[_Waiter] = []
         self._depth = 0
         self._arrivals = itertools.count()
         self._mean_service_s: float | None = None
-        self.shed_total: dict[ShedReason, int] = {"queue_full": 0, "queue_timeout": 0, "displaced": 0}
+        self.shed_total: dict[ShedReason, int] = {"queue_full": 0, "queue_timeout": 0, "displaced": 0,
+                                                  "overloaded": 0}
 
     @property
     def depth(self) -> int:
@@ -104,6 +112,7 @@ class AdmissionQueue:
         waiter = _Waiter(key, asyncio.get_running_loop().create_future(), time.perf_counter())
         heapq.heappush(self._heap, waiter)
         self._depth += 1
+        self._shed_past_target()  # possibly this very request: then the wait below raises at once
         try:
             slot = await asyncio.wait_for(asyncio.shield(waiter.future), timeout=self.max_wait_s)
         except TimeoutError:
@@ -127,6 +136,38 @@ class AdmissionQueue:
             raise
         slot.depth_at_admit = depth_at_admit
         return slot
+
+    def estimated_wait_s(self) -> float | None:
+        """How long a request joining the back of the queue now would wait: the requests waiting,
+        drained at the observed service rate (None until a request has finished)."""
+        if self._mean_service_s is None:
+            return None
+        return self._depth * self._mean_service_s / max(1, self.capacity)
+
+    def past_target(self) -> bool:
+        """Whether the queue's estimated wait is past its target (never, without a target)."""
+        wait = self.estimated_wait_s()
+        return self.target_wait_s is not None and wait is not None and wait > self.target_wait_s
+
+    def _shed_past_target(self) -> None:
+        target = self.target_wait_s
+        if target is None:
+            return
+        while (wait := self.estimated_wait_s()) is not None:
+            lowest = max((w for w in self._heap if not w.done), default=None)
+            if lowest is None:
+                return
+            rank = -lowest.key[0]
+            factor = SHED_PAST_TARGET.get(rank)
+            if factor is None or wait <= target * factor:
+                return
+            self._drop(lowest)
+            self._count_shed("overloaded")
+            lowest.future.set_exception(Shed(
+                "overloaded", self.retry_after_s(),
+                f"The runtime is overloaded: the queue's estimated wait is {wait:.1f} s, past its target of "
+                f"{target:g} s, and {_PRIORITY_NAME[rank]}-priority work is shed first; try again later.",
+            ))
 
     def retry_after_s(self) -> int:
         """A client's sensible wait: the queue ahead drained at the observed service rate."""

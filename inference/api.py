@@ -26,10 +26,13 @@ from inference import __version__
 from inference.admin import install_admin_routes
 from inference.admission import PRIORITY_RANK, Shed, effective_priority
 from inference.backends import Generation, LocalBackend, Output, UpstreamBackend
+from inference.cache import CACHE_HEADER, CachedAnswer
 from inference.config import RuntimeConfig
+from inference.degradation import DEGRADED_HEADER, LOAD_CAP_RULE_ID, cap_under_load
 from inference.engine.engine import GenerationResult, TokenDelta
 from inference.errors import ApiError, install_error_handlers, validation_error
 from inference.measurement import RequestMeasurement
+from inference.routing import ROUTE_HEADER
 from inference.rules import Match, RuleRejection
 from inference.runtime import Backend, Runtime
 from inference.schemas import ChatCompletionRequest, CompletionRequest, usage_dict
@@ -83,6 +86,8 @@ def create_app(config: RuntimeConfig, runtime: Runtime | None = None) -> FastAPI
         runtime.authenticate(request.headers.get("authorization"))
         data = [{"id": name, "object": "model", "created": 0, "owned_by": f"wattson:{b.kind}"}
                 for name, b in sorted(runtime.backends.items())]
+        if runtime.router is not None:
+            data.append({"id": runtime.router.alias, "object": "model", "created": 0, "owned_by": "wattson:alias"})
         return JSONResponse({"object": "list", "data": data})
 
     @app.post("/v1/chat/completions")
@@ -102,6 +107,8 @@ async def _serve(runtime: Runtime, request: Request,
     m = RequestMeasurement(runtime_id=runtime.config.runtime_id, tenant=key.tenant, api_key_id=key.key_id,
                            feature="default", priority="normal", model_requested="unknown")
     watcher: asyncio.Future[None] | None = None
+    headers: dict[str, str] = {}  # what the runtime did to the request, for the client to see
+    hit: CachedAnswer | None = None
     try:
         m.feature = _feature(request)
         m.priority = effective_priority(_priority(request), key.tier)
@@ -109,20 +116,37 @@ async def _serve(runtime: Runtime, request: Request,
         m.model_requested, m.end_user = body.model, body.user
         # Only once the body is read may a task listen for the client going away.
         watcher = asyncio.ensure_future(_disconnected(request))
-        backend = runtime.backend(body.model)
+        route = runtime.router.route(body) if runtime.router is not None else None
+        backend = runtime.backend(route.model if route is not None else body.model)
+        if route is not None:
+            m.route_reason, headers[ROUTE_HEADER] = route.reason, f"{route.reason}; {route.why}"
         # The rules act after authentication and before the queue: a refusal costs no slot.
-        match = runtime.rules.match(key.tenant, m.feature, body.model, runtime.backends)
+        match = runtime.rules.match(key.tenant, m.feature, backend.name, runtime.backends)
         backend, cap = _routed(runtime, m, body, backend, match)
         m.model_served, m.device = backend.name, backend.device_label
-        if isinstance(backend, LocalBackend):
-            prepared = await asyncio.to_thread(backend.prepare, body, max_tokens_cap=cap)
-        else:
-            prepared = backend.prepare(body, max_tokens_cap=cap)
-        if match is not None:
-            # Checked and taken in one step: nothing awaits between them.
-            m.reservation = runtime.rules.reserve(match, prompt_tokens=prepared.prompt_tokens_bound,
-                                                  max_tokens=prepared.params.max_tokens, model=backend.name)
-        slot = await _unless_gone(watcher, backend.admission.admit(priority=m.priority, tier=key.tier))
+        default_max_tokens = getattr(backend, "default_max_tokens", runtime.config.default_max_tokens)
+        load_cap = cap_under_load(limit=runtime.config.free_max_tokens_under_load, tier=key.tier,
+                                  admission=backend.admission, asked=body.requested_max_tokens(), cap=cap,
+                                  default_max_tokens=default_max_tokens)
+        if load_cap is not None:
+            cap, headers[DEGRADED_HEADER] = load_cap, f"max_tokens_capped={load_cap}"
+            m.rule_id = m.rule_id or LOAD_CAP_RULE_ID
+        cache_key = runtime.cache.key_for(api_key=key, model=backend.name, body=body, max_tokens_cap=cap,
+                                          default_max_tokens=default_max_tokens) if runtime.cache else None
+        if cache_key is not None:
+            assert runtime.cache is not None
+            hit = await _unless_gone(watcher, runtime.cache.get(cache_key))
+            headers[CACHE_HEADER] = "hit" if hit is not None else "miss"
+        if hit is None:
+            if isinstance(backend, LocalBackend):
+                prepared = await asyncio.to_thread(backend.prepare, body, max_tokens_cap=cap)
+            else:
+                prepared = backend.prepare(body, max_tokens_cap=cap)
+            if match is not None:
+                # Checked and taken in one step: nothing awaits between them.
+                m.reservation = runtime.rules.reserve(match, prompt_tokens=prepared.prompt_tokens_bound,
+                                                      max_tokens=prepared.params.max_tokens, model=backend.name)
+            slot = await _unless_gone(watcher, backend.admission.admit(priority=m.priority, tier=key.tier))
     except RuleRejection as exc:
         _stop(watcher)
         m.rule_id = exc.rule_id
@@ -156,18 +180,24 @@ async def _serve(runtime: Runtime, request: Request,
         raise
     assert watcher is not None
 
-    m.queue_wait_s, m.queue_depth_at_admit = slot.queue_wait_s, slot.depth_at_admit
+    if hit is not None:  # answered again without a slot or an engine step
+        m.cache_hit, m.queue_wait_s = True, 0.0
+        exchange = _Exchange(runtime, m, hit.replay(), lambda: None, model=backend.name, kind=hit.kind)
+    else:
+        m.queue_wait_s, m.queue_depth_at_admit = slot.queue_wait_s, slot.depth_at_admit
+        try:
+            gen = backend.start(prepared)
+        except RuntimeError:  # the engine is stopping: nothing was started, so nothing is lost
+            slot.release()
+            _stop(watcher)
+            m.fail("error", 503, "shutting_down")
+            runtime.record(m)
+            raise SHUTTING_DOWN from None
+        if cache_key is not None and runtime.cache is not None:
+            gen = runtime.cache.recording(gen, cache_key, kind=prepared.kind)
+        exchange = _Exchange(runtime, m, gen, slot.release, model=backend.name, kind=prepared.kind)
     try:
-        gen = backend.start(prepared)
-    except RuntimeError:  # the engine is stopping: nothing was started, so nothing is lost
-        slot.release()
-        _stop(watcher)
-        m.fail("error", 503, "shutting_down")
-        runtime.record(m)
-        raise SHUTTING_DOWN from None
-    exchange = _Exchange(runtime, m, gen, slot.release, model=backend.name, kind=prepared.kind)
-    try:
-        first = await _unless_gone(watcher, gen.next())
+        first = await _unless_gone(watcher, exchange.gen.next())
     except _ClientGone:
         exchange.abandon()
         return Response(status_code=499)
@@ -175,11 +205,11 @@ async def _serve(runtime: Runtime, request: Request,
         watcher.cancel()
         exchange.close_with_error(first)
         raise first
-    if prepared.stream:
+    if body.stream:
         watcher.cancel()  # from here the streaming response notices a disconnect itself
         return _ExchangeStream(exchange, exchange.sse(first, include_usage=body.include_usage()),
                                media_type="text/event-stream",
-                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
     try:
         result = await _unless_gone(watcher, exchange.collect(first))
     except _ClientGone:
@@ -187,7 +217,7 @@ async def _serve(runtime: Runtime, request: Request,
         return Response(status_code=499)
     finally:
         watcher.cancel()
-    return JSONResponse(result)
+    return JSONResponse(result, headers=headers)
 
 
 def _routed(runtime: Runtime, m: RequestMeasurement, body: ChatCompletionRequest | CompletionRequest,
