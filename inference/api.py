@@ -124,7 +124,7 @@ async def _serve(runtime: Runtime, request: Request,
         match = runtime.rules.match(key.tenant, m.feature, backend.name, runtime.backends)
         backend, cap = _routed(runtime, m, body, backend, match)
         m.model_served, m.device = backend.name, backend.device_label
-        default_max_tokens = getattr(backend, "default_max_tokens", runtime.config.default_max_tokens)
+        default_max_tokens = runtime.config.default_max_tokens
         load_cap = cap_under_load(limit=runtime.config.free_max_tokens_under_load, tier=key.tier,
                                   admission=backend.admission, asked=body.requested_max_tokens(), cap=cap,
                                   default_max_tokens=default_max_tokens)
