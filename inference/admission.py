@@ -137,6 +137,11 @@ class AdmissionQueue:
         slot.depth_at_admit = depth_at_admit
         return slot
 
+    @property
+    def mean_service_s(self) -> float | None:
+        """How long a request has held its slot, on average lately (None until one has finished)."""
+        return self._mean_service_s
+
     def estimated_wait_s(self) -> float | None:
         """How long a request joining the back of the queue now would wait: the requests waiting,
         drained at the observed service rate (None until a request has finished)."""
