@@ -13,8 +13,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from inference.config import ApiKey, ConfigError, RuntimeConfig, load_config
+from inference.config import ApiKey, ConfigError, RuntimeConfig, Upstream, load_config
 from inference.engine.models import LoadedModel
+from tests.inference.fake_upstream import fake_upstream
 from tests.inference.live import ACME, GLOBEX, KEYS, LiveRuntime, free_port, serve, slowed, tiny_config
 
 SAMPLER_KEY = ApiKey("sk-hooli-sampled-0004", "hooli", "standard", cache_sampled=True)
@@ -192,6 +193,22 @@ def test_an_answer_cut_short_by_the_client_is_not_cached(tiny_model: LoadedModel
         again = post(live, {**body, "stream": False})
         assert again.headers["x-wattson-cache"] == "miss"
         assert again.json()["usage"]["completion_tokens"] == 100
+
+
+def test_an_upstreams_answer_is_cached_and_a_hit_never_calls_it() -> None:
+    with fake_upstream() as fake:
+        config = cache_config(models=(), upstreams=(Upstream("big", fake.url, "vendor/big"),))
+        with serve(config) as live:
+            body = {"model": "big", "messages": [{"role": "user", "content": uuid.uuid4().hex}], "temperature": 0}
+            first = post(live, body, path="/v1/chat/completions")
+            again = post(live, {**body, "stream": True}, path="/v1/chat/completions")
+            assert len(fake.requests) == 1, "the hit did not reach the upstream"
+            assert again.headers["x-wattson-cache"] == "hit"
+            streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in sse_events(again) if c["choices"])
+            assert streamed == first.json()["choices"][0]["message"]["content"]
+            events = live.wait_for_events(2)
+            assert [e.cache_hit for e in events] == [False, True]
+            assert events[1].gpu_seconds == 0 and events[1].completion_tokens == events[0].completion_tokens
 
 
 def test_an_answer_expires_after_its_ttl(tiny_model: LoadedModel) -> None:
