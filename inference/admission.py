@@ -149,10 +149,28 @@ class AdmissionQueue:
             return None
         return self._depth * self._mean_service_s / max(1, self.capacity)
 
-    def past_target(self) -> bool:
-        """Whether the queue's estimated wait is past its target (never, without a target)."""
+    def past_target(self, fraction: float = 1.0) -> bool:
+        """Whether the queue's estimated wait is past ``fraction`` of its target (never, without one)."""
         wait = self.estimated_wait_s()
-        return self.target_wait_s is not None and wait is not None and wait > self.target_wait_s
+        return self.target_wait_s is not None and wait is not None and wait > self.target_wait_s * fraction
+
+    def shed_early(self, *, priority: PriorityName, tier: Tier) -> None:
+        """Raise ``Shed`` now if the request would be shed the moment it joined the queue (it would
+        be the least important waiter, and the wait it would make is past its priority's share of
+        the target). Called before the request is tokenized, so overload costs as little as it can."""
+        target, service = self.target_wait_s, self._mean_service_s
+        rank = PRIORITY_RANK[priority]
+        factor = SHED_PAST_TARGET.get(rank)
+        if target is None or service is None or factor is None or (self.in_use < self.capacity and not self._depth):
+            return
+        wait = (self._depth + 1) * service / max(1, self.capacity)
+        if wait <= target * factor:
+            return
+        key = (-rank, -TIER_RANK[tier])
+        if any(w.key[:2] > key for w in self._heap if not w.done):
+            return  # a less important waiter would be shed in its place
+        self._count_shed("overloaded")
+        raise self._overloaded(wait, rank)
 
     def _shed_past_target(self) -> None:
         target = self.target_wait_s
@@ -168,11 +186,13 @@ class AdmissionQueue:
                 return
             self._drop(lowest)
             self._count_shed("overloaded")
-            lowest.future.set_exception(Shed(
-                "overloaded", self.retry_after_s(),
-                f"The runtime is overloaded: the queue's estimated wait is {wait:.1f} s, past its target of "
-                f"{target:g} s, and {_PRIORITY_NAME[rank]}-priority work is shed first; try again later.",
-            ))
+            lowest.future.set_exception(self._overloaded(wait, rank))
+
+    def _overloaded(self, wait: float, rank: int) -> Shed:
+        return Shed("overloaded", self.retry_after_s(),
+                    f"The runtime is overloaded: the queue's estimated wait is {wait:.1f} s, past its target of "
+                    f"{self.target_wait_s:g} s, and {_PRIORITY_NAME[rank]}-priority work is shed first; "
+                    "try again later.")
 
     def retry_after_s(self) -> int:
         """A client's sensible wait: the queue ahead drained at the observed service rate."""

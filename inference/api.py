@@ -138,6 +138,7 @@ async def _serve(runtime: Runtime, request: Request,
             hit = await _unless_gone(watcher, runtime.cache.get(cache_key))
             headers[CACHE_HEADER] = "hit" if hit is not None else "miss"
         if hit is None:
+            backend.admission.shed_early(priority=m.priority, tier=key.tier)
             if isinstance(backend, LocalBackend):
                 prepared = await asyncio.to_thread(backend.prepare, body, max_tokens_cap=cap)
             else:

@@ -189,8 +189,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("--auto-large-max-tokens", "max_tokens from which the alias picks the large model", int),
     Option("--queue-target-wait-s", "estimated queue wait past which low-priority work is shed (normal past "
            "twice it; off when unset)", float),
-    Option("--free-max-tokens-under-load", "max_tokens cap for free-tier keys while the queue is past its "
-           "target wait (off when unset)", int),
+    Option("--free-max-tokens-under-load", "max_tokens cap for free-tier keys while the queue's estimated "
+           "wait is past half its target, before anything is shed (off when unset)", int),
     Option("--log-level", "logging level", choices=("debug", "info", "warning", "error")),
 )
 

@@ -13,6 +13,7 @@ import pytest
 
 from inference.admission import AdmissionQueue, Shed
 from inference.config import ConfigError, load_config
+from inference.degradation import cap_under_load
 from inference.engine.models import LoadedModel
 from tests.inference.live import ACME, INITECH, LiveRuntime, serve, slowed, tiny_config
 from tests.inference.test_overload import LONG, OpenStream, wait_idle, wait_until
@@ -67,6 +68,65 @@ def test_without_a_service_estimate_or_a_target_nothing_is_shed_for_the_estimate
 
     assert all(o.endswith(":ok") for o in asyncio.run(scenario(1.5, None)))
     assert all(o.endswith(":ok") for o in asyncio.run(scenario(None, 1.0)))
+
+
+def test_a_request_that_would_be_shed_on_arrival_is_shed_before_any_work() -> None:
+    async def scenario() -> list[str]:
+        queue = AdmissionQueue(capacity=1, max_depth=50, max_wait_s=5, target_wait_s=1.5)
+        queue._mean_service_s = 1.0
+        holder = await queue.admit(priority="normal", tier="standard")
+        outcomes = []
+        queue.shed_early(priority="low", tier="standard")  # one waiting would be 1 s: not past 1.5 s
+        waiting = asyncio.create_task(queue.admit(priority="low", tier="premium"))
+        await asyncio.sleep(0)
+        for priority, tier in [("low", "premium"), ("low", "standard"), ("low", "free"), ("normal", "free"),
+                               ("high", "free")]:
+            try:
+                queue.shed_early(priority=priority, tier=tier)  # type: ignore[arg-type]
+                outcomes.append(f"{priority}/{tier}:admit")
+            except Shed as shed:
+                outcomes.append(f"{priority}/{tier}:{shed.reason}")
+        holder.release()
+        (await waiting).release()
+        return outcomes
+
+    # A premium low request would displace nobody (the waiter is as important and came first); a
+    # standard or free one neither; normal and high work would shed the waiting low request instead.
+    assert asyncio.run(scenario()) == ["low/premium:overloaded", "low/standard:overloaded", "low/free:overloaded",
+                                       "normal/free:admit", "high/free:admit"]
+
+
+def test_free_keys_are_capped_from_half_the_target_before_low_work_is_shed() -> None:
+    async def scenario() -> list[tuple[int, int | None, bool]]:
+        # 8 slots, 2 s a request: each waiting request adds 0.25 s to the estimated wait; target 2 s.
+        queue = AdmissionQueue(capacity=8, max_depth=50, max_wait_s=10, target_wait_s=2.0)
+        queue._mean_service_s = 2.0
+        held = [await queue.admit(priority="normal", tier="standard") for _ in range(8)]
+        seen = []
+        waiting = []
+        for depth in range(10):
+            cap = cap_under_load(limit=8, tier="free", admission=queue, asked=16, cap=None, default_max_tokens=256)
+            try:
+                queue.shed_early(priority="low", tier="free")
+                shed = False
+            except Shed:
+                shed = True
+            seen.append((depth, cap, shed))
+            waiting.append(asyncio.create_task(queue.admit(priority="normal", tier="standard")))
+            await asyncio.sleep(0)
+        for slot in held:
+            slot.release()
+        for task in waiting:
+            (await task).release()
+        return seen
+
+    seen = asyncio.run(scenario())
+    capped = [depth for depth, cap, _ in seen if cap == 8]
+    shed = [depth for depth, _, was_shed in seen if was_shed]
+    assert capped == [5, 6, 7, 8, 9], "past 1 s (half the target) of estimated wait"
+    assert shed == [8, 9], "joining would make the wait past 2 s"
+    assert cap_under_load(limit=8, tier="standard", admission=AdmissionQueue(capacity=1, max_depth=1, max_wait_s=1,
+                          target_wait_s=0.5), asked=16, cap=None, default_max_tokens=256) is None
 
 
 def test_degradation_options_are_checked() -> None:
