@@ -78,9 +78,9 @@ def parse_args(argv: Sequence[str]) -> Settings:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny-random model for 8 s (checks the script)")
     parser.add_argument("--model", help="smollm2 (default), tiny-random (default with --quick) or a directory")
-    parser.add_argument("--max-batch-size", type=int, default=8, help="running slots (default 8)")
-    parser.add_argument("--max-tokens", type=int, default=16, help="tokens per request (default 16)")
-    parser.add_argument("--prompt-words", type=int, default=24, help="words per prompt (default 24)")
+    parser.add_argument("--max-batch-size", type=int, default=4, help="running slots (default 4)")
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default 32)")
+    parser.add_argument("--prompt-words", type=int, default=12, help="words per prompt (default 12)")
     parser.add_argument("--seconds", type=float, help="length of the overload run (default 60)")
     parser.add_argument("--load", type=float, default=3.0, help="offered load as a multiple of capacity (default 3)")
     parser.add_argument("--mix", type=float, nargs=3, default=(0.15, 0.35, 0.5), metavar=("HIGH", "NORMAL", "LOW"),
