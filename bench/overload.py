@@ -10,7 +10,8 @@ has (the response cache is off, as it is by default):
 3. overload — Poisson arrivals at ``--load`` x capacity for ``--seconds``, each high, normal or low
    priority (``--mix``): high from a premium key, normal from a standard key, low from a free-tier
    key. The runtime runs with a target queue wait (``--queue-target-wait-s``), past which it sheds
-   low work first and caps free keys' max_tokens, and a longest wait (``--max-queue-wait-s``).
+   low work first and caps free keys' max_tokens, a longest wait (``--max-queue-wait-s``) and a
+   slot kept for high-priority work (``--high-priority-slots``).
 
 The table gives, per priority, what was sent, served (and of those, capped), shed with 503 and
 ``Retry-After``, anything else, and the latency of the served requests; then the goals: high p95
@@ -59,6 +60,7 @@ class Settings:
     target_wait_s: float
     max_wait_s: float
     free_cap: int
+    high_slots: int
     unloaded_requests: int
     seed: int
 
@@ -89,6 +91,8 @@ def parse_args(argv: Sequence[str]) -> Settings:
     parser.add_argument("--max-queue-wait-s", type=float, default=10.0, help="the runtime's longest wait (default 10)")
     parser.add_argument("--free-max-tokens-under-load", type=int, default=8,
                         help="the free tier's max_tokens under load (default 8)")
+    parser.add_argument("--high-priority-slots", type=int, default=1,
+                        help="slots only high-priority work may take (default 1)")
     parser.add_argument("--unloaded-requests", type=int, help="high-priority requests timed alone (default 20)")
     parser.add_argument("--seed", type=int, default=1, help="arrival times and priorities (default 1)")
     args = parser.parse_args(argv)
@@ -98,7 +102,7 @@ def parse_args(argv: Sequence[str]) -> Settings:
         max_batch_size=args.max_batch_size, max_tokens=args.max_tokens, prompt_words=args.prompt_words,
         seconds=args.seconds or (8.0 if quick else 60.0), load=args.load, mix=tuple(args.mix),  # type: ignore[arg-type]
         target_wait_s=args.queue_target_wait_s, max_wait_s=args.max_queue_wait_s,
-        free_cap=args.free_max_tokens_under_load,
+        free_cap=args.free_max_tokens_under_load, high_slots=args.high_priority_slots,
         unloaded_requests=args.unloaded_requests or (5 if quick else 20), seed=args.seed,
     )
 
@@ -225,7 +229,8 @@ def report(settings: Settings, capacity: float, unloaded: list[float], outcomes:
         f"offered {offered:.2f} requests/s ({offered / capacity:.1f}x) for {settings.seconds:.0f} s, "
         f"mix high/normal/low {'/'.join(f'{m:g}' for m in settings.mix)}",
         f"runtime: --queue-target-wait-s {settings.target_wait_s:g} --max-queue-wait-s {settings.max_wait_s:g} "
-        f"--free-max-tokens-under-load {settings.free_cap} (low priority comes from a free-tier key)",
+        f"--free-max-tokens-under-load {settings.free_cap} --high-priority-slots {settings.high_slots} "
+        "(low priority comes from a free-tier key)",
         "not served: " + (", ".join(f"{k} x{v}" for k, v in sorted(reasons.items())) or "none"),
         f"goal: high p95 <= {GOAL_HIGH_RATIO:g}x unloaded: {ratio:.2f}x, "
         f"{'met' if ratio <= GOAL_HIGH_RATIO else 'NOT met'}",
@@ -246,7 +251,8 @@ def main(argv: Sequence[str]) -> int:
     with runtime_server("--model", settings.model, "--max-batch-size", str(settings.max_batch_size),
                         "--max-queue-depth", "512", "--max-queue-wait-s", str(settings.max_wait_s),
                         "--queue-target-wait-s", str(settings.target_wait_s),
-                        "--free-max-tokens-under-load", str(settings.free_cap), "--api-keys", keys,
+                        "--free-max-tokens-under-load", str(settings.free_cap),
+                        "--high-priority-slots", str(settings.high_slots), "--api-keys", keys,
                         name="overload") as url:
         progress("measuring capacity")
         capacity = measure_capacity(url, settings, prompts[0])

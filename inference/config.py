@@ -93,6 +93,7 @@ class RuntimeConfig:
     auto_large_max_tokens: int = 512
     # Degradation under load (inference/admission.py): off unless a target wait is set.
     queue_target_wait_s: float | None = None
+    high_priority_slots: int = 0
     free_max_tokens_under_load: int | None = None
     log_level: str = "info"
 
@@ -189,6 +190,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("--auto-large-max-tokens", "max_tokens from which the alias picks the large model", int),
     Option("--queue-target-wait-s", "estimated queue wait past which low-priority work is shed (normal past "
            "twice it; off when unset)", float),
+    Option("--high-priority-slots", "running slots (of --max-batch-size, and of --upstream-max-concurrency) "
+           "only high-priority work may take, so it never waits for one to free", int),
     Option("--free-max-tokens-under-load", "max_tokens cap for free-tier keys while the queue's estimated "
            "wait is past half its target, before anything is shed (off when unset)", int),
     Option("--log-level", "logging level", choices=("debug", "info", "warning", "error")),
@@ -355,6 +358,11 @@ def check_auto_route(config: RuntimeConfig, served: Sequence[str]) -> None:
 
 
 def _validate_degradation(config: RuntimeConfig) -> None:
+    slots = [config.max_batch_size] if config.models else []
+    slots += [config.upstream_max_concurrency] if config.upstreams else []
+    if not 0 <= config.high_priority_slots < min(slots or [config.max_batch_size]):
+        raise ConfigError("high_priority_slots must be at least 0 and leave other work at least one slot of "
+                          "--max-batch-size and --upstream-max-concurrency")
     target = config.queue_target_wait_s
     if target is not None and not 0 < target < config.max_queue_wait_s:
         raise ConfigError("queue_target_wait_s must be positive and below max_queue_wait_s")

@@ -131,7 +131,8 @@ class Runtime:
 
     def _admission(self, capacity: int) -> AdmissionQueue:
         return AdmissionQueue(capacity=capacity, max_depth=self.config.max_queue_depth,
-                              max_wait_s=self.config.max_queue_wait_s, target_wait_s=self.config.queue_target_wait_s)
+                              max_wait_s=self.config.max_queue_wait_s, target_wait_s=self.config.queue_target_wait_s,
+                              high_reserve=self.config.high_priority_slots)
 
     def _local_backend(self, loaded: LoadedModel) -> LocalBackend:
         energy_reader = None

@@ -129,6 +129,31 @@ def test_free_keys_are_capped_from_half_the_target_before_low_work_is_shed() -> 
                           target_wait_s=0.5), asked=16, cap=None, default_max_tokens=256) is None
 
 
+def test_a_kept_slot_lets_high_priority_work_start_while_other_work_waits() -> None:
+    async def scenario() -> list[str]:
+        queue = AdmissionQueue(capacity=3, max_depth=10, max_wait_s=5, high_reserve=1)
+        shared = [await queue.admit(priority="normal", tier="standard") for _ in range(2)]
+        events: list[str] = []
+
+        async def arrive(name: str, priority: str) -> None:
+            slot = await queue.admit(priority=priority, tier="standard")  # type: ignore[arg-type]
+            events.append(f"{name} runs")
+            await asyncio.sleep(0.01)
+            slot.release()
+
+        normal = asyncio.create_task(arrive("normal", "normal"))
+        await asyncio.sleep(0)
+        events.append(f"waiting {queue.depth}, running {queue.in_use}")  # the third slot is kept
+        high = asyncio.create_task(arrive("high", "high"))
+        await asyncio.sleep(0)
+        for slot in shared:
+            slot.release()
+        await asyncio.gather(normal, high)
+        return events
+
+    assert asyncio.run(scenario()) == ["waiting 1, running 2", "high runs", "normal runs"]
+
+
 def test_degradation_options_are_checked() -> None:
     config = load_config(["--queue-target-wait-s", "2", "--free-max-tokens-under-load", "64"], environ={})
     assert (config.queue_target_wait_s, config.free_max_tokens_under_load) == (2.0, 64)
@@ -136,6 +161,9 @@ def test_degradation_options_are_checked() -> None:
         load_config(["--queue-target-wait-s", "40", "--max-queue-wait-s", "30"], environ={})
     with pytest.raises(ConfigError, match="needs --queue-target-wait-s"):
         load_config(["--free-max-tokens-under-load", "64"], environ={})
+    assert load_config(["--high-priority-slots", "1", "--max-batch-size", "4"], environ={}).high_priority_slots == 1
+    with pytest.raises(ConfigError, match="leave other work at least one slot"):
+        load_config(["--high-priority-slots", "4", "--max-batch-size", "4"], environ={})
 
 
 # -- against a live runtime --------------------------------------------------------------------
