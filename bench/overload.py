@@ -117,10 +117,11 @@ def headers(priority: str) -> dict[str, str]:
 
 
 def measure_capacity(url: str, settings: Settings, prompt: str) -> float:
-    """Requests/s with every slot kept busy (after a warm-up round)."""
+    """Requests/s with every slot kept busy (after a warm-up round); high priority, so that the
+    slots kept for it are busy too."""
     slots, endpoint = settings.max_batch_size, url + "/v1/completions"
-    closed_loop(endpoint, body(settings, prompt), headers=headers("normal"), concurrency=slots, requests=slots)
-    run = closed_loop(endpoint, body(settings, prompt), headers=headers("normal"), concurrency=slots,
+    closed_loop(endpoint, body(settings, prompt), headers=headers("high"), concurrency=slots, requests=slots)
+    run = closed_loop(endpoint, body(settings, prompt), headers=headers("high"), concurrency=slots,
                       requests=4 * slots)
     if run.errors:
         raise RuntimeError(f"{run.errors} requests failed while measuring capacity")
