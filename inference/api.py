@@ -25,7 +25,9 @@ from inference import __version__
 from inference.admin import install_admin_routes
 from inference.admission import Shed, Slot, effective_priority
 from inference.backends import LocalBackend, Output, Outputs, Prepared, UpstreamBackend
-from inference.config import RuntimeConfig, Tier
+from inference.cache import CACHE_HEADER
+from inference.config import ApiKey, RuntimeConfig, Tier
+from inference.degradation import DEGRADED_HEADER, LOAD_CAP_RULE_ID, cap_under_load
 from inference.engine.engine import GenerationResult, TokenDelta
 from inference.errors import ApiError, install_error_handlers
 from inference.fallback import CachedFallback, route_around_breaker
@@ -34,6 +36,7 @@ from inference.jobs.routes import install_job_routes
 from inference.measurement import RequestMeasurement
 from inference.request_parsing import parse_body, request_feature, request_priority
 from inference.retries import start_with_retries
+from inference.routing import ROUTE_HEADER
 from inference.rules import Match, RuleRejection
 from inference.runtime import Backend, Runtime
 from inference.schemas import ChatCompletionRequest, CompletionRequest, usage_dict
@@ -89,6 +92,8 @@ def create_app(config: RuntimeConfig, runtime: Runtime | None = None) -> FastAPI
         runtime.authenticate(request.headers.get("authorization"))
         data = [{"id": name, "object": "model", "created": 0, "owned_by": f"wattson:{b.kind}"}
                 for name, b in sorted(runtime.backends.items())]
+        if runtime.router is not None:
+            data.append({"id": runtime.router.alias, "object": "model", "created": 0, "owned_by": "wattson:alias"})
         return JSONResponse({"object": "list", "data": data})
 
     @app.post("/v1/chat/completions")
@@ -108,6 +113,7 @@ async def _serve(runtime: Runtime, request: Request,
     m = RequestMeasurement(runtime_id=runtime.config.runtime_id, tenant=key.tenant, api_key_id=key.key_id,
                            feature="default", priority="normal", model_requested="unknown")
     watcher: asyncio.Future[None] | None = None
+    headers: dict[str, str] = {}  # what the runtime did to the request, for the client to see
     try:
         m.feature = request_feature(request)
         m.priority = effective_priority(request_priority(request), key.tier)
@@ -115,7 +121,7 @@ async def _serve(runtime: Runtime, request: Request,
         m.model_requested, m.end_user = body.model, body.user
         # Only once the body is read may a task listen for the client going away.
         watcher = asyncio.ensure_future(_disconnected(request))
-        admitted = await _unless_gone(watcher, _admit(runtime, m, body, tier=key.tier))
+        admitted = await _unless_gone(watcher, _admit(runtime, m, body, tier=key.tier, key=key, headers=headers))
     except (RuleRejection, Shed, ApiError) as exc:
         _stop(watcher)
         raise _refused(runtime, m, exc) from None
@@ -153,7 +159,7 @@ async def _serve(runtime: Runtime, request: Request,
         watcher.cancel()  # from here the streaming response notices a disconnect itself
         return _ExchangeStream(exchange, exchange.sse(first, include_usage=body.include_usage()),
                                media_type="text/event-stream",
-                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
     try:
         result = await _unless_gone(watcher, exchange.collect(first))
     except _ClientGone:
@@ -161,29 +167,59 @@ async def _serve(runtime: Runtime, request: Request,
         return Response(status_code=499)
     finally:
         watcher.cancel()
-    return JSONResponse(result)
+    return JSONResponse(result, headers=headers)
 
 
 class Admitted(NamedTuple):
     backend: Backend
     prepared: Prepared
     slot: Slot
+    cache_key: str | None  # where its answer is to be kept (None: not cached)
 
 
 async def _admit(runtime: Runtime, m: RequestMeasurement, body: ChatCompletionRequest | CompletionRequest, *,
-                 tier: Tier) -> Admitted | CachedFallback:
-    """Route, check and queue a parsed request until it holds a running slot: the rules, the
+                 tier: Tier, key: ApiKey | None = None, headers: dict[str, str] | None = None
+                 ) -> Admitted | CachedFallback:
+    """Route, check and queue a parsed request until it holds a running slot, or find its answer
+    in the response cache: the ``auto`` alias, the rules, the cap under load, the cache, the
     breaker's fallback chain, the backend's checks, the reservation, admission. The sync endpoints
-    and the job runner both come this way."""
-    backend = runtime.backend(body.model)
+    and the job runner both come this way (jobs, with no ``key``, skip the response cache).
+    ``headers`` gets what was done to the request, for its client to see."""
+    headers = headers if headers is not None else {}
+    route = runtime.router.route(body) if runtime.router is not None else None
+    backend = runtime.backend(route.model if route is not None else body.model)
+    if route is not None:
+        m.route_reason, headers[ROUTE_HEADER] = route.reason, f"{route.reason}; {route.why}"
     # The rules act after authentication and before the queue: a refusal costs no slot.
-    match = runtime.rules.match(m.tenant, m.feature, body.model, runtime.backends)
+    match = runtime.rules.match(m.tenant, m.feature, backend.name, runtime.backends)
     backend, cap = _routed(runtime, m, body, backend, match)
+    default_max_tokens = runtime.config.default_max_tokens
+    load_cap = cap_under_load(limit=runtime.config.free_max_tokens_under_load, tier=tier,
+                              admission=backend.admission, asked=body.requested_max_tokens(), cap=cap,
+                              default_max_tokens=default_max_tokens)
+    if load_cap is not None:
+        cap, headers[DEGRADED_HEADER] = load_cap, f"max_tokens_capped={load_cap}"
+        m.rule_id = m.rule_id or LOAD_CAP_RULE_ID
+    cache_key = None
+    if runtime.cache is not None and key is not None:
+        cache_key = runtime.cache.key_for(api_key=key, model=backend.name, body=body, max_tokens_cap=cap,
+                                          default_max_tokens=default_max_tokens)
+    if cache_key is not None:
+        assert runtime.cache is not None
+        hit = await runtime.cache.get(cache_key)
+        headers[CACHE_HEADER] = "hit" if hit is not None else "miss"
+        if hit is not None:  # answered again without a slot or an engine step
+            m.cache_hit, m.queue_wait_s = True, 0.0
+            m.model_served, m.device = backend.name, backend.device_label
+            return CachedFallback(hit.replay(), backend.name, hit.kind)
     routed = await route_around_breaker(runtime, m, body, backend, max_tokens_cap=cap)
     if isinstance(routed, CachedFallback):
         return routed
+    if routed is not backend:
+        cache_key = None  # a fallback model's answer is not this model's
     backend = routed
     m.model_served, m.device = backend.name, backend.device_label
+    backend.admission.shed_early(priority=m.priority, tier=tier)
     if isinstance(backend, LocalBackend):
         prepared = await asyncio.to_thread(backend.prepare, body, max_tokens_cap=cap)
     else:
@@ -193,7 +229,7 @@ async def _admit(runtime: Runtime, m: RequestMeasurement, body: ChatCompletionRe
         m.reservation = runtime.rules.reserve(match, prompt_tokens=prepared.prompt_tokens_bound,
                                               max_tokens=prepared.params.max_tokens, model=backend.name)
     slot = await backend.admission.admit(priority=m.priority, tier=tier)
-    return Admitted(backend, prepared, slot)
+    return Admitted(backend, prepared, slot, cache_key)
 
 
 def _refused(runtime: Runtime, m: RequestMeasurement, exc: RuleRejection | Shed | ApiError) -> ApiError:
@@ -230,6 +266,8 @@ def _exchange(runtime: Runtime, m: RequestMeasurement, admitted: Admitted | Cach
             runtime.record(m)
             raise SHUTTING_DOWN from None
         release, model, kind = slot.release, admitted.backend.name, admitted.prepared.kind
+        if admitted.cache_key is not None and runtime.cache is not None:
+            outputs = runtime.cache.recording(outputs, admitted.cache_key, kind=kind)
     if on_text is not None:
         outputs = _Observed(outputs, on_text)
     return _Exchange(runtime, m, outputs, release, model=model, kind=kind)

@@ -17,6 +17,7 @@ import torch
 from inference.admission import AdmissionQueue
 from inference.backends import LocalBackend, UpstreamBackend
 from inference.breaker import BreakerSettings, CircuitBreakers
+from inference.cache import CacheFallback, ResponseCache
 from inference.config import ApiKey, RuntimeConfig
 from inference.contracts import RequestEvent
 from inference.engine.engine import Engine
@@ -26,6 +27,7 @@ from inference.fallback import NO_CACHE, FallbackCache
 from inference.gpu import GpuMonitor
 from inference.measurement import RequestMeasurement
 from inference.metrics import RuntimeMetrics, gauge
+from inference.routing import ModelRouter
 from inference.rules import RuleEnforcer, RulesetKeeper, RulesetPuller
 from inference.telemetry.exporter import TelemetryExporter
 from inference.telemetry.sampler import RuntimeSampler
@@ -61,7 +63,10 @@ class Runtime:
         self.rules = RuleEnforcer()
         self.ruleset = RulesetKeeper(self.rules, config.resolved_state_dir, runtime_id=config.runtime_id)
         self.puller: RulesetPuller | None = None
+        self.router: ModelRouter | None = None
+        self.cache: ResponseCache | None = None
         self.metrics.watch(self._live_gauges)
+        self.metrics.watch(lambda: self.cache.gauges() if self.cache is not None else [])
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -89,6 +94,11 @@ class Runtime:
             for upstream in config.upstreams:
                 admission = self._admission(config.upstream_max_concurrency)
                 self.backends[upstream.name] = UpstreamBackend(upstream, self._http, admission)
+        # Checked against what really loaded: a preloaded model may be named otherwise than its spec.
+        self.router = ModelRouter.from_config(config, self.backends)
+        if config.cache_enabled:
+            self.cache = ResponseCache.from_config(config)
+            self.fallback_cache = CacheFallback(self.cache, default_max_tokens=config.default_max_tokens)
         if config.finops_url:
             self.exporter = TelemetryExporter(
                 url=config.finops_url,
@@ -119,6 +129,8 @@ class Runtime:
                 await asyncio.to_thread(backend.engine.stop)
         if self._http is not None:
             await self._http.aclose()
+        if self.cache is not None:
+            await self.cache.close()
         if self.exporter is not None:
             await asyncio.to_thread(self.exporter.close)
         if self.gpu is not None:
@@ -127,7 +139,8 @@ class Runtime:
 
     def _admission(self, capacity: int) -> AdmissionQueue:
         return AdmissionQueue(capacity=capacity, max_depth=self.config.max_queue_depth,
-                              max_wait_s=self.config.max_queue_wait_s)
+                              max_wait_s=self.config.max_queue_wait_s, target_wait_s=self.config.queue_target_wait_s,
+                              high_reserve=self.config.high_priority_slots)
 
     def _local_backend(self, loaded: LoadedModel) -> LocalBackend:
         energy_reader = None
