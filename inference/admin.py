@@ -23,7 +23,7 @@ from inference.runtime import Runtime
 def install_admin_routes(app: FastAPI, runtime: Runtime) -> None:
     @app.put("/admin/ruleset")
     async def put_ruleset(request: Request) -> JSONResponse:
-        _authorize(runtime, request)
+        require_admin(runtime, request)
         raw = await _read_body(request)
         try:
             version = await runtime.ruleset.accept(raw)
@@ -39,14 +39,15 @@ def install_admin_routes(app: FastAPI, runtime: Runtime) -> None:
 
     @app.get("/admin/ruleset")
     async def get_ruleset(request: Request) -> Response:
-        _authorize(runtime, request)
+        require_admin(runtime, request)
         state = json.dumps(runtime.rules.snapshot(), separators=(",", ":")).encode()
         held = runtime.ruleset.held_document or b"null"  # validated JSON, embedded as it came
         body = b'{"version":%d,"ruleset":%s,"state":%s}' % (runtime.rules.version, held, state)
         return Response(body, media_type="application/json")
 
 
-def _authorize(runtime: Runtime, request: Request) -> None:
+def require_admin(runtime: Runtime, request: Request) -> None:
+    """Let the request through only with the runtime's admin token (401/403 otherwise)."""
     expected = runtime.config.admin_token
     if not expected:
         raise ApiError(403, "The admin API is disabled on this runtime: no --admin-token "

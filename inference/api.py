@@ -10,49 +10,57 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from functools import partial
+from typing import Any, NamedTuple, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
 from inference import __version__
 from inference.admin import install_admin_routes
-from inference.admission import PRIORITY_RANK, Shed, effective_priority
-from inference.backends import Generation, LocalBackend, Output, UpstreamBackend
-from inference.config import RuntimeConfig
+from inference.admission import Shed, Slot, effective_priority
+from inference.backends import LocalBackend, Output, Outputs, Prepared, UpstreamBackend
+from inference.cache import CACHE_HEADER
+from inference.config import ApiKey, RuntimeConfig, Tier
+from inference.degradation import DEGRADED_HEADER, LOAD_CAP_RULE_ID, cap_under_load
 from inference.engine.engine import GenerationResult, TokenDelta
-from inference.errors import ApiError, install_error_handlers, validation_error
+from inference.errors import ApiError, install_error_handlers
+from inference.fallback import CachedFallback, route_around_breaker
+from inference.jobs import Attempt, Job, JobRunner, JobStore
+from inference.jobs.routes import install_job_routes
 from inference.measurement import RequestMeasurement
+from inference.request_parsing import parse_body, request_feature, request_priority
+from inference.retries import start_with_retries
+from inference.routing import ROUTE_HEADER
 from inference.rules import Match, RuleRejection
 from inference.runtime import Backend, Runtime
 from inference.schemas import ChatCompletionRequest, CompletionRequest, usage_dict
 
 log = logging.getLogger("inference.api")
 
-MAX_BODY_BYTES = 4 * 1024 * 1024
-FEATURE_HEADER = "x-wattson-feature"
-PRIORITY_HEADER = "x-wattson-priority"
-_FEATURE_RE = re.compile(r"^[A-Za-z0-9_.:/\-]{1,100}$")
 _FINISH_REASONS = {"stop": "stop", "length": "length"}
 T = TypeVar("T")
 
 
 def create_app(config: RuntimeConfig, runtime: Runtime | None = None) -> FastAPI:
     runtime = runtime or Runtime(config)
+    jobs = JobRunner(JobStore(config.resolved_state_dir / "jobs.sqlite3"), partial(_run_job_attempt, runtime),
+                     concurrency=config.jobs_concurrency, max_attempts=config.job_max_attempts,
+                     ttl_s=config.job_ttl_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
+        await jobs.start()
         try:
             yield
         finally:
+            await jobs.stop()  # first: running jobs are left to the next start, not failed
             await runtime.stop()
 
     app = FastAPI(title="Wattson inference runtime", version=__version__, lifespan=lifespan,
@@ -60,6 +68,7 @@ def create_app(config: RuntimeConfig, runtime: Runtime | None = None) -> FastAPI
     app.state.runtime = runtime
     install_error_handlers(app)
     install_admin_routes(app, runtime)
+    install_job_routes(app, runtime, jobs)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -83,6 +92,8 @@ def create_app(config: RuntimeConfig, runtime: Runtime | None = None) -> FastAPI
         runtime.authenticate(request.headers.get("authorization"))
         data = [{"id": name, "object": "model", "created": 0, "owned_by": f"wattson:{b.kind}"}
                 for name, b in sorted(runtime.backends.items())]
+        if runtime.router is not None:
+            data.append({"id": runtime.router.alias, "object": "model", "created": 0, "owned_by": "wattson:alias"})
         return JSONResponse({"object": "list", "data": data})
 
     @app.post("/v1/chat/completions")
@@ -102,44 +113,18 @@ async def _serve(runtime: Runtime, request: Request,
     m = RequestMeasurement(runtime_id=runtime.config.runtime_id, tenant=key.tenant, api_key_id=key.key_id,
                            feature="default", priority="normal", model_requested="unknown")
     watcher: asyncio.Future[None] | None = None
+    headers: dict[str, str] = {}  # what the runtime did to the request, for the client to see
     try:
-        m.feature = _feature(request)
-        m.priority = effective_priority(_priority(request), key.tier)
-        body = await _parse(request, model_cls)
+        m.feature = request_feature(request)
+        m.priority = effective_priority(request_priority(request), key.tier)
+        body = await parse_body(request, model_cls)
         m.model_requested, m.end_user = body.model, body.user
         # Only once the body is read may a task listen for the client going away.
         watcher = asyncio.ensure_future(_disconnected(request))
-        backend = runtime.backend(body.model)
-        # The rules act after authentication and before the queue: a refusal costs no slot.
-        match = runtime.rules.match(key.tenant, m.feature, body.model, runtime.backends)
-        backend, cap = _routed(runtime, m, body, backend, match)
-        m.model_served, m.device = backend.name, backend.device_label
-        if isinstance(backend, LocalBackend):
-            prepared = await asyncio.to_thread(backend.prepare, body, max_tokens_cap=cap)
-        else:
-            prepared = backend.prepare(body, max_tokens_cap=cap)
-        if match is not None:
-            # Checked and taken in one step: nothing awaits between them.
-            m.reservation = runtime.rules.reserve(match, prompt_tokens=prepared.prompt_tokens_bound,
-                                                  max_tokens=prepared.params.max_tokens, model=backend.name)
-        slot = await _unless_gone(watcher, backend.admission.admit(priority=m.priority, tier=key.tier))
-    except RuleRejection as exc:
+        admitted = await _unless_gone(watcher, _admit(runtime, m, body, tier=key.tier, key=key, headers=headers))
+    except (RuleRejection, Shed, ApiError) as exc:
         _stop(watcher)
-        m.rule_id = exc.rule_id
-        m.fail(exc.event_status, exc.status, exc.code)  # type: ignore[arg-type]
-        runtime.record(m)
-        raise ApiError(exc.status, exc.message, code=exc.code, retry_after_s=exc.retry_after_s,
-                       error_type=exc.error_type) from None
-    except Shed as exc:
-        _stop(watcher)
-        m.fail("shed", 503, exc.reason)
-        runtime.record(m)
-        raise ApiError(503, str(exc), code=exc.reason, retry_after_s=exc.retry_after_s) from None
-    except ApiError as exc:
-        _stop(watcher)
-        m.fail("error", exc.status, exc.code)
-        runtime.record(m)
-        raise
+        raise _refused(runtime, m, exc) from None
     except (_ClientGone, ClientDisconnect):
         _stop(watcher)
         m.fail("cancelled", 499, "client_disconnected")
@@ -156,18 +141,13 @@ async def _serve(runtime: Runtime, request: Request,
         raise
     assert watcher is not None
 
-    m.queue_wait_s, m.queue_depth_at_admit = slot.queue_wait_s, slot.depth_at_admit
     try:
-        gen = backend.start(prepared)
-    except RuntimeError:  # the engine is stopping: nothing was started, so nothing is lost
-        slot.release()
+        exchange = _exchange(runtime, m, admitted)
+    except ApiError:
         _stop(watcher)
-        m.fail("error", 503, "shutting_down")
-        runtime.record(m)
-        raise SHUTTING_DOWN from None
-    exchange = _Exchange(runtime, m, gen, slot.release, model=backend.name, kind=prepared.kind)
+        raise
     try:
-        first = await _unless_gone(watcher, gen.next())
+        first = await _unless_gone(watcher, exchange.gen.next())
     except _ClientGone:
         exchange.abandon()
         return Response(status_code=499)
@@ -175,11 +155,11 @@ async def _serve(runtime: Runtime, request: Request,
         watcher.cancel()
         exchange.close_with_error(first)
         raise first
-    if prepared.stream:
+    if body.stream:
         watcher.cancel()  # from here the streaming response notices a disconnect itself
         return _ExchangeStream(exchange, exchange.sse(first, include_usage=body.include_usage()),
                                media_type="text/event-stream",
-                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
     try:
         result = await _unless_gone(watcher, exchange.collect(first))
     except _ClientGone:
@@ -187,7 +167,155 @@ async def _serve(runtime: Runtime, request: Request,
         return Response(status_code=499)
     finally:
         watcher.cancel()
-    return JSONResponse(result)
+    return JSONResponse(result, headers=headers)
+
+
+class Admitted(NamedTuple):
+    backend: Backend
+    prepared: Prepared
+    slot: Slot
+    cache_key: str | None  # where its answer is to be kept (None: not cached)
+
+
+async def _admit(runtime: Runtime, m: RequestMeasurement, body: ChatCompletionRequest | CompletionRequest, *,
+                 tier: Tier, key: ApiKey | None = None, headers: dict[str, str] | None = None
+                 ) -> Admitted | CachedFallback:
+    """Route, check and queue a parsed request until it holds a running slot, or find its answer
+    in the response cache: the ``auto`` alias, the rules, the cap under load, the cache, the
+    breaker's fallback chain, the backend's checks, the reservation, admission. The sync endpoints
+    and the job runner both come this way (jobs, with no ``key``, skip the response cache).
+    ``headers`` gets what was done to the request, for its client to see."""
+    headers = headers if headers is not None else {}
+    route = runtime.router.route(body) if runtime.router is not None else None
+    backend = runtime.backend(route.model if route is not None else body.model)
+    if route is not None:
+        m.route_reason, headers[ROUTE_HEADER] = route.reason, f"{route.reason}; {route.why}"
+    # The rules act after authentication and before the queue: a refusal costs no slot.
+    match = runtime.rules.match(m.tenant, m.feature, backend.name, runtime.backends)
+    backend, cap = _routed(runtime, m, body, backend, match)
+    default_max_tokens = runtime.config.default_max_tokens
+    load_cap = cap_under_load(limit=runtime.config.free_max_tokens_under_load, tier=tier,
+                              admission=backend.admission, asked=body.requested_max_tokens(), cap=cap,
+                              default_max_tokens=default_max_tokens)
+    if load_cap is not None:
+        cap, headers[DEGRADED_HEADER] = load_cap, f"max_tokens_capped={load_cap}"
+        m.rule_id = m.rule_id or LOAD_CAP_RULE_ID
+    cache_key = None
+    if runtime.cache is not None and key is not None:
+        cache_key = runtime.cache.key_for(api_key=key, model=backend.name, body=body, max_tokens_cap=cap,
+                                          default_max_tokens=default_max_tokens)
+    if cache_key is not None:
+        assert runtime.cache is not None
+        hit = await runtime.cache.get(cache_key)
+        headers[CACHE_HEADER] = "hit" if hit is not None else "miss"
+        if hit is not None:  # answered again without a slot or an engine step
+            m.cache_hit, m.queue_wait_s = True, 0.0
+            m.model_served, m.device = backend.name, backend.device_label
+            return CachedFallback(hit.replay(), backend.name, hit.kind)
+    routed = await route_around_breaker(runtime, m, body, backend, max_tokens_cap=cap)
+    if isinstance(routed, CachedFallback):
+        return routed
+    if routed is not backend:
+        cache_key = None  # a fallback model's answer is not this model's
+    backend = routed
+    m.model_served, m.device = backend.name, backend.device_label
+    backend.admission.shed_early(priority=m.priority, tier=tier)
+    if isinstance(backend, LocalBackend):
+        prepared = await asyncio.to_thread(backend.prepare, body, max_tokens_cap=cap)
+    else:
+        prepared = backend.prepare(body, max_tokens_cap=cap)
+    if match is not None:
+        # Checked and taken in one step: nothing awaits between them.
+        m.reservation = runtime.rules.reserve(match, prompt_tokens=prepared.prompt_tokens_bound,
+                                              max_tokens=prepared.params.max_tokens, model=backend.name)
+    slot = await backend.admission.admit(priority=m.priority, tier=tier)
+    return Admitted(backend, prepared, slot, cache_key)
+
+
+def _refused(runtime: Runtime, m: RequestMeasurement, exc: RuleRejection | Shed | ApiError) -> ApiError:
+    """Record a request refused before it ran; return the error its client is to see."""
+    if isinstance(exc, RuleRejection):
+        m.rule_id = exc.rule_id
+        m.fail(exc.event_status, exc.status, exc.code)  # type: ignore[arg-type]
+        error = ApiError(exc.status, exc.message, code=exc.code, retry_after_s=exc.retry_after_s,
+                         error_type=exc.error_type)
+    elif isinstance(exc, Shed):
+        m.fail("shed", 503, exc.reason)
+        error = ApiError(503, str(exc), code=exc.reason, retry_after_s=exc.retry_after_s)
+    else:
+        m.fail("error", exc.status, exc.code)
+        error = exc
+    runtime.record(m)
+    return error
+
+
+def _exchange(runtime: Runtime, m: RequestMeasurement, admitted: Admitted | CachedFallback,
+              on_text: Callable[[str], None] | None = None) -> _Exchange:
+    """Start an admitted request (retried on transient failures), or replay the cached answer
+    given in its place; a stopping engine is a 503. ``on_text`` also gets the text as it comes."""
+    if isinstance(admitted, CachedFallback):
+        outputs, release, model, kind = admitted.replay, (lambda: None), admitted.model, admitted.kind
+    else:
+        slot = admitted.slot
+        m.queue_wait_s, m.queue_depth_at_admit = slot.queue_wait_s, slot.depth_at_admit
+        try:
+            outputs = start_with_retries(runtime, admitted.backend, admitted.prepared)
+        except RuntimeError:  # the engine is stopping: nothing was started, so nothing is lost
+            slot.release()
+            m.fail("error", 503, "shutting_down")
+            runtime.record(m)
+            raise SHUTTING_DOWN from None
+        release, model, kind = slot.release, admitted.backend.name, admitted.prepared.kind
+        if admitted.cache_key is not None and runtime.cache is not None:
+            outputs = runtime.cache.recording(outputs, admitted.cache_key, kind=kind)
+    if on_text is not None:
+        outputs = _Observed(outputs, on_text)
+    return _Exchange(runtime, m, outputs, release, model=model, kind=kind)
+
+
+async def _run_job_attempt(runtime: Runtime, job: Job, attempt: Attempt) -> dict[str, Any]:
+    """One attempt at a job, down the sync endpoints' path (rules, breaker, admission, retries,
+    one request event); its text goes to ``attempt`` as it comes. Returns the response body the
+    sync endpoint would have, or raises the ``ApiError`` it would have answered."""
+    body = job.body()
+    m = RequestMeasurement(runtime_id=runtime.config.runtime_id, tenant=job.tenant, api_key_id=job.api_key_id,
+                           feature=job.feature, priority=job.priority, model_requested=body.model,
+                           end_user=body.user)
+    try:
+        # Streamed from an upstream as well, so that the job's progress shows piece by piece.
+        admitted = await _admit(runtime, m, body.model_copy(update={"stream": True}), tier=job.tier)
+    except (RuleRejection, Shed, ApiError) as exc:
+        raise _refused(runtime, m, exc) from None
+    except asyncio.CancelledError:  # cancelled while queued: the attempt ends here, and says why
+        m.fail("cancelled", 499, attempt.cancel_reason)
+        runtime.record(m)
+        raise
+    exchange = _exchange(runtime, m, admitted, on_text=attempt.token)
+    try:
+        return await exchange.collect(await exchange.gen.next())
+    except asyncio.CancelledError:  # the engine slot is freed once the backend has stopped
+        exchange.abandon(error_type=attempt.cancel_reason)
+        raise
+
+
+class _Observed:
+    """A running request whose text is also handed to ``on_text`` piece by piece."""
+
+    def __init__(self, outputs: Outputs, on_text: Callable[[str], None]) -> None:
+        self._outputs = outputs
+        self._on_text = on_text
+
+    async def next(self) -> Output:
+        output = await self._outputs.next()
+        if isinstance(output, TokenDelta) and output.text:
+            self._on_text(output.text)
+        return output
+
+    def cancel(self) -> None:
+        self._outputs.cancel()
+
+    async def result(self) -> GenerationResult | ApiError:
+        return await self._outputs.result()
 
 
 def _routed(runtime: Runtime, m: RequestMeasurement, body: ChatCompletionRequest | CompletionRequest,
@@ -232,7 +360,7 @@ class _Exchange:
     """One admitted request from its first output to its event: streamed or collected, finished
     or abandoned, it releases its slot once and records exactly one event."""
 
-    def __init__(self, runtime: Runtime, m: RequestMeasurement, gen: Generation, release: Any, *,
+    def __init__(self, runtime: Runtime, m: RequestMeasurement, gen: Outputs, release: Any, *,
                  model: str, kind: str) -> None:
         self.runtime, self.m, self.gen, self._release = runtime, m, gen, release
         self.model, self.kind = model, kind
@@ -340,9 +468,10 @@ class _Exchange:
         self.settle_error(error)
         self.record()
 
-    def abandon(self) -> None:
-        """The client went away: stop the work, and record the event once the backend reports
-        what it had spent (in a task of its own, since this may run inside a cancellation)."""
+    def abandon(self, error_type: str = "client_disconnected") -> None:
+        """The client went away (or the job was cancelled: ``error_type`` says which): stop the
+        work, and record the event once the backend reports what it had spent (in a task of its
+        own, since this may run inside a cancellation)."""
         if self._recorded or self._abandoned:
             return
         if self._settled:  # it had finished; the client left during the last chunks
@@ -360,7 +489,7 @@ class _Exchange:
             else:
                 self.settle(outcome)
             # Whatever the backend managed, the client never got it.
-            self.m.fail("cancelled", 499, "client_disconnected")
+            self.m.fail("cancelled", 499, error_type)
             self.record()
 
         _background(account())
@@ -403,43 +532,3 @@ async def _unless_gone(watcher: asyncio.Future[None], work: Awaitable[T]) -> T:
 
 def _sse(body: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
-
-
-def _feature(request: Request) -> str:
-    feature = request.headers.get(FEATURE_HEADER, "default")
-    if not _FEATURE_RE.match(feature):
-        raise ApiError(400, "X-Wattson-Feature must be 1-100 letters, digits or _ . : / -",
-                       code="invalid_feature", param="X-Wattson-Feature")
-    return feature
-
-
-def _priority(request: Request) -> Any:
-    priority = request.headers.get(PRIORITY_HEADER, "normal").lower()
-    if priority not in PRIORITY_RANK:
-        raise ApiError(400, "X-Wattson-Priority must be low, normal or high.", code="invalid_priority",
-                       param="X-Wattson-Priority")
-    return priority
-
-
-async def _parse(request: Request, model_cls: type[T]) -> T:
-    declared = request.headers.get("content-length")
-    if declared is not None and (not (declared.isascii() and declared.isdigit()) or int(declared) > MAX_BODY_BYTES):
-        raise ApiError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.", code="body_too_large")
-    raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > MAX_BODY_BYTES:
-            raise ApiError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.",
-                           code="body_too_large")
-    try:
-        data = json.loads(raw)
-        if b"\\u" in raw:  # escapes can spell lone surrogates, which no tokenizer can encode
-            json.dumps(data, ensure_ascii=False).encode()
-    except (ValueError, UnicodeError, RecursionError):
-        raise ApiError(400, "The request body is not valid JSON.", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
-    try:
-        return model_cls.model_validate(data)  # type: ignore[attr-defined,no-any-return]
-    except ValidationError as exc:
-        raise validation_error(exc) from None

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import httpx
 from jinja2 import TemplateError
@@ -72,6 +72,16 @@ class Generation:
             if isinstance(output, ApiError):
                 return output
         return self._result
+
+
+class Outputs(Protocol):
+    """What reads a running request: a ``Generation``, or one that wraps it (retries, progress)."""
+
+    async def next(self) -> Output: ...
+
+    def cancel(self) -> None: ...
+
+    async def result(self) -> GenerationResult | ApiError: ...
 
 
 class LocalBackend:
@@ -203,7 +213,12 @@ class UpstreamBackend:
             gen.outputs.put_nowait(state.result("cancelled"))
             raise
         except httpx.TimeoutException:
-            gen.outputs.put_nowait(ApiError(504, f"Upstream '{self.name}' timed out.", code="upstream_timeout"))
+            gen.outputs.put_nowait(ApiError(504, f"Upstream '{self.name}' timed out.", code="upstream_timeout",
+                                            transient=True))
+        except httpx.TransportError as exc:  # refused, reset or dropped: the next try may find it back
+            log.warning("upstream %s unreachable: %s: %s", self.name, type(exc).__name__, exc)
+            gen.outputs.put_nowait(ApiError(502, f"Upstream '{self.name}' failed: {type(exc).__name__}.",
+                                            code="upstream_error", transient=True))
         except Exception as exc:  # whatever an upstream sends, the request must end, never hang
             log.warning("upstream %s failed: %s: %s", self.name, type(exc).__name__, exc)
             gen.outputs.put_nowait(
@@ -311,6 +326,7 @@ def _relay_error(name: str, response: httpx.Response, content: bytes) -> ApiErro
     """Pass an upstream's refusal on: its 4xx is the client's problem, its overload (429, 503) is
     passed on with when to retry, any other failure of its own is ours (502)."""
     status = response.status_code
+    transient = status in (502, 503, 504)  # a gateway's or an overloaded server's answer, not the request's
     message = f"Upstream '{name}' answered {status}."
     detail = _error_message(content)
     if detail:
@@ -318,10 +334,11 @@ def _relay_error(name: str, response: httpx.Response, content: bytes) -> ApiErro
     if status in (429, 503):
         retry_after = response.headers.get("retry-after", "")
         seconds = int(retry_after) if retry_after.isdigit() else 1
-        return ApiError(status, message, code="upstream_overloaded", retry_after_s=min(max(seconds, 1), 600))
+        return ApiError(status, message, code="upstream_overloaded", retry_after_s=min(max(seconds, 1), 600),
+                        transient=transient)
     if 400 <= status < 500 and status not in (401, 403, 408):
         return ApiError(status, message, code="upstream_rejected")
-    return ApiError(502, message, code="upstream_error")
+    return ApiError(502, message, code="upstream_error", transient=transient)
 
 
 def _error_message(content: bytes) -> str | None:

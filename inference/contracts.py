@@ -16,6 +16,7 @@ CONTRACT_VERSION = 1
 
 EventStatus = Literal["ok", "error", "rejected_rule", "rejected_budget", "shed", "timeout", "cancelled"]
 Priority = Literal["low", "normal", "high"]
+BreakerState = Literal["closed", "half_open", "open"]
 
 
 class RequestEvent(BaseModel):
@@ -80,6 +81,8 @@ class RuntimeSample(BaseModel):
     tokens_per_s: float = Field(ge=0)
     kv_cache_used: int | None = None
     devices: list[DeviceSample] = Field(default_factory=list)
+    # Each served model's circuit breaker; absent from runtimes older than this field.
+    breakers: dict[str, BreakerState] | None = None
 
 
 class TelemetryBatch(BaseModel):

@@ -42,6 +42,7 @@ class ApiError(Exception):
         param: str | None = None,
         retry_after_s: int | None = None,
         error_type: str | None = None,
+        transient: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -50,6 +51,9 @@ class ApiError(Exception):
         self.param = param
         self.retry_after_s = retry_after_s
         self.error_type = error_type or _TYPES.get(status, "invalid_request_error")
+        # A failure that may pass if the same request is tried again (a dropped connection, a
+        # timeout, a 502/503/504 from an upstream): the only kind ever retried.
+        self.transient = transient
 
     def body(self) -> dict[str, Any]:
         return {"error": {"type": self.error_type, "message": self.message, "code": self.code,
@@ -65,13 +69,19 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers())
 
 
-def validation_error(exc: RequestValidationError | Exception) -> ApiError:
-    """Describe the first problem of a pydantic validation failure as a 400 naming the field."""
+def validation_error(exc: RequestValidationError | Exception, *, within: str | None = None) -> ApiError:
+    """Describe the first problem of a pydantic validation failure as a 400 naming the field
+    (as a field of ``within`` when the object validated sits inside the request)."""
     errors = exc.errors() if hasattr(exc, "errors") else []
     if not errors:
-        return ApiError(400, "The request body is not valid.", code="invalid_request")
+        return ApiError(400, "The request body is not valid.", code="invalid_request", param=within)
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_type_tag(p)]
+    parts = list(first.get("loc", ()))
+    if isinstance(exc, RequestValidationError) and parts[:1] == ["body"]:
+        parts = parts[1:]  # FastAPI's name for where the fields came from, not a field
+    loc = [str(p) for p in parts if not _is_type_tag(p)]
+    if within is not None:
+        loc.insert(0, within)
     param = ".".join(loc) or None
     message = str(first.get("msg", "invalid value"))
     if first.get("type") == "json_invalid":

@@ -37,6 +37,7 @@ class RequestMeasurement:
     error_type: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cache_hit: bool = False
     queue_wait_s: float | None = None
     queue_depth_at_admit: int | None = None
     result: GenerationResult | None = None
@@ -85,6 +86,7 @@ class RequestMeasurement:
             error_type=self.error_type,
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
+            cache_hit=self.cache_hit,
             queue_wait_ms=None if self.queue_wait_s is None else self.queue_wait_s * 1000,
             ttft_ms=ttft_ms,
             e2e_ms=e2e_s * 1000,

@@ -16,14 +16,18 @@ import torch
 
 from inference.admission import AdmissionQueue
 from inference.backends import LocalBackend, UpstreamBackend
+from inference.breaker import BreakerSettings, CircuitBreakers
+from inference.cache import CacheFallback, ResponseCache
 from inference.config import ApiKey, RuntimeConfig
 from inference.contracts import RequestEvent
 from inference.engine.engine import Engine
 from inference.engine.models import LoadedModel, load_model, resolve_device
 from inference.errors import ApiError
+from inference.fallback import NO_CACHE, FallbackCache
 from inference.gpu import GpuMonitor
 from inference.measurement import RequestMeasurement
 from inference.metrics import RuntimeMetrics, gauge
+from inference.routing import ModelRouter
 from inference.rules import RuleEnforcer, RulesetKeeper, RulesetPuller
 from inference.telemetry.exporter import TelemetryExporter
 from inference.telemetry.sampler import RuntimeSampler
@@ -52,10 +56,17 @@ class Runtime:
         self._http: httpx.AsyncClient | None = None
         self.ready = False
         self._listeners: list[Callable[[RequestEvent], None]] = []
+        self.breakers = CircuitBreakers(_breaker_settings(config), {f.model: f.steps for f in config.fallbacks})
+        self.metrics.watch(self.breakers.gauges)
+        # The fallback chains' "cache" step: a response cache sets itself here (inference.fallback).
+        self.fallback_cache: FallbackCache = NO_CACHE
         self.rules = RuleEnforcer()
         self.ruleset = RulesetKeeper(self.rules, config.resolved_state_dir, runtime_id=config.runtime_id)
         self.puller: RulesetPuller | None = None
+        self.router: ModelRouter | None = None
+        self.cache: ResponseCache | None = None
         self.metrics.watch(self._live_gauges)
+        self.metrics.watch(lambda: self.cache.gauges() if self.cache is not None else [])
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -83,6 +94,11 @@ class Runtime:
             for upstream in config.upstreams:
                 admission = self._admission(config.upstream_max_concurrency)
                 self.backends[upstream.name] = UpstreamBackend(upstream, self._http, admission)
+        # Checked against what really loaded: a preloaded model may be named otherwise than its spec.
+        self.router = ModelRouter.from_config(config, self.backends)
+        if config.cache_enabled:
+            self.cache = ResponseCache.from_config(config)
+            self.fallback_cache = CacheFallback(self.cache, default_max_tokens=config.default_max_tokens)
         if config.finops_url:
             self.exporter = TelemetryExporter(
                 url=config.finops_url,
@@ -96,6 +112,7 @@ class Runtime:
             self.puller = RulesetPuller(self.ruleset, url=config.finops_url, token=config.finops_token,
                                         interval_s=config.ruleset_pull_interval_s)
             self.puller.start()
+        self.breakers.track(self.backends)
         self.sampler = RuntimeSampler(self, interval_s=config.sample_interval_s)
         self.sampler.start()
         self.ready = True
@@ -112,6 +129,8 @@ class Runtime:
                 await asyncio.to_thread(backend.engine.stop)
         if self._http is not None:
             await self._http.aclose()
+        if self.cache is not None:
+            await self.cache.close()
         if self.exporter is not None:
             await asyncio.to_thread(self.exporter.close)
         if self.gpu is not None:
@@ -120,7 +139,8 @@ class Runtime:
 
     def _admission(self, capacity: int) -> AdmissionQueue:
         return AdmissionQueue(capacity=capacity, max_depth=self.config.max_queue_depth,
-                              max_wait_s=self.config.max_queue_wait_s)
+                              max_wait_s=self.config.max_queue_wait_s, target_wait_s=self.config.queue_target_wait_s,
+                              high_reserve=self.config.high_priority_slots)
 
     def _local_backend(self, loaded: LoadedModel) -> LocalBackend:
         energy_reader = None
@@ -180,6 +200,7 @@ class Runtime:
             log.exception("request %s could not be recorded", measurement.event_id)
             return
         self.metrics.observe_event(event)
+        self.breakers.observe(event)
         if self.exporter is not None:
             self.exporter.record_event(event)
         for listener in self._listeners:
@@ -253,6 +274,14 @@ class Runtime:
         if self.puller is not None:
             rows += gauge("wattson_ruleset_pull_failures_total", "Ruleset pulls that failed", self.puller.failed_total)
         return rows
+
+
+def _breaker_settings(config: RuntimeConfig) -> BreakerSettings:
+    # A probe is over within its longest queue wait and its slowest answer, retries included.
+    lease = config.max_queue_wait_s + config.upstream_timeout_s * (config.upstream_retries + 1) + 60
+    return BreakerSettings(window_s=config.breaker_window_s, min_requests=config.breaker_min_requests,
+                           error_rate=config.breaker_error_rate, cooldown_s=config.breaker_cooldown_s,
+                           probes=config.breaker_probes, probe_lease_s=lease)
 
 
 def _digest(key: str) -> str:

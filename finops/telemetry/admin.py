@@ -124,7 +124,7 @@ class FillStateAdmin(ReadOnlyAdmin):
 
 @admin.register(RuntimeSample)
 class RuntimeSampleAdmin(ReadOnlyAdmin):
-    list_display = ("runtime_id", "at", "queue_depth", "running", "tokens_per_s", "kv_cache_used")
+    list_display = ("runtime_id", "at", "queue_depth", "running", "tokens_per_s", "kv_cache_used", "breakers")
     list_filter = ("runtime_id",)
     date_hierarchy = "at"
     ordering = ("-at",)

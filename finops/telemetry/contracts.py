@@ -31,6 +31,7 @@ CONTRACT_VERSION = 1
 
 EventStatus = Literal["ok", "error", "rejected_rule", "rejected_budget", "shed", "timeout", "cancelled"]
 Priority = Literal["low", "normal", "high"]
+BreakerState = Literal["closed", "half_open", "open"]
 
 INT4_MAX = 2**31 - 1  # PositiveIntegerField / integer
 INT8_MAX = 2**63 - 1  # BigIntegerField / bigint
@@ -39,6 +40,7 @@ MAX_MS = 1e10  # about 115 days
 MAX_GPU_SECONDS = 1e7
 MAX_JOULES = 1e13
 MAX_DEVICES = 64
+MAX_BREAKERS = 256  # one per served model
 _MAX_FIELDS = 64  # a record with more keys than this is refused before it is validated
 _MAX_ERRORS_PER_RECORD = 8
 _MAX_SHOWN_CHARS = 80
@@ -122,6 +124,8 @@ class RuntimeSample(BaseModel):
     tokens_per_s: float = Field(ge=0)
     kv_cache_used: BigCount | None = None
     devices: list[DeviceSample] = Field(default_factory=list, max_length=MAX_DEVICES)
+    # Each served model's circuit breaker (model -> state); absent from runtimes older than this field.
+    breakers: dict[Text(200), BreakerState] | None = Field(default=None, max_length=MAX_BREAKERS)
 
 
 class TelemetryBatch(BaseModel):

@@ -84,6 +84,8 @@ class RuntimeSample(models.Model):
     running = models.PositiveIntegerField()
     tokens_per_s = models.FloatField()
     kv_cache_used = models.BigIntegerField(null=True, blank=True)
+    # Model -> circuit breaker state ("closed", "half_open", "open"); null from runtimes that do not say.
+    breakers = models.JSONField(null=True, blank=True)
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["runtime_id", "at"], name="sample_once")]

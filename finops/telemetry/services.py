@@ -22,7 +22,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, connection, models, transaction
 from django.db.models.signals import post_delete, post_save
 from django.utils import timezone
 
@@ -55,7 +55,7 @@ DERIVED_COLUMNS = ("status_class", "price_book_id", "list_cost", "hardware_cost"
                    "ttft_bucket")
 EVENT_COLUMNS = EVENT_FIELDS + DERIVED_COLUMNS
 _event_fields = operator.itemgetter(*EVENT_FIELDS)
-SAMPLE_COLUMNS = ("runtime_id", "at", "queue_depth", "running", "tokens_per_s", "kv_cache_used")
+SAMPLE_COLUMNS = ("runtime_id", "at", "queue_depth", "running", "tokens_per_s", "kv_cache_used", "breakers")
 DEVICE_SAMPLE_COLUMNS = ("runtime_id", "at", "device", "name", "gpu_util", "mem_used", "mem_total", "power_w",
                          "energy_joules_total", "temperature_c")
 DEVICE_COLUMNS = ("uuid", "name", "runtime_id", "last_seen_at")
@@ -219,7 +219,7 @@ def _store_samples(samples: list[tuple[int, RuntimeSample]], *, runtime: Authent
             duplicates += 1
             continue
         rows[key] = (sample.runtime_id, at, sample.queue_depth, sample.running, sample.tokens_per_s,
-                     sample.kv_cache_used)
+                     sample.kv_cache_used, sample.breakers)
         for d in sample.devices:
             device_rows.append((sample.runtime_id, at, d.device, d.name, d.gpu_util, d.mem_used, d.mem_total,
                                 d.power_w, d.energy_joules_total, d.temperature_c))
@@ -263,10 +263,14 @@ def _insert_ignoring_conflicts(model: type, columns: tuple[str, ...], rows: list
 
 
 def _adapt(model: type, columns: tuple[str, ...], rows: list[tuple]) -> list[tuple]:
-    """Values as the ORM would write them (on SQLite: UUIDs as hex, datetimes as UTC text)."""
-    if connection.vendor == "postgresql":
-        return rows
+    """Values as the ORM would write them (on SQLite: UUIDs as hex, datetimes as UTC text; JSON
+    columns as JSON on either database)."""
     fields = [model._meta.get_field(name) for name in columns]
+    if connection.vendor == "postgresql":
+        if not any(isinstance(f, models.JSONField) for f in fields):
+            return rows
+        return [tuple(f.get_db_prep_save(value, connection) if isinstance(f, models.JSONField) else value
+                      for f, value in zip(fields, row, strict=True)) for row in rows]
     return [tuple(f.get_db_prep_save(value, connection) for f, value in zip(fields, row, strict=True))
             for row in rows]
 

@@ -51,6 +51,7 @@ class RuntimeSampler:
             tokens_per_s=max(0.0, rate),
             kv_cache_used=sum(kv) if kv else None,
             devices=runtime.gpu.sample() if runtime.gpu is not None else [],
+            breakers=runtime.breakers.states(),
         )
         self.last = sample
         return sample

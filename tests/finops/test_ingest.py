@@ -112,6 +112,34 @@ def test_a_batch_serialized_by_the_runtimes_exporter_is_accepted(post_batch: Any
     assert Device.objects.get(uuid=GPU).name == H100
 
 
+def test_a_samples_breaker_states_are_stored_as_the_runtime_sent_them(post_batch: Any) -> None:
+    now = dt.datetime.now(dt.UTC)
+    with_breakers = runtime_contracts.RuntimeSample(
+        runtime_id=RUNTIME, at=now, queue_depth=0, running=0, tokens_per_s=0.0,
+        breakers={"big": "open", "small": "half_open", "tiny": "closed"})
+    from_an_older_runtime = sample_dict(at=now - dt.timedelta(seconds=5))  # no breakers key at all
+    records = [SpoolRecord("S", with_breakers.model_dump_json().encode())]
+
+    assert post_batch(_batch_body(records)).json()["accepted"] == 1
+    assert post_batch(batch_body(samples=[from_an_older_runtime])).json()["accepted"] == 1
+
+    assert RuntimeSample.objects.get(at=now).breakers == {"big": "open", "small": "half_open", "tiny": "closed"}
+    assert RuntimeSample.objects.get(at=now - dt.timedelta(seconds=5)).breakers is None
+
+
+def test_a_sample_with_a_breaker_state_the_contract_does_not_name_is_refused(post_batch: Any) -> None:
+    good = sample_dict(at=hours_ago(1), breakers={"big": "closed"})
+    bad = sample_dict(at=hours_ago(2), breakers={"big": "tripped"})
+
+    response = post_batch(batch_body(samples=[good, bad]))
+
+    assert response.status_code == 202
+    (refusal,) = response.json()["refused"]
+    assert (refusal["kind"], refusal["index"]) == ("sample", 1)
+    assert any(error.startswith("breakers.big") for error in refusal["errors"]), refusal
+    assert list(RuntimeSample.objects.values_list("breakers", flat=True)) == [{"big": "closed"}]
+
+
 def test_duplicate_delivery_of_a_batch_stores_nothing_twice(post_batch: Any) -> None:
     body = batch_body(events=[event_dict(), event_dict(), event_dict()], samples=[sample_dict()])
     assert post_batch(body).json() == {"accepted": 4, "duplicates": 0, "refused": []}
@@ -483,6 +511,15 @@ def test_the_contract_has_the_runtimes_fields_and_required_fields(name: str) -> 
     assert ours["properties"].keys() == theirs["properties"].keys()
     assert set(ours.get("required", [])) == set(theirs.get("required", []))
     assert contracts.CONTRACT_VERSION == runtime_contracts.CONTRACT_VERSION
+
+
+def test_the_contract_names_the_runtimes_breaker_states() -> None:
+    def states(model: Any) -> set[str]:
+        (mapping,) = [s for s in model.model_json_schema()["properties"]["breakers"]["anyOf"] if s["type"] == "object"]
+        return set(mapping["additionalProperties"]["enum"])
+
+    assert states(contracts.RuntimeSample) == states(runtime_contracts.RuntimeSample) == {"closed", "half_open",
+                                                                                          "open"}
 
 
 def test_the_contract_enumerates_the_runtimes_statuses_and_priorities() -> None:

@@ -76,6 +76,8 @@ class FakeUpstream:
         self.url = ""
         self.script = Script()
         self.requests: list[ReceivedRequest] = []
+        self._failures_left: int | None = None  # fixed answers still to give before ``_after_failures``
+        self._after_failures = self.script
         self.app = Starlette(routes=[
             Route("/v1/chat/completions", self._chat, methods=["POST"]),
             Route("/v1/completions", self._completion, methods=["POST"]),
@@ -88,17 +90,23 @@ class FakeUpstream:
               prompt_tokens: int = 7, usage: bool = True, finish_reason: str = "stop") -> None:
         self.script = Script(pieces=pieces, delay_s=delay_s, tokens_per_piece=tokens_per_piece,
                              prompt_tokens=prompt_tokens, usage=usage, finish_reason=finish_reason)
+        self._failures_left = None
 
-    def fail(self, status: int, message: str = "The upstream refused.", *, body: Any = None) -> None:
-        """Answer ``status`` with an OpenAI error body (or ``body`` as given, for other servers' shapes)."""
+    def fail(self, status: int, message: str = "The upstream refused.", *, body: Any = None,
+             times: int | None = None) -> None:
+        """Answer ``status`` with an OpenAI error body (or ``body`` as given, for other servers' shapes);
+        with ``times``, only the next that many requests, then answer as before."""
         if body is None:
             body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
                               "code": status}}
+        before = self.script
         self.answer_raw(body, status=status)
+        self._failures_left, self._after_failures = times, before
 
     def answer_raw(self, body: Any, *, status: int = 200) -> None:
         """Answer exactly ``body`` with ``status``: for replies no well-behaved server sends."""
         self.script = Script(fixed_status=status, fixed_body=body)
+        self._failures_left = None
 
     def hang(self, seconds: float = 30.0) -> None:
         """Say nothing for ``seconds`` (ending early if the caller gives up), then answer normally."""
@@ -106,6 +114,7 @@ class FakeUpstream:
 
     def reset(self) -> None:
         self.script = Script()
+        self._failures_left = None
         self.requests.clear()
 
     def usage(self, script: Script) -> dict[str, int]:
@@ -126,6 +135,10 @@ class FakeUpstream:
 
     async def _answer(self, request: Request, kind: Literal["chat", "completion"]) -> Response:
         script = self.script
+        if self._failures_left is not None:
+            self._failures_left -= 1
+            if self._failures_left <= 0:
+                self.script, self._failures_left = self._after_failures, None
         body = await request.json()
         received = ReceivedRequest(path=request.url.path, body=body)
         self.requests.append(received)

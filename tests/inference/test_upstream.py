@@ -38,7 +38,11 @@ def gateway(fake: FakeUpstream) -> Iterator[LiveRuntime]:
     """A runtime with no local model: every request goes to an upstream."""
     upstreams = (Upstream("big", fake.url, "vendor/big-model"),
                  Upstream("down", f"http://127.0.0.1:{free_port()}", "vendor/gone"))
-    with serve(tiny_config(models=(), upstreams=upstreams, upstream_timeout_s=UPSTREAM_TIMEOUT_S)) as live:
+    # Each test here sees one answer relayed as it came: no retries, and no breaker opening on the
+    # failures the module provokes on purpose (test_resilience.py tests those).
+    config = tiny_config(models=(), upstreams=upstreams, upstream_timeout_s=UPSTREAM_TIMEOUT_S, upstream_retries=0,
+                         breaker_min_requests=1_000_000)
+    with serve(config) as live:
         yield live
 
 

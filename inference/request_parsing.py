@@ -1,0 +1,72 @@
+"""What a client sends beside the body's fields, read the same way by every endpoint that takes a
+generation request (the sync endpoints and ``POST /v1/jobs``): the JSON body within its size limit,
+and the feature and priority headers."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import TypeVar
+
+from fastapi import Request
+from pydantic import ValidationError
+
+from inference.admission import PRIORITY_RANK, PriorityName
+from inference.errors import ApiError, validation_error
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+FEATURE_HEADER = "x-wattson-feature"
+PRIORITY_HEADER = "x-wattson-priority"
+_FEATURE_RE = re.compile(r"^[A-Za-z0-9_.:/\-]{1,100}$")
+T = TypeVar("T")
+
+
+def request_feature(request: Request) -> str:
+    feature = request.headers.get(FEATURE_HEADER, "default")
+    if not _FEATURE_RE.match(feature):
+        raise ApiError(400, "X-Wattson-Feature must be 1-100 letters, digits or _ . : / -",
+                       code="invalid_feature", param="X-Wattson-Feature")
+    return feature
+
+
+def request_priority(request: Request, default: PriorityName = "normal") -> PriorityName:
+    priority = request.headers.get(PRIORITY_HEADER, default).lower()
+    if priority not in PRIORITY_RANK:
+        raise ApiError(400, "X-Wattson-Priority must be low, normal or high.", code="invalid_priority",
+                       param="X-Wattson-Priority")
+    return priority  # type: ignore[return-value]
+
+
+async def read_json_object(request: Request) -> dict:
+    """The body as a JSON object, refused (413, 400) when too large or not one."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not (declared.isascii() and declared.isdigit()) or int(declared) > MAX_BODY_BYTES):
+        raise ApiError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.", code="body_too_large")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise ApiError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.",
+                           code="body_too_large")
+    try:
+        data = json.loads(raw)
+        if b"\\u" in raw:  # escapes can spell lone surrogates, which no tokenizer can encode
+            json.dumps(data, ensure_ascii=False).encode()
+    except (ValueError, UnicodeError, RecursionError):
+        raise ApiError(400, "The request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
+    return data
+
+
+def validated(data: dict, model_cls: type[T], *, within: str | None = None) -> T:
+    """``data`` as ``model_cls``, or a 400 naming the first field that is wrong (as a field of
+    ``within`` when ``data`` sits inside the request body)."""
+    try:
+        return model_cls.model_validate(data)  # type: ignore[attr-defined,no-any-return]
+    except ValidationError as exc:
+        raise validation_error(exc, within=within) from None
+
+
+async def parse_body(request: Request, model_cls: type[T]) -> T:
+    return validated(await read_json_object(request), model_cls)
