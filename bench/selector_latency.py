@@ -232,12 +232,12 @@ def generate_rollups(tail: int) -> dt.datetime:
                      f"{time.perf_counter() - began:.0f} s")
         cursor.execute("INSERT INTO telemetry_fillstate (name, watermark, updated_at) VALUES ('requests', %s, now()) "
                        "ON CONFLICT (name) DO UPDATE SET watermark = excluded.watermark", [watermark])
-    with connection.cursor() as cursor:
-        cursor.execute("VACUUM ANALYZE")
+    vacuum()
     return watermark
 
 
 def vacuum() -> None:
+    """Fresh statistics and visibility maps (outside any transaction: VACUUM refuses one)."""
     from django.db import connection
 
     with connection.cursor() as cursor:

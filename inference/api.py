@@ -24,13 +24,13 @@ from starlette.requests import ClientDisconnect
 from inference import __version__
 from inference.admin import install_admin_routes
 from inference.admission import Shed, Slot, effective_priority
-from inference.backends import LocalBackend, Output, Outputs, Prepared, UpstreamBackend
+from inference.backends import LocalBackend, ObservedOutputs, Output, Outputs, Prepared, UpstreamBackend
 from inference.cache import CACHE_HEADER
 from inference.config import ApiKey, RuntimeConfig, Tier
 from inference.degradation import DEGRADED_HEADER, LOAD_CAP_RULE_ID, cap_under_load
 from inference.engine.engine import GenerationResult, TokenDelta
 from inference.errors import ApiError, install_error_handlers
-from inference.fallback import CachedFallback, route_around_breaker
+from inference.fallback import CachedReplay, route_around_breaker
 from inference.jobs import Attempt, Job, JobRunner, JobStore
 from inference.jobs.routes import install_job_routes
 from inference.measurement import RequestMeasurement
@@ -179,7 +179,7 @@ class Admitted(NamedTuple):
 
 async def _admit(runtime: Runtime, m: RequestMeasurement, body: ChatCompletionRequest | CompletionRequest, *,
                  tier: Tier, key: ApiKey | None = None, headers: dict[str, str] | None = None
-                 ) -> Admitted | CachedFallback:
+                 ) -> Admitted | CachedReplay:
     """Route, check and queue a parsed request until it holds a running slot, or find its answer
     in the response cache: the ``auto`` alias, the rules, the cap under load, the cache, the
     breaker's fallback chain, the backend's checks, the reservation, admission. The sync endpoints
@@ -211,9 +211,9 @@ async def _admit(runtime: Runtime, m: RequestMeasurement, body: ChatCompletionRe
         if hit is not None:  # answered again without a slot or an engine step
             m.cache_hit, m.queue_wait_s = True, 0.0
             m.model_served, m.device = backend.name, backend.device_label
-            return CachedFallback(hit.replay(), backend.name, hit.kind)
+            return CachedReplay(hit.replay(), backend.name, hit.kind)
     routed = await route_around_breaker(runtime, m, body, backend, max_tokens_cap=cap)
-    if isinstance(routed, CachedFallback):
+    if isinstance(routed, CachedReplay):
         return routed
     if routed is not backend:
         cache_key = None  # a fallback model's answer is not this model's
@@ -249,11 +249,11 @@ def _refused(runtime: Runtime, m: RequestMeasurement, exc: RuleRejection | Shed 
     return error
 
 
-def _exchange(runtime: Runtime, m: RequestMeasurement, admitted: Admitted | CachedFallback,
+def _exchange(runtime: Runtime, m: RequestMeasurement, admitted: Admitted | CachedReplay,
               on_text: Callable[[str], None] | None = None) -> _Exchange:
     """Start an admitted request (retried on transient failures), or replay the cached answer
     given in its place; a stopping engine is a 503. ``on_text`` also gets the text as it comes."""
-    if isinstance(admitted, CachedFallback):
+    if isinstance(admitted, CachedReplay):
         outputs, release, model, kind = admitted.replay, (lambda: None), admitted.model, admitted.kind
     else:
         slot = admitted.slot
@@ -269,7 +269,10 @@ def _exchange(runtime: Runtime, m: RequestMeasurement, admitted: Admitted | Cach
         if admitted.cache_key is not None and runtime.cache is not None:
             outputs = runtime.cache.recording(outputs, admitted.cache_key, kind=kind)
     if on_text is not None:
-        outputs = _Observed(outputs, on_text)
+        def text_of(output: Output) -> None:
+            if isinstance(output, TokenDelta) and output.text:
+                on_text(output.text)
+        outputs = ObservedOutputs(outputs, text_of)
     return _Exchange(runtime, m, outputs, release, model=model, kind=kind)
 
 
@@ -296,26 +299,6 @@ async def _run_job_attempt(runtime: Runtime, job: Job, attempt: Attempt) -> dict
     except asyncio.CancelledError:  # the engine slot is freed once the backend has stopped
         exchange.abandon(error_type=attempt.cancel_reason)
         raise
-
-
-class _Observed:
-    """A running request whose text is also handed to ``on_text`` piece by piece."""
-
-    def __init__(self, outputs: Outputs, on_text: Callable[[str], None]) -> None:
-        self._outputs = outputs
-        self._on_text = on_text
-
-    async def next(self) -> Output:
-        output = await self._outputs.next()
-        if isinstance(output, TokenDelta) and output.text:
-            self._on_text(output.text)
-        return output
-
-    def cancel(self) -> None:
-        self._outputs.cancel()
-
-    async def result(self) -> GenerationResult | ApiError:
-        return await self._outputs.result()
 
 
 def _routed(runtime: Runtime, m: RequestMeasurement, body: ChatCompletionRequest | CompletionRequest,

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -82,6 +83,26 @@ class Outputs(Protocol):
     def cancel(self) -> None: ...
 
     async def result(self) -> GenerationResult | ApiError: ...
+
+
+class ObservedOutputs:
+    """A running request read through: ``observe`` sees each output as the API reads it (a job's
+    progress, the response cache keeping an answer)."""
+
+    def __init__(self, inner: Outputs, observe: Callable[[Output], None]) -> None:
+        self._inner = inner
+        self._observe = observe
+
+    async def next(self) -> Output:
+        output = await self._inner.next()
+        self._observe(output)
+        return output
+
+    def cancel(self) -> None:
+        self._inner.cancel()
+
+    async def result(self) -> GenerationResult | ApiError:
+        return await self._inner.result()
 
 
 class LocalBackend:

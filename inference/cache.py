@@ -28,10 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from inference.backends import Generation, Output, Outputs
+from inference.backends import Generation, ObservedOutputs, Output, Outputs
 from inference.config import ApiKey, RuntimeConfig
 from inference.engine.engine import GenerationResult, TokenDelta
-from inference.errors import ApiError
 from inference.metrics import gauge
 from inference.schemas import ChatCompletionRequest, CompletionRequest
 
@@ -277,7 +276,17 @@ class ResponseCache:
 
     def recording(self, gen: Outputs, key: str, *, kind: Literal["chat", "completion"]) -> Outputs:
         """``gen`` as the API reads it, keeping its answer under ``key`` once it finishes well."""
-        return _Recording(gen, lambda result, pieces: self.put(key, kind, result, pieces))
+        pieces: list[str] = []  # as streamed, so a hit streams the same chunks
+
+        def keep(output: Output) -> None:
+            if isinstance(output, TokenDelta):
+                pieces.append(output.text)
+            elif isinstance(output, GenerationResult):
+                try:
+                    self.put(key, kind, output, pieces)
+                except Exception:  # the answer is the client's whatever happens to the cache
+                    log.exception("response cache: could not store an answer")
+        return ObservedOutputs(gen, keep)
 
     def put(self, key: str, kind: Literal["chat", "completion"], result: GenerationResult,
             pieces: list[str]) -> None:
@@ -340,32 +349,6 @@ class ResponseCache:
             rows += gauge("wattson_cache_redis_up", "0 while Redis is being skipped after a failure",
                           1.0 if self.redis.available else 0.0)
         return rows
-
-
-class _Recording:
-    """A running request read through: its streamed pieces are kept and, at a good end, stored."""
-
-    def __init__(self, inner: Outputs, store: Callable[[GenerationResult, list[str]], None]) -> None:
-        self._inner = inner
-        self._store = store
-        self._pieces: list[str] = []
-
-    def cancel(self) -> None:
-        self._inner.cancel()
-
-    async def result(self) -> GenerationResult | ApiError:
-        return await self._inner.result()
-
-    async def next(self) -> Output:
-        output = await self._inner.next()
-        if isinstance(output, TokenDelta):
-            self._pieces.append(output.text)
-        elif isinstance(output, GenerationResult):
-            try:
-                self._store(output, self._pieces)
-            except Exception:  # the answer is the client's whatever happens to the cache
-                log.exception("response cache: could not store an answer")
-        return output
 
 
 class CacheFallback:

@@ -51,8 +51,9 @@ NO_CACHE: FallbackCache = _NoCache()
 
 
 @dataclass(frozen=True)
-class CachedFallback:
-    """A cached answer given in place of a model whose breaker is open."""
+class CachedReplay:
+    """A cached answer served in place of running the request: a response-cache hit, or the
+    fallback chain's ``cache`` step for a model whose breaker is open."""
 
     replay: Outputs
     model: str
@@ -60,7 +61,7 @@ class CachedFallback:
 
 
 async def route_around_breaker(runtime: Runtime, m: RequestMeasurement, body: Body, backend: Backend, *,
-                               max_tokens_cap: int | None) -> Backend | CachedFallback:
+                               max_tokens_cap: int | None) -> Backend | CachedReplay:
     """``backend`` if its breaker lets the request through, else the first step of its fallback
     chain that can take it; raise the 503 when none can."""
     breakers = runtime.breakers
@@ -78,7 +79,7 @@ async def route_around_breaker(runtime: Runtime, m: RequestMeasurement, body: Bo
                 m.route_reason, m.cache_hit, m.model_served, m.queue_wait_s = "fallback", True, model, 0.0
                 kind: Literal["chat", "completion"] = "chat" if isinstance(body, ChatCompletionRequest) \
                     else "completion"
-                return CachedFallback(replay, model, kind)
+                return CachedReplay(replay, model, kind)
         elif breakers.of(step).admit(m.event_id):
             breakers.fallbacks_total[(model, step)] += 1
             m.route_reason = "fallback"

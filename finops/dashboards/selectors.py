@@ -76,7 +76,12 @@ from finops.telemetry.models import (
     RuntimeRollup,
     RuntimeSample,
 )
-from finops.telemetry.rollups import cost_sum, cost_value  # exact cost sums on SQLite too
+from finops.telemetry.rollups import (  # exact cost sums on SQLite too
+    cost_sum,
+    cost_value,
+    event_aggregates,
+    rollup_aggregates,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -336,25 +341,7 @@ _STATUS_COUNTERS = {"ok": "ok", "error": "errors", "rejected": "rejections", "ca
 
 
 def _rollup_sums() -> dict[str, Aggregate]:
-    sums: dict[str, Aggregate] = {
-        "total_requests": Sum("requests"),
-        "total_prompt_tokens": Sum("prompt_tokens"),
-        "total_completion_tokens": Sum("completion_tokens"),
-        "total_cache_hits": Sum("cache_hits"),
-        "total_gpu_seconds": Sum("gpu_seconds"),
-        "total_energy_joules": Sum("energy_joules"),
-        "total_energy_measured": Sum("energy_measured"),
-        "total_list_cost": cost_sum("list_cost"),
-        "total_hardware_cost": cost_sum("hardware_cost"),
-        "total_saved_cost": cost_sum("saved_cost"),
-        "total_unpriced": Sum("unpriced"),
-        "total_queue_wait_ms_sum": Sum("queue_wait_ms_sum"),
-        "total_queue_waits": Sum("queue_waits"),
-        "total_queue_wait_ms_max": Max("queue_wait_ms_max"),
-        "total_rejected_rule": Sum("rejected_rule"),
-        "total_rejected_budget": Sum("rejected_budget"),
-        "total_shed": Sum("shed"),
-    }
+    sums = rollup_aggregates("total_")
     # Status classes are folded into the group's counters by the database, not returned as rows.
     for status_class, counter in _STATUS_COUNTERS.items():
         sums[f"total_{counter}"] = Sum("requests", filter=Q(status_class=status_class))
@@ -363,25 +350,7 @@ def _rollup_sums() -> dict[str, Aggregate]:
 
 def _tail_sums() -> dict[str, Aggregate]:
     """``_rollup_sums`` of raw events, counted as the rollups count them."""
-    sums: dict[str, Aggregate] = {
-        "total_requests": Count("id"),
-        "total_prompt_tokens": Sum("prompt_tokens"),
-        "total_completion_tokens": Sum("completion_tokens"),
-        "total_cache_hits": Count("id", filter=Q(cache_hit=True)),
-        "total_gpu_seconds": Sum("gpu_seconds"),
-        "total_energy_joules": Sum("energy_joules"),
-        "total_energy_measured": Count("energy_joules"),
-        "total_list_cost": cost_sum("list_cost"),
-        "total_hardware_cost": cost_sum("hardware_cost"),
-        "total_saved_cost": cost_sum("saved_cost"),
-        "total_unpriced": Count("id", filter=Q(list_cost__isnull=True)),  # no list price applied
-        "total_queue_wait_ms_sum": Sum("queue_wait_ms"),
-        "total_queue_waits": Count("queue_wait_ms"),
-        "total_queue_wait_ms_max": Max("queue_wait_ms"),
-        "total_rejected_rule": Count("id", filter=Q(status="rejected_rule")),
-        "total_rejected_budget": Count("id", filter=Q(status="rejected_budget")),
-        "total_shed": Count("id", filter=Q(status="shed")),
-    }
+    sums = event_aggregates("total_")
     for status_class, counter in _STATUS_COUNTERS.items():
         sums[f"total_{counter}"] = Count("id", filter=Q(status_class=status_class))
     return sums

@@ -22,7 +22,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import BigIntegerField, Count, F, Func, Max, Min, Q, QuerySet, Sum, Value
+from django.db.models import Aggregate, BigIntegerField, Count, F, Func, Max, Min, Q, QuerySet, Sum, Value
 from django.db.models.functions import Coalesce, TruncMinute
 from django.utils import timezone
 
@@ -50,6 +50,7 @@ ADDED_FIELDS = ["requests", "prompt_tokens", "completion_tokens", "cache_hits", 
                 "queue_waits", "rejected_rule", "rejected_budget", "shed"]
 MAX_FIELD = "queue_wait_ms_max"
 SUM_FIELDS = [*ADDED_FIELDS, MAX_FIELD, "e2e_hist", "ttft_hist"]  # every column a rollup run writes
+COST_FIELDS = ("list_cost", "hardware_cost", "saved_cost")
 PICO = 10**12  # the cost columns' 12 decimal places, as an integer scale
 
 # (granularity, bucket, tenant, feature, model, status_class): one Rollup row.
@@ -81,6 +82,14 @@ class Sums:
     queue_wait_ms_max: float | None = None  # None: no queue wait measured (or, in a difference, unchanged)
     e2e_hist: dict[int, int] = field(default_factory=dict)
     ttft_hist: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any], prefix: str) -> Sums:
+        """The sums of a row of ``event_aggregates(prefix)`` (a sum over no value is 0)."""
+        values: dict[str, Any] = {name: row[prefix + name] or 0 for name in ADDED_FIELDS}
+        for name in COST_FIELDS:
+            values[name] = cost_value(row[prefix + name])
+        return cls(**values, queue_wait_ms_max=row[prefix + MAX_FIELD])
 
     def add(self, other: Sums) -> None:
         for name in ADDED_FIELDS:
@@ -166,39 +175,46 @@ def fill_state_start() -> FillState:
     return state
 
 
+def event_aggregates(prefix: str) -> dict[str, Aggregate]:
+    """How raw events add up into a rollup row: an SQL aggregate per column of ``ADDED_FIELDS`` and
+    ``MAX_FIELD``, named ``prefix`` + the column. The rollup run writes these; the dashboards count
+    the raw tail with the same, so tail and rollups always agree."""
+    aggregates: dict[str, Aggregate] = {
+        "requests": Count("id"),
+        "prompt_tokens": Sum("prompt_tokens"),
+        "completion_tokens": Sum("completion_tokens"),
+        "cache_hits": Count("id", filter=Q(cache_hit=True)),
+        "gpu_seconds": Sum("gpu_seconds"),
+        "energy_joules": Sum("energy_joules"),
+        "energy_measured": Count("energy_joules"),
+        "list_cost": cost_sum("list_cost"),
+        "hardware_cost": cost_sum("hardware_cost"),
+        "saved_cost": cost_sum("saved_cost"),
+        "unpriced": Count("id", filter=Q(list_cost__isnull=True)),  # no list price applied
+        "queue_wait_ms_sum": Sum("queue_wait_ms"),
+        "queue_waits": Count("queue_wait_ms"),
+        MAX_FIELD: Max("queue_wait_ms"),
+        **{status: Count("id", filter=Q(status=status)) for status in ("rejected_rule", "rejected_budget", "shed")},
+    }
+    return {prefix + name: aggregate for name, aggregate in aggregates.items()}
+
+
+def rollup_aggregates(prefix: str) -> dict[str, Aggregate]:
+    """``event_aggregates`` of rollup rows: how rows of finer buckets or groups add up."""
+    aggregates: dict[str, Aggregate] = {
+        prefix + name: cost_sum(name) if name in COST_FIELDS else Sum(name) for name in ADDED_FIELDS}
+    aggregates[prefix + MAX_FIELD] = Max(MAX_FIELD)
+    return aggregates
+
+
 def minute_sums(events: QuerySet[RequestEvent]) -> dict[RollupKey, Sums]:
     """Sum these events per minute of started_at and group, in three grouped queries."""
     grouped = events.order_by().annotate(
         minute=TruncMinute("started_at", tzinfo=dt.UTC), served=Coalesce("model_served", Value(""))
     )
     sums: dict[RollupKey, Sums] = {}
-    for row in grouped.values("minute", *GROUP_FIELDS).annotate(
-        n=Count("id"),
-        prompt=Sum("prompt_tokens"),
-        completion=Sum("completion_tokens"),
-        hits=Count("id", filter=Q(cache_hit=True)),
-        gpu=Sum("gpu_seconds"),
-        energy=Sum("energy_joules"),
-        measured=Count("energy_joules"),
-        listed=cost_sum("list_cost"),
-        hardware=cost_sum("hardware_cost"),
-        saved=cost_sum("saved_cost"),
-        unpriced=Count("id", filter=Q(list_cost__isnull=True)),
-        wait_sum=Sum("queue_wait_ms"),
-        waits=Count("queue_wait_ms"),
-        wait_max=Max("queue_wait_ms"),
-        rejected_rule=Count("id", filter=Q(status="rejected_rule")),
-        rejected_budget=Count("id", filter=Q(status="rejected_budget")),
-        shed=Count("id", filter=Q(status="shed")),
-    ):
-        sums[_key(row)] = Sums(
-            requests=row["n"], prompt_tokens=row["prompt"] or 0, completion_tokens=row["completion"] or 0,
-            cache_hits=row["hits"], gpu_seconds=row["gpu"] or 0.0, energy_joules=row["energy"] or 0.0,
-            energy_measured=row["measured"], list_cost=cost_value(row["listed"]),
-            hardware_cost=cost_value(row["hardware"]), saved_cost=cost_value(row["saved"]), unpriced=row["unpriced"],
-            queue_wait_ms_sum=row["wait_sum"] or 0.0, queue_waits=row["waits"], queue_wait_ms_max=row["wait_max"],
-            rejected_rule=row["rejected_rule"], rejected_budget=row["rejected_budget"], shed=row["shed"],
-        )
+    for row in grouped.values("minute", *GROUP_FIELDS).annotate(**event_aggregates("sum_")):
+        sums[_key(row)] = Sums.from_row(row, "sum_")
     for column, histogram in (("e2e_bucket", "e2e_hist"), ("ttft_bucket", "ttft_hist")):
         counts = (grouped.filter(**{f"{column}__isnull": False}).values("minute", *GROUP_FIELDS, column)
                   .annotate(n=Count("id")).values_list("minute", *GROUP_FIELDS, column, "n"))
@@ -333,7 +349,7 @@ def _key(row: Mapping[str, Any] | tuple[Any, ...]) -> RollupKey:
 
 def _row_value(row: RollupSums, name: str) -> Any:
     value = getattr(row, name)
-    if name in ("list_cost", "hardware_cost", "saved_cost"):
+    if name in COST_FIELDS:
         return Decimal(value or 0)
     if name == MAX_FIELD:
         return value
