@@ -8,8 +8,17 @@ is shed too. With a target wait, the queue also sheds before it is full: while t
 requests are shed, lowest first, and past twice the target normal ones too; high-priority work is
 only ever shed by a full queue or its own wait. Slots can be kept for high-priority work
 (``high_reserve``): other work runs in the rest, so a high-priority request finds a slot at once
-instead of waiting for one to free. Shed requests get 503 with ``Retry-After`` (the API's job); a
-waiting client that goes away simply leaves the queue.
+instead of waiting for one to free.
+
+Preemption: a high-priority request that finds every slot busy pauses the least important running
+request whose work can be paused (the local engine's, which keeps its KV cache aside: see
+``Slot.attach``), lowest priority, then tier, newest first. While high-priority work runs, at most
+``high_max_running`` requests run in all, and the others over it are paused too: on a CPU a smaller
+batch decodes each token sooner. A paused request waits for a slot again after high-priority work
+and before everything else; its pause counts as queue wait, it is not paused once its wait reaches
+the longest wait, and then it resumes at the next free slot ahead of everything, so it is never
+held back without bound. Shed requests get 503 with ``Retry-After`` (the API's job); a waiting
+client that goes away simply leaves the queue.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 from inference.config import Tier
 
@@ -52,9 +61,20 @@ class Shed(Exception):
         self.retry_after_s = retry_after_s
 
 
+Key = tuple[int, int, int]  # (-priority rank, -tier rank, arrival): the smallest is served first
+
+
+class Pausable(Protocol):
+    """Running work that can step aside and carry on later (an engine sequence)."""
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+
 @dataclass(order=True)
 class _Waiter:
-    key: tuple[int, int, int]
+    key: Key
     future: asyncio.Future[Slot] = field(compare=False)
     enqueued_at: float = field(compare=False)
     done: bool = field(default=False, compare=False)
@@ -63,36 +83,83 @@ class _Waiter:
 class Slot:
     """A running slot held by one request; ``release`` it exactly once when the request ends."""
 
-    def __init__(self, queue: AdmissionQueue, *, queue_wait_s: float, depth_at_admit: int) -> None:
+    def __init__(self, queue: AdmissionQueue, key: Key, *, queue_wait_s: float, depth_at_admit: int) -> None:
         self._queue = queue
+        self.key = key
         self.queue_wait_s = queue_wait_s
         self.depth_at_admit = depth_at_admit
+        self.preemptions = 0
         self._held_since = time.perf_counter()
+        self._paused_since: float | None = None
+        self._paused_s = 0.0
+        self._work: Pausable | None = None
         self._released = False
+
+    @property
+    def rank(self) -> int:
+        return -self.key[0]
+
+    @property
+    def paused(self) -> bool:
+        return self._paused_since is not None
+
+    def paused_for_s(self, now: float) -> float:
+        return 0.0 if self._paused_since is None else now - self._paused_since
+
+    @property
+    def preemptible(self) -> bool:
+        return self._work is not None and not self._released and not self.paused and self.rank < _HIGH
+
+    def attach(self, work: Pausable) -> None:
+        """The work this slot runs can be paused: high-priority work may preempt it."""
+        self._work = work
+        self._queue._make_room_for_high()
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._queue._release(time.perf_counter() - self._held_since)
+            self._queue._release(self, time.perf_counter() - self._held_since - self._paused_s)
+
+    def _pause(self) -> None:
+        assert self._work is not None
+        self.preemptions += 1
+        self._paused_since = time.perf_counter()
+        self._work.pause()
+
+    def _resume(self) -> None:
+        assert self._work is not None and self._paused_since is not None
+        waited = time.perf_counter() - self._paused_since
+        self._paused_s += waited
+        self.queue_wait_s += waited  # waiting for a slot again is queue wait too
+        self._paused_since = None
+        self._work.resume()
 
 
 class AdmissionQueue:
     def __init__(self, *, capacity: int, max_depth: int, max_wait_s: float, target_wait_s: float | None = None,
-                 high_reserve: int = 0) -> None:
+                 high_reserve: int = 0, high_max_running: int | None = None) -> None:
         if not 0 <= high_reserve < capacity:
             raise ValueError("high_reserve must leave at least one slot to other work")
+        if high_max_running is not None and high_max_running < 1:
+            raise ValueError("high_max_running must be at least 1")
         self.capacity = capacity
         self.high_reserve = high_reserve
+        # While high-priority work runs, at most this many requests run in all: a smaller batch
+        # decodes each token sooner where steps cost more with more sequences (a CPU).
+        self.high_max_running = min(capacity, high_max_running or capacity)
         self.max_depth = max_depth
         self.max_wait_s = max_wait_s
         self.target_wait_s = target_wait_s
         self.in_use = 0
+        self._running: set[Slot] = set()
+        self._paused: list[Slot] = []  # preempted, waiting to resume, in the order they were paused
         self._heap: list[_Waiter] = []
         self._depth = 0
         self._arrivals = itertools.count()
         self._mean_service_s: float | None = None
         self.shed_total: dict[ShedReason, int] = {"queue_full": 0, "queue_timeout": 0, "displaced": 0,
                                                   "overloaded": 0}
+        self.preemptions_total = 0
 
     @property
     def depth(self) -> int:
@@ -103,12 +170,19 @@ class AdmissionQueue:
         """Wait for a running slot; raise ``Shed`` if the request is not to be served."""
         depth_at_admit = self._depth
         rank = PRIORITY_RANK[priority]
-        # A high-priority request may take a kept slot while other work waits for a shared one
-        # (high work never waits while a slot is free: it would have been granted).
-        if self.in_use < self._slots_for(rank) and (self._depth == 0 or rank == _HIGH):
-            self.in_use += 1
-            return Slot(self, queue_wait_s=0.0, depth_at_admit=0)
         key = (-rank, -TIER_RANK[tier], next(self._arrivals))
+        # A high-priority request may take a kept slot while other work waits for a shared one
+        # (high work never waits while a slot is free: it would have been granted), or else the
+        # slot of running work it preempts.
+        if rank == _HIGH and self._waiting_high() is None:
+            if self.in_use >= self.capacity and (victim := self._victim()) is not None:
+                self._preempt(victim)
+            if self.in_use < self.capacity:
+                slot = self._grant(key, queue_wait_s=0.0)
+                self._make_room_for_high()
+                return slot
+        elif rank != _HIGH and self.in_use < self._others_limit() and self._depth == 0:
+            return self._grant(key, queue_wait_s=0.0)
         if self._depth >= self.max_depth:
             lowest = max((w for w in self._heap if not w.done), default=None)
             if lowest is None or lowest.key < key:
@@ -119,18 +193,19 @@ class AdmissionQueue:
             lowest.future.set_exception(
                 Shed("displaced", self.retry_after_s(), "Shed for higher-priority work; try again later.")
             )
-        waiter = _Waiter(key, asyncio.get_running_loop().create_future(), time.perf_counter())
+        future: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
+        waiter = _Waiter(key, future, time.perf_counter())
         heapq.heappush(self._heap, waiter)
         self._depth += 1
         self._shed_past_target()  # possibly this very request: then the wait below raises at once
         try:
-            slot = await asyncio.wait_for(asyncio.shield(waiter.future), timeout=self.max_wait_s)
+            slot = await asyncio.wait_for(asyncio.shield(future), timeout=self.max_wait_s)
         except TimeoutError:
-            if waiter.future.done() and not waiter.future.exception():
-                waiter.future.result().release()  # granted at the last moment: give it back
-            elif not waiter.future.done():
+            if future.done() and not future.exception():
+                future.result().release()  # granted at the last moment: give it back
+            elif not future.done():
                 self._drop(waiter)
-                waiter.future.cancel()
+                future.cancel()
             self._count_shed("queue_timeout")
             raise Shed(
                 "queue_timeout",
@@ -138,11 +213,11 @@ class AdmissionQueue:
                 f"The request waited over {self.max_wait_s:g} s in the queue; try again later.",
             ) from None
         except asyncio.CancelledError:  # the client went away while waiting
-            if waiter.future.done() and not waiter.future.cancelled() and not waiter.future.exception():
-                waiter.future.result().release()
-            elif not waiter.future.done():
+            if future.done() and not future.cancelled() and not future.exception():
+                future.result().release()
+            elif not future.done():
                 self._drop(waiter)
-                waiter.future.cancel()
+                future.cancel()
             raise
         slot.depth_at_admit = depth_at_admit
         return slot
@@ -210,8 +285,13 @@ class AdmissionQueue:
         estimate = (self._depth + 1) * service / (self.capacity - self.high_reserve)
         return int(min(60, max(1, math.ceil(estimate))))
 
-    def _slots_for(self, rank: int) -> int:
-        return self.capacity if rank == _HIGH else self.capacity - self.high_reserve
+    def _high_running(self) -> bool:
+        return any(s.rank == _HIGH for s in self._running)
+
+    def _others_limit(self) -> int:
+        """How many requests may run for a request that is not high-priority to start (or resume)."""
+        limit = self.capacity - self.high_reserve
+        return min(limit, self.high_max_running) if self._high_running() else limit
 
     def _drop(self, waiter: _Waiter) -> None:
         if not waiter.done:
@@ -221,20 +301,81 @@ class AdmissionQueue:
     def _count_shed(self, reason: ShedReason) -> None:
         self.shed_total[reason] += 1
 
-    def _release(self, held_s: float) -> None:
-        self._mean_service_s = held_s if self._mean_service_s is None else 0.9 * self._mean_service_s + 0.1 * held_s
+    def _grant(self, key: Key, *, queue_wait_s: float) -> Slot:
+        slot = Slot(self, key, queue_wait_s=queue_wait_s, depth_at_admit=0)
+        self.in_use += 1
+        self._running.add(slot)
+        return slot
+
+    def _victim(self) -> Slot | None:
+        """The running request a high-priority one may preempt: the least important, newest first."""
+        return max((s for s in self._running if s.preemptible and s.queue_wait_s < self.max_wait_s),
+                   key=lambda s: s.key, default=None)
+
+    def _waiting_high(self) -> _Waiter | None:
+        """The first high-priority request waiting for a slot."""
+        return min((w for w in self._heap if not w.done and w.key[0] == -_HIGH), default=None)
+
+    def _preempt(self, victim: Slot) -> None:
+        """Pause ``victim``: it waits to resume, and its slot is free for high-priority work."""
+        victim._pause()
+        self._running.discard(victim)
         self.in_use -= 1
-        while self._heap:
-            waiter = self._heap[0]
-            if not waiter.done and self.in_use >= self._slots_for(-waiter.key[0]):
-                break  # the most important waiter cannot run yet, so nobody after it can
-            heapq.heappop(self._heap)
-            if waiter.done:
-                continue
+        self.preemptions_total += 1
+        self._paused.append(victim)
+        self._depth += 1
+
+    def _make_room_for_high(self) -> None:
+        """Preempt what must step aside for high-priority work: running work whose slot a waiting
+        high-priority request needs (work becomes preemptible only once it has started), and work
+        over ``high_max_running`` while high-priority work runs."""
+        while (waiter := self._waiting_high()) is not None and (victim := self._victim()) is not None:
+            self._preempt(victim)
             self._drop(waiter)
-            if waiter.future.done():
-                continue
-            self.in_use += 1
-            waiter.future.set_result(
-                Slot(self, queue_wait_s=time.perf_counter() - waiter.enqueued_at, depth_at_admit=0)
-            )
+            waiter.future.set_result(self._grant(waiter.key, queue_wait_s=time.perf_counter() - waiter.enqueued_at))
+        while (self.in_use > self.high_max_running and self._high_running()
+               and (victim := self._victim()) is not None):
+            self._preempt(victim)
+
+    def _release(self, slot: Slot, held_s: float) -> None:
+        if slot.paused:  # its request ended while paused (a client gone): it no longer waits
+            self._paused.remove(slot)
+            self._depth -= 1
+            return
+        self._mean_service_s = held_s if self._mean_service_s is None else 0.9 * self._mean_service_s + 0.1 * held_s
+        self._running.discard(slot)
+        self.in_use -= 1
+        self._grant_next()
+
+    def _grant_next(self) -> None:
+        """Give free slots to waiters: high-priority requests first, then paused requests (in the
+        order they were paused), then the rest by priority, tier and arrival. A paused request whose
+        wait (before it started, and paused) is past the longest wait resumes at the next free slot,
+        ahead of everything, so no request is held back without bound."""
+        now = time.perf_counter()
+        while True:
+            while self._heap and self._heap[0].done:
+                heapq.heappop(self._heap)
+            top = self._heap[0] if self._heap else None
+            paused = self._paused[0] if self._paused else None
+            high_first = top is not None and top.key[0] == -_HIGH
+            if paused is not None and self.in_use < self.capacity and (
+                    paused.queue_wait_s + paused.paused_for_s(now) > self.max_wait_s
+                    or (not high_first and self.in_use < self._others_limit())):
+                self._resume(paused)
+            elif top is not None and self.in_use < (self.capacity if high_first else self._others_limit()):
+                self._grant_waiter(heapq.heappop(self._heap), now)
+            else:
+                return
+
+    def _grant_waiter(self, waiter: _Waiter, now: float) -> None:
+        self._drop(waiter)
+        if not waiter.future.done():
+            waiter.future.set_result(self._grant(waiter.key, queue_wait_s=now - waiter.enqueued_at))
+
+    def _resume(self, slot: Slot) -> None:
+        self._paused.remove(slot)
+        self._depth -= 1
+        self.in_use += 1
+        self._running.add(slot)
+        slot._resume()

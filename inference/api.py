@@ -265,7 +265,14 @@ def _exchange(runtime: Runtime, m: RequestMeasurement, admitted: Admitted | Cach
             m.fail("error", 503, "shutting_down")
             runtime.record(m)
             raise SHUTTING_DOWN from None
-        release, model, kind = slot.release, admitted.backend.name, admitted.prepared.kind
+        if outputs.pausable is not None:
+            slot.attach(outputs.pausable)  # high-priority work may preempt it
+
+        def release() -> None:
+            slot.release()
+            m.queue_wait_s = slot.queue_wait_s  # with any wait to resume after a preemption
+
+        model, kind = admitted.backend.name, admitted.prepared.kind
         if admitted.cache_key is not None and runtime.cache is not None:
             outputs = runtime.cache.recording(outputs, admitted.cache_key, kind=kind)
     if on_text is not None:

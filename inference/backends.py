@@ -18,7 +18,7 @@ from typing import Any, Literal, Protocol
 import httpx
 from jinja2 import TemplateError
 
-from inference.admission import AdmissionQueue
+from inference.admission import AdmissionQueue, Pausable
 from inference.config import Upstream
 from inference.engine.engine import Engine, GenerationRequest, GenerationResult, TokenDelta
 from inference.engine.models import LoadedModel
@@ -53,6 +53,7 @@ class Generation:
         self.outputs: asyncio.Queue[Output] = asyncio.Queue()
         self._cancel = lambda: None
         self._result: GenerationResult | None = None
+        self.pausable: Pausable | None = None  # the engine sequence, which admission may preempt
 
     def put_threadsafe(self, loop: asyncio.AbstractEventLoop, output: Output) -> None:
         loop.call_soon_threadsafe(self.outputs.put_nowait, output)
@@ -170,7 +171,7 @@ class LocalBackend:
             GenerationRequest(prepared.prompt_ids, prepared.params),
             lambda output: gen.put_threadsafe(loop, output),
         )
-        gen._cancel = handle.cancel
+        gen._cancel, gen.pausable = handle.cancel, handle
         return gen
 
     def in_flight(self) -> int:

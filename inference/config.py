@@ -118,6 +118,7 @@ class RuntimeConfig:
     # Degradation under load (inference/admission.py): off unless a target wait is set.
     queue_target_wait_s: float | None = None
     high_priority_slots: int = 0
+    high_priority_max_running: int | None = None
     free_max_tokens_under_load: int | None = None
     log_level: str = "info"
 
@@ -234,6 +235,9 @@ OPTIONS: tuple[Option, ...] = (
            "twice it; off when unset)", float),
     Option("--high-priority-slots", "running slots (of --max-batch-size, and of --upstream-max-concurrency) "
            "only high-priority work may take, so it never waits for one to free", int),
+    Option("--high-priority-max-running", "while high-priority requests run, at most this many requests run in "
+           "all: lower-priority ones over it are paused (each at most once) or wait, so high-priority work "
+           "decodes in a smaller batch (off when unset)", int),
     Option("--free-max-tokens-under-load", "max_tokens cap for free-tier keys while the queue's estimated "
            "wait is past half its target, before anything is shed (off when unset)", int),
     Option("--log-level", "logging level", choices=("debug", "info", "warning", "error")),
@@ -442,6 +446,8 @@ def _validate_degradation(config: RuntimeConfig) -> None:
     if not 0 <= config.high_priority_slots < min(slots or [config.max_batch_size]):
         raise ConfigError("high_priority_slots must be at least 0 and leave other work at least one slot of "
                           "--max-batch-size and --upstream-max-concurrency")
+    if config.high_priority_max_running is not None and config.high_priority_max_running < 1:
+        raise ConfigError("high_priority_max_running must be at least 1")
     target = config.queue_target_wait_s
     if target is not None and not 0 < target < config.max_queue_wait_s:
         raise ConfigError("queue_target_wait_s must be positive and below max_queue_wait_s")

@@ -17,6 +17,7 @@ import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from inference.admission import Pausable
 from inference.backends import Generation, Output, Prepared
 from inference.breaker import CircuitBreaker
 from inference.engine.engine import GenerationResult
@@ -86,6 +87,11 @@ class RetryingGeneration:
     def cancel(self) -> None:
         self._cancelled = True
         self._gen.cancel()
+
+    @property
+    def pausable(self) -> Pausable | None:
+        """The first attempt's pausable work: only the local engine's is, and it is never retried."""
+        return self._gen.pausable
 
     async def result(self) -> GenerationResult | ApiError:
         """Read until the end, discarding text: used to account for a cancelled request."""

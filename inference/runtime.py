@@ -140,7 +140,8 @@ class Runtime:
     def _admission(self, capacity: int) -> AdmissionQueue:
         return AdmissionQueue(capacity=capacity, max_depth=self.config.max_queue_depth,
                               max_wait_s=self.config.max_queue_wait_s, target_wait_s=self.config.queue_target_wait_s,
-                              high_reserve=self.config.high_priority_slots)
+                              high_reserve=self.config.high_priority_slots,
+                              high_max_running=self.config.high_priority_max_running)
 
     def _local_backend(self, loaded: LoadedModel) -> LocalBackend:
         energy_reader = None
@@ -229,11 +230,15 @@ class Runtime:
             for reason, count in b.admission.shed_total.items():
                 rows += gauge("wattson_shed_requests_total", "Requests shed by admission", count,
                               model=name, reason=reason)
+            rows += gauge("wattson_preemptions_total", "Running requests paused for high-priority work",
+                          b.admission.preemptions_total, model=name)
             if isinstance(b, LocalBackend):
                 s = b.engine.stats
                 rows += gauge("wattson_running_sequences", "Sequences in the engine's batch", s.running, model=name)
                 rows += gauge("wattson_kv_cache_tokens", "KV cache slots held, padding included",
                               s.kv_tokens_held, model=name)
+                rows += gauge("wattson_paused_sequences", "Sequences paused for high-priority work (KV kept)",
+                              s.paused, model=name)
                 rows += gauge("wattson_engine_busy_seconds_total", "Measured engine step time",
                               s.busy_seconds_total, model=name)
                 rows += gauge("wattson_engine_energy_joules_total", "Measured energy of engine steps",

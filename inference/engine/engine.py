@@ -1,7 +1,10 @@
 """The engine: continuous batching of one model on one device, in a thread of its own.
 
 Between decode steps new sequences are prefilled and join the running batch, and finished or
-cancelled ones leave it, so a short request is never held behind a long one. Every step is timed
+cancelled ones leave it, so a short request is never held behind a long one. A sequence can be
+paused (``SequenceHandle.pause``: admission preempts it for high-priority work): it leaves the batch
+with its KV cache rows kept aside, and resumed, those rows join the batch again and it carries on
+where it stopped, with nothing recomputed. Every step is timed
 (and its energy read where NVML has a counter) and its cost split among the sequences in it by the
 tokens each processed (``attribute_step_time``), so the per-request GPU-seconds add up to the
 engine's measured busy time.
@@ -74,9 +77,19 @@ class SequenceHandle:
         self._engine = engine
         self.seq_id = seq_id
         self.cancelled = threading.Event()
+        self.pause_wanted = threading.Event()
 
     def cancel(self) -> None:
         self.cancelled.set()
+        self._engine.wake()
+
+    def pause(self) -> None:
+        """Take the sequence out of the batch before the next step (a finished one stays finished)."""
+        self.pause_wanted.set()
+        self._engine.wake()
+
+    def resume(self) -> None:
+        self.pause_wanted.clear()
         self._engine.wake()
 
 
@@ -84,6 +97,8 @@ class SequenceHandle:
 class EngineStats:
     running: int = 0
     waiting: int = 0
+    paused: int = 0
+    pauses_total: int = 0
     steps_total: int = 0
     busy_seconds_total: float = 0.0
     energy_joules_total: float | None = None
@@ -110,6 +125,7 @@ class _Sequence:
     steps: int = 0
     finish_reason: str | None = None
     error: str | None = None
+    kv: KVBatch | None = None  # its KV cache rows, kept aside while paused
 
     @property
     def prompt_len(self) -> int:
@@ -147,6 +163,7 @@ class Engine:
         self._inbox: deque[_Sequence] = deque()
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
+        self._paused: list[_Sequence] = []
         self._batch: KVBatch | None = None
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
@@ -202,7 +219,7 @@ class Engine:
         torch.set_grad_enabled(False)
         while True:
             with self._cond:
-                if not self._inbox and not self._waiting and not self._running and not self._stopping:
+                if not (self._inbox or self._waiting or self._running or self._stopping or self._resumable()):
                     self._cond.wait(timeout=1.0)
                 if self._stopping:
                     break
@@ -210,6 +227,7 @@ class Engine:
                 self._inbox.clear()
             try:
                 self._drop_cancelled()
+                self._apply_pauses()
                 with torch.inference_mode():
                     if self._waiting and len(self._running) < self.max_batch_size:
                         self._prefill()
@@ -229,11 +247,51 @@ class Engine:
         for seq in [s for s in self._waiting if s.handle.cancelled.is_set()]:
             self._waiting.remove(seq)
             self._finish(seq, "cancelled")
+        for seq in [s for s in self._paused if s.handle.cancelled.is_set()]:
+            self._paused.remove(seq)
+            seq.kv = None
+            self._finish(seq, "cancelled")
         gone = [i for i, s in enumerate(self._running) if s.handle.cancelled.is_set()]
         for i in gone:
             self._running[i].finish_reason = "cancelled"
         if gone:
             self._retire_finished()
+
+    def _resumable(self) -> bool:
+        return any(not s.handle.pause_wanted.is_set() for s in self._paused)
+
+    def _apply_pauses(self) -> None:
+        """Move the sequences asked to pause out of the batch (their KV rows with them), and those
+        asked to resume back into it while it has room; one paused before its prefill waits for
+        it again, ahead of the rest."""
+        for seq in [s for s in self._running if s.handle.pause_wanted.is_set()]:
+            row = self._running.index(seq)
+            assert self._batch is not None
+            if len(self._running) == 1:
+                seq.kv, self._batch = self._batch, None
+            else:
+                seq.kv = self._batch.split([row])
+            self._running.pop(row)
+            self._paused.append(seq)
+            self.stats.pauses_total += 1
+        for seq in [s for s in self._waiting if s.handle.pause_wanted.is_set()]:
+            self._waiting.remove(seq)
+            self._paused.append(seq)
+        unprefilled: list[_Sequence] = []
+        for seq in [s for s in self._paused if not s.handle.pause_wanted.is_set()]:
+            if seq.kv is None:
+                unprefilled.append(seq)
+            elif len(self._running) < self.max_batch_size:
+                if self._batch is None:
+                    self._batch = seq.kv
+                else:
+                    self._batch.extend(seq.kv)
+                seq.kv = None
+                self._running.append(seq)
+            else:
+                continue  # no room in the batch yet: it joins once a sequence leaves
+            self._paused.remove(seq)
+        self._waiting.extendleft(reversed(unprefilled))
 
     def _take_prefill_group(self) -> list[_Sequence]:
         group: list[_Sequence] = []
@@ -397,9 +455,10 @@ class Engine:
         with self._cond:
             self._waiting.extend(self._inbox)
             self._inbox.clear()
-        for seq in [*self._running, *self._waiting]:
+        for seq in [*self._running, *self._waiting, *self._paused]:
+            seq.kv = None
             self._finish(seq, reason, error=message if reason == "error" else None)
-        self._running, self._batch = [], None
+        self._running, self._paused, self._batch = [], [], None
         self._waiting.clear()
         self._publish_stats()
 
@@ -412,4 +471,6 @@ class Engine:
     def _publish_stats(self) -> None:
         self.stats.running = len(self._running)
         self.stats.waiting = len(self._waiting) + len(self._inbox)
-        self.stats.kv_tokens_held = self._batch.tokens_held() if self._batch is not None else 0
+        self.stats.paused = len(self._paused)
+        held = [b for b in (self._batch, *(s.kv for s in self._paused)) if b is not None]
+        self.stats.kv_tokens_held = sum(b.tokens_held() for b in held)

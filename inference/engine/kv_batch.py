@@ -9,6 +9,8 @@ paged attention; it needs nothing from the model beyond ``past_key_values``, ``a
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
@@ -59,6 +61,17 @@ class KVBatch:
         for layer in self.cache.layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, start:, :]
             layer.values = layer.values.index_select(0, index)[:, :, start:, :]
+
+    def split(self, rows: list[int]) -> KVBatch:
+        """Take ``rows`` out into a batch of their own (kept aside while paused, to ``extend`` the
+        batch again later), leaving the rest here."""
+        cache = copy.copy(self.cache)
+        cache.layers = [copy.copy(layer) for layer in self.cache.layers]  # the same tensors, until select
+        taken = KVBatch(cache, self.mask)
+        taken.select(rows)
+        taken_set = set(rows)
+        self.select([i for i in range(self.rows) if i not in taken_set])
+        return taken
 
     def extend(self, other: KVBatch) -> None:
         """Append ``other``'s rows below this batch's, padding the shorter one on the left."""

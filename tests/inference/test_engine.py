@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from inference.engine.engine import Engine
 from inference.engine.models import LoadedModel
-from tests.inference.engine_driver import submit
+from tests.inference.engine_driver import Submitted, submit
 
 
 @pytest.fixture
@@ -73,6 +73,63 @@ def test_cancelling_a_running_sequence_frees_its_slot(engine: Engine, tiny_model
     while engine.stats.running and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.stats.running == 0 and engine.stats.kv_tokens_held == 0
+
+
+def wait_for_tokens(run: Submitted, count: int) -> None:
+    while not run.deltas or run.deltas[-1].completion_tokens < count:
+        run.deltas.append(run.outputs.get(timeout=10))
+
+
+def pause(engine: Engine, run: Submitted) -> None:
+    """Pause ``run`` and wait until the engine has taken it out of the batch."""
+    run.handle.pause()
+    deadline = time.monotonic() + 5
+    while engine.stats.paused != 1:
+        assert time.monotonic() < deadline, "the engine did not pause the sequence"
+        time.sleep(0.005)
+
+
+def test_a_paused_sequence_leaves_the_batch_and_resumes_where_it_stopped(tiny_model: LoadedModel) -> None:
+    engine = Engine(tiny_model, max_batch_size=2)
+    engine.start()
+    try:
+        text = "The keeper wound the clock"
+        run = submit(engine, prompt(tiny_model, text), max_tokens=40, ignore_eos=True)
+        other = submit(engine, prompt(tiny_model, "Wind"), max_tokens=60, ignore_eos=True)
+        wait_for_tokens(run, 5)
+        pause(engine, run)
+        assert engine.stats.running <= 1, "it left the batch; the other sequence decodes on"
+        while not run.outputs.empty():
+            run.deltas.append(run.outputs.get())
+        time.sleep(0.05)
+        assert run.outputs.empty(), "nothing is generated while paused"
+        run.handle.resume()
+        result = run.result()
+        other_result = other.result()
+    finally:
+        engine.stop()
+    for text_, n, got in ((text, 40, result), ("Wind", 60, other_result)):
+        expected = tiny_model.tokenizer.decode(reference_greedy(tiny_model, prompt(tiny_model, text_), n),
+                                               skip_special_tokens=True)
+        assert got.text == expected and got.completion_tokens == n
+    assert engine.stats.pauses_total == 1
+    assert engine.stats.prompt_tokens_total == len(prompt(tiny_model, text)) + len(prompt(tiny_model, "Wind")), \
+        "nothing was prefilled again"
+
+
+def test_a_paused_sequence_can_be_cancelled(tiny_model: LoadedModel) -> None:
+    engine = Engine(tiny_model, max_batch_size=2)
+    engine.start()
+    try:
+        run = submit(engine, prompt(tiny_model, "Go on"), max_tokens=400, ignore_eos=True)
+        wait_for_tokens(run, 2)
+        pause(engine, run)
+        run.handle.cancel()
+        result = run.result()
+    finally:
+        engine.stop()
+    assert result.finish_reason == "cancelled" and 0 < result.completion_tokens < 400
+    assert engine.stats.paused == 0
 
 
 def test_eos_ends_a_sequence_unless_ignored(tiny_model: LoadedModel) -> None:

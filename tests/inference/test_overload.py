@@ -38,8 +38,8 @@ def wait_idle(live: LiveRuntime) -> None:
 class OpenStream:
     """A streaming completion held open (its first token already read) until ``close``."""
 
-    def __init__(self, live: LiveRuntime, body: dict) -> None:
-        self.client = live.client()
+    def __init__(self, live: LiveRuntime, body: dict, priority: str = "normal") -> None:
+        self.client = live.client(**{"X-Wattson-Priority": priority})
         request = self.client.build_request("POST", "/v1/completions", json={**body, "stream": True})
         self.response = self.client.send(request, stream=True)
         assert self.response.status_code == 200
@@ -85,7 +85,7 @@ def test_a_full_queue_sheds_with_503_and_retry_after(one_slot: LiveRuntime) -> N
 
 def test_a_high_priority_request_displaces_a_low_priority_waiter(one_slot: LiveRuntime) -> None:
     wait_idle(one_slot)
-    running = OpenStream(one_slot, LONG)
+    running = OpenStream(one_slot, LONG, priority="high")  # high work is never preempted
     low: list[httpx.Response] = []
     high: list[httpx.Response] = []
     low_thread = post_in_thread(one_slot, {**LONG, "max_tokens": 2}, low, **{"X-Wattson-Priority": "low"})
