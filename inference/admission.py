@@ -88,7 +88,6 @@ class Slot:
         self.key = key
         self.queue_wait_s = queue_wait_s
         self.depth_at_admit = depth_at_admit
-        self.preemptions = 0
         self._held_since = time.perf_counter()
         self._paused_since: float | None = None
         self._paused_s = 0.0
@@ -122,7 +121,6 @@ class Slot:
 
     def _pause(self) -> None:
         assert self._work is not None
-        self.preemptions += 1
         self._paused_since = time.perf_counter()
         self._work.pause()
 

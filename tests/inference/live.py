@@ -7,7 +7,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -99,3 +99,21 @@ def slowed(loaded: LoadedModel, seconds_per_step: float) -> LoadedModel:
 
     model.forward = slow_forward  # type: ignore[method-assign]
     return dataclasses.replace(loaded, model=model)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def post_in_thread(live: LiveRuntime, body: dict, results: list, **headers: str) -> threading.Thread:
+    """POST a completion from a thread of its own; its response lands in ``results``."""
+    def run() -> None:
+        with live.client(**headers) as client:
+            results.append(client.post("/v1/completions", json=body))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread

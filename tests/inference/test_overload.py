@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from inference.engine.models import LoadedModel
-from tests.inference.live import LiveRuntime, serve, slowed, tiny_config
+from tests.inference.live import LiveRuntime, post_in_thread, serve, slowed, tiny_config, wait_until
 
 LONG = {"model": "tiny-random", "prompt": "The keeper", "max_tokens": 400, "ignore_eos": True}
 
@@ -22,13 +21,6 @@ def one_slot(tiny_model: LoadedModel) -> Iterator[LiveRuntime]:
     config = tiny_config(max_batch_size=1, max_queue_depth=1, max_queue_wait_s=5.0)
     with serve(config, preloaded=(slowed(tiny_model, 0.01),)) as server:
         yield server
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
 
 
 def wait_idle(live: LiveRuntime) -> None:
@@ -50,16 +42,6 @@ class OpenStream:
     def close(self) -> None:
         self.response.close()
         self.client.close()
-
-
-def post_in_thread(live: LiveRuntime, body: dict, results: list, **headers: str) -> threading.Thread:
-    def run() -> None:
-        with live.client(**headers) as client:
-            results.append(client.post("/v1/completions", json=body))
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread
 
 
 def test_a_full_queue_sheds_with_503_and_retry_after(one_slot: LiveRuntime) -> None:

@@ -7,8 +7,6 @@ everything that arrived after it, and resumes where it stopped, never paused twi
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -16,7 +14,7 @@ import httpx
 
 from inference.admission import AdmissionQueue, Slot
 from inference.engine.models import LoadedModel
-from tests.inference.live import serve, slowed, tiny_config
+from tests.inference.live import post_in_thread, serve, slowed, tiny_config, wait_until
 
 T = TypeVar("T")
 
@@ -198,38 +196,23 @@ def test_over_http_a_high_priority_request_runs_at_once_and_the_paused_one_still
         with live.client() as client:
             alone = client.post("/v1/completions", json=LONG).json()["choices"][0]["text"]
         live.events.clear()
-        results: dict[str, httpx.Response] = {}
-
-        def post(name: str, priority: str, body: dict) -> threading.Thread:
-            def go() -> None:
-                with live.client(**{"X-Wattson-Priority": priority}) as client:
-                    results[name] = client.post("/v1/completions", json=body)
-            thread = threading.Thread(target=go)
-            thread.start()
-            return thread
-
-        lows = [post(f"low{i}", "low", LONG) for i in range(2)]
-        _wait_for(lambda: live.runtime.running() == 2 and all(
+        lows: list[httpx.Response] = []
+        highs: list[httpx.Response] = []
+        low_threads = [post_in_thread(live, LONG, lows, **{"X-Wattson-Priority": "low"}) for _ in range(2)]
+        wait_until(lambda: live.runtime.running() == 2 and all(
             b.engine.stats.running == 2 for b in live.runtime.backends.values()))
-        high = post("high", "high", {**LONG, "max_tokens": 4})
-        high.join(timeout=30)
-        for thread in lows:
+        post_in_thread(live, {**LONG, "max_tokens": 4}, highs, **{"X-Wattson-Priority": "high"}).join(timeout=30)
+        for thread in low_threads:
             thread.join(timeout=60)
         events = live.wait_for_events(3)
         metrics = httpx.get(live.base_url + "/metrics").text
 
-    assert results["high"].status_code == 200
-    assert all(results[f"low{i}"].status_code == 200 for i in range(2))
-    assert all(results[f"low{i}"].json()["choices"][0]["text"] == alone for i in range(2))
+    assert [r.status_code for r in highs] == [200]
+    assert [r.status_code for r in lows] == [200, 200]
+    assert all(r.json()["choices"][0]["text"] == alone for r in lows)
     by_priority = {e.priority: e for e in events if e.priority == "high"}
     assert by_priority["high"].queue_wait_ms == 0
     paused = [e for e in events if e.priority == "low" and e.queue_wait_ms > 0]
     assert len(paused) == 1, "one low stream was paused, and its pause is its queue wait"
     assert 'wattson_preemptions_total{model="tiny-random"} 1' in metrics
 
-
-def _wait_for(condition: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
