@@ -289,7 +289,7 @@ def marginal_sql(dimension: str) -> str:
 
 
 def overview_filters(now: dt.datetime, days: float, **kwargs: object):
-    from finops.dashboards.selectors import Filters
+    from finops.telemetry.ranges import Filters
 
     end = now.replace(second=0, microsecond=0) + dt.timedelta(minutes=1)
     return Filters(start=end - dt.timedelta(days=days), end=end, **kwargs)
@@ -298,7 +298,8 @@ def overview_filters(now: dt.datetime, days: float, **kwargs: object):
 def check_consistency(now: dt.datetime) -> list[str]:
     from django.db import connection
 
-    from finops.dashboards.selectors import latency_percentiles, usage_totals
+    from finops.telemetry.latency import latency_percentiles
+    from finops.telemetry.usage import usage_totals
 
     totals = usage_totals(filters=overview_filters(now, DAYS))
     with connection.cursor() as cursor:
@@ -368,33 +369,33 @@ class Timing:
 
 
 def cases(now: dt.datetime, tenant: str, feature: str) -> list[tuple[str, Callable[[], object]]]:
-    from finops.dashboards import selectors as s
+    from finops.telemetry import latency, usage
 
     month, week, day = overview_filters(now, DAYS), overview_filters(now, 7), overview_filters(now, 1)
     one_tenant = overview_filters(now, DAYS, tenants=(tenant,))
     tenant_feature = overview_filters(now, DAYS, tenants=(tenant,), features=(feature,))
 
     def overview() -> None:
-        s.usage_totals(filters=month)
-        s.usage_by(filters=month, dimension="feature")
-        s.usage_series(filters=month, step="day")
-        s.latency_percentiles(filters=month, metric="e2e")
+        usage.usage_totals(filters=month)
+        usage.usage_by(filters=month, dimension="feature")
+        usage.usage_series(filters=month, step="day")
+        latency.latency_percentiles(filters=month, metric="e2e")
 
     return [
-        ("usage_totals 30d", lambda: s.usage_totals(filters=month)),
-        (f"usage_totals 30d, tenant {tenant}", lambda: s.usage_totals(filters=one_tenant)),
-        ("usage_by tenant 30d", lambda: s.usage_by(filters=month, dimension="tenant")),
-        ("usage_by feature 30d", lambda: s.usage_by(filters=month, dimension="feature")),
-        ("usage_by model 30d", lambda: s.usage_by(filters=month, dimension="model")),
-        ("usage_series day step 30d", lambda: s.usage_series(filters=month, step="day")),
-        ("usage_series hour step 7d", lambda: s.usage_series(filters=week, step="hour")),
-        ("latency_percentiles e2e 30d", lambda: s.latency_percentiles(filters=month, metric="e2e")),
-        ("latency_percentiles e2e 1d", lambda: s.latency_percentiles(filters=day, metric="e2e")),
+        ("usage_totals 30d", lambda: usage.usage_totals(filters=month)),
+        (f"usage_totals 30d, tenant {tenant}", lambda: usage.usage_totals(filters=one_tenant)),
+        ("usage_by tenant 30d", lambda: usage.usage_by(filters=month, dimension="tenant")),
+        ("usage_by feature 30d", lambda: usage.usage_by(filters=month, dimension="feature")),
+        ("usage_by model 30d", lambda: usage.usage_by(filters=month, dimension="model")),
+        ("usage_series day step 30d", lambda: usage.usage_series(filters=month, step="day")),
+        ("usage_series hour step 7d", lambda: usage.usage_series(filters=week, step="hour")),
+        ("latency_percentiles e2e 30d", lambda: latency.latency_percentiles(filters=month, metric="e2e")),
+        ("latency_percentiles e2e 1d", lambda: latency.latency_percentiles(filters=day, metric="e2e")),
         (f"latency_percentiles e2e 30d, tenant {tenant}",
-         lambda: s.latency_percentiles(filters=one_tenant, metric="e2e")),
-        (f"usage_by model 30d, tenant {tenant}", lambda: s.usage_by(filters=one_tenant, dimension="model")),
+         lambda: latency.latency_percentiles(filters=one_tenant, metric="e2e")),
+        (f"usage_by model 30d, tenant {tenant}", lambda: usage.usage_by(filters=one_tenant, dimension="model")),
         (f"latency_percentiles e2e 30d, {tenant} + {feature}",
-         lambda: s.latency_percentiles(filters=tenant_feature, metric="e2e")),
+         lambda: latency.latency_percentiles(filters=tenant_feature, metric="e2e")),
         ("overview (totals + by feature + day series + e2e percentiles) 30d", overview),
     ]
 
@@ -480,7 +481,7 @@ def main(argv: Sequence[str]) -> int:
     settings = parse_args(argv)
     notes: list[str] = []
     django_use(DATABASE)
-    from finops.dashboards import selectors  # noqa: F401 -- fail now rather than after generating
+    from finops.telemetry import usage  # noqa: F401 -- fail now rather than after generating
     try:
         if settings.reuse and database_exists(DATABASE):
             django_use(DATABASE)

@@ -25,8 +25,9 @@ from django.template.loader import render_to_string
 from django.utils import timezone
 
 from finops.budgets.models import Action, AlertStatus, Budget, BudgetEvent, EventKind
-from finops.budgets.periods import org_time_zone, period_at
+from finops.budgets.periods import period_at
 from finops.budgets.selectors import amount_label
+from finops.lib.timezones import org_time_zone
 
 logger = logging.getLogger("finops.budgets")
 

@@ -42,7 +42,8 @@ from finops.budgets.models import ANY, Budget, Grant, Unit
 from finops.budgets.periods import Period
 from finops.runtimes.models import Runtime
 from finops.telemetry.models import RequestEvent
-from finops.telemetry.rollups import cost_sum, cost_value, database_now
+from finops.telemetry.rollups import database_now
+from finops.telemetry.sums import cost_sum, cost_value
 
 LIVE_WINDOW = dt.timedelta(minutes=10)
 STARTER_FRACTION = Decimal("0.10")

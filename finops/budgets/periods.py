@@ -9,10 +9,9 @@ period starts at the first local instant of the day, which is the moment of the 
 from __future__ import annotations
 
 import datetime as dt
-import zoneinfo
 from dataclasses import dataclass
 
-from django.conf import settings
+from finops.lib.timezones import org_time_zone
 
 DAILY, WEEKLY, MONTHLY = "daily", "weekly", "monthly"
 PERIOD_NOUNS = {DAILY: "day", WEEKLY: "week", MONTHLY: "month"}
@@ -30,10 +29,6 @@ class Period:
 
     def contains(self, moment: dt.datetime) -> bool:
         return self.start <= moment < self.end
-
-
-def org_time_zone() -> zoneinfo.ZoneInfo:
-    return zoneinfo.ZoneInfo(settings.ORG_TIME_ZONE)
 
 
 def period_at(kind: str, moment: dt.datetime, tz: dt.tzinfo | None = None) -> Period:

@@ -20,8 +20,9 @@ from django.utils import timezone
 
 from finops.budgets.grants import ALLOWANCE_TTL
 from finops.budgets.models import Action, Budget, Grant, State, Unit
-from finops.budgets.periods import Period, org_time_zone, period_at
+from finops.budgets.periods import Period, period_at
 from finops.budgets.selectors import amount_label
+from finops.lib.timezones import org_time_zone
 from finops.pricing.services import PriceCatalog
 from finops.runtimes.models import Runtime
 from finops.runtimes.services import ruleset_store

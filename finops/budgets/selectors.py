@@ -1,6 +1,6 @@
 """Reads about budgets: spend so far in the current period, the breach forecast, and the event log.
 
-Spend comes from the dashboards' ``usage_totals`` (rollups plus the raw tail, so the last seconds
+Spend comes from telemetry's ``usage_totals`` (rollups plus the raw tail, so the last seconds
 count). A period whose start is older than the minute rollups' retention is counted from its start
 rounded down to the hour (``Totals.start``): exact in every zone with a whole-hour offset, up to
 the offset's extra minutes early elsewhere (India, Nepal).
@@ -16,8 +16,10 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from finops.budgets.models import ANY, Budget, BudgetEvent, EventKind, Grant, State, Unit, amount_label
-from finops.budgets.periods import Period, org_time_zone, period_at
-from finops.dashboards.selectors import Filters, Totals, usage_totals
+from finops.budgets.periods import Period, period_at
+from finops.lib.timezones import org_time_zone
+from finops.telemetry.ranges import Filters
+from finops.telemetry.usage import Totals, usage_totals
 
 # A forecast needs some history: before this share of the period has passed, a burst looks like a trend.
 FORECAST_MIN_ELAPSED = 0.05
@@ -129,6 +131,20 @@ def budget_status(*, budget: Budget, now: dt.datetime | None = None) -> BudgetSt
 def budget_statuses(*, now: dt.datetime | None = None) -> list[BudgetStatus]:
     now = now or timezone.now()
     return [budget_status(budget=budget, now=now) for budget in Budget.objects.all()]
+
+
+def budgets_naming(*, dimension: str, value: str) -> QuerySet[Budget]:
+    """The budgets whose scope names this tenant or feature, by name (models carry no budgets)."""
+    if dimension not in ("tenant", "feature"):
+        return Budget.objects.none()
+    return Budget.objects.filter(**{dimension: value}).order_by("name")
+
+
+def budget_for_scope(*, tenant: str, feature: str, period: str) -> Budget | None:
+    """The smallest active list-price budget of exactly this scope and period ("" for any)."""
+    return (Budget.objects.filter(tenant=tenant or ANY, feature=feature or ANY, period=period,
+                                  unit=Unit.USD_LIST, paused=False)
+            .order_by("limit", "id").first())
 
 
 def budget_state_history(*, budget: Budget, limit: int = 50) -> QuerySet[BudgetEvent]:

@@ -22,9 +22,10 @@ from django.utils import timezone
 
 from finops.budgets.grants import grants_top_up, hard_budget_exhausted
 from finops.budgets.models import AlertStatus, Budget, BudgetEvent, EventKind, State
-from finops.budgets.periods import Period, org_time_zone, period_at
+from finops.budgets.periods import Period, period_at
 from finops.budgets.rulesets import rulesets_compile
 from finops.budgets.selectors import breach_forecast, budget_spend
+from finops.lib.timezones import org_time_zone
 from finops.pricing.services import QUANTUM
 from finops.runtimes.selectors import rulesets_to_push
 

@@ -13,9 +13,9 @@ from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
+from finops.budgets.exports import alerts_table, budgets_table
 from finops.budgets.forms import BudgetForm
 from finops.budgets.models import Budget
-from finops.budgets.periods import org_time_zone
 from finops.budgets.permissions import budget_admin_required, can_edit_budgets
 from finops.budgets.selectors import (
     budget_alert_log,
@@ -25,7 +25,8 @@ from finops.budgets.selectors import (
     budget_statuses,
 )
 from finops.budgets.services import budget_create, budget_delete, budget_pause, budget_update
-from finops.dashboards.exports import alerts_table, budgets_table, csv_response
+from finops.lib.tables import csv_response
+from finops.lib.timezones import org_time_zone
 from finops.runtimes.selectors import runtime_ruleset_states
 
 

@@ -1,4 +1,4 @@
-"""One function per chart: selector results in, a plotly figure out (a plain dict in plotly's JSON
+"""One function per chart: telemetry's reads in, a plotly figure out (a plain dict in plotly's JSON
 figure format, which the page hands to ``Plotly.react``), or an empty state saying what to do.
 
 Figures are built as dicts rather than through ``plotly.graph_objects``: validating a figure object
@@ -17,16 +17,11 @@ from typing import Any
 
 from django.utils import timezone
 
-from finops.budgets.periods import org_time_zone
-from finops.dashboards.selectors import (
-    STEP_LENGTH,
-    DeviceGauge,
-    LatencyPoint,
-    RuntimeGauge,
-    RuntimeHistoryPoint,
-    SeriesPoint,
-    SpendPoint,
-)
+from finops.lib.timezones import org_time_zone
+from finops.telemetry.capacity import DeviceGauge, RuntimeGauge, RuntimeHistoryPoint
+from finops.telemetry.latency import LatencyPoint
+from finops.telemetry.ranges import STEP_LENGTH
+from finops.telemetry.usage import SeriesPoint, SpendPoint
 
 NO_REQUESTS = ("No requests in this range — send traffic to a runtime registered with "
                "`manage.py register_runtime`, or widen the range.")

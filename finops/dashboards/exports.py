@@ -1,53 +1,15 @@
-"""CSV exports of the dashboards' tables: the same rows the page shows, numbers unformatted (plain
-decimals, fractions not percentages, empty where not measured), times in ISO 8601 UTC."""
+"""CSV tables of the dashboards (``lib.tables``): the same rows the page shows, numbers unformatted."""
 
 from __future__ import annotations
 
-import csv
-import datetime as dt
-import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from decimal import Decimal
+from collections.abc import Iterable
 from typing import Any
 
-from django.http import HttpResponse
-
-from finops.budgets.models import BudgetEvent
-from finops.budgets.selectors import BudgetStatus
-from finops.dashboards.page_data import BreakdownRow, EndUser
-from finops.dashboards.selectors import DeviceIdle, RuntimeGauge
+from finops.dashboards.page_data import BreakdownRow
+from finops.lib.tables import Table
 from finops.runtimes.selectors import RuntimeRulesetState
-
-
-@dataclass(frozen=True)
-class Table:
-    name: str  # the file name's stem
-    header: Sequence[str]
-    rows: Iterable[Sequence[Any]]
-
-
-def cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, Decimal):
-        return format(value, "f")
-    if isinstance(value, dt.datetime):
-        return value.astimezone(dt.UTC).isoformat()
-    return str(value)
-
-
-def csv_response(table: Table) -> HttpResponse:
-    response = HttpResponse(content_type="text/csv; charset=utf-8")
-    filename = re.sub(r"[^A-Za-z0-9._-]+", "-", table.name).strip("-") or "export"
-    response["Content-Disposition"] = f'attachment; filename="{filename}.csv"'
-    writer = csv.writer(response)
-    writer.writerow(table.header)
-    for row in table.rows:
-        writer.writerow([cell(value) for value in row])
-    return response
+from finops.telemetry.capacity import DeviceIdle, RuntimeGauge
+from finops.telemetry.usage import EndUser
 
 
 def breakdown_table(rows: list[BreakdownRow], *, dimension: str, stem: str) -> Table:
@@ -65,13 +27,6 @@ def breakdown_table(rows: list[BreakdownRow], *, dimension: str, stem: str) -> T
 def end_users_table(users: list[EndUser], *, stem: str) -> Table:
     return Table(stem, ["end_user", "requests", "tokens", "list_cost_usd"],
                  ([u.end_user, u.requests, u.tokens, u.list_cost] for u in users))
-
-
-def budgets_table(statuses: list[BudgetStatus], *, stem: str) -> Table:
-    return Table(stem, ["budget", "tenant", "feature", "period", "unit", "used", "limit", "fraction_used", "state",
-                        "period_start", "forecast_breach_at"],
-                 ([s.budget.name, s.budget.tenant, s.budget.feature, s.budget.period, s.budget.unit, s.used,
-                   s.budget.limit, s.fraction, s.state, s.period.start, s.forecast.at] for s in statuses))
 
 
 def runtimes_table(gauges: list[RuntimeGauge], states: dict[str, RuntimeRulesetState], *, stem: str) -> Table:
@@ -102,10 +57,3 @@ def idle_table(idle: list[DeviceIdle], *, stem: str) -> Table:
               "idle_fraction", "idle_cost_usd"]
     return Table(stem, header, ([d.runtime_id, d.device, d.device_type, d.paid_seconds, d.attributed_seconds,
                                  d.idle_seconds, d.idle_fraction, d.idle_cost] for d in idle))
-
-
-def alerts_table(events: Iterable[BudgetEvent], *, stem: str) -> Table:
-    return Table(stem, ["created_at", "budget", "kind", "threshold_percent", "note", "spend", "limit", "unit",
-                        "forecast_at", "email_status", "sent_at"],
-                 ([e.created_at, e.budget.name, e.kind, e.threshold, e.note, e.spend, e.limit, e.unit, e.forecast_at,
-                   e.alert_status, e.sent_at] for e in events))

@@ -15,8 +15,8 @@ from urllib.parse import urlencode
 from django.conf import settings
 from django.utils import timezone
 
-from finops.budgets.periods import org_time_zone
-from finops.dashboards.selectors import Filters, Step
+from finops.lib.timezones import org_time_zone
+from finops.telemetry.ranges import Filters, Step, ceil_to
 
 PRESETS: dict[str, dt.timedelta] = {
     "1h": dt.timedelta(hours=1),
@@ -51,7 +51,7 @@ class FilterState:
     problems: tuple[str, ...] = field(default=())
 
     def filters(self, **fixed: str) -> Filters:
-        """The selectors' filters; ``fixed`` (e.g. ``tenant="acme"`` on a tenant's page) wins over the bar."""
+        """The filters of telemetry's reads; ``fixed`` (e.g. ``tenant="acme"`` on a tenant's page) wins over the bar."""
         chosen = {name: fixed.get(name, getattr(self, name)) for name in DIMENSION_PARAMS}
         return Filters(start=self.start, end=self.end, tenants=_one(chosen["tenant"]),
                        features=_one(chosen["feature"]), models=_one(chosen["model"]))
@@ -105,11 +105,6 @@ def _parse_local(text: str) -> dt.datetime | None:
     return None
 
 
-def _ceil_minute(moment: dt.datetime) -> dt.datetime:
-    floor = moment.astimezone(dt.UTC).replace(second=0, microsecond=0)
-    return floor if floor == moment else floor + dt.timedelta(minutes=1)
-
-
 def step_for(start: dt.datetime, end: dt.datetime, *, now: dt.datetime) -> Step:
     """A chart step that gives a readable number of points; minutes only where they are still kept."""
     length = end - start
@@ -125,7 +120,7 @@ def filter_state_parse(query: Mapping[str, str], *, now: dt.datetime | None = No
     """The filter bar's state from a request's query parameters, with defaults (and a message in
     ``problems``) for anything unusable."""
     now = now or timezone.now()
-    end = _ceil_minute(now)
+    end = ceil_to(now.astimezone(dt.UTC), "minute")
     problems: list[str] = []
     chosen = (query.get("range") or DEFAULT_RANGE).strip()
     start: dt.datetime | None = None
@@ -145,7 +140,7 @@ def filter_state_parse(query: Mapping[str, str], *, now: dt.datetime | None = No
             problems.append(f"A range can cover at most {MAX_RANGE.days} days; showing the last {DEFAULT_RANGE} "
                             "instead.")
         else:
-            start, end = custom_start.replace(second=0), _ceil_minute(custom_end)
+            start, end = custom_start.replace(second=0), ceil_to(custom_end.astimezone(dt.UTC), "minute")
             if start >= end:
                 end = start + dt.timedelta(minutes=1)
     elif chosen not in PRESETS:

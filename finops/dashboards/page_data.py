@@ -1,10 +1,6 @@
-"""What each dashboard page reads: plain functions composing the selectors (``selectors.py``,
-the budgets' selectors) into the figures a page shows, so the views only parse and render.
-
-One read here goes to raw request events because no rollup keeps what it needs: top end users
-(there are too many end users to roll up per bucket). It reads at most the last ``RAW_WINDOW`` of
-the range (the whole range when it is shorter), through the ``(started_at, tenant)`` index, and the
-page says so beside it: a month of raw events is too many rows to scan within a page load.
+"""What each dashboard page reads: plain functions composing telemetry's reads (usage, latency,
+capacity) and the budgets' selectors into the figures a page shows, so the views only parse and
+render. Nothing here queries the database itself.
 """
 
 from __future__ import annotations
@@ -14,39 +10,25 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 
-from django.db.models import Count, F, QuerySet, Sum
 from django.utils import timezone
 
-from finops.budgets.models import ANY, Budget, Period, Unit
+from finops.budgets.models import Budget, Period
 from finops.budgets.periods import period_at
-from finops.budgets.selectors import BudgetStatus, budget_status
+from finops.budgets.selectors import BudgetStatus, budget_for_scope, budget_status, budgets_naming
 from finops.dashboards.filterbar import FilterState
-from finops.dashboards.selectors import (
-    DIMENSIONS,
-    Dimension,
-    Filters,
-    LatencySummary,
+from finops.telemetry.capacity import RuntimeGauge, RuntimeHistoryPoint, runtime_history
+from finops.telemetry.latency import LatencySummary, latency_summary
+from finops.telemetry.ranges import DIMENSIONS, Dimension, Filters, Step, ceil_to
+from finops.telemetry.usage import (
     Row,
-    RuntimeGauge,
-    RuntimeHistoryPoint,
     SeriesPoint,
     SpendPoint,
-    Step,
     Totals,
-    latency_summary,
-    raw_events_filtered,
-    runtime_history,
     spend_series,
     usage_by,
     usage_series,
     usage_totals,
 )
-from finops.telemetry.models import RequestEvent
-from finops.telemetry.rollups import cost_sum, cost_value
-
-RAW_WINDOW = dt.timedelta(hours=6)
-TOP_END_USERS = 10
-
 
 # -- overview -------------------------------------------------------------------------------------
 
@@ -87,17 +69,6 @@ class Overview:
         return self.ttft.overall.get(0.95)
 
 
-def _ceil_minute(moment: dt.datetime) -> dt.datetime:
-    floor = moment.astimezone(dt.UTC).replace(second=0, microsecond=0)
-    return floor if floor == moment else floor + dt.timedelta(minutes=1)
-
-
-def _scope_budget(*, tenant: str, feature: str, period: str) -> Budget | None:
-    return (Budget.objects.filter(tenant=tenant or ANY, feature=feature or ANY, period=period,
-                                  unit=Unit.USD_LIST, paused=False)
-            .order_by("limit", "id").first())
-
-
 def spend_against_budget(
     *, state: FilterState, period: str, now: dt.datetime, fixed: dict[str, str]
 ) -> SpendAgainstBudget:
@@ -105,12 +76,13 @@ def spend_against_budget(
     (whatever the range), beside the budget set for the same tenant and feature."""
     current = period_at(period, now)
     chosen = state.filters(**fixed)
-    filters = Filters(start=current.start.astimezone(dt.UTC), end=_ceil_minute(now),
+    filters = Filters(start=current.start.astimezone(dt.UTC), end=ceil_to(now.astimezone(dt.UTC), "minute"),
                       tenants=chosen.tenants, features=chosen.features, models=chosen.models)
     spend = usage_totals(filters=filters).list_cost
     tenant = fixed.get("tenant", state.tenant)
     feature = fixed.get("feature", state.feature)
-    budget = None if fixed.get("model", state.model) else _scope_budget(tenant=tenant, feature=feature, period=period)
+    model = fixed.get("model", state.model)
+    budget = None if model else budget_for_scope(tenant=tenant, feature=feature, period=period)
     label = "Spend today" if period == Period.DAILY else "Spend month to date"
     return SpendAgainstBudget(label, spend, budget.limit if budget else None, budget)
 
@@ -151,36 +123,6 @@ def overview(*, state: FilterState, fixed: dict[str, str] | None = None, now: dt
 
 
 # -- series ---------------------------------------------------------------------------------------
-
-
-def _raw_events(filters: Filters) -> tuple[QuerySet[RequestEvent], dt.datetime]:
-    """Raw events of the filters' last ``RAW_WINDOW``, and where that window starts."""
-    start = max(filters.start, filters.end - RAW_WINDOW)
-    events = RequestEvent.objects.filter(started_at__gte=start, started_at__lt=filters.end)
-    return raw_events_filtered(events, filters).order_by(), start
-
-
-@dataclass(frozen=True)
-class EndUser:
-    end_user: str
-    requests: int
-    tokens: int
-    list_cost: Decimal
-
-
-def top_end_users(*, filters: Filters, limit: int = TOP_END_USERS) -> tuple[list[EndUser], dt.datetime]:
-    """The end users who cost most at list price in the range's last ``RAW_WINDOW``, and where that
-    window starts. Requests without an end user are left out."""
-    events, start = _raw_events(filters)
-    # Ranked and cut by the database: a big tenant has thousands of end users in the window.
-    rows = (events.filter(end_user__isnull=False).exclude(end_user="")
-            .values("end_user")
-            .annotate(requests=Count("id"), tokens=Sum(F("prompt_tokens") + F("completion_tokens")),
-                      cost=cost_sum("list_cost"))
-            .order_by(F("cost").desc(nulls_last=True), F("tokens").desc(nulls_last=True), "end_user")[:limit])
-    users = [EndUser(row["end_user"], row["requests"], int(row["tokens"] or 0), cost_value(row["cost"]))
-             for row in rows]
-    return users, start
 
 
 # -- breakdowns (features, tenants, models) -------------------------------------------------------
@@ -235,9 +177,7 @@ def breakdown(*, state: FilterState, dimension: Dimension, sort: str = DEFAULT_S
 
 def budgets_for(*, dimension: Dimension, value: str) -> list[BudgetStatus]:
     """The budgets whose scope names this tenant or feature (models carry no budgets)."""
-    if dimension == "model":
-        return []
-    return [budget_status(budget=budget) for budget in Budget.objects.filter(**{dimension: value}).order_by("name")]
+    return [budget_status(budget=budget) for budget in budgets_naming(dimension=dimension, value=value)]
 
 
 def series(*, state: FilterState, fixed: dict[str, str] | None = None,

@@ -1,5 +1,5 @@
 """Dashboard pages. Each view parses the filter bar (query parameters), reads through ``page_data``
-and the selectors, builds its charts with ``charts``, and renders the whole page — or, for an htmx
+and telemetry's reads, builds its charts with ``charts``, and renders the whole page — or, for an htmx
 request, only the page's ``#body`` partial (one template holds both). ``?format=csv&table=NAME``
 returns one of the page's tables as CSV instead."""
 
@@ -19,22 +19,17 @@ from django.utils import timezone
 from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_GET
 
-from finops.budgets.periods import org_time_zone
+from finops.budgets.exports import budgets_table
 from finops.budgets.permissions import can_edit_budgets
 from finops.dashboards import charts, exports, page_data
 from finops.dashboards.filterbar import CUSTOM, PRESETS, FilterState, filter_state_parse
-from finops.dashboards.selectors import (
-    Dimension,
-    Filters,
-    dimension_values,
-    idle_capacity,
-    runtime_gauges,
-    runtime_history,
-    usage_by,
-    usage_totals,
-)
-from finops.dashboards.tail import tail_snapshot
+from finops.lib.tables import Table, csv_response
+from finops.lib.timezones import org_time_zone
 from finops.runtimes.selectors import runtime_ruleset_states
+from finops.telemetry.capacity import idle_capacity, runtime_gauges, runtime_history
+from finops.telemetry.ranges import Dimension, Filters
+from finops.telemetry.tail import tail_snapshot
+from finops.telemetry.usage import dimension_values, top_end_users, usage_by, usage_totals
 
 PLURAL = {"tenant": "tenants", "feature": "features", "model": "models"}
 # On a tenant's page spend is split by feature, and the other way round; models split by feature.
@@ -94,7 +89,7 @@ def _without(filters: Filters, dimension: str) -> Filters:
     return replace(filters, **{PLURAL[dimension]: ()})
 
 
-def _csv(request: HttpRequest, tables: dict[str, Callable[[], exports.Table]]) -> HttpResponse | None:
+def _csv(request: HttpRequest, tables: dict[str, Callable[[], Table]]) -> HttpResponse | None:
     """The requested table as CSV, a 400 naming the tables there are, or None for a page request."""
     if request.GET.get("format") != "csv":
         return None
@@ -102,7 +97,7 @@ def _csv(request: HttpRequest, tables: dict[str, Callable[[], exports.Table]]) -
     if name not in tables:
         return HttpResponseBadRequest(f"No table {name[:40]!r} here; export one of: {', '.join(tables)}.",
                                       content_type="text/plain; charset=utf-8")
-    return exports.csv_response(tables[name]())
+    return csv_response(tables[name]())
 
 
 def _csv_urls(request: HttpRequest, state: FilterState, names: list[str], **extra: str) -> dict[str, str]:
@@ -183,16 +178,16 @@ def detail(request: HttpRequest, dimension: Dimension, value: str) -> HttpRespon
     filters = state.filters(**fixed)
     stem = f"{dimension}-{value}"
     csv = _csv(request, {
-        "end-users": lambda: exports.end_users_table(page_data.top_end_users(filters=filters)[0],
+        "end-users": lambda: exports.end_users_table(top_end_users(filters=filters)[0],
                                                      stem=f"{stem}-end-users"),
-        "budgets": lambda: exports.budgets_table(page_data.budgets_for(dimension=dimension, value=value),
+        "budgets": lambda: budgets_table(page_data.budgets_for(dimension=dimension, value=value),
                                                  stem=f"{stem}-budgets"),
     })
     if csv is not None:
         return csv
     csv_urls = _csv_urls(request, state, ["end-users", "budgets"])
     if request.GET.get("part") == "end-users":
-        users, users_from = page_data.top_end_users(filters=filters)
+        users, users_from = top_end_users(filters=filters)
         return render(request, "dashboards/detail.html#end_users", {
             "state": state, "end_users": users, "end_users_from": users_from, "csv": csv_urls})
     overview = page_data.overview(state=state, fixed=fixed)

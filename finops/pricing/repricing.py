@@ -21,8 +21,9 @@ from django.utils import timezone
 from finops.pricing.services import PriceCatalog, hardware_cost, served_list_cost
 from finops.telemetry.models import RequestEvent
 from finops.telemetry.retention import raw_retention_start
-from finops.telemetry.rollups import RollupKey, Sums, fill_state_lock, fold, rollup_add
+from finops.telemetry.rollups import RollupKey, fill_state_lock, fold, rollup_add
 from finops.telemetry.selectors import device_types_for
+from finops.telemetry.sums import Sums
 
 CHUNK = 2000
 # (id, started_at, price book id, list cost, hardware cost, saved cost) of an event whose price changed.

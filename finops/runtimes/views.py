@@ -11,12 +11,11 @@ from __future__ import annotations
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from finops.lib.api import MAX_TOKEN_CHARS, api_error, bearer_token, runtime_token_refused
 from finops.runtimes.selectors import runtime_get_by_token
 from finops.runtimes.services import MAX_VERSION, ruleset_pull
-from finops.telemetry.views import api_error
 
 VERSION_HEADER = "X-Wattson-Ruleset-Version"
-MAX_TOKEN_CHARS = 512
 
 
 @csrf_exempt
@@ -25,14 +24,10 @@ def ruleset(request: HttpRequest) -> HttpResponse:
         response = api_error(405, "Use GET to fetch the ruleset.", code="method_not_allowed")
         response["Allow"] = "GET, HEAD"
         return response
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    token = token.strip() if scheme.lower() == "bearer" else ""
+    token = bearer_token(request)
     runtime = runtime_get_by_token(token=token) if token and len(token) <= MAX_TOKEN_CHARS else None
     if runtime is None:
-        response = api_error(401, "A valid runtime token is required: 'Authorization: Bearer <token>'.",
-                             error_type="authentication_error", code="invalid_token" if token else "missing_token")
-        response["WWW-Authenticate"] = 'Bearer realm="wattson"'
-        return response
+        return runtime_token_refused(token)
     raw = request.headers.get(VERSION_HEADER)
     held = None
     if raw is not None:

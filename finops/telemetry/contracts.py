@@ -62,7 +62,7 @@ _STRICT = ConfigDict(extra="allow", strict=True, allow_inf_nan=False,
                      json_schema_extra={"additionalProperties": False})
 
 
-class RequestEvent(BaseModel):
+class RequestEventRecord(BaseModel):
     """One served, refused or failed request, as measured by a runtime."""
 
     model_config = _STRICT
@@ -97,7 +97,7 @@ class RequestEvent(BaseModel):
     device: Text(100) | None = None
 
 
-class DeviceSample(BaseModel):
+class DeviceSampleRecord(BaseModel):
     """One accelerator's readings; every field is null where it cannot be measured."""
 
     model_config = _STRICT
@@ -112,7 +112,7 @@ class DeviceSample(BaseModel):
     temperature_c: float | None = Field(default=None, ge=-273.15, le=1000)
 
 
-class RuntimeSample(BaseModel):
+class RuntimeSampleRecord(BaseModel):
     """A runtime's state every few seconds."""
 
     model_config = _STRICT
@@ -123,7 +123,7 @@ class RuntimeSample(BaseModel):
     running: Count
     tokens_per_s: float = Field(ge=0)
     kv_cache_used: BigCount | None = None
-    devices: list[DeviceSample] = Field(default_factory=list, max_length=MAX_DEVICES)
+    devices: list[DeviceSampleRecord] = Field(default_factory=list, max_length=MAX_DEVICES)
     # Each served model's circuit breaker (model -> state); absent from runtimes older than this field.
     breakers: dict[Text(200), BreakerState] | None = Field(default=None, max_length=MAX_BREAKERS)
 
@@ -136,8 +136,8 @@ class TelemetryBatch(BaseModel):
 
     model_config = ConfigDict(strict=True)
 
-    events: list[RequestEvent] = Field(default_factory=list)
-    samples: list[RuntimeSample] = Field(default_factory=list)
+    events: list[RequestEventRecord] = Field(default_factory=list)
+    samples: list[RuntimeSampleRecord] = Field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -157,8 +157,8 @@ class Refusal:
 class ParsedBatch:
     """Valid records with their positions in the body, and the refused ones."""
 
-    events: list[tuple[int, RequestEvent]] = field(default_factory=list)
-    samples: list[tuple[int, RuntimeSample]] = field(default_factory=list)
+    events: list[tuple[int, RequestEventRecord]] = field(default_factory=list)
+    samples: list[tuple[int, RuntimeSampleRecord]] = field(default_factory=list)
     refused: list[Refusal] = field(default_factory=list)
 
     @property
@@ -209,12 +209,12 @@ def _with_defaults(model: type[BaseModel], **overrides: Any) -> type[BaseModel]:
     return create_model(f"{model.__name__}OnePass", __base__=model, **fields, **overrides)
 
 
-_DeviceOnePass = _with_defaults(DeviceSample)
-_EventOnePass = _with_defaults(RequestEvent)
-_SampleOnePass = _with_defaults(RuntimeSample, devices=(
+_DeviceOnePass = _with_defaults(DeviceSampleRecord)
+_EventOnePass = _with_defaults(RequestEventRecord)
+_SampleOnePass = _with_defaults(RuntimeSampleRecord, devices=(
     Annotated[list[_DeviceOnePass], Field(max_length=MAX_DEVICES)], []))  # type: ignore[valid-type]
-_REQUIRED = {_DeviceOnePass: _required(DeviceSample), _EventOnePass: _required(RequestEvent),
-             _SampleOnePass: _required(RuntimeSample)}
+_REQUIRED = {_DeviceOnePass: _required(DeviceSampleRecord), _EventOnePass: _required(RequestEventRecord),
+             _SampleOnePass: _required(RuntimeSampleRecord)}
 _EVENTS = TypeAdapter(list[_EventOnePass])  # type: ignore[valid-type]
 _SAMPLES = TypeAdapter(list[_SampleOnePass])  # type: ignore[valid-type]
 

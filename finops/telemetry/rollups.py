@@ -16,18 +16,15 @@ import datetime as dt
 import itertools
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from decimal import Decimal
+from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Aggregate, BigIntegerField, Count, F, Func, Max, Min, Q, QuerySet, Sum, Value
+from django.db.models import Count, Min, QuerySet, Sum, Value
 from django.db.models.functions import Coalesce, TruncMinute
 from django.utils import timezone
 
-from finops.pricing.services import QUANTUM
-from finops.telemetry import sketch
 from finops.telemetry.models import (
     DeviceUseRollup,
     FillState,
@@ -38,76 +35,17 @@ from finops.telemetry.models import (
     Rollup,
     RollupSums,
 )
+from finops.telemetry.sums import STORED_FIELDS, Sums, event_aggregates
 
 FILL_STATE = "requests"
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 GROUP_FIELDS = ("tenant", "feature", "served", "status_class")
 UNIQUE_FIELDS = ["granularity", "bucket", "tenant", "feature", "model", "status_class"]
 MARGINAL_UNIQUE_FIELDS = ["granularity", "bucket", "dimension", "value", "status_class"]
-# The columns a rollup row adds up, the one it keeps the largest value of, and its histograms.
-ADDED_FIELDS = ["requests", "prompt_tokens", "completion_tokens", "cache_hits", "gpu_seconds", "energy_joules",
-                "energy_measured", "list_cost", "hardware_cost", "saved_cost", "unpriced", "queue_wait_ms_sum",
-                "queue_waits", "rejected_rule", "rejected_budget", "shed"]
-MAX_FIELD = "queue_wait_ms_max"
-SUM_FIELDS = [*ADDED_FIELDS, MAX_FIELD, "e2e_hist", "ttft_hist"]  # every column a rollup run writes
-COST_FIELDS = ("list_cost", "hardware_cost", "saved_cost")
-PICO = 10**12  # the cost columns' 12 decimal places, as an integer scale
-
 # (granularity, bucket, tenant, feature, model, status_class): one Rollup row.
 RollupKey = tuple[str, dt.datetime, str, str, str, str]
 # (granularity, bucket, dimension, value, status_class): one MarginalRollup row.
 MarginalKey = tuple[str, dt.datetime, str, str, str]
-
-
-@dataclass
-class Sums:
-    """What one Rollup row adds up; also a difference to apply to one (re-pricing)."""
-
-    requests: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cache_hits: int = 0
-    gpu_seconds: float = 0.0
-    energy_joules: float = 0.0
-    energy_measured: int = 0
-    list_cost: Decimal = Decimal(0)
-    hardware_cost: Decimal = Decimal(0)
-    saved_cost: Decimal = Decimal(0)
-    unpriced: int = 0
-    queue_wait_ms_sum: float = 0.0
-    queue_waits: int = 0
-    rejected_rule: int = 0
-    rejected_budget: int = 0
-    shed: int = 0
-    queue_wait_ms_max: float | None = None  # None: no queue wait measured (or, in a difference, unchanged)
-    e2e_hist: dict[int, int] = field(default_factory=dict)
-    ttft_hist: dict[int, int] = field(default_factory=dict)
-
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any], prefix: str) -> Sums:
-        """The sums of a row of ``event_aggregates(prefix)`` (a sum over no value is 0)."""
-        values: dict[str, Any] = {name: row[prefix + name] or 0 for name in ADDED_FIELDS}
-        for name in COST_FIELDS:
-            values[name] = cost_value(row[prefix + name])
-        return cls(**values, queue_wait_ms_max=row[prefix + MAX_FIELD])
-
-    def add(self, other: Sums) -> None:
-        for name in ADDED_FIELDS:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        if other.queue_wait_ms_max is not None:
-            self.queue_wait_ms_max = max(self.queue_wait_ms_max or 0.0, other.queue_wait_ms_max)
-        for mine, theirs in ((self.e2e_hist, other.e2e_hist), (self.ttft_hist, other.ttft_hist)):
-            for index, count in theirs.items():
-                mine[index] = mine.get(index, 0) + count
-
-    def added_to(self, row: RollupSums) -> dict[str, Any]:
-        """The sum fields of ``row`` + self, ready to store."""
-        total = Sums(**{name: _row_value(row, name) for name in SUM_FIELDS})
-        total.add(self)
-        values = {name: getattr(total, name) for name in SUM_FIELDS}
-        values["e2e_hist"] = _histogram_json(total.e2e_hist)
-        values["ttft_hist"] = _histogram_json(total.ttft_hist)
-        return values
 
 
 @dataclass(frozen=True)
@@ -175,46 +113,15 @@ def fill_state_start() -> FillState:
     return state
 
 
-def event_aggregates(prefix: str) -> dict[str, Aggregate]:
-    """How raw events add up into a rollup row: an SQL aggregate per column of ``ADDED_FIELDS`` and
-    ``MAX_FIELD``, named ``prefix`` + the column. The rollup run writes these; the dashboards count
-    the raw tail with the same, so tail and rollups always agree."""
-    aggregates: dict[str, Aggregate] = {
-        "requests": Count("id"),
-        "prompt_tokens": Sum("prompt_tokens"),
-        "completion_tokens": Sum("completion_tokens"),
-        "cache_hits": Count("id", filter=Q(cache_hit=True)),
-        "gpu_seconds": Sum("gpu_seconds"),
-        "energy_joules": Sum("energy_joules"),
-        "energy_measured": Count("energy_joules"),
-        "list_cost": cost_sum("list_cost"),
-        "hardware_cost": cost_sum("hardware_cost"),
-        "saved_cost": cost_sum("saved_cost"),
-        "unpriced": Count("id", filter=Q(list_cost__isnull=True)),  # no list price applied
-        "queue_wait_ms_sum": Sum("queue_wait_ms"),
-        "queue_waits": Count("queue_wait_ms"),
-        MAX_FIELD: Max("queue_wait_ms"),
-        **{status: Count("id", filter=Q(status=status)) for status in ("rejected_rule", "rejected_budget", "shed")},
-    }
-    return {prefix + name: aggregate for name, aggregate in aggregates.items()}
-
-
-def rollup_aggregates(prefix: str) -> dict[str, Aggregate]:
-    """``event_aggregates`` of rollup rows: how rows of finer buckets or groups add up."""
-    aggregates: dict[str, Aggregate] = {
-        prefix + name: cost_sum(name) if name in COST_FIELDS else Sum(name) for name in ADDED_FIELDS}
-    aggregates[prefix + MAX_FIELD] = Max(MAX_FIELD)
-    return aggregates
-
-
 def minute_sums(events: QuerySet[RequestEvent]) -> dict[RollupKey, Sums]:
     """Sum these events per minute of started_at and group, in three grouped queries."""
     grouped = events.order_by().annotate(
         minute=TruncMinute("started_at", tzinfo=dt.UTC), served=Coalesce("model_served", Value(""))
     )
     sums: dict[RollupKey, Sums] = {}
-    for row in grouped.values("minute", *GROUP_FIELDS).annotate(**event_aggregates("sum_")):
-        sums[_key(row)] = Sums.from_row(row, "sum_")
+    for row in grouped.values("minute", *GROUP_FIELDS).annotate(**event_aggregates("sum_", stored_only=True)):
+        sums[_key(row)] = group = Sums()
+        group.add_row(row, "sum_")
     for column, histogram in (("e2e_bucket", "e2e_hist"), ("ttft_bucket", "ttft_hist")):
         counts = (grouped.filter(**{f"{column}__isnull": False}).values("minute", *GROUP_FIELDS, column)
                   .annotate(n=Count("id")).values_list("minute", *GROUP_FIELDS, column, "n"))
@@ -317,27 +224,9 @@ def _add(model: type[RollupSums], unique_fields: list[str], sums: Mapping[tuple[
             rows.append(model(**dict(zip(unique_fields, key, strict=True)), **sums[key].added_to(row)))
         if rows:
             model.objects.bulk_create(rows, update_conflicts=True, unique_fields=unique_fields,
-                                      update_fields=SUM_FIELDS, batch_size=500)
+                                      update_fields=STORED_FIELDS, batch_size=500)
             written += len(rows)
     return written
-
-
-def cost_sum(column: str) -> Sum:
-    """An exact SQL sum of a cost column. PostgreSQL's numeric is exact; SQLite keeps decimals as
-    REAL, whose sums drift in the last places, so there the sum is over integer pico-dollars."""
-    if connection.vendor == "sqlite":
-        pico = Func(F(column), template=f"CAST(ROUND(%(expressions)s * {PICO}) AS INTEGER)",
-                    output_field=BigIntegerField())
-        return Sum(pico)
-    return Sum(column)
-
-
-def cost_value(value: Decimal | int | None) -> Decimal:
-    if value is None:
-        return Decimal(0)
-    if isinstance(value, int):  # SQLite's pico-dollars
-        return (Decimal(value) / PICO).quantize(QUANTUM)
-    return Decimal(value).quantize(QUANTUM)
 
 
 def _key(row: Mapping[str, Any] | tuple[Any, ...]) -> RollupKey:
@@ -345,17 +234,6 @@ def _key(row: Mapping[str, Any] | tuple[Any, ...]) -> RollupKey:
         row = (row["minute"], row["tenant"], row["feature"], row["served"], row["status_class"])
     minute, tenant, feature, served, status_class = row
     return (Granularity.MINUTE.value, minute, tenant, feature, served, status_class)
-
-
-def _row_value(row: RollupSums, name: str) -> Any:
-    value = getattr(row, name)
-    if name in COST_FIELDS:
-        return Decimal(value or 0)
-    if name == MAX_FIELD:
-        return value
-    if name in ("e2e_hist", "ttft_hist"):
-        return sketch.merge([value or {}])
-    return value or 0
 
 
 def _rows_for(model: type[RollupSums], keys: list[tuple[Any, ...]]) -> Iterator[RollupSums]:
@@ -366,10 +244,6 @@ def _rows_for(model: type[RollupSums], keys: list[tuple[Any, ...]]) -> Iterator[
         third = "tenant" if model is Rollup else "dimension"
         yield from model.objects.filter(granularity=granularity, bucket__in={k[1] for k in chunk},
                                         **{f"{third}__in": {k[2] for k in chunk}})
-
-
-def _histogram_json(histogram: Mapping[int, int]) -> dict[str, int]:
-    return {str(index): count for index, count in sorted(histogram.items()) if count}
 
 
 def _batched(items: Iterable[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:

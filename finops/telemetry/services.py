@@ -26,15 +26,13 @@ from django.db import DatabaseError, connection, models, transaction
 from django.db.models.signals import post_delete, post_save
 from django.utils import timezone
 
+from finops.lib.api import MAX_TOKEN_CHARS
 from finops.pricing.models import DevicePrice, ModelPrice, PriceBook
 from finops.pricing.services import PriceCatalog, Prices, hardware_cost, served_list_cost
 from finops.runtimes.models import Runtime, RuntimeToken, token_digest
 from finops.telemetry import partitioning
-from finops.telemetry.contracts import ParsedBatch, Refusal, RequestEvent, RuntimeSample, batch_parse
-from finops.telemetry.models import STATUS_CLASSES, Device
-from finops.telemetry.models import DeviceSample as DeviceSampleRow
-from finops.telemetry.models import RequestEvent as RequestEventRow
-from finops.telemetry.models import RuntimeSample as RuntimeSampleRow
+from finops.telemetry.contracts import ParsedBatch, Refusal, RequestEventRecord, RuntimeSampleRecord, batch_parse
+from finops.telemetry.models import STATUS_CLASSES, Device, DeviceSample, RequestEvent, RuntimeSample
 from finops.telemetry.selectors import device_types_for
 from finops.telemetry.sketch import bucket_index
 
@@ -47,10 +45,9 @@ TOUCH_INTERVAL = dt.timedelta(seconds=5)
 MAX_CLOCK_AHEAD = dt.timedelta(days=1)
 # One more digit than numeric(24, 12) holds.
 COST_LIMIT = Decimal(10) ** 12
-_MAX_TOKEN_CHARS = 512
 
 # A stored event is the contract's fields as they came, then what ingest derives from them.
-EVENT_FIELDS = tuple(RequestEvent.model_fields)
+EVENT_FIELDS = tuple(RequestEventRecord.model_fields)
 DERIVED_COLUMNS = ("status_class", "price_book_id", "list_cost", "hardware_cost", "saved_cost", "e2e_bucket",
                    "ttft_bucket")
 EVENT_COLUMNS = EVENT_FIELDS + DERIVED_COLUMNS
@@ -135,7 +132,7 @@ class IngestResult:
 
 def runtime_token_authenticate(*, token: str, now: dt.datetime | None = None) -> AuthenticatedRuntime | None:
     """The runtime a bearer token belongs to, or None for an unknown or revoked token."""
-    if not token or len(token) > _MAX_TOKEN_CHARS:
+    if not token or len(token) > MAX_TOKEN_CHARS:
         return None
     rows = list(
         RuntimeToken.objects.filter(digest=token_digest(token), revoked_at__isnull=True)
@@ -197,7 +194,7 @@ def _store(parsed: ParsedBatch, *, runtime: AuthenticatedRuntime, now: dt.dateti
 # -- samples ----------------------------------------------------------------------------------
 
 
-def _store_samples(samples: list[tuple[int, RuntimeSample]], *, runtime: AuthenticatedRuntime, now: dt.datetime,
+def _store_samples(samples: list[tuple[int, RuntimeSampleRecord]], *, runtime: AuthenticatedRuntime, now: dt.datetime,
                    refused: list[Refusal]) -> tuple[int, int]:
     if not samples:
         return 0, 0
@@ -227,8 +224,8 @@ def _store_samples(samples: list[tuple[int, RuntimeSample]], *, runtime: Authent
                 devices[d.device] = (d.device, d.name, sample.runtime_id, at)
     if not rows:
         return 0, duplicates
-    accepted = _insert_ignoring_conflicts(RuntimeSampleRow, SAMPLE_COLUMNS, list(rows.values()))
-    _insert_ignoring_conflicts(DeviceSampleRow, DEVICE_SAMPLE_COLUMNS, _unique(device_rows, key=slice(0, 3)))
+    accepted = _insert_ignoring_conflicts(RuntimeSample, SAMPLE_COLUMNS, list(rows.values()))
+    _insert_ignoring_conflicts(DeviceSample, DEVICE_SAMPLE_COLUMNS, _unique(device_rows, key=slice(0, 3)))
     if devices:
         _upsert_devices(list(devices.values()))
     return accepted, duplicates + len(rows) - accepted
@@ -293,7 +290,7 @@ def _time_problem(name: str, moment: dt.datetime, earliest: dt.datetime, latest:
     return None
 
 
-def _store_events(events: list[tuple[int, RequestEvent]], *, runtime: AuthenticatedRuntime, now: dt.datetime,
+def _store_events(events: list[tuple[int, RequestEventRecord]], *, runtime: AuthenticatedRuntime, now: dt.datetime,
                   refused: list[Refusal]) -> tuple[int, int]:
     if not events:
         return 0, 0
@@ -342,7 +339,7 @@ def _store_events(events: list[tuple[int, RequestEvent]], *, runtime: Authentica
         _ensure_partitions({started.astimezone(dt.UTC).date() for _, started in rows})
         accepted = _copy_events(values)
     else:
-        accepted = _insert_ignoring_conflicts(RequestEventRow, EVENT_COLUMNS, values)
+        accepted = _insert_ignoring_conflicts(RequestEvent, EVENT_COLUMNS, values)
     return accepted, duplicates + len(values) - accepted
 
 
@@ -356,7 +353,7 @@ def _ensure_partitions(days: set[dt.date]) -> None:
 
 
 def _staging_sql() -> tuple[str, str, list[str]]:
-    fields = [RequestEventRow._meta.get_field(name) for name in EVENT_COLUMNS]
+    fields = [RequestEvent._meta.get_field(name) for name in EVENT_COLUMNS]
     types = [_PG_TYPES[f.get_internal_type()] for f in fields]
     columns = ", ".join(f'"{f.column}"' for f in fields)
     create = (f"CREATE TEMP TABLE IF NOT EXISTS {_STAGING} ("
@@ -370,7 +367,7 @@ _STAGING_CREATE, _EVENT_COLUMN_LIST, _EVENT_COPY_TYPES = _staging_sql()
 
 def _copy_events(rows: list[tuple]) -> int:
     """COPY into the session's staging table, then move what is new; return rows inserted."""
-    table = RequestEventRow._meta.db_table
+    table = RequestEvent._meta.db_table
     with connection.cursor() as cursor:
         session = connection.connection
         if session not in _sessions_with_staging:

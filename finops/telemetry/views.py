@@ -15,17 +15,11 @@ from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from finops.lib.api import api_error, bearer_token, runtime_token_refused
 from finops.telemetry.contracts import BatchMalformed, BatchTooLarge
 from finops.telemetry.services import runtime_token_authenticate, telemetry_ingest
 
 logger = logging.getLogger("finops.telemetry")
-
-
-def api_error(status: int, message: str, *, error_type: str = "invalid_request_error", code: str | None = None,
-              param: str | None = None, extra: dict | None = None) -> JsonResponse:
-    """The error body both services answer with: ``{"error": {"type", "message", "code", "param"}}``."""
-    body = {**(extra or {}), "error": {"type": error_type, "message": message, "code": code, "param": param}}
-    return JsonResponse(body, status=status)
 
 
 class _Refused(Exception):
@@ -56,13 +50,10 @@ def _ingest(request: HttpRequest) -> JsonResponse:
         response = api_error(405, "Use POST to send telemetry.", code="method_not_allowed")
         response["Allow"] = "POST"
         return response
-    token = _bearer_token(request)
+    token = bearer_token(request)
     runtime = runtime_token_authenticate(token=token) if token else None
     if runtime is None:
-        response = api_error(401, "A valid runtime token is required: 'Authorization: Bearer <token>'.",
-                             error_type="authentication_error", code="invalid_token" if token else "missing_token")
-        response["WWW-Authenticate"] = 'Bearer realm="wattson"'
-        return response
+        return runtime_token_refused(token)
     body = _read_body(request)
     try:
         result = telemetry_ingest(runtime=runtime, body=body)
@@ -74,11 +65,6 @@ def _ingest(request: HttpRequest) -> JsonResponse:
         return api_error(422, f"All {result.received} records were refused; see 'refused'.",
                          code="all_records_refused", extra=result.as_dict())
     return JsonResponse(result.as_dict(), status=202)
-
-
-def _bearer_token(request: HttpRequest) -> str:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
 
 
 def _read_body(request: HttpRequest) -> bytes:

@@ -12,23 +12,17 @@ from django.utils import timezone
 
 from finops.dashboards import charts, page_data
 from finops.dashboards.filterbar import filter_state_parse
-from finops.dashboards.selectors import (
-    Filters,
-    LatencyPoint,
-    Measures,
-    SeriesPoint,
-    latency_percentiles,
-    latency_series,
-    runtime_gauges,
-    runtime_history,
-)
+from finops.telemetry.capacity import runtime_gauges, runtime_history
+from finops.telemetry.latency import LatencyPoint, latency_percentiles, latency_series
 from finops.telemetry.models import Rollup
+from finops.telemetry.ranges import Filters
 from finops.telemetry.rollups import rollup_run
+from finops.telemetry.sums import Sums
+from finops.telemetry.usage import SeriesPoint
 from tests.finops.budget_factories import request_event, store
 from tests.finops.dashboard_factories import runtime_samples, traffic
 
 pytestmark = pytest.mark.django_db
-ZERO_POINT = {field: 0 for field in Measures.__dataclass_fields__} | {"queue_wait_ms_max": None}
 
 
 def every_chart(now: dt.datetime) -> list[charts.Chart]:
@@ -94,7 +88,7 @@ def test_rejections_are_split_by_reason_from_rollups_and_tail(rolled: bool) -> N
 
 def test_rejections_counted_before_reasons_were_kept_say_so() -> None:
     at = dt.datetime(2026, 11, 22, 10, 0, tzinfo=dt.UTC)
-    point = SeriesPoint(**{**ZERO_POINT, "requests": 3, "rejections": 3, "shed": 1}, at=at, value=None)
+    point = SeriesPoint.of(Sums(requests=3, rejections=3, shed=1), at=at, value=None)
     chart = charts.rejections_by_reason([point], step="hour")
     assert {trace["name"]: trace["y"] for trace in chart.figure["data"]} == {
         "load shedding": [1], "reason not recorded": [2]}

@@ -503,10 +503,12 @@ def test_only_post_is_allowed(client: Any) -> None:
 # -- the contract, against the runtime's ------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["RequestEvent", "RuntimeSample", "DeviceSample", "TelemetryBatch"])
-def test_the_contract_has_the_runtimes_fields_and_required_fields(name: str) -> None:
+@pytest.mark.parametrize(("name", "runtime_name"), [
+    ("RequestEventRecord", "RequestEvent"), ("RuntimeSampleRecord", "RuntimeSample"),
+    ("DeviceSampleRecord", "DeviceSample"), ("TelemetryBatch", "TelemetryBatch")])
+def test_the_contract_has_the_runtimes_fields_and_required_fields(name: str, runtime_name: str) -> None:
     ours = getattr(contracts, name).model_json_schema()
-    theirs = getattr(runtime_contracts, name).model_json_schema()
+    theirs = getattr(runtime_contracts, runtime_name).model_json_schema()
 
     assert ours["properties"].keys() == theirs["properties"].keys()
     assert set(ours.get("required", [])) == set(theirs.get("required", []))
@@ -518,12 +520,12 @@ def test_the_contract_names_the_runtimes_breaker_states() -> None:
         (mapping,) = [s for s in model.model_json_schema()["properties"]["breakers"]["anyOf"] if s["type"] == "object"]
         return set(mapping["additionalProperties"]["enum"])
 
-    assert states(contracts.RuntimeSample) == states(runtime_contracts.RuntimeSample) == {"closed", "half_open",
-                                                                                          "open"}
+    assert states(contracts.RuntimeSampleRecord) == states(runtime_contracts.RuntimeSample) == {
+        "closed", "half_open", "open"}
 
 
 def test_the_contract_enumerates_the_runtimes_statuses_and_priorities() -> None:
-    ours, theirs = contracts.RequestEvent.model_json_schema(), runtime_contracts.RequestEvent.model_json_schema()
+    ours, theirs = contracts.RequestEventRecord.model_json_schema(), runtime_contracts.RequestEvent.model_json_schema()
 
     for field in ("status", "priority"):
         assert set(ours["properties"][field]["enum"]) == set(theirs["properties"][field]["enum"])

@@ -17,7 +17,7 @@ import pytest
 from django.conf import settings as django_settings
 from django.test import override_settings
 
-from finops.dashboards.selectors import runtime_history
+from finops.telemetry.capacity import runtime_history
 from finops.telemetry.models import DeviceRollup, DeviceSample, FillState, Granularity, RuntimeRollup, RuntimeSample
 from finops.telemetry.retention import retention_run
 from finops.telemetry.sample_rollups import FILL_STATE, sample_rollup_run

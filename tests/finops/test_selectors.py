@@ -23,25 +23,10 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from finops.dashboards.selectors import (
-    Filters,
-    Measures,
-    Tile,
-    dimension_values,
-    idle_capacity,
-    latency_percentiles,
-    latency_series,
-    latency_summary,
-    rollup_plan,
-    runtime_gauges,
-    spend_series,
-    usage_by,
-    usage_series,
-    usage_totals,
-)
-from finops.dashboards.tail import tail_snapshot
 from finops.runtimes.models import Runtime
 from finops.telemetry import sketch
+from finops.telemetry.capacity import idle_capacity, runtime_gauges
+from finops.telemetry.latency import latency_percentiles, latency_series, latency_summary
 from finops.telemetry.models import (
     STATUS_CLASSES,
     Device,
@@ -53,8 +38,11 @@ from finops.telemetry.models import (
     RuntimeSample,
 )
 from finops.telemetry.partitioning import ensure_partitions
+from finops.telemetry.ranges import Filters, Tile, rollup_plan
 from finops.telemetry.rollups import rollup_run
 from finops.telemetry.sample_rollups import sample_rollup_run
+from finops.telemetry.tail import tail_snapshot
+from finops.telemetry.usage import Measures, dimension_values, spend_series, usage_by, usage_series, usage_totals
 from tests.finops.factories import price_book
 
 pytestmark = pytest.mark.django_db

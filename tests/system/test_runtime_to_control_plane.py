@@ -14,12 +14,14 @@ import pytest
 from django.db.models import Sum
 from pytest_django.live_server_helper import LiveServer
 
-from finops.dashboards.selectors import Filters, latency_percentiles, usage_by, usage_totals
 from finops.pricing.models import ANY, DevicePrice, ModelPrice, PriceBook
 from finops.runtimes.services import runtime_register
+from finops.telemetry.latency import latency_percentiles
 from finops.telemetry.models import RequestEvent
+from finops.telemetry.ranges import Filters
 from finops.telemetry.rollups import rollup_run
 from finops.telemetry.sketch import ALPHA
+from finops.telemetry.usage import usage_by, usage_totals
 from inference.engine.models import LoadedModel
 from tests.inference.live import ACME, GLOBEX, INITECH, serve, tiny_config
 

@@ -4,13 +4,12 @@ None — a figure that was not measured (GPU power on a CPU machine) — and nev
 from __future__ import annotations
 
 import datetime as dt
-from decimal import Decimal
 from typing import Any
 
 from django import template
 from django.utils import timezone
 
-from finops.budgets.periods import org_time_zone
+from finops.lib.timezones import org_time_zone
 
 register = template.Library()
 
@@ -143,13 +142,3 @@ def bar_width(fraction: Any) -> int:
 @register.filter
 def na(value: Any) -> Any:
     return NA if value is None else value
-
-
-@register.filter
-def decimal_plain(value: Any) -> str:
-    """A number as CSV wants it: unformatted, empty when unknown."""
-    if value is None:
-        return ""
-    if isinstance(value, Decimal):
-        return format(value.normalize(), "f") if value == value.to_integral() else format(value, "f")
-    return str(value)

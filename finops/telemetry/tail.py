@@ -1,20 +1,20 @@
 """The raw tail: request events the rollups have not counted yet, and where in time they lie.
 
-Every request selector adds the rollups (events received up to the ``requests`` watermark) to the
-raw events received after it (see ``selectors``), aggregated by the database like the rollups.
+Every request read adds the rollups (events received up to the ``requests`` watermark) to the
+raw events received after it (see ``sources``), aggregated by the database like the rollups.
 Raw events are partitioned by the day they started, and a tail query bounded only by a page's
 range plans and probes every partition of it: on PostgreSQL with a month of partitions that was
 ~13 ms of planning and ~7 ms of execution per query, a dozen queries per page, although the tail
 is only the last seconds of traffic when the rollups keep up.
 
 ``tail_snapshot`` reads once, for a whole page, *when* the tail's events started (the earliest and
-latest ``started_at`` of the events received after the watermark). Selectors called inside the
+latest ``started_at`` of the events received after the watermark). Reads made inside the
 ``with`` block narrow their tail queries to that span (``tail_span``), so the database prunes them
 to the day or two of partitions that hold recent traffic, and skip them when the tail was empty.
-A selector's own watermark can only be the snapshot's or a later one (it only moves forward), so
+A read's own watermark can only be the snapshot's or a later one (it only moves forward), so
 the events it needs are among those the snapshot saw. Events that arrive after the snapshot was
 taken wait for the next page load, as they would have with a page rendered a moment earlier. A
-selector called outside any snapshot queries the whole of its range.
+read made outside any snapshot queries the whole of its range.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from django.db.models import Count, Max, Min
 
 from finops.telemetry.models import FillState, RequestEvent
+from finops.telemetry.rollups import FILL_STATE
 
-ROLLUP_FILL_STATE = "requests"
 _AFTER_LAST = dt.timedelta(microseconds=1)
 
 
@@ -42,7 +42,7 @@ class TailSnapshot:
     since: dt.datetime | None
     first: dt.datetime | None = None
     last: dt.datetime | None = None
-    last_watermark: dt.datetime | None = None  # the latest watermark a selector read in this block
+    last_watermark: dt.datetime | None = None  # the latest watermark a read saw in this block
 
     def span(self, start: dt.datetime, end: dt.datetime,
              watermark: dt.datetime | None) -> tuple[dt.datetime, dt.datetime] | None:
@@ -61,11 +61,11 @@ _active: ContextVar[TailSnapshot | None] = ContextVar("tail_snapshot", default=N
 
 def rollup_watermark() -> dt.datetime | None:
     """How far the request rollups have counted (by ``received_at``); None before the first run."""
-    return FillState.objects.filter(name=ROLLUP_FILL_STATE).values_list("watermark", flat=True).first()
+    return FillState.objects.filter(name=FILL_STATE).values_list("watermark", flat=True).first()
 
 
 def watermark_before_read() -> dt.datetime | None:
-    """The watermark to open a consistent rollup read with (see ``selectors._read_rollups``): inside
+    """The watermark to open a consistent rollup read with (see ``sources.read_rollups``): inside
     a snapshot, the last one read there — it can only have moved forward since, which the read's
     closing check catches — else the current one."""
     snapshot = _active.get()
@@ -99,7 +99,7 @@ def read() -> TailSnapshot:
 
 @contextmanager
 def tail_snapshot() -> Iterator[TailSnapshot]:
-    """Read the tail's span once for every selector called inside the block."""
+    """Read the tail's span once for every read made inside the block."""
     snapshot = read()
     token = _active.set(snapshot)
     try:
