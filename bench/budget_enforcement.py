@@ -111,11 +111,10 @@ def celery_worker(broker: str, var_dir: Path) -> Iterator[None]:
         subprocess.run([sys.executable, "-m", "celery", "-A", "finops", "purge", "-f"], cwd=REPO, env=env,
                        capture_output=True, check=False)
     argv = [sys.executable, "-m", "celery", "-A", "finops", "worker", "-B", "--concurrency", "2", "-l", "warning"]
-    with logged_process("celery", argv, env=env, cwd=REPO, stop_timeout_s=30) as (proc, log_path):
-        progress(f"starting celery worker -B (pid {proc.pid}) on {broker}")
+    with logged_process("celery", argv, env=env, cwd=REPO, stop_timeout_s=30) as worker:
+        progress(f"starting celery worker -B (pid {worker.pid}) on {broker}")
         time.sleep(1.0)
-        if proc.poll() is not None:
-            raise RuntimeError(f"the Celery worker exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        worker.check()
         yield
 
 

@@ -203,20 +203,10 @@ def control_plane(workers: int, name: str) -> Iterator[str]:
     argv = [sys.executable, "-m", "uvicorn", "finops.asgi:application", "--host", "127.0.0.1", "--port", str(port),
             "--workers", str(workers), "--log-level", "warning", "--no-access-log"]
     url = f"http://127.0.0.1:{port}"
-    with logged_process("uvicorn", argv, env=django_env(name), cwd=REPO) as (proc, log_path):
-        progress(f"starting uvicorn --workers {workers} (pid {proc.pid}) on {url}")
-        started = time.monotonic()
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"uvicorn exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.post(url + "/api/v1/events", content=b"{}", timeout=2.0).status_code == 401:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() - started > START_TIMEOUT_S:
-                raise RuntimeError(f"uvicorn did not answer within {START_TIMEOUT_S:.0f} s")
-            time.sleep(0.2)
+    with logged_process("uvicorn", argv, env=django_env(name), cwd=REPO) as server:
+        progress(f"starting uvicorn --workers {workers} (pid {server.pid}) on {url}")
+        server.wait_until(lambda: httpx.post(url + "/api/v1/events", content=b"{}", timeout=2.0).status_code == 401,
+                          what="answer /api/v1/events", timeout=START_TIMEOUT_S, interval=0.2)
         yield url
 
 

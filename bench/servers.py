@@ -2,14 +2,15 @@
 
 ``runtime_server`` runs the real ``python -m inference serve``; ``stub_server`` runs
 ``bench.stub_server`` (an instant upstream and telemetry collector). Both yield a base URL once the
-server answers, and stop the process (SIGTERM, then SIGKILL) when the block ends.
+server answers, and stop the process group (SIGTERM, then SIGKILL) when the block ends. Each server
+is a ``demo.processes.Child``, the one supervisor the demo's services and the benchmarks' share.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 import httpx
 
 from bench.report import progress
+from demo.processes import Child
 
 BENCH_KEY = "sk-bench-key-0001"
 BENCH_TENANT = "bench"
@@ -57,60 +59,31 @@ def _process(name: str, argv: Sequence[str], port: int, env: dict[str, str] | No
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("INFERENCE_")}
     child_env.update(env or {})
     base_url = f"http://127.0.0.1:{port}"
-    with logged_process(name, [sys.executable, *argv], env=child_env) as (proc, log_path):
-        progress(f"starting {name} (pid {proc.pid}) on {base_url}")
-        _wait_until_healthy(proc, name, base_url, log_path)
+    with logged_process(name, [sys.executable, *argv], env=child_env) as child:
+        progress(f"starting {name} (pid {child.pid}) on {base_url}")
+        started = time.monotonic()
+        child.wait_until(lambda: httpx.get(base_url + "/health", timeout=2.0).status_code == 200,
+                         what="become healthy", timeout=START_TIMEOUT_S, interval=0.2)
+        progress(f"{name} ready in {time.monotonic() - started:.1f} s")
         yield base_url
 
 
 @contextmanager
 def logged_process(name: str, argv: Sequence[str], *, env: dict[str, str], cwd: Path | None = None,
-                   stop_timeout_s: float = 20.0) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
-    """``argv`` as a child writing to a temporary log; stopped (SIGTERM, then SIGKILL) when the block
-    ends. The log is deleted after a clean run and kept (and its path printed) after a failure."""
+                   stop_timeout_s: float = 20.0) -> Iterator[Child]:
+    """``argv`` as a child writing to a temporary log; stopped (SIGTERM to it, then its whole group,
+    then SIGKILL) when the block ends. The log is deleted after a clean run and kept (and its path
+    printed) after a failure."""
     with tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False) as log:
         log_path = Path(log.name)
-        proc = subprocess.Popen(list(argv), cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    child = Child(name, argv, env=env, cwd=cwd, log=log_path, stop_signal=signal.SIGTERM)
     failed = True
     try:
-        yield proc, log_path
+        yield child
         failed = False
     finally:
-        _stop(proc, stop_timeout_s)
+        child.stop(stop_timeout_s)
         if failed:
             progress(f"{name}'s log is kept in {log_path}")
         else:
             log_path.unlink(missing_ok=True)
-
-
-def _wait_until_healthy(proc: subprocess.Popen[bytes], name: str, base_url: str, log_path: Path) -> None:
-    started = time.monotonic()
-    while time.monotonic() - started < START_TIMEOUT_S:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode} while starting:\n{_tail(log_path)}")
-        try:
-            if httpx.get(base_url + "/health", timeout=2.0).status_code == 200:
-                progress(f"{name} ready in {time.monotonic() - started:.1f} s")
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{name} did not become healthy within {START_TIMEOUT_S:.0f} s:\n{_tail(log_path)}")
-
-
-def _stop(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"

@@ -1,11 +1,12 @@
-"""The demo's child processes: each in its own process group, its output in a log file, stopped
-with everything it started.
+"""Child processes of the demo and the benchmarks: each in its own process group, its output in a
+log file, waited for until it is ready and stopped with everything it started.
 
 A child started in a new session does not receive the terminal's Ctrl-C; the demo catches it and
 stops the children itself, in an order that lets the runtime flush its telemetry to a control
-plane that is still up. Stopping signals the whole group (a Celery worker's pool and beat, uvicorn's
-server), waits, then kills what is left. On Linux each child is also asked to receive SIGTERM if
-the demo itself dies without cleaning up (``PR_SET_PDEATHSIG``).
+plane that is still up (a benchmark stops its own as its ``with`` block ends). Stopping signals the
+whole group (a Celery worker's pool and beat, uvicorn's workers), waits, then kills what is left.
+On Linux each child is also asked to receive SIGTERM if its parent dies without cleaning up
+(``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
@@ -22,21 +23,28 @@ from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
 
+# Looked up once, here: loading a library in the child between fork and exec can hang when other
+# threads ran in the parent (a benchmark's torch threads).
+_prctl = None
+if sys.platform.startswith("linux"):
+    with contextlib.suppress(OSError):
+        _prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+
 
 class ChildFailed(RuntimeError):
     """A child exited or did not become ready; the message says which and shows its log's tail."""
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class Child:
-    """One service the demo started: ``name`` for messages, ``log`` for its output."""
+    """One service started: ``name`` for messages, ``log`` for its output (appended to), ``cwd``
+    where it runs (this process's when not given)."""
 
-    def __init__(self, name: str, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, log: Path,
+    def __init__(self, name: str, argv: Sequence[str], *, env: Mapping[str, str], log: Path, cwd: Path | None = None,
                  stop_signal: signal.Signals = signal.SIGINT) -> None:
         self.name = name
         self.log = log

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from inference.contracts import BreakerState, RequestEvent
-from inference.metrics import gauge
+from inference.metrics import LiveSample, counter, gauge
 
 STATE_VALUES: dict[BreakerState, int] = {"closed": 0, "half_open": 1, "open": 2}
 BACKEND_FAILURES = frozenset({"upstream_error", "upstream_timeout", "upstream_overloaded", "engine_error"})
@@ -160,18 +160,18 @@ class CircuitBreakers:
         # Read from the sampler's thread: a copy of the items, taken in one step under the GIL.
         return {model: breaker.state for model, breaker in sorted(list(self._breakers.items()))}
 
-    def gauges(self) -> list[tuple[str, str, dict, float]]:
-        rows: list[tuple[str, str, dict, float]] = []
+    def samples(self) -> list[LiveSample]:
+        rows: list[LiveSample] = []
         for model, breaker in sorted(self._breakers.items()):
             rows += gauge("wattson_breaker_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open",
                           STATE_VALUES[breaker.state], model=model)
-            rows += gauge("wattson_breaker_opens_total", "Times the circuit breaker opened",
-                          breaker.opens_total, model=model)
-            rows += gauge("wattson_retries_total", "Attempts retried after a transient failure",
-                          self.retries_total[model], model=model)
+            rows += counter("wattson_breaker_opens_total", "Times the circuit breaker opened",
+                            breaker.opens_total, model=model)
+            rows += counter("wattson_retries_total", "Attempts retried after a transient failure",
+                            self.retries_total[model], model=model)
         for (model, step), count in sorted(self.fallbacks_total.items()):
-            rows += gauge("wattson_fallbacks_total", "Requests sent along the fallback chain of a model "
-                          "whose breaker was open, by the step that took them", count, model=model, step=step)
+            rows += counter("wattson_fallbacks_total", "Requests sent along the fallback chain of a model "
+                            "whose breaker was open, by the step that took them", count, model=model, step=step)
         return rows
 
 

@@ -31,7 +31,7 @@ from typing import Any, Literal
 from inference.backends import Generation, ObservedOutputs, Output, Outputs
 from inference.config import ApiKey, RuntimeConfig
 from inference.engine.engine import GenerationResult, TokenDelta
-from inference.metrics import gauge
+from inference.metrics import LiveSample, counter, gauge
 from inference.schemas import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger("inference.cache")
@@ -328,24 +328,24 @@ class ResponseCache:
         self.memory.put(key, answer, len(raw))
         return answer
 
-    def gauges(self) -> list[tuple[str, str, dict, float]]:
+    def samples(self) -> list[LiveSample]:
         c = self.counters
-        rows = gauge("wattson_cache_hits_total", "Requests answered from the response cache", c.hits)
-        rows += gauge("wattson_cache_misses_total", "Cacheable requests the cache could not answer", c.misses)
-        rows += gauge("wattson_cache_stores_total", "Answers kept in the response cache", c.stores)
+        rows = counter("wattson_cache_hits_total", "Requests answered from the response cache", c.hits)
+        rows += counter("wattson_cache_misses_total", "Cacheable requests the cache could not answer", c.misses)
+        rows += counter("wattson_cache_stores_total", "Answers kept in the response cache", c.stores)
         rows += gauge("wattson_cache_entries", "Answers held in memory", len(self.memory))
         rows += gauge("wattson_cache_bytes", "Memory held by cached answers", self.memory.bytes)
-        rows += gauge("wattson_cache_evictions_total", "Answers evicted from memory by the size bounds",
-                      self.memory.evictions)
-        rows += gauge("wattson_cache_saved_tokens_total", "Tokens cache hits did not have to process",
-                      c.saved_prompt_tokens, kind="prompt")
-        rows += gauge("wattson_cache_saved_tokens_total", "Tokens cache hits did not have to process",
-                      c.saved_completion_tokens, kind="completion")
-        rows += gauge("wattson_cache_saved_gpu_seconds_total", "Engine time the cached answers took when first made",
-                      c.saved_gpu_seconds)
+        rows += counter("wattson_cache_evictions_total", "Answers evicted from memory by the size bounds",
+                        self.memory.evictions)
+        rows += counter("wattson_cache_saved_tokens_total", "Tokens cache hits did not have to process",
+                        c.saved_prompt_tokens, kind="prompt")
+        rows += counter("wattson_cache_saved_tokens_total", "Tokens cache hits did not have to process",
+                        c.saved_completion_tokens, kind="completion")
+        rows += counter("wattson_cache_saved_gpu_seconds_total", "Engine time the cached answers took when first made",
+                        c.saved_gpu_seconds)
         if self.redis is not None:
-            rows += gauge("wattson_cache_redis_errors_total", "Redis reads and writes that failed (served as misses)",
-                          self.redis.errors)
+            rows += counter("wattson_cache_redis_errors_total", "Redis reads and writes that failed (served as misses)",
+                            self.redis.errors)
             rows += gauge("wattson_cache_redis_up", "0 while Redis is being skipped after a failure",
                           1.0 if self.redis.available else 0.0)
         return rows

@@ -1,13 +1,14 @@
-"""Prometheus metrics: counters and histograms fed by request events and engine steps, and gauges
-read from the live runtime at scrape time (queue depth, running sequences, GPUs, spool)."""
+"""Prometheus metrics: counters and histograms fed by request events and engine steps, and samples
+read from the live runtime at scrape time: levels as gauges (queue depth, running sequences, GPUs,
+spool) and running totals (``*_total``: shed requests, busy seconds, cache hits) as counters."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from inference.contracts import RequestEvent
@@ -18,22 +19,35 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
 # `_created` timestamps double every series and no dashboard reads them.
 disable_created_metrics()
 
-GaugeReader = Callable[[], Iterable[tuple[str, str, dict[str, str], float]]]
+
+class LiveSample(NamedTuple):
+    """One value read at scrape time; ``counter`` for a running total (its name ends in ``_total``)."""
+
+    name: str
+    help: str
+    labels: dict[str, str]
+    value: float
+    counter: bool = False
 
 
-class _LiveGauges(Collector):
-    """Reads current values when scraped: (name, help, labels, value) rows from the runtime."""
+SampleReader = Callable[[], Iterable[LiveSample]]
 
-    def __init__(self, read: GaugeReader) -> None:
+
+class _LiveSamples(Collector):
+    """Reads current values when scraped, from the runtime's readers."""
+
+    def __init__(self, read: SampleReader) -> None:
         self._read = read
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
-        families: dict[str, GaugeMetricFamily] = {}
-        for name, help_text, labels, value in self._read():
-            family = families.get(name)
+    def collect(self) -> Iterable[Metric]:
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
+        for sample in self._read():
+            family = families.get(sample.name)
             if family is None:
-                family = families[name] = GaugeMetricFamily(name, help_text, labels=sorted(labels))
-            family.add_metric([labels[k] for k in sorted(labels)], value)
+                # CounterMetricFamily takes the name without its _total and puts it back on the sample.
+                kind = CounterMetricFamily if sample.counter else GaugeMetricFamily
+                family = families[sample.name] = kind(sample.name, sample.help, labels=sorted(sample.labels))
+            family.add_metric([sample.labels[k] for k in sorted(sample.labels)], sample.value)
         return families.values()
 
 
@@ -57,8 +71,8 @@ class RuntimeMetrics:
         self.step_seconds = Histogram("wattson_engine_step_seconds", "Wall time of each engine step",
                                       ["model", "kind"], buckets=LATENCY_BUCKETS, registry=r)
 
-    def watch(self, read: GaugeReader) -> None:
-        self.registry.register(_LiveGauges(read))
+    def watch(self, read: SampleReader) -> None:
+        self.registry.register(_LiveSamples(read))
 
     def observe_event(self, event: RequestEvent) -> None:
         model = event.model_served or event.model_requested
@@ -84,8 +98,22 @@ class RuntimeMetrics:
         return generate_latest(self.registry), "text/plain; version=0.0.4; charset=utf-8"
 
 
-def gauge(name: str, help_text: str, value: float | None, **labels: Any) -> list[tuple[str, str, dict, float]]:
-    """A gauge row, or none when the value was not measured (absent, never zero)."""
+def gauge(name: str, help_text: str, value: float | None, **labels: Any) -> list[LiveSample]:
+    """A level's sample, or none when the value was not measured (absent, never zero)."""
+    if name.endswith("_total"):
+        raise ValueError(f"{name} is a running total: read it with counter()")
+    return _sample(name, help_text, value, labels, counter=False)
+
+
+def counter(name: str, help_text: str, value: float | None, **labels: Any) -> list[LiveSample]:
+    """A running total's sample (its name ends in ``_total``), or none when it was not measured."""
+    if not name.endswith("_total"):
+        raise ValueError(f"{name} is not named as a running total (…_total): read it with gauge()")
+    return _sample(name, help_text, value, labels, counter=True)
+
+
+def _sample(name: str, help_text: str, value: float | None, labels: dict[str, Any], *,
+            counter: bool) -> list[LiveSample]:
     if value is None:
         return []
-    return [(name, help_text, {k: str(v) for k, v in labels.items()}, float(value))]
+    return [LiveSample(name, help_text, {k: str(v) for k, v in labels.items()}, float(value), counter)]

@@ -13,12 +13,12 @@ read one stream of outputs however many attempts it took, and one request makes 
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from inference.admission import Pausable
 from inference.backends import Generation, Output, Prepared
+from inference.backoff import backoff_s
 from inference.breaker import CircuitBreaker
 from inference.engine.engine import GenerationResult
 from inference.errors import ApiError
@@ -27,13 +27,6 @@ if TYPE_CHECKING:
     from inference.runtime import Backend, Runtime
 
 MAX_BACKOFF_S = 10.0
-
-
-def backoff_s(retry: int, base_s: float) -> float:
-    """The wait before retry number ``retry`` (1, 2, ...): half of it fixed, half random, so
-    clients that failed together do not come back together."""
-    ceiling = min(MAX_BACKOFF_S, base_s * 2 ** (retry - 1))
-    return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
 def start_with_retries(runtime: Runtime, backend: Backend, prepared: Prepared) -> RetryingGeneration:
@@ -66,7 +59,7 @@ class RetryingGeneration:
             if self._breaker.state != "closed":
                 break
             self._on_retry()
-            await asyncio.sleep(backoff_s(self.attempts, self._backoff_base_s))
+            await asyncio.sleep(backoff_s(self.attempts, base_s=self._backoff_base_s, cap_s=MAX_BACKOFF_S))
             if self._cancelled:
                 break
             self.attempts += 1

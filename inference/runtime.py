@@ -26,7 +26,7 @@ from inference.errors import ApiError
 from inference.fallback import NO_CACHE, FallbackCache
 from inference.gpu import GpuMonitor
 from inference.measurement import RequestMeasurement
-from inference.metrics import RuntimeMetrics, gauge
+from inference.metrics import LiveSample, RuntimeMetrics, counter, gauge
 from inference.routing import ModelRouter
 from inference.rules import RuleEnforcer, RulesetKeeper, RulesetPuller
 from inference.telemetry.exporter import TelemetryExporter
@@ -57,7 +57,7 @@ class Runtime:
         self.ready = False
         self._listeners: list[Callable[[RequestEvent], None]] = []
         self.breakers = CircuitBreakers(_breaker_settings(config), {f.model: f.steps for f in config.fallbacks})
-        self.metrics.watch(self.breakers.gauges)
+        self.metrics.watch(self.breakers.samples)
         # The fallback chains' "cache" step: a response cache sets itself here (inference.fallback).
         self.fallback_cache: FallbackCache = NO_CACHE
         self.rules = RuleEnforcer()
@@ -65,8 +65,8 @@ class Runtime:
         self.puller: RulesetPuller | None = None
         self.router: ModelRouter | None = None
         self.cache: ResponseCache | None = None
-        self.metrics.watch(self._live_gauges)
-        self.metrics.watch(lambda: self.cache.gauges() if self.cache is not None else [])
+        self.metrics.watch(self._live_samples)
+        self.metrics.watch(lambda: self.cache.samples() if self.cache is not None else [])
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -222,16 +222,16 @@ class Runtime:
     def running(self) -> int:
         return sum(b.admission.in_use for b in self.backends.values())
 
-    def _live_gauges(self) -> list[tuple[str, str, dict, float]]:
-        rows: list[tuple[str, str, dict, float]] = []
+    def _live_samples(self) -> list[LiveSample]:
+        rows: list[LiveSample] = []
         for name, b in self.backends.items():
             rows += gauge("wattson_queue_depth", "Requests waiting for a slot", b.admission.depth, model=name)
             rows += gauge("wattson_running_requests", "Requests holding a slot", b.admission.in_use, model=name)
             for reason, count in b.admission.shed_total.items():
-                rows += gauge("wattson_shed_requests_total", "Requests shed by admission", count,
-                              model=name, reason=reason)
-            rows += gauge("wattson_preemptions_total", "Running requests paused for high-priority work",
-                          b.admission.preemptions_total, model=name)
+                rows += counter("wattson_shed_requests_total", "Requests shed by admission", count,
+                                model=name, reason=reason)
+            rows += counter("wattson_preemptions_total", "Running requests paused for high-priority work",
+                            b.admission.preemptions_total, model=name)
             if isinstance(b, LocalBackend):
                 s = b.engine.stats
                 rows += gauge("wattson_running_sequences", "Sequences in the engine's batch", s.running, model=name)
@@ -239,17 +239,20 @@ class Runtime:
                               s.kv_tokens_held, model=name)
                 rows += gauge("wattson_paused_sequences", "Sequences paused for high-priority work (KV kept)",
                               s.paused, model=name)
-                rows += gauge("wattson_engine_busy_seconds_total", "Measured engine step time",
-                              s.busy_seconds_total, model=name)
-                rows += gauge("wattson_engine_energy_joules_total", "Measured energy of engine steps",
-                              s.energy_joules_total, model=name)
+                rows += counter("wattson_engine_busy_seconds_total", "Measured engine step time",
+                                s.busy_seconds_total, model=name)
+                rows += counter("wattson_engine_energy_joules_total", "Measured energy of engine steps",
+                                s.energy_joules_total, model=name)
         for d in self.gpu.sample() if self.gpu is not None else []:
             for field, help_text in (("gpu_util", "GPU utilisation %"), ("mem_used", "GPU memory used bytes"),
-                                     ("mem_total", "GPU memory bytes"), ("power_w", "GPU power W"),
-                                     ("energy_joules_total", "GPU energy counter J"),
-                                     ("temperature_c", "GPU temperature C")):
+                                     ("power_w", "GPU power W"), ("temperature_c", "GPU temperature C")):
                 rows += gauge(f"wattson_gpu_{field}", help_text, getattr(d, field), device=d.device)
-        rows += self._rule_gauges()
+            # A device's memory is a level, but its name ends in _total and scrapers know it by that
+            # name: it never changes, so it is a valid (constant) counter.
+            rows += counter("wattson_gpu_mem_total", "GPU memory bytes", d.mem_total, device=d.device)
+            rows += counter("wattson_gpu_energy_joules_total", "GPU energy counter J", d.energy_joules_total,
+                            device=d.device)
+        rows += self._rule_samples()
         if self.exporter is not None:
             stats = self.exporter.stats()
             for key in ("queued", "spooled_records", "spooled_bytes", "sent_records", "failed_posts",
@@ -259,25 +262,26 @@ class Runtime:
                           1.0 if stats.get("spool_full") else 0.0)
         return rows
 
-    def _rule_gauges(self) -> list[tuple[str, str, dict, float]]:
+    def _rule_samples(self) -> list[LiveSample]:
         c = self.rules.counters
         rows = gauge("wattson_ruleset_version", "Version of the ruleset this runtime holds (0: none)",
                      self.rules.version)
         rows += gauge("wattson_ruleset_stale", "1 while any allowance is past its expiry without a newer ruleset",
                       1.0 if self.rules.stale() else 0.0)
-        rows += gauge("wattson_ruleset_fail_open_total", "Requests let through an expired 'open' allowance",
-                      c.fail_open)
-        rows += gauge("wattson_ruleset_fail_closed_total", "Requests refused by an expired 'closed' allowance",
-                      c.fail_closed)
+        rows += counter("wattson_ruleset_fail_open_total", "Requests let through an expired 'open' allowance",
+                        c.fail_open)
+        rows += counter("wattson_ruleset_fail_closed_total", "Requests refused by an expired 'closed' allowance",
+                        c.fail_closed)
         for reason, count in c.rejections.items():
-            rows += gauge("wattson_rule_rejections_total", "Requests refused by the ruleset", count, reason=reason)
-        rows += gauge("wattson_rule_downgrades_total", "Requests served by a cheaper model by a downgrade rule",
-                      c.downgrades)
-        rows += gauge("wattson_rule_downgrades_ignored_total",
-                      "Downgrade rules skipped: their model is not served here", c.downgrades_ignored)
-        rows += gauge("wattson_rule_capped_total", "Requests whose max_tokens a cap rule bounded", c.capped)
+            rows += counter("wattson_rule_rejections_total", "Requests refused by the ruleset", count, reason=reason)
+        rows += counter("wattson_rule_downgrades_total", "Requests served by a cheaper model by a downgrade rule",
+                        c.downgrades)
+        rows += counter("wattson_rule_downgrades_ignored_total",
+                        "Downgrade rules skipped: their model is not served here", c.downgrades_ignored)
+        rows += counter("wattson_rule_capped_total", "Requests whose max_tokens a cap rule bounded", c.capped)
         if self.puller is not None:
-            rows += gauge("wattson_ruleset_pull_failures_total", "Ruleset pulls that failed", self.puller.failed_total)
+            rows += counter("wattson_ruleset_pull_failures_total", "Ruleset pulls that failed",
+                            self.puller.failed_total)
         return rows
 
 

@@ -21,11 +21,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from inference.backoff import backoff_s
 from inference.config import Tier
 from inference.contracts import Priority
 from inference.errors import ApiError
 from inference.jobs.store import Job, JobStore
-from inference.retries import backoff_s
+from inference.retries import MAX_BACKOFF_S
 
 log = logging.getLogger("inference.jobs")
 
@@ -192,7 +193,8 @@ class JobRunner:
     def _failed(self, job: Job, error: ApiError) -> None:
         body = error.body()["error"]
         if is_transient(error) and job.attempts < self.max_attempts:
-            delay = max(backoff_s(job.attempts, self.backoff_base_s), float(error.retry_after_s or 0))
+            delay = max(backoff_s(job.attempts, base_s=self.backoff_base_s, cap_s=MAX_BACKOFF_S),
+                        float(error.retry_after_s or 0))
             self.store.retry_later(job.id, error=body, delay_s=delay)
         else:
             self.store.fail(job.id, body)

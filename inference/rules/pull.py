@@ -17,6 +17,7 @@ from typing import Literal
 
 import httpx
 
+from inference.backoff import backoff_s
 from inference.rules.contract import MAX_DOCUMENT_BYTES, RulesetInvalid
 from inference.rules.enforcement import RulesetNotNewer
 from inference.rules.keeper import RulesetKeeper
@@ -61,8 +62,8 @@ class RulesetPuller:
     def next_delay_s(self) -> float:
         if self.failures_in_a_row == 0:
             return self.interval_s
-        cap = max(self.interval_s, MAX_BACKOFF_S)
-        return min(cap, self.interval_s * 2 ** min(self.failures_in_a_row, 16))
+        return backoff_s(self.failures_in_a_row + 1, base_s=self.interval_s,
+                         cap_s=max(self.interval_s, MAX_BACKOFF_S), jitter=0)
 
     async def _run(self) -> None:
         while True:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import random
 import threading
 import time
 from collections import Counter
@@ -34,6 +33,7 @@ from pathlib import Path
 import httpx
 
 from inference import __version__
+from inference.backoff import backoff_s
 from inference.contracts import RequestEvent, RuntimeSample
 from inference.telemetry.spool import SEGMENT_BYTES, Cursor, Spool, SpoolRecord
 
@@ -459,8 +459,7 @@ class TelemetryExporter:
             self._cv.notify_all()
 
     def _backoff(self, failures: int, retry_after: float | None) -> float:
-        ceiling = min(self._backoff_max_s, self._backoff_initial_s * 2 ** min(failures - 1, 30))
-        delay = random.uniform(ceiling / 2, ceiling)
+        delay = backoff_s(failures, base_s=self._backoff_initial_s, cap_s=self._backoff_max_s)
         if retry_after is not None:
             delay = max(delay, min(retry_after, self._backoff_max_s))
         return delay

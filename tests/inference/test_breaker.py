@@ -1,5 +1,5 @@
-"""The circuit breaker's states on a clock the test moves, the retries' backoff, and the options
-that configure both (the live behaviour is in test_resilience.py)."""
+"""The circuit breaker's states on a clock the test moves, and the options that configure it and the
+retries (the live behaviour is in test_resilience.py; the retries' backoff in test_backoff.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import pytest
 
 from inference.breaker import BreakerSettings, CircuitBreaker, CircuitBreakers
 from inference.config import ConfigError, Fallback, load_config
-from inference.retries import MAX_BACKOFF_S, backoff_s
 from tests.inference.test_exporter import make_event
 
 SETTINGS = BreakerSettings(window_s=10.0, min_requests=4, error_rate=0.5, cooldown_s=5.0, probes=2,
@@ -127,14 +126,6 @@ def test_the_board_counts_a_request_against_the_model_that_served_it(clock: Cloc
     board.observe(make_event(model_served="big", status="ok", cache_hit=True))
     assert board.states() == {"big": "open", "small": "closed"}, "a client's 400s are not the model failing"
     assert board.chain("big") == ("small", "503") and board.chain("small") == ()
-
-
-def test_backoff_doubles_with_jitter_and_is_capped() -> None:
-    for retry, ceiling in ((1, 0.2), (2, 0.4), (3, 0.8)):
-        waits = [backoff_s(retry, 0.2) for _ in range(200)]
-        assert all(ceiling / 2 <= w <= ceiling for w in waits)
-        assert max(waits) - min(waits) > ceiling / 10, "jittered, not fixed"
-    assert backoff_s(30, 0.2) <= MAX_BACKOFF_S
 
 
 # -- configuration ---------------------------------------------------------------------------------

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from inference.config import OPTIONS, ApiKey, ConfigError, Upstream, load_config
+from inference.config import ApiKey, ConfigError, RuntimeConfig, Upstream, load_config
+from inference.options import POSITIVE, Option, declared
 
 
 def test_help_documents_every_option_and_its_variable() -> None:
     result = subprocess.run([sys.executable, "-m", "inference", "serve", "--help"], capture_output=True, text=True,
                             check=True)
-    for option in OPTIONS:
+    for option in declared(RuntimeConfig):
         assert option.flag in result.stdout
         assert option.env in result.stdout.replace("\n", " ").replace("  ", "")
 
@@ -65,3 +67,36 @@ def test_the_cli_exits_2_with_the_reason_on_bad_configuration() -> None:
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "max_queue_depth must be positive" in result.stderr
+
+
+POSITIVE_OPTIONS = [option for option in declared(RuntimeConfig) if POSITIVE in option.checks]
+
+
+@pytest.mark.parametrize("option", POSITIVE_OPTIONS, ids=[o.flag for o in POSITIVE_OPTIONS])
+def test_an_option_declared_positive_refuses_zero_from_its_flag_and_its_variable(option: Option) -> None:
+    with pytest.raises(ConfigError, match=f"^{option.name} must be positive$"):
+        load_config([option.flag, "0"], environ={})
+    with pytest.raises(ConfigError, match=f"^{option.name} must be positive$"):
+        load_config([], environ={option.env: "-1"})
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--upstream-retries", "-1"], "upstream_retries must not be negative"),
+    (["--breaker-error-rate", "0"], "breaker_error_rate must be above 0 and at most 1"),
+    (["--breaker-error-rate", "1.01"], "breaker_error_rate must be above 0 and at most 1"),
+    (["--high-priority-max-running", "0"], "high_priority_max_running must be at least 1"),
+    (["--admin-token", "a" * 15], "--admin-token must be 16-200 characters"),
+    (["--cache-redis-url", ""], "--cache-redis-url must start with redis://, rediss:// or unix://"),
+    (["--finops-url", "ftp://x"], "--finops-url must start with http:// or https://"),
+    (["--breaker-window-s", "soon"], "--breaker-window-s / INFERENCE_BREAKER_WINDOW_S: 'soon' is not a valid float"),
+])
+def test_each_option_is_checked_by_its_declaration(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(argv, environ={})
+
+
+def test_boundary_values_and_unset_options_pass_their_checks() -> None:
+    config = load_config(["--upstream-retries", "0", "--breaker-error-rate", "1", "--high-priority-max-running", "1",
+                          "--finops-url", ""], environ={"INFERENCE_TORCH_THREADS": ""})
+    assert (config.upstream_retries, config.breaker_error_rate, config.high_priority_max_running) == (0, 1.0, 1)
+    assert config.finops_url == "" and config.torch_threads is None, "empty means unset: telemetry stays off"

@@ -1,0 +1,76 @@
+"""/metrics: every running total (``*_total``) is a Prometheus counter and every level a gauge,
+under the names scrapers already know."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from inference.engine.models import LoadedModel
+from inference.gpu import GpuMonitor
+from inference.metrics import counter, gauge
+from tests.inference.collector import Collector
+from tests.inference.fake_nvml import FakeGpu, FakeNvml
+from tests.inference.live import GLOBEX, serve, tiny_config
+from tests.inference.rulesets import ADMIN_TOKEN, at, document, push, rule, scope
+
+# What a runtime with a GPU, a response cache, a ruleset and a control plane shows after a cache hit
+# and a refused request (an upstream's fallbacks, Redis errors and CUDA step energy need more).
+TOTALS = {
+    "wattson_requests_total", "wattson_tokens_total", "wattson_shed_requests_total", "wattson_preemptions_total",
+    "wattson_engine_busy_seconds_total", "wattson_gpu_mem_total", "wattson_gpu_energy_joules_total",
+    "wattson_ruleset_fail_open_total", "wattson_ruleset_fail_closed_total", "wattson_rule_rejections_total",
+    "wattson_rule_downgrades_total", "wattson_rule_downgrades_ignored_total", "wattson_rule_capped_total",
+    "wattson_ruleset_pull_failures_total", "wattson_cache_hits_total", "wattson_cache_misses_total",
+    "wattson_cache_stores_total", "wattson_cache_evictions_total", "wattson_cache_saved_tokens_total",
+    "wattson_cache_saved_gpu_seconds_total", "wattson_breaker_opens_total", "wattson_retries_total",
+}
+LEVELS = {
+    "wattson_queue_depth", "wattson_running_requests", "wattson_running_sequences", "wattson_kv_cache_tokens",
+    "wattson_paused_sequences", "wattson_gpu_gpu_util", "wattson_gpu_mem_used", "wattson_gpu_power_w",
+    "wattson_gpu_temperature_c", "wattson_ruleset_version", "wattson_ruleset_stale", "wattson_cache_entries",
+    "wattson_cache_bytes", "wattson_breaker_state", "wattson_telemetry_queued", "wattson_telemetry_spool_full",
+}
+
+
+def test_every_total_on_metrics_is_a_counter_and_every_level_a_gauge(
+    tiny_model: LoadedModel, collector: Collector, tmp_path: Path
+) -> None:
+    gpu = GpuMonitor(FakeNvml([FakeGpu(uuid="GPU-11111111-2222-3333-4444-555555555555", energy_mj=9_000_000)]))
+    config = tiny_config(cache_enabled=True, admin_token=ADMIN_TOKEN, finops_url=collector.url,
+                         spool_dir=tmp_path / "spool")
+    with serve(config, preloaded=(tiny_model,), gpu=gpu) as live:
+        push(live, document(rules=[rule("globex-block", {"type": "block"}, where=scope(tenant="globex"),
+                                        expires_at=at(3600))]))
+        body = {"model": "tiny-random", "prompt": "The lighthouse keeper", "max_tokens": 4, "temperature": 0}
+        with live.client() as client:
+            assert [client.post("/v1/completions", json=body).headers["x-wattson-cache"] for _ in range(2)] == [
+                "miss", "hit"]
+        with live.client(GLOBEX) as client:
+            assert client.post("/v1/completions", json=body).status_code == 429
+        text = httpx.get(live.base_url + "/metrics", timeout=10).text
+
+    families = list(text_string_to_metric_families(text))
+    types = {sample.name: family.type for family in families for sample in family.samples}
+    assert not (TOTALS | LEVELS) - types.keys(), "every name as before"
+    totals = {name: kind for name, kind in types.items() if name.endswith("_total")}
+    assert set(totals.values()) == {"counter"}, {name for name, kind in totals.items() if kind != "counter"}
+    for family in families:
+        if family.type == "counter":
+            assert all(s.name.endswith("_total") for s in family.samples), f"{family.name} counts, named as a total"
+    assert {types[name] for name in LEVELS} == {"gauge"}
+    assert 'wattson_shed_requests_total{model="tiny-random",reason="queue_full"} 0.0' in text, "labels as before"
+    assert 'wattson_cache_saved_tokens_total{kind="prompt"}' in text
+
+
+def test_a_live_sample_is_typed_by_its_name() -> None:
+    assert counter("wattson_cache_hits_total", "hits", 3)[0].counter
+    assert not gauge("wattson_cache_entries", "entries", 3)[0].counter
+    assert counter("wattson_x_total", "unmeasured", None) == [], "absent, never zero"
+    with pytest.raises(ValueError, match="running total"):
+        gauge("wattson_shed_requests_total", "a total read as a level", 1)
+    with pytest.raises(ValueError, match="not named as a running total"):
+        counter("wattson_queue_depth", "a level read as a total", 1)
