@@ -247,17 +247,16 @@ class Runtime:
             for field, help_text in (("gpu_util", "GPU utilisation %"), ("mem_used", "GPU memory used bytes"),
                                      ("power_w", "GPU power W"), ("temperature_c", "GPU temperature C")):
                 rows += gauge(f"wattson_gpu_{field}", help_text, getattr(d, field), device=d.device)
-            # A device's memory is a level, but its name ends in _total and scrapers know it by that
-            # name: it never changes, so it is a valid (constant) counter.
-            rows += counter("wattson_gpu_mem_total", "GPU memory bytes", d.mem_total, device=d.device)
+            rows += gauge("wattson_gpu_mem_capacity", "GPU memory bytes", d.mem_total, device=d.device)
             rows += counter("wattson_gpu_energy_joules_total", "GPU energy counter J", d.energy_joules_total,
                             device=d.device)
         rows += self._rule_samples()
         if self.exporter is not None:
             stats = self.exporter.stats()
-            for key in ("queued", "spooled_records", "spooled_bytes", "sent_records", "failed_posts",
-                        "dropped_records", "rejected_records"):
+            for key in ("queued", "spooled_records", "spooled_bytes"):
                 rows += gauge(f"wattson_telemetry_{key}", f"Telemetry exporter: {key}", stats.get(key))  # type: ignore[arg-type]
+            for key in ("sent_records", "failed_posts", "dropped_records", "rejected_records"):
+                rows += counter(f"wattson_telemetry_{key}_total", f"Telemetry exporter: {key}", stats.get(key))  # type: ignore[arg-type]
             rows += gauge("wattson_telemetry_spool_full", "1 while the spool refuses records",
                           1.0 if stats.get("spool_full") else 0.0)
         return rows

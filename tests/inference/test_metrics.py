@@ -21,7 +21,7 @@ from tests.inference.rulesets import ADMIN_TOKEN, at, document, push, rule, scop
 # and a refused request (an upstream's fallbacks, Redis errors and CUDA step energy need more).
 TOTALS = {
     "wattson_requests_total", "wattson_tokens_total", "wattson_shed_requests_total", "wattson_preemptions_total",
-    "wattson_engine_busy_seconds_total", "wattson_gpu_mem_total", "wattson_gpu_energy_joules_total",
+    "wattson_engine_busy_seconds_total", "wattson_gpu_energy_joules_total", "wattson_telemetry_sent_records_total",
     "wattson_ruleset_fail_open_total", "wattson_ruleset_fail_closed_total", "wattson_rule_rejections_total",
     "wattson_rule_downgrades_total", "wattson_rule_downgrades_ignored_total", "wattson_rule_capped_total",
     "wattson_ruleset_pull_failures_total", "wattson_cache_hits_total", "wattson_cache_misses_total",
@@ -33,6 +33,7 @@ LEVELS = {
     "wattson_paused_sequences", "wattson_gpu_gpu_util", "wattson_gpu_mem_used", "wattson_gpu_power_w",
     "wattson_gpu_temperature_c", "wattson_ruleset_version", "wattson_ruleset_stale", "wattson_cache_entries",
     "wattson_cache_bytes", "wattson_breaker_state", "wattson_telemetry_queued", "wattson_telemetry_spool_full",
+    "wattson_gpu_mem_capacity",
 }
 
 
