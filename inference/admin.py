@@ -7,14 +7,14 @@ Without an admin token configured the endpoints answer 403: nobody can push rule
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from inference.auth import require_admin
 from inference.errors import ApiError
+from inference.request_parsing import read_capped_body
 from inference.rules import RulesetInvalid, RulesetNotNewer
 from inference.rules.contract import MAX_DOCUMENT_BYTES
 from inference.runtime import Runtime
@@ -24,7 +24,7 @@ def install_admin_routes(app: FastAPI, runtime: Runtime) -> None:
     @app.put("/admin/ruleset")
     async def put_ruleset(request: Request) -> JSONResponse:
         require_admin(runtime, request)
-        raw = await _read_body(request)
+        raw = await read_capped_body(request, limit=MAX_DOCUMENT_BYTES, what="ruleset")
         try:
             version = await runtime.ruleset.accept(raw)
         except RulesetInvalid as exc:
@@ -44,36 +44,3 @@ def install_admin_routes(app: FastAPI, runtime: Runtime) -> None:
         held = runtime.ruleset.held_document or b"null"  # validated JSON, embedded as it came
         body = b'{"version":%d,"ruleset":%s,"state":%s}' % (runtime.rules.version, held, state)
         return Response(body, media_type="application/json")
-
-
-def require_admin(runtime: Runtime, request: Request) -> None:
-    """Let the request through only with the runtime's admin token (401/403 otherwise)."""
-    expected = runtime.config.admin_token
-    if not expected:
-        raise ApiError(403, "The admin API is disabled on this runtime: no --admin-token "
-                       "(INFERENCE_ADMIN_TOKEN) is configured.", code="admin_disabled")
-    scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(401, "Missing admin token: send 'Authorization: Bearer <admin token>'.",
-                       code="missing_admin_token")
-    # Compared as digests: equal length, constant time, whatever the caller sent.
-    if not hmac.compare_digest(_digest(token.strip()), _digest(expected)):
-        raise ApiError(401, "Incorrect admin token.", code="invalid_admin_token")
-
-
-def _digest(value: str) -> bytes:
-    return hashlib.sha256(value.encode()).digest()
-
-
-async def _read_body(request: Request) -> bytes:
-    declared = request.headers.get("content-length")
-    too_large = ApiError(413, f"The ruleset is larger than {MAX_DOCUMENT_BYTES} bytes.", code="body_too_large")
-    if declared is not None and (not (declared.isascii() and declared.isdigit())
-                                 or int(declared) > MAX_DOCUMENT_BYTES):
-        raise too_large
-    raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > MAX_DOCUMENT_BYTES:
-            raise too_large
-    return bytes(raw)

@@ -12,8 +12,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
-from inference.admin import require_admin
 from inference.admission import effective_priority
+from inference.auth import require_admin
 from inference.backends import LocalBackend
 from inference.errors import ApiError
 from inference.jobs.runner import JobRunner
