@@ -3,9 +3,10 @@
 A request is measured from the start (``RequestMeasurement``), admitted (the ``auto`` alias, the
 rules, the cap under load, the response cache, the breaker's fallback chain, the backend's checks,
 the reservation, the admission queue) and run as an ``Exchange``: streamed or collected, it frees
-its slot once and records exactly one event, however it ends. A refusal before it ran is recorded
-too. The routes (``inference.routes``) only hand requests over; the OpenAI shapes of what comes
-back are ``inference.responses``'.
+its slot once and records exactly one event, however it ends. Its queue wait is written when the
+slot is freed (``_release``), a cache replay's from ``NO_QUEUE``. A refusal before it ran is
+recorded too, with no queue wait. The routes (``inference.routes``) only hand requests over; the
+OpenAI shapes of what comes back are ``inference.responses``'.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from inference.admission import Shed, Slot, effective_priority
+from inference.admission import NO_QUEUE, NoQueue, Shed, Slot, effective_priority
 from inference.backends import LocalBackend, ObservedOutputs, Output, Outputs, Prepared, UpstreamBackend
 from inference.cache import CACHE_HEADER
 from inference.config import ApiKey, Tier
@@ -174,8 +175,7 @@ async def _admit(runtime: Runtime, m: RequestMeasurement, body: ChatCompletionRe
         hit = await runtime.cache.get(cache_key)
         headers[CACHE_HEADER] = "hit" if hit is not None else "miss"
         if hit is not None:  # answered again without a slot or an engine step
-            m.cache_hit, m.queue_wait_s = True, 0.0
-            m.model_served, m.device = backend.name, backend.device_label
+            m.cache_hit, m.model_served, m.device = True, backend.name, backend.device_label
             return CachedReplay(hit.replay(), backend.name, hit.kind)
     routed = await route_around_breaker(runtime, m, body, backend, max_tokens_cap=cap)
     if isinstance(routed, CachedReplay):
@@ -236,25 +236,20 @@ def _exchange(runtime: Runtime, m: RequestMeasurement, admitted: Admitted | Cach
               on_text: Callable[[str], None] | None = None) -> Exchange:
     """Start an admitted request (retried on transient failures), or replay the cached answer
     given in its place; a stopping engine is a 503. ``on_text`` also gets the text as it comes."""
+    slot: Slot | NoQueue
     if isinstance(admitted, CachedReplay):
-        outputs, release, model, kind = admitted.replay, (lambda: None), admitted.model, admitted.kind
+        outputs, slot, model, kind = admitted.replay, NO_QUEUE, admitted.model, admitted.kind
     else:
         slot, model, kind = admitted.slot, admitted.backend.name, admitted.prepared.kind
-        m.queue_wait_s, m.queue_depth_at_admit = slot.queue_wait_s, slot.depth_at_admit
         try:
             outputs = start_with_retries(runtime, admitted.backend, admitted.prepared)
         except RuntimeError:  # the engine is stopping: nothing was started, so nothing is lost
-            slot.release()
+            _release(m, slot)
             m.fail("error", 503, "shutting_down")
             runtime.record(m)
             raise SHUTTING_DOWN from None
         if outputs.pausable is not None:
             slot.attach(outputs.pausable)  # high-priority work may preempt it
-
-        def release() -> None:
-            slot.release()
-            m.queue_wait_s = slot.queue_wait_s  # with any wait to resume after a preemption
-
         if admitted.cache_key is not None and runtime.cache is not None:
             outputs = runtime.cache.recording(outputs, admitted.cache_key, kind=kind)
     if on_text is not None:
@@ -262,7 +257,14 @@ def _exchange(runtime: Runtime, m: RequestMeasurement, admitted: Admitted | Cach
             if isinstance(output, TokenDelta) and output.text:
                 on_text(output.text)
         outputs = ObservedOutputs(outputs, text_of)
-    return Exchange(runtime, m, outputs, release, CompletionResponse(model=model, kind=kind))
+    return Exchange(runtime, m, outputs, slot, CompletionResponse(model=model, kind=kind))
+
+
+def _release(m: RequestMeasurement, slot: Slot | NoQueue) -> None:
+    """Give the request's slot back and complete its measurement's queue wait from it: the one way
+    a slot is freed once its request has been admitted."""
+    slot.release()
+    m.slot_released(slot)
 
 
 class ExchangeStream(StreamingResponse):
@@ -284,9 +286,9 @@ class Exchange:
     """One admitted request from its first output to its event: streamed or collected, finished
     or abandoned, it releases its slot once and records exactly one event."""
 
-    def __init__(self, runtime: Runtime, m: RequestMeasurement, gen: Outputs, release: Callable[[], None],
+    def __init__(self, runtime: Runtime, m: RequestMeasurement, gen: Outputs, slot: Slot | NoQueue,
                  response: CompletionResponse) -> None:
-        self.runtime, self.m, self.gen, self._release, self.response = runtime, m, gen, release, response
+        self.runtime, self.m, self.gen, self.slot, self.response = runtime, m, gen, slot, response
         self._settled = False
         self._recorded = False
         self._abandoned = False
@@ -338,7 +340,7 @@ class Exchange:
         if self._settled:
             return
         self._settled = True
-        self._release()
+        _release(self.m, self.slot)
         if result.finish_reason == "error":
             self.m.fail("error", 500, "engine_error")
         elif result.finish_reason == "cancelled":
@@ -349,7 +351,7 @@ class Exchange:
         if self._settled:
             return
         self._settled = True
-        self._release()
+        _release(self.m, self.slot)
         self.m.fail("timeout" if error.status == 504 else "error", error.status, error.code)
         self.m.finish()
 
