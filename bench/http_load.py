@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from bench.servers import BENCH_KEY
+from inference.sse import sse_data
 
 AUTH = {"Authorization": f"Bearer {BENCH_KEY}"}
 
@@ -96,12 +97,7 @@ async def _stream_one(client: httpx.AsyncClient, body: dict[str, Any]) -> Stream
     async with client.stream("POST", "/v1/completions", json=body) as response:
         if response.status_code != 200:
             raise LoadError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
+        async for data in sse_data(response):
             chunk = json.loads(data)
             if "error" in chunk:
                 raise LoadError(f"error in stream: {chunk['error']}")

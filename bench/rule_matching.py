@@ -4,9 +4,9 @@ A ruleset of ``--rules`` rules and one hard-budget allowance per tenant (``--ten
 way the control plane would compile it — rules scoped to one tenant, to one feature, to a tenant and
 feature, to a model, and a few to everyone; throttles, downgrades, caps and a few blocks — then
 parsed and compiled as a pushed document is. Requests from random tenants, features and models go
-through the runtime's ``RuleEnforcer`` exactly as ``api.py`` drives it (``match`` before tokenizing,
-``reserve`` with the prompt and max_tokens, ``settle`` at the end), in process, timed one by one
-with ``perf_counter_ns``. The same requests against no ruleset give the floor.
+through the runtime's ``RuleEnforcer`` exactly as ``inference.serving`` drives it (``match`` before
+tokenizing, ``reserve`` with the prompt and max_tokens, ``settle`` at the end), in process, timed one
+by one with ``perf_counter_ns``. The same requests against no ruleset give the floor.
 
     python -m bench rule_matching [--quick] [--rules 1000] [--tenants 10000] [--requests 200000]
 """

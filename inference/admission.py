@@ -133,6 +133,20 @@ class Slot:
         self._work.resume()
 
 
+class NoQueue:
+    """Where a request answered from the cache stood instead of a slot: it waited for none, found
+    no queue, and has nothing to release."""
+
+    queue_wait_s = 0.0
+    depth_at_admit: int | None = None
+
+    def release(self) -> None:
+        pass
+
+
+NO_QUEUE = NoQueue()
+
+
 class AdmissionQueue:
     def __init__(self, *, capacity: int, max_depth: int, max_wait_s: float, target_wait_s: float | None = None,
                  high_reserve: int = 0, high_max_running: int | None = None) -> None:

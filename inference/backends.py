@@ -25,6 +25,7 @@ from inference.engine.models import LoadedModel
 from inference.engine.sampling import SamplingParams
 from inference.errors import ApiError
 from inference.schemas import ChatCompletionRequest, CompletionRequest
+from inference.sse import sse_data
 
 log = logging.getLogger("inference.backends")
 
@@ -270,12 +271,7 @@ class UpstreamBackend:
                 gen.outputs.put_nowait(_relay_error(self.name, response, await response.aread()))
                 return
             finish_reason = "stop"
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
+            async for data in sse_data(response):
                 chunk = json.loads(data)
                 state.take_usage(chunk.get("usage"))
                 for choice in chunk.get("choices") or ():

@@ -76,7 +76,7 @@ async def route_around_breaker(runtime: Runtime, m: RequestMeasurement, body: Bo
                                                                 max_tokens_cap=max_tokens_cap)
             if replay is not None:
                 breakers.fallbacks_total[(model, step)] += 1
-                m.route_reason, m.cache_hit, m.model_served, m.queue_wait_s = "fallback", True, model, 0.0
+                m.route_reason, m.cache_hit, m.model_served = "fallback", True, model
                 kind: Literal["chat", "completion"] = "chat" if isinstance(body, ChatCompletionRequest) \
                     else "completion"
                 return CachedReplay(replay, model, kind)

@@ -16,6 +16,7 @@ from inference.contracts import EventStatus, Priority, RequestEvent
 from inference.engine.engine import GenerationResult
 
 if TYPE_CHECKING:
+    from inference.admission import NoQueue, Slot
     from inference.rules import Reservation
 
 
@@ -47,6 +48,11 @@ class RequestMeasurement:
     t_end: float | None = None
     # What the rules reserved for this request; settled when the request is recorded.
     reservation: Reservation | None = field(default=None, repr=False)
+
+    def slot_released(self, slot: Slot | NoQueue) -> None:
+        """The request gave its slot back: its queue wait is final now (a preempted request's pause
+        counts), and is written here only. A cache replay passes ``NO_QUEUE``: no wait, no depth."""
+        self.queue_wait_s, self.queue_depth_at_admit = slot.queue_wait_s, slot.depth_at_admit
 
     def fail(self, status: EventStatus, http_status: int, error_type: str | None) -> None:
         self.status, self.http_status, self.error_type = status, http_status, error_type

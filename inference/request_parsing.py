@@ -1,6 +1,7 @@
 """What a client sends beside the body's fields, read the same way by every endpoint that takes a
 generation request (the sync endpoints and ``POST /v1/jobs``): the JSON body within its size limit,
-and the feature and priority headers."""
+and the feature and priority headers. ``read_capped_body`` is every endpoint's way to read a body
+within a limit (``PUT /admin/ruleset`` too)."""
 
 from __future__ import annotations
 
@@ -37,17 +38,27 @@ def request_priority(request: Request, default: PriorityName = "normal") -> Prio
     return priority  # type: ignore[return-value]
 
 
-async def read_json_object(request: Request) -> dict:
-    """The body as a JSON object, refused (413, 400) when too large or not one."""
+async def read_capped_body(request: Request, *, limit: int, what: str) -> bytes:
+    """The body, refused with a 413 (naming it ``what``) when its Content-Length is over ``limit``
+    bytes or not a number, or when more than ``limit`` bytes come: nothing past the limit is kept."""
     declared = request.headers.get("content-length")
-    if declared is not None and (not (declared.isascii() and declared.isdigit()) or int(declared) > MAX_BODY_BYTES):
-        raise ApiError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.", code="body_too_large")
+    if declared is not None and (not (declared.isascii() and declared.isdigit()) or int(declared) > limit):
+        raise _too_large(what, limit)
     raw = bytearray()
     async for chunk in request.stream():
         raw += chunk
-        if len(raw) > MAX_BODY_BYTES:
-            raise ApiError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.",
-                           code="body_too_large")
+        if len(raw) > limit:
+            raise _too_large(what, limit)
+    return bytes(raw)
+
+
+def _too_large(what: str, limit: int) -> ApiError:
+    return ApiError(413, f"The {what} is larger than {limit} bytes.", code="body_too_large")
+
+
+async def read_json_object(request: Request) -> dict:
+    """The body as a JSON object, refused (413, 400) when too large or not one."""
+    raw = await read_capped_body(request, limit=MAX_BODY_BYTES, what="request body")
     try:
         data = json.loads(raw)
         if b"\\u" in raw:  # escapes can spell lone surrogates, which no tokenizer can encode

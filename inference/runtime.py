@@ -15,6 +15,7 @@ import httpx
 import torch
 
 from inference.admission import AdmissionQueue
+from inference.auth import bearer_token
 from inference.backends import LocalBackend, UpstreamBackend
 from inference.breaker import BreakerSettings, CircuitBreakers
 from inference.cache import CacheFallback, ResponseCache
@@ -164,10 +165,10 @@ class Runtime:
     # -- requests ------------------------------------------------------------------------------
 
     def authenticate(self, authorization: str | None) -> ApiKey:
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = bearer_token(authorization)
+        if token is None:
             raise ApiError(401, "Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key")
-        key = self._keys.get(_digest(token.strip()))
+        key = self._keys.get(_digest(token))
         if key is None:
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
         return key

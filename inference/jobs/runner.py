@@ -1,11 +1,11 @@
 """The job runner: takes queued jobs from the store and runs them, a few at a time.
 
-Each run is one *attempt*, made by the ``RunAttempt`` the HTTP layer gives (the sync endpoints'
-path: rules, breaker and fallback, admission, retries of transient upstream failures, one request
-event). An attempt that fails transiently (``is_transient``: a shed, a throttle, an upstream or
-breaker 502/503/504) is queued again after a jittered backoff (or the ``Retry-After`` it was given,
-if longer) until the job has had ``max_attempts``; any other failure, or the last attempt's, fails
-the job to the dead-letter list, from which an admin may replay it.
+Each run is one *attempt*, made by the ``RunAttempt`` the app gives (``serving.run_job_attempt``:
+the sync endpoints' path, with rules, breaker and fallback, admission, retries of transient upstream
+failures, one request event). An attempt that fails transiently (``is_transient``: a shed, a
+throttle, an upstream or breaker 502/503/504) is queued again after a jittered backoff (or the
+``Retry-After`` it was given, if longer) until the job has had ``max_attempts``; any other failure,
+or the last attempt's, fails the job to the dead-letter list, from which an admin may replay it.
 
 On stop, running attempts are cancelled but their jobs stay ``running`` in the store: the next
 start puts them back in the queue (the interrupted attempt counts as one), so a job survives a

@@ -77,7 +77,7 @@ def test_a_repeated_request_is_the_same_answer_without_an_engine_step(cached: Li
     assert (event.prompt_tokens, event.completion_tokens) == (first.json()["usage"]["prompt_tokens"],
                                                               first.json()["usage"]["completion_tokens"])
     assert event.gpu_seconds == 0 and event.energy_joules is None, "a hit costs nothing; CPU energy is unmeasured"
-    assert event.queue_wait_ms == 0
+    assert (event.queue_wait_ms, event.queue_depth_at_admit) == (0, None), "a hit never queued"
     assert metric(cached, "wattson_cache_hits_total") == hits_before + 1
 
 

@@ -257,6 +257,7 @@ def test_the_cache_step_answers_from_a_wired_cache_and_is_passed_over_without_on
     assert (event.route_reason, event.cache_hit, event.model_served, event.status) == (
         "fallback", True, "cached", "ok")
     assert (event.prompt_tokens, event.completion_tokens, event.gpu_seconds) == (9, 4, 0.0)
+    assert (event.queue_wait_ms, event.queue_depth_at_admit) == (0, None), "a cached answer never queued"
     chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
     assert streamed.text.rstrip().endswith("data: [DONE]")
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == StubCache.TEXT

@@ -128,6 +128,7 @@ def test_a_throttle_limits_requests_per_minute_and_refills(live: LiveRuntime) ->
     assert post(live, key=INITECH, max_tokens=1).status_code == 200, "the bucket refilled"
     refused_event = next(e for e in live.events if e.status == "rejected_rule")
     assert refused_event.rule_id == "thr" and refused_event.http_status == 429
+    assert refused_event.queue_wait_ms is None, "refused before the queue: no wait to speak of"
 
 
 def test_a_throttle_on_tokens_counts_the_worst_case_of_requests_in_flight(live: LiveRuntime) -> None:

@@ -1,5 +1,6 @@
 """The jobs API: ``/v1/jobs`` for API keys (each sees only its tenant's jobs) and the dead-letter
-list under ``/admin/jobs`` for the admin token. The package docstring describes the shapes."""
+list under ``/admin/jobs`` for the admin token. ``inference.jobs``' docstring describes the shapes;
+each attempt runs down the sync endpoints' path (``inference.serving.run_job_attempt``)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,18 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
-from inference.admin import require_admin
 from inference.admission import effective_priority
+from inference.auth import require_admin
 from inference.backends import LocalBackend
 from inference.errors import ApiError
 from inference.jobs.runner import JobRunner
 from inference.jobs.store import ENDPOINTS, FINISHED, Job
 from inference.request_parsing import read_json_object, request_feature, request_priority, validated
+from inference.routes import jobs_of, runtime_of
 from inference.runtime import Runtime
 
 KEEPALIVE_S = 15.0
@@ -31,52 +33,60 @@ class JobSubmission(BaseModel):
     body: dict[str, Any]
 
 
-def install_job_routes(app: FastAPI, runtime: Runtime, runner: JobRunner) -> None:
-    @app.post("/v1/jobs")
-    async def submit(request: Request) -> JSONResponse:
-        key = runtime.authenticate(request.headers.get("authorization"))
-        feature = request_feature(request)
-        priority = effective_priority(request_priority(request, default="low"), key.tier)
-        submission = validated(await read_json_object(request), JobSubmission)
-        await _check(runtime, submission)
-        job = runner.submit(tenant=key.tenant, api_key_id=key.key_id, tier=key.tier, feature=feature,
-                            priority=priority, url=submission.url, request=submission.body)
-        return JSONResponse(job.public(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+router = APIRouter()
 
-    @app.get("/v1/jobs/{job_id}")
-    async def status(job_id: str, request: Request) -> JSONResponse:
-        return JSONResponse(_tenants_job(runtime, runner, job_id, request).public())
 
-    @app.get("/v1/jobs/{job_id}/events")
-    async def events(job_id: str, request: Request) -> StreamingResponse:
-        _tenants_job(runtime, runner, job_id, request)
-        after = _last_event_id(request)
-        return StreamingResponse(_event_stream(runner, job_id, after), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+@router.post("/v1/jobs")
+async def submit_job(request: Request) -> JSONResponse:
+    runtime = runtime_of(request)
+    key = runtime.authenticate(request.headers.get("authorization"))
+    feature = request_feature(request)
+    priority = effective_priority(request_priority(request, default="low"), key.tier)
+    submission = validated(await read_json_object(request), JobSubmission)
+    await _check(runtime, submission)
+    job = jobs_of(request).submit(tenant=key.tenant, api_key_id=key.key_id, tier=key.tier, feature=feature,
+                                  priority=priority, url=submission.url, request=submission.body)
+    return JSONResponse(job.public(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
-    @app.delete("/v1/jobs/{job_id}")
-    async def cancel(job_id: str, request: Request) -> JSONResponse:
-        key = runtime.authenticate(request.headers.get("authorization"))
-        job, cancelled = runner.cancel(job_id, tenant=key.tenant)
-        if job is None:
-            raise _not_found(job_id)
-        if not cancelled:
-            raise ApiError(409, f"The job is already {job.status}; only a queued or running job can be "
-                           "cancelled.", code="job_finished")
-        return JSONResponse(job.public())
 
-    @app.get("/admin/jobs/dead")
-    async def dead(request: Request) -> JSONResponse:
-        require_admin(runtime, request)
-        return JSONResponse({"object": "list", "data": [_admin_view(job) for job in runner.store.dead()]})
+@router.get("/v1/jobs/{job_id}")
+async def job_status(job_id: str, request: Request) -> JSONResponse:
+    return JSONResponse(_tenants_job(job_id, request).public())
 
-    @app.post("/admin/jobs/dead/{job_id}/replay")
-    async def replay(job_id: str, request: Request) -> JSONResponse:
-        require_admin(runtime, request)
-        job = runner.replay(job_id)
-        if job is None:
-            raise ApiError(404, f"No dead-lettered job '{job_id[:100]}'.", code="job_not_found")
-        return JSONResponse(_admin_view(job))
+
+@router.get("/v1/jobs/{job_id}/events")
+async def job_events(job_id: str, request: Request) -> StreamingResponse:
+    _tenants_job(job_id, request)
+    after = _last_event_id(request)
+    return StreamingResponse(_event_stream(jobs_of(request), job_id, after), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.delete("/v1/jobs/{job_id}")
+async def cancel_job(job_id: str, request: Request) -> JSONResponse:
+    key = runtime_of(request).authenticate(request.headers.get("authorization"))
+    job, cancelled = jobs_of(request).cancel(job_id, tenant=key.tenant)
+    if job is None:
+        raise _not_found(job_id)
+    if not cancelled:
+        raise ApiError(409, f"The job is already {job.status}; only a queued or running job can be "
+                       "cancelled.", code="job_finished")
+    return JSONResponse(job.public())
+
+
+@router.get("/admin/jobs/dead")
+async def dead_jobs(request: Request) -> JSONResponse:
+    require_admin(runtime_of(request), request)
+    return JSONResponse({"object": "list", "data": [_admin_view(job) for job in jobs_of(request).store.dead()]})
+
+
+@router.post("/admin/jobs/dead/{job_id}/replay")
+async def replay_job(job_id: str, request: Request) -> JSONResponse:
+    require_admin(runtime_of(request), request)
+    job = jobs_of(request).replay(job_id)
+    if job is None:
+        raise ApiError(404, f"No dead-lettered job '{job_id[:100]}'.", code="job_not_found")
+    return JSONResponse(_admin_view(job))
 
 
 async def _check(runtime: Runtime, submission: JobSubmission) -> None:
@@ -97,9 +107,9 @@ async def _check(runtime: Runtime, submission: JobSubmission) -> None:
         raise
 
 
-def _tenants_job(runtime: Runtime, runner: JobRunner, job_id: str, request: Request) -> Job:
-    key = runtime.authenticate(request.headers.get("authorization"))
-    job = runner.store.get(job_id, tenant=key.tenant)
+def _tenants_job(job_id: str, request: Request) -> Job:
+    key = runtime_of(request).authenticate(request.headers.get("authorization"))
+    job = jobs_of(request).store.get(job_id, tenant=key.tenant)
     if job is None:  # another tenant's job is not found either: its existence is not theirs to learn
         raise _not_found(job_id)
     return job

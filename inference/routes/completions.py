@@ -1,0 +1,34 @@
+"""The OpenAI-compatible API: ``/v1/chat/completions``, ``/v1/completions`` and ``/v1/models``.
+The completions are served by ``inference.serving.serve_completion``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from inference.routes import runtime_of
+from inference.schemas import ChatCompletionRequest, CompletionRequest
+from inference.serving import serve_completion
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> JSONResponse:
+    runtime = runtime_of(request)
+    runtime.authenticate(request.headers.get("authorization"))
+    data = [{"id": name, "object": "model", "created": 0, "owned_by": f"wattson:{b.kind}"}
+            for name, b in sorted(runtime.backends.items())]
+    if runtime.router is not None:
+        data.append({"id": runtime.router.alias, "object": "model", "created": 0, "owned_by": "wattson:alias"})
+    return JSONResponse({"object": "list", "data": data})
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    return await serve_completion(runtime_of(request), request, ChatCompletionRequest)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    return await serve_completion(runtime_of(request), request, CompletionRequest)
