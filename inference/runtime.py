@@ -7,7 +7,6 @@ only asks it to authenticate, to find a model's backend and to record what happe
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import Callable, Iterable
 
@@ -15,7 +14,7 @@ import httpx
 import torch
 
 from inference.admission import AdmissionQueue
-from inference.auth import bearer_token
+from inference.auth import bearer_token, token_digest
 from inference.backends import LocalBackend, UpstreamBackend
 from inference.breaker import BreakerSettings, CircuitBreakers
 from inference.cache import CacheFallback, ResponseCache
@@ -53,7 +52,7 @@ class Runtime:
         self.exporter: TelemetryExporter | None = None
         self.sampler: RuntimeSampler | None = None
         self._preloaded = {m.name: m for m in preloaded}
-        self._keys = {_digest(k.key): k for k in config.api_keys}
+        self._keys = {token_digest(k.key): k for k in config.api_keys}
         self._http: httpx.AsyncClient | None = None
         self.ready = False
         self._listeners: list[Callable[[RequestEvent], None]] = []
@@ -168,7 +167,7 @@ class Runtime:
         token = bearer_token(authorization)
         if token is None:
             raise ApiError(401, "Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key")
-        key = self._keys.get(_digest(token))
+        key = self._keys.get(token_digest(token))
         if key is None:
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
         return key
@@ -292,7 +291,3 @@ def _breaker_settings(config: RuntimeConfig) -> BreakerSettings:
                            error_rate=config.breaker_error_rate, cooldown_s=config.breaker_cooldown_s,
                            probes=config.breaker_probes, probe_lease_s=lease)
 
-
-def _digest(key: str) -> str:
-    # Keys are looked up by their hash, so lookup time says nothing about a key's characters.
-    return hashlib.sha256(key.encode()).hexdigest()
