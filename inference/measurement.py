@@ -74,32 +74,19 @@ class RequestMeasurement:
             if r.completion_tokens > 1:
                 tpot_ms = max(0.0, r.finished_at - r.first_token_at) * 1000 / (r.completion_tokens - 1)
         return RequestEvent(
-            event_id=self.event_id,
-            runtime_id=self.runtime_id,
-            started_at=self.started_at,
+            **{name: getattr(self, name) for name in _RECORDED},
             finished_at=self.started_at + timedelta(seconds=e2e_s),
-            tenant=self.tenant,
-            feature=self.feature,
-            end_user=self.end_user,
-            api_key_id=self.api_key_id,
-            model_requested=self.model_requested,
-            model_served=self.model_served,
-            route_reason=self.route_reason,
-            rule_id=self.rule_id,
-            priority=self.priority,
-            status=self.status,
-            http_status=self.http_status,
-            error_type=self.error_type,
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-            cache_hit=self.cache_hit,
             queue_wait_ms=None if self.queue_wait_s is None else self.queue_wait_s * 1000,
             ttft_ms=ttft_ms,
             e2e_ms=e2e_s * 1000,
             tpot_ms=tpot_ms,
-            queue_depth_at_admit=self.queue_depth_at_admit,
             mean_batch_size=r.mean_batch_size if r else None,
             gpu_seconds=r.gpu_seconds if r else None,
             energy_joules=r.energy_joules if r else None,
-            device=self.device,
         )
+
+
+# The event's fields a measurement holds as they are, by the same name; ``to_event`` computes the rest
+# (times from the clock readings, device use from the engine's result). A new field the runtime
+# measures is a ``RequestMeasurement`` field of the contract's name: ``to_event`` copies it.
+_RECORDED = tuple(name for name in RequestEvent.model_fields if name in RequestMeasurement.__dataclass_fields__)
