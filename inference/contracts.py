@@ -52,6 +52,9 @@ class RequestEvent(BaseModel):
     gpu_seconds: float | None = Field(default=None, ge=0)
     energy_joules: float | None = Field(default=None, ge=0)
     device: str | None = None
+    # This runtime's count of events recorded, this one included (1, 2, 3, ... for one runtime_id,
+    # never repeated): the control plane counts gaps as records lost. None from older runtimes.
+    seq: int | None = Field(default=None, ge=1)
 
 
 class DeviceSample(BaseModel):
@@ -83,6 +86,9 @@ class RuntimeSample(BaseModel):
     devices: list[DeviceSample] = Field(default_factory=list)
     # Each served model's circuit breaker; absent from runtimes older than this field.
     breakers: dict[str, BreakerState] | None = None
+    # The highest ``seq`` this runtime has given an event so far: what it recorded, for the control
+    # plane to hold against what it stored. None from older runtimes.
+    events_recorded: int | None = Field(default=None, ge=0)
 
 
 class TelemetryBatch(BaseModel):

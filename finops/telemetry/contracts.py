@@ -95,6 +95,7 @@ class RequestEventRecord(BaseModel):
     gpu_seconds: float | None = Field(default=None, ge=0, le=MAX_GPU_SECONDS)
     energy_joules: float | None = Field(default=None, ge=0, le=MAX_JOULES)
     device: Text(100) | None = None
+    seq: BigCount | None = None  # the runtime's count of events recorded, this one included
 
 
 class DeviceSampleRecord(BaseModel):
@@ -126,6 +127,7 @@ class RuntimeSampleRecord(BaseModel):
     devices: list[DeviceSampleRecord] = Field(default_factory=list, max_length=MAX_DEVICES)
     # Each served model's circuit breaker (model -> state); absent from runtimes older than this field.
     breakers: dict[Text(200), BreakerState] | None = Field(default=None, max_length=MAX_BREAKERS)
+    events_recorded: BigCount | None = None  # the highest seq the runtime has given an event so far
 
 
 class TelemetryBatch(BaseModel):

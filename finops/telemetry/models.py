@@ -58,6 +58,8 @@ class RequestEvent(models.Model):
     gpu_seconds = models.FloatField(null=True, blank=True)
     energy_joules = models.FloatField(null=True, blank=True)
     device = models.CharField(max_length=100, null=True, blank=True)
+    # The runtime's count of events recorded, this one included; null from older runtimes.
+    seq = models.BigIntegerField(null=True, blank=True)
     # Priced on arrival under the book in force when the request started; null when no price applies.
     price_book_id = models.BigIntegerField(null=True, blank=True)
     list_cost = models.DecimalField(**COST, null=True, blank=True)
@@ -86,6 +88,7 @@ class RuntimeSample(models.Model):
     kv_cache_used = models.BigIntegerField(null=True, blank=True)
     # Model -> circuit breaker state ("closed", "half_open", "open"); null from runtimes that do not say.
     breakers = models.JSONField(null=True, blank=True)
+    events_recorded = models.BigIntegerField(null=True, blank=True, help_text="The highest seq the runtime had given")
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["runtime_id", "at"], name="sample_once")]

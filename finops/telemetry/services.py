@@ -52,7 +52,8 @@ DERIVED_COLUMNS = ("status_class", "price_book_id", "list_cost", "hardware_cost"
                    "ttft_bucket")
 EVENT_COLUMNS = EVENT_FIELDS + DERIVED_COLUMNS
 _event_fields = operator.itemgetter(*EVENT_FIELDS)
-SAMPLE_COLUMNS = ("runtime_id", "at", "queue_depth", "running", "tokens_per_s", "kv_cache_used", "breakers")
+SAMPLE_COLUMNS = ("runtime_id", "at", "queue_depth", "running", "tokens_per_s", "kv_cache_used", "breakers",
+                  "events_recorded")
 DEVICE_SAMPLE_COLUMNS = ("runtime_id", "at", "device", "name", "gpu_util", "mem_used", "mem_total", "power_w",
                          "energy_joules_total", "temperature_c")
 DEVICE_COLUMNS = ("uuid", "name", "runtime_id", "last_seen_at")
@@ -216,7 +217,7 @@ def _store_samples(samples: list[tuple[int, RuntimeSampleRecord]], *, runtime: A
             duplicates += 1
             continue
         rows[key] = (sample.runtime_id, at, sample.queue_depth, sample.running, sample.tokens_per_s,
-                     sample.kv_cache_used, sample.breakers)
+                     sample.kv_cache_used, sample.breakers, sample.events_recorded)
         for d in sample.devices:
             device_rows.append((sample.runtime_id, at, d.device, d.name, d.gpu_util, d.mem_used, d.mem_total,
                                 d.power_w, d.energy_joules_total, d.temperature_c))
