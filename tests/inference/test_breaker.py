@@ -7,7 +7,7 @@ import pytest
 
 from inference.breaker import BreakerSettings, CircuitBreaker, CircuitBreakers
 from inference.config import ConfigError, Fallback, load_config
-from tests.inference.test_exporter import make_event
+from tests.inference.telemetry_helpers import make_event
 
 SETTINGS = BreakerSettings(window_s=10.0, min_requests=4, error_rate=0.5, cooldown_s=5.0, probes=2,
                            probe_lease_s=30.0)

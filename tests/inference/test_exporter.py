@@ -7,125 +7,21 @@ import json
 import logging
 import threading
 import time
-import uuid
-from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from inference.contracts import DeviceSample, RequestEvent, RuntimeSample
-from inference.telemetry.exporter import TelemetryExporter
 from tests.inference.collector import Collector
-
-TOKEN = "ingest-t0ken"
-
-
-# -- factories --------------------------------------------------------------------------------
-
-
-def make_event(**overrides: Any) -> RequestEvent:
-    now = datetime.now(UTC)
-    fields: dict[str, Any] = {
-        "event_id": uuid.uuid4(),
-        "runtime_id": "rt-1",
-        "started_at": now,
-        "finished_at": now,
-        "tenant": "acme",
-        "feature": "search",
-        "api_key_id": "acme:…abcd",
-        "model_requested": "tiny-random",
-        "model_served": "tiny-random",
-        "route_reason": "requested",
-        "priority": "normal",
-        "status": "ok",
-        "http_status": 200,
-        "prompt_tokens": 12,
-        "completion_tokens": 34,
-        "e2e_ms": 56.7,
-        "device": "cpu",
-    }
-    fields.update(overrides)
-    return RequestEvent(**fields)
-
-
-def make_sample(**overrides: Any) -> RuntimeSample:
-    fields: dict[str, Any] = {
-        "runtime_id": "rt-1",
-        "at": datetime.now(UTC),
-        "queue_depth": 3,
-        "running": 2,
-        "tokens_per_s": 41.5,
-        "devices": [DeviceSample(device="cpu")],
-    }
-    fields.update(overrides)
-    return RuntimeSample(**fields)
-
-
-@pytest.fixture
-def exporters() -> Iterator[list[TelemetryExporter]]:
-    made: list[TelemetryExporter] = []
-    yield made
-    for exporter in made:
-        exporter.close(timeout=0.5)
-
-
-@pytest.fixture
-def make_exporter(tmp_path: Path, collector: Collector, exporters: list[TelemetryExporter]) -> Any:
-    def make(*, start: bool = True, **overrides: Any) -> TelemetryExporter:
-        options: dict[str, Any] = {
-            "url": collector.url,
-            "token": TOKEN,
-            "spool_dir": tmp_path / "spool",
-            "spool_max_bytes": 4 << 20,
-            "batch_size": 50,
-            "interval_s": 0.05,
-            "timeout_s": 0.5,
-            "backoff_initial_s": 0.02,
-            "backoff_max_s": 0.1,
-        }
-        options.update(overrides)
-        exporter = TelemetryExporter(**options)
-        exporters.append(exporter)
-        if start:
-            exporter.start()
-        return exporter
-
-    return make
-
-
-def ids(events: list[RequestEvent]) -> list[str]:
-    return [str(e.event_id) for e in events]
-
-
-def wait_until(condition: Any, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
-
-
-def raw_events(bodies: list[bytes]) -> dict[str, bytes]:
-    """Each event's bytes exactly as they appeared on the wire, by event_id."""
-    decoder = json.JSONDecoder()
-    found: dict[str, bytes] = {}
-    for body in bodies:
-        text = body.decode()
-        assert text.startswith('{"events":[')
-        pos = len('{"events":[')
-        while text[pos] != "]":
-            event, end = decoder.raw_decode(text, pos)
-            found[event["event_id"]] = text[pos:end].encode()
-            pos = end + (text[end] == ",")
-    return found
-
-
-def segment_files(spool_dir: Path) -> list[Path]:
-    return sorted(spool_dir.glob("segment-*.log"))
-
+from tests.inference.telemetry_helpers import (
+    TOKEN,
+    ids,
+    make_event,
+    make_sample,
+    raw_events,
+    segment_files,
+    wait_until,
+)
 
 # -- delivery ---------------------------------------------------------------------------------
 
