@@ -19,6 +19,11 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
 # `_created` timestamps double every series and no dashboard reads them.
 disable_created_metrics()
 
+# The model label of a request for a model this runtime does not serve: never the client's string,
+# which would grow a series per name a client makes up. No model can be named so (names are
+# letters, digits, '_', '-', '.').
+UNSERVED_MODEL = "(unknown)"
+
 
 class LiveSample(NamedTuple):
     """One value read at scrape time; ``counter`` for a running total (its name ends in ``_total``)."""
@@ -54,6 +59,7 @@ class _LiveSamples(Collector):
 class RuntimeMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._models: frozenset[str] = frozenset()
         r = self.registry
         self.requests = Counter("wattson_requests", "Requests by model and outcome",
                                 ["model", "status"], registry=r)
@@ -71,11 +77,19 @@ class RuntimeMetrics:
         self.step_seconds = Histogram("wattson_engine_step_seconds", "Wall time of each engine step",
                                       ["model", "kind"], buckets=LATENCY_BUCKETS, registry=r)
 
+    def serve_models(self, names: Iterable[str]) -> None:
+        """The models (and aliases) requests may be labelled with; any other is ``UNSERVED_MODEL``."""
+        self._models = frozenset(names)
+
+    def model_label(self, name: str | None) -> str:
+        return name if name is not None and name in self._models else UNSERVED_MODEL
+
     def watch(self, read: SampleReader) -> None:
         self.registry.register(_LiveSamples(read))
 
     def observe_event(self, event: RequestEvent) -> None:
-        model = event.model_served or event.model_requested
+        # Bounded: every label value is a served model, a status or a kind, whatever a client sent.
+        model = self.model_label(event.model_served or event.model_requested)
         self.requests.labels(model, event.status).inc()
         self.tokens.labels(model, "prompt").inc(event.prompt_tokens)
         self.tokens.labels(model, "completion").inc(event.completion_tokens)

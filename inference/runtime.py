@@ -96,6 +96,7 @@ class Runtime:
                 self.backends[upstream.name] = UpstreamBackend(upstream, self._http, admission)
         # Checked against what really loaded: a preloaded model may be named otherwise than its spec.
         self.router = ModelRouter.from_config(config, self.backends)
+        self.metrics.serve_models([*self.backends, *([self.router.alias] if self.router is not None else [])])
         if config.cache_enabled:
             self.cache = ResponseCache.from_config(config)
             self.fallback_cache = CacheFallback(self.cache, default_max_tokens=config.default_max_tokens)

@@ -11,10 +11,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from inference.engine.models import LoadedModel
 from inference.gpu import GpuMonitor
-from inference.metrics import counter, gauge
+from inference.metrics import UNSERVED_MODEL, counter, gauge
 from tests.inference.collector import Collector
 from tests.inference.fake_nvml import FakeGpu, FakeNvml
-from tests.inference.live import GLOBEX, serve, tiny_config
+from tests.inference.live import GLOBEX, LiveRuntime, serve, tiny_config
 from tests.inference.rulesets import ADMIN_TOKEN, at, document, push, rule, scope
 
 # What a runtime with a GPU, a response cache, a ruleset and a control plane shows after a cache hit
@@ -75,3 +75,20 @@ def test_a_live_sample_is_typed_by_its_name() -> None:
         gauge("wattson_shed_requests_total", "a total read as a level", 1)
     with pytest.raises(ValueError, match="not named as a running total"):
         counter("wattson_queue_depth", "a level read as a total", 1)
+
+
+def test_requests_for_models_this_runtime_does_not_serve_share_one_label(live: LiveRuntime) -> None:
+    def metrics() -> str:
+        return httpx.get(live.base_url + "/metrics", timeout=10).text
+
+    with live.client() as client:
+        for n in range(3):
+            assert client.post("/v1/completions", json={"model": f"made-up-{n}", "prompt": "hi"}).status_code == 404
+        before = metrics()
+        for n in range(3, 200):
+            client.post("/v1/completions", json={"model": f"made-up-{n}" + '\n"}', "prompt": "hi"})
+    after = metrics()
+
+    assert "made-up" not in after, "a client's string is never a label"
+    assert f'wattson_requests_total{{model="{UNSERVED_MODEL}",status="error"}} 200.0' in after
+    assert len(after) - len(before) < 100, "a new made-up name adds no series"
