@@ -172,6 +172,8 @@ class RuntimeConfig:
     spool_max_mb: float = option(512.0, "spool size at which new records are refused loudly", check=POSITIVE)
     export_batch_size: int = option(500, "most records in one telemetry POST", check=POSITIVE)
     export_interval_s: float = option(1.0, "how often buffered telemetry is sent", check=POSITIVE)
+    telemetry_stale_after_s: float = option(
+        300.0, "age of the oldest unsent telemetry record past which /health says degraded", check=POSITIVE)
     sample_interval_s: float = option(5.0, "how often a runtime sample (queue, tokens/s, GPUs) is taken",
                                       check=POSITIVE)
     # Faults (inference/breaker.py, fallback.py) and async jobs (inference/jobs/).

@@ -108,6 +108,7 @@ class Runtime:
                 spool_max_bytes=int(config.spool_max_mb * 1024 * 1024),
                 batch_size=config.export_batch_size,
                 interval_s=config.export_interval_s,
+                stale_after_s=config.telemetry_stale_after_s,
             )
             self.exporter.start()
             self.puller = RulesetPuller(self.ruleset, url=config.finops_url, token=config.finops_token,
@@ -253,13 +254,7 @@ class Runtime:
                             device=d.device)
         rows += self._rule_samples()
         if self.exporter is not None:
-            stats = self.exporter.stats()
-            for key in ("queued", "spooled_records", "spooled_bytes"):
-                rows += gauge(f"wattson_telemetry_{key}", f"Telemetry exporter: {key}", stats.get(key))  # type: ignore[arg-type]
-            for key in ("sent_records", "failed_posts", "dropped_records", "rejected_records"):
-                rows += counter(f"wattson_telemetry_{key}_total", f"Telemetry exporter: {key}", stats.get(key))  # type: ignore[arg-type]
-            rows += gauge("wattson_telemetry_spool_full", "1 while the spool refuses records",
-                          1.0 if stats.get("spool_full") else 0.0)
+            rows += self.exporter.samples()
         return rows
 
     def _rule_samples(self) -> list[LiveSample]:
@@ -291,4 +286,3 @@ def _breaker_settings(config: RuntimeConfig) -> BreakerSettings:
     return BreakerSettings(window_s=config.breaker_window_s, min_requests=config.breaker_min_requests,
                            error_rate=config.breaker_error_rate, cooldown_s=config.breaker_cooldown_s,
                            probes=config.breaker_probes, probe_lease_s=lease)
-

@@ -5,8 +5,8 @@ Layout of the spool directory::
     segment-0000000001.log   one record per line: a kind tag (``E`` request event, ``S`` runtime
     segment-0000000002.log   sample), a space, then the record's JSON exactly as it is sent
     cursor.json              {"segment": 2, "offset": 4096}: everything before it is acknowledged
-    rejected/                records the collector refused and lines that could not be read,
-                             one file per batch, kept for inspection
+    rejected/                records the collector refused and lines that could not be read, kept
+                             until an operator resends or discards them (``refused.py``)
 
 Records are stored as the bytes they were first serialized to and never parsed back into models,
 so a resend is byte-identical to the first attempt. Only the newest segment is appended to, and
@@ -14,6 +14,12 @@ only by this process: a spool opened after a crash starts a fresh segment, so a 
 be at the end of the segment that was newest at the crash, where opening truncates it. A segment
 is deleted once the cursor has moved past it. The cursor is replaced atomically (temp file,
 fsync, ``os.replace``) so a crash leaves either the old cursor or the new one.
+
+The cap (``max_bytes``) covers the segments and the records set aside together: set-aside records
+are never deleted to make room, so when they fill it the spool refuses new records instead. A
+disk error is raised to the caller (or, on append, reported in ``write_error``), never swallowed;
+a segment that vanished from disk (its directory removed) is stepped over and its records counted
+in ``lost_lines``, and the spool carries on in a directory made again.
 
 The spool is thread-safe: one thread appends while another reads and acknowledges.
 """
@@ -25,18 +31,18 @@ import json
 import logging
 import os
 import threading
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
+
+from inference.telemetry.records import KINDS, SpoolRecord, parse_line
+from inference.telemetry.refused import REFUSED_DIR, UNREADABLE, RefusedStore
 
 logger = logging.getLogger("inference.telemetry")
 
 SEGMENT_BYTES = 8 * 1024 * 1024
 CURSOR_FILE = "cursor.json"
-REJECTED_DIR = "rejected"
-KINDS = ("E", "S")
 
 _SEGMENT_PREFIX = "segment-"
 _SEGMENT_SUFFIX = ".log"
@@ -56,30 +62,6 @@ class Cursor:
     line: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class SpoolRecord:
-    """One record: its kind (``E`` request event, ``S`` runtime sample) and its serialized JSON."""
-
-    kind: str
-    data: bytes
-
-    def line(self) -> bytes:
-        return self.kind.encode() + b" " + self.data + b"\n"
-
-
-def _parse_line(raw: bytes) -> SpoolRecord | None:
-    """A complete line (with its newline) as a record, or None when it is not a valid one."""
-    if len(raw) < 5 or raw[1:2] != b" " or raw[:1].decode("latin-1") not in KINDS:
-        return None
-    data = raw[2:-1]
-    try:
-        if not isinstance(json.loads(data), dict):
-            return None
-    except ValueError:
-        return None
-    return SpoolRecord(kind=raw[:1].decode(), data=data)
-
-
 def _write_all(fd: int, data: bytes | bytearray) -> None:
     view = memoryview(data)
     while view:
@@ -89,35 +71,25 @@ def _write_all(fd: int, data: bytes | bytearray) -> None:
 class Spool:
     """An append-only, size-capped log of telemetry records in ``directory``."""
 
-    def __init__(
-        self,
-        directory: Path,
-        *,
-        max_bytes: int,
-        segment_bytes: int = SEGMENT_BYTES,
-        rejected_max_bytes: int | None = None,
-    ) -> None:
+    def __init__(self, directory: Path, *, max_bytes: int, segment_bytes: int = SEGMENT_BYTES) -> None:
         if max_bytes <= 0 or segment_bytes <= 0:
             raise ValueError("max_bytes and segment_bytes must be positive")
         self.directory = Path(directory)
-        self.rejected_dir = self.directory / REJECTED_DIR
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
-        # rejected/ is for inspection, not a second queue: keep only the newest files within this cap.
-        self.rejected_max_bytes = rejected_max_bytes if rejected_max_bytes is not None else max_bytes // 4
-        self.rejected_records = 0
         self.corrupt_lines = 0
+        self.lost_lines = 0  # in segments that vanished from disk before they were sent
         self.write_error: str | None = None
         self._lock = threading.Lock()
         self._sizes: dict[int, int] = {}  # segment id -> bytes on disk, oldest first
+        self._first_line: dict[int, int] = {}  # segment id -> line number of its first line (from the cursor)
         self._bytes = 0
         self._active: int | None = None
         self._active_fd: int | None = None
         self._full = False
         self._quarantined: set[tuple[int, int]] = set()
-        self._rejected_files: deque[tuple[Path, int]] = deque()
-        self._rejected_bytes = 0
-        self._reject_seq = 0
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.refused = RefusedStore(self.directory / REFUSED_DIR)
         self._open()
 
     # -- state -------------------------------------------------------------------------------
@@ -155,12 +127,14 @@ class Spool:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def append(self, records: Sequence[SpoolRecord]) -> int:
+    def append(self, records: Sequence[SpoolRecord], *, extra_room: int = 0) -> int:
         """Append records in order; returns how many were stored.
 
-        Stops at the first record that would take the spool past ``max_bytes`` (``full`` turns
-        True) or when the disk refuses a write (``write_error`` says why, and it is logged); the
-        records from there on are not stored and the caller must count them as dropped.
+        Stops at the first record that would take the spool (segments and set-aside records
+        together, less ``extra_room``: bytes about to be freed, as by a resend) past ``max_bytes``
+        (``full`` turns True) or when the disk refuses a write (``write_error`` says why, and it
+        is logged); the records from there on are not stored and the caller must count them as
+        dropped.
         """
         for record in records:
             if record.kind not in KINDS or b"\n" in record.data:
@@ -169,17 +143,20 @@ class Spool:
             buf = bytearray()
             stored = 0
             written = 0
+            room = self.max_bytes + extra_room - self._bytes - self.refused.bytes
             try:
+                self._seal_if_vanished()
                 for record in records:
                     line = record.line()
-                    if self._bytes + len(buf) + len(line) > self.max_bytes:
+                    if len(buf) + len(line) > room:
                         self._full = True
                         break
                     if self._active is None or self._sizes[self._active] + len(buf) >= self.segment_bytes:
                         self._write(buf)
+                        room -= len(buf)
                         written = stored
                         buf.clear()
-                        self._roll()
+                        self._roll(first_line=self._appended + written)
                     buf += line
                     stored += 1
                 self._write(buf)
@@ -210,13 +187,24 @@ class Spool:
         self._sizes[self._active] += len(buf)
         self._bytes += len(buf)
 
-    def _roll(self) -> None:
+    def _seal_if_vanished(self) -> None:
+        """Stop writing to a segment someone deleted (its directory removed): what goes into an
+        unlinked file is lost; the next write opens a new segment in a directory made again."""
+        if self._active_fd is not None and os.fstat(self._active_fd).st_nlink == 0:
+            logger.error("telemetry spool: %s was deleted while it was written; starting a new segment",
+                         self._segment_path(self._active))  # type: ignore[arg-type]
+            self._close_active(sync=False)
+
+    def _roll(self, *, first_line: int) -> None:
         self._close_active(sync=True)
         segment = self._next_segment
-        fd = os.open(self._segment_path(segment), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        path = self._segment_path(segment)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._next_segment += 1
         self._active, self._active_fd = segment, fd
         self._sizes[segment] = 0
+        self._first_line[segment] = first_line
 
     def _close_active(self, *, sync: bool) -> None:
         if self._active_fd is not None:
@@ -242,8 +230,9 @@ class Spool:
     def read_from(self, cursor: Cursor, max_records: int) -> tuple[list[SpoolRecord], Cursor]:
         """Up to ``max_records`` records from ``cursor`` on, and the cursor just past them.
 
-        Lines that are not valid records are quarantined into ``rejected/`` and stepped over, so
-        the returned cursor may have moved even when no record is returned.
+        Lines that are not valid records are set aside (``rejected/``) and stepped over, and so
+        are segments that vanished from disk, so the returned cursor may have moved even when no
+        record is returned. A disk error is raised.
         """
         records: list[SpoolRecord] = []
         segment, offset, line = cursor.segment, cursor.offset, cursor.line
@@ -255,26 +244,13 @@ class Spool:
                         break
                     segment, offset = min(later), 0
                 sealed = segment != self._active
-                with open(self._segment_path(segment), "rb") as f:
-                    f.seek(offset)
-                    while len(records) < max_records:
-                        raw = f.readline()
-                        if not raw:
-                            break
-                        if not raw.endswith(b"\n"):
-                            # Only a sealed segment can end in half a line (a failed write that
-                            # could not be cut back); the segment being written never does.
-                            if sealed:
-                                self._quarantine(segment, offset, raw, "torn line")
-                                offset += len(raw)
-                            break
-                        record = _parse_line(raw)
-                        if record is None:
-                            self._quarantine(segment, offset, raw, "unreadable line")
-                        else:
-                            records.append(record)
-                        offset += len(raw)
-                        line += 1
+                try:
+                    f = open(self._segment_path(segment), "rb")  # noqa: SIM115 (closed below)
+                except FileNotFoundError:
+                    line = self._step_over_vanished(segment, line)
+                    continue
+                with f:
+                    offset, line = self._read_segment(f, segment, offset, line, records, max_records, sealed=sealed)
                 if len(records) >= max_records or not sealed:
                     break
                 later = [s for s in self._sizes if s > segment]
@@ -283,8 +259,46 @@ class Spool:
                 segment, offset = min(later), 0
         return records, Cursor(segment, offset, line)
 
+    def _read_segment(self, f: BinaryIO, segment: int, offset: int, line: int, records: list[SpoolRecord],
+                      max_records: int, *, sealed: bool) -> tuple[int, int]:
+        f.seek(offset)
+        while len(records) < max_records:
+            raw = f.readline()
+            if not raw:
+                break
+            if not raw.endswith(b"\n"):
+                # Only a sealed segment can end in half a line (a failed write that could not be
+                # cut back); the segment being written never does.
+                if sealed:
+                    self._quarantine(segment, offset, raw, "torn line")
+                    offset += len(raw)
+                break
+            record = parse_line(raw)
+            if record is None:
+                self._quarantine(segment, offset, raw, "unreadable line")
+            else:
+                records.append(record)
+            offset += len(raw)
+            line += 1
+        return offset, line
+
+    def _step_over_vanished(self, segment: int, line: int) -> int:
+        """Forget a segment that is gone from disk; returns the line number just past it."""
+        later = [s for s in self._sizes if s > segment]
+        end = self._first_line[min(later)] if later else self._appended
+        lost = max(0, end - line)
+        self.lost_lines += lost
+        if segment == self._active:
+            self._close_active(sync=False)
+        self._bytes -= self._sizes.pop(segment)
+        self._first_line.pop(segment, None)
+        logger.error("telemetry spool: %s vanished from disk with %d records not yet sent (%d lost in all)",
+                     self._segment_path(segment), lost, self.lost_lines)
+        return line + lost
+
     def ack(self, cursor: Cursor) -> None:
-        """Mark everything before ``cursor`` acknowledged: persist it, delete passed segments."""
+        """Mark everything before ``cursor`` acknowledged: persist it, delete passed segments.
+        A disk error is raised, and then nothing changed."""
         with self._lock:
             self._write_cursor(cursor)
             self._cursor = cursor
@@ -292,45 +306,32 @@ class Spool:
             for segment in [s for s in self._sizes if s < cursor.segment and s != self._active]:
                 self._segment_path(segment).unlink(missing_ok=True)
                 self._bytes -= self._sizes.pop(segment)
+                self._first_line.pop(segment, None)
                 freed = True
-            if freed and self._bytes < self.max_bytes:
-                self._full = False
+            if freed:
+                self.room_freed()
 
-    # -- rejected records --------------------------------------------------------------------
+    # -- records set aside -------------------------------------------------------------------
 
-    def reject(self, records: Sequence[SpoolRecord], reason: str) -> Path:
-        """Keep records the collector refused in ``rejected/``; the caller then acks past them."""
-        with self._lock:
-            path = self._keep_rejected(b"".join(r.line() for r in records), reason, "refused")
-            self.rejected_records += len(records)
-            return path
+    def set_aside(self, entries: Sequence[tuple[SpoolRecord, str]]) -> Path:
+        """Keep records the collector refused, each with its reason, in ``rejected/``; the caller
+        then acks past them. Raises ``OSError`` when the disk refuses (nothing was kept then)."""
+        return self.refused.keep([(record.line(), reason) for record, reason in entries], "refused")
+
+    def room_freed(self) -> None:
+        """Segments went, or set-aside records were resent or discarded: an append may fit again."""
+        if self._bytes + self.refused.bytes < self.max_bytes:
+            self._full = False
 
     def _quarantine(self, segment: int, offset: int, raw: bytes, what: str) -> None:
         if (segment, offset) in self._quarantined:
             return
+        where = f"{self._segment_path(segment).name} at byte {offset}"
+        content = UNREADABLE + raw if raw.endswith(b"\n") else UNREADABLE + raw + b"\n"
+        path = self.refused.keep([(content, f"{what} in {where}")], "corrupt")
         self._quarantined.add((segment, offset))
         self.corrupt_lines += 1
-        where = f"{self._segment_path(segment).name} at byte {offset}"
-        content = raw if raw.endswith(b"\n") else raw + b"\n"
-        path = self._keep_rejected(content, f"{what} in {where}", "corrupt")
         logger.warning("telemetry spool: skipped an %s in %s; kept in %s", what, where, path)
-
-    def _keep_rejected(self, content: bytes, reason: str, label: str) -> Path:
-        self._reject_seq += 1
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-        path = self.rejected_dir / f"{stamp}-{self._reject_seq:05d}-{label}.log"
-        header = ("# " + " ".join(reason.split()) + "\n").encode()
-        path.write_bytes(header + content)
-        size = len(header) + len(content)
-        self._rejected_files.append((path, size))
-        self._rejected_bytes += size
-        while self._rejected_bytes > self.rejected_max_bytes and len(self._rejected_files) > 1:
-            old, old_size = self._rejected_files.popleft()
-            old.unlink(missing_ok=True)
-            self._rejected_bytes -= old_size
-            logger.warning("telemetry spool: deleted %s to keep rejected/ under %d bytes",
-                           old.name, self.rejected_max_bytes)
-        return path
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -338,15 +339,7 @@ class Spool:
         return self.directory / f"{_SEGMENT_PREFIX}{segment:010d}{_SEGMENT_SUFFIX}"
 
     def _open(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.rejected_dir.mkdir(exist_ok=True)
         (self.directory / (CURSOR_FILE + ".tmp")).unlink(missing_ok=True)
-        for path in sorted(self.rejected_dir.iterdir()):
-            if path.is_file():
-                size = path.stat().st_size
-                self._rejected_files.append((path, size))
-                self._rejected_bytes += size
-
         found = sorted(
             int(p.name[len(_SEGMENT_PREFIX) : -len(_SEGMENT_SUFFIX)])
             for p in self.directory.glob(f"{_SEGMENT_PREFIX}*{_SEGMENT_SUFFIX}")
@@ -366,9 +359,12 @@ class Spool:
         cursor = Cursor(cursor.segment, min(cursor.offset, self._sizes.get(cursor.segment, 0)))
         self._cursor = cursor
         self._bytes = sum(self._sizes.values())
-        self._appended = self._count_lines(cursor)
+        self._appended = 0
+        for segment in self._sizes:
+            self._first_line[segment] = self._appended
+            self._appended += self._count_lines(segment, cursor.offset if segment == cursor.segment else 0)
         self._next_segment = max([*self._sizes, cursor.segment]) + 1
-        self._full = self._bytes >= self.max_bytes
+        self._full = self._bytes + self.refused.bytes >= self.max_bytes
 
     def _truncate_torn_tail(self, segment: int) -> None:
         """Cut a last line that has no newline: a write the previous process did not finish."""
@@ -389,9 +385,13 @@ class Spool:
                 return
             f.seek(keep)
             torn = f.read()
+            try:
+                kept: object = self.refused.keep(
+                    [(UNREADABLE + torn + b"\n", f"torn last line of {path.name} at byte {keep}")], "corrupt")
+            except OSError as exc:  # half a record is no record: the spool must open all the same
+                kept = f"nowhere ({exc}); it began {torn[:200]!r}"
             f.truncate(keep)
         self.corrupt_lines += 1
-        kept = self._keep_rejected(torn + b"\n", f"torn last line of {path.name} at byte {keep}", "corrupt")
         logger.warning(
             "telemetry spool: cut a torn last line (%d bytes) from %s, left by an interrupted write; "
             "kept in %s",
@@ -413,19 +413,22 @@ class Spool:
     def _write_cursor(self, cursor: Cursor) -> None:
         path = self.directory / CURSOR_FILE
         tmp = path.with_name(CURSOR_FILE + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(json.dumps({"segment": cursor.segment, "offset": cursor.offset}).encode())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        self.directory.mkdir(parents=True, exist_ok=True)  # an operator may have removed it
+        try:
+            with open(tmp, "wb") as f:
+                f.write(json.dumps({"segment": cursor.segment, "offset": cursor.offset}).encode())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
 
-    def _count_lines(self, cursor: Cursor) -> int:
+    def _count_lines(self, segment: int, offset: int) -> int:
         count = 0
-        for segment in self._sizes:
-            if segment < cursor.segment:
-                continue
-            with open(self._segment_path(segment), "rb") as f:
-                f.seek(cursor.offset if segment == cursor.segment else 0)
-                while chunk := f.read(_READ_CHUNK):
-                    count += chunk.count(b"\n")
+        with open(self._segment_path(segment), "rb") as f:
+            f.seek(offset)
+            while chunk := f.read(_READ_CHUNK):
+                count += chunk.count(b"\n")
         return count

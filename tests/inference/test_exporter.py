@@ -233,10 +233,10 @@ def test_acknowledged_segments_are_deleted_from_disk(
 # -- refusals ---------------------------------------------------------------------------------
 
 
-def test_a_batch_the_collector_refuses_as_malformed_is_set_aside_and_later_records_flow(
+def test_a_record_the_collector_refuses_as_no_batch_is_set_aside_and_later_records_flow(
     make_exporter: Any, collector: Collector, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    collector.mode = "reject"
+    collector.mode = "invalid_batch"  # finops's own 400, code invalid_batch
     exporter = make_exporter()
     refused = make_event()
     exporter.record_event(refused)
@@ -252,7 +252,7 @@ def test_a_batch_the_collector_refuses_as_malformed_is_set_aside_and_later_recor
     assert exporter.stats()["rejected_records"] == 1
     [kept] = (tmp_path / "spool" / "rejected").iterdir()
     assert refused.model_dump_json().encode() in kept.read_bytes()
-    assert any("HTTP 400" in r.getMessage() and "bad batch" in r.getMessage() for r in caplog.records)
+    assert any("HTTP 400 invalid_batch" in r.getMessage() and "bad batch" in r.getMessage() for r in caplog.records)
 
 
 def test_a_refused_token_keeps_the_records_until_the_collector_takes_them(

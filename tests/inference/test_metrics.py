@@ -27,13 +27,16 @@ TOTALS = {
     "wattson_ruleset_pull_failures_total", "wattson_cache_hits_total", "wattson_cache_misses_total",
     "wattson_cache_stores_total", "wattson_cache_evictions_total", "wattson_cache_saved_tokens_total",
     "wattson_cache_saved_gpu_seconds_total", "wattson_breaker_opens_total", "wattson_retries_total",
+    "wattson_telemetry_rejected_records_total", "wattson_telemetry_io_errors_total",
+    "wattson_telemetry_lost_records_total",
 }
 LEVELS = {
     "wattson_queue_depth", "wattson_running_requests", "wattson_running_sequences", "wattson_kv_cache_tokens",
     "wattson_paused_sequences", "wattson_gpu_gpu_util", "wattson_gpu_mem_used", "wattson_gpu_power_w",
     "wattson_gpu_temperature_c", "wattson_ruleset_version", "wattson_ruleset_stale", "wattson_cache_entries",
     "wattson_cache_bytes", "wattson_breaker_state", "wattson_telemetry_queued", "wattson_telemetry_spool_full",
-    "wattson_gpu_mem_capacity",
+    "wattson_gpu_mem_capacity", "wattson_telemetry_set_aside_records", "wattson_telemetry_set_aside_bytes",
+    "wattson_telemetry_oldest_unsent_age_seconds", "wattson_telemetry_failing_attempts",
 }
 
 

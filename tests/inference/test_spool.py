@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -179,29 +180,71 @@ def test_acknowledging_frees_room_for_new_records(tmp_path: Path) -> None:
     assert spool.append([event_record(10, padding=100)]) == 1
 
 
-def test_rejected_records_are_kept_with_the_reason(tmp_path: Path) -> None:
+def test_records_set_aside_are_kept_with_their_reasons(tmp_path: Path) -> None:
     spool = Spool(tmp_path, max_bytes=1 << 20)
-    spool.append([event_record(0), event_record(1)])
+    spool.append([event_record(0), event_record(1), event_record(2)])
     records, cursor = read_all(spool)
 
-    path = spool.reject(records, "HTTP 400: bad field")
+    path = spool.set_aside([(records[0], "HTTP 400: bad field"), (records[1], "HTTP 400: bad field"),
+                            (records[2], "HTTP 202: event 2: cost: too large")])
     spool.ack(cursor)
 
     assert path.parent == tmp_path / "rejected"
-    assert path.read_bytes() == b"# HTTP 400: bad field\n" + event_record(0).line() + event_record(1).line()
-    assert spool.rejected_records == 2
+    assert path.read_bytes() == (b"# HTTP 400: bad field\n" + event_record(0).line() + event_record(1).line()
+                                 + b"# HTTP 202: event 2: cost: too large\n" + event_record(2).line())
+    assert spool.refused.records == 3
     assert spool.pending == 0
 
 
-def test_rejected_directory_keeps_only_the_newest_files_within_its_cap(tmp_path: Path) -> None:
-    spool = Spool(tmp_path, max_bytes=1 << 20, rejected_max_bytes=1500)
-    for n in range(10):
-        spool.reject([event_record(n, padding=300)], f"batch {n}")
+def test_records_set_aside_are_never_deleted_to_make_room_the_spool_refuses_new_ones_instead(
+        tmp_path: Path) -> None:
+    line_bytes = len(event_record(0, padding=100).line())
+    spool = Spool(tmp_path, max_bytes=line_bytes * 8, segment_bytes=line_bytes)
+    for n in range(5):
+        spool.append([event_record(n, padding=100)])
+        records, cursor = read_all(spool)
+        spool.set_aside([(records[0], f"refused {n}")])
+        spool.ack(cursor)
 
+    stored = spool.append([event_record(n, padding=100) for n in range(10, 14)])
+
+    assert stored < 4
+    assert spool.full
+    assert spool.size_bytes + spool.refused.bytes <= spool.max_bytes
+    assert spool.refused.records == 5
     kept = rejected_text(tmp_path)
-    assert sum(p.stat().st_size for p in (tmp_path / "rejected").iterdir()) <= 1500
-    assert "batch 9" in kept
-    assert "batch 0" not in kept
+    assert all(f"refused {n}" in kept for n in range(5)), "the oldest are still there"
+    spool.close()
+    assert Spool(tmp_path, max_bytes=line_bytes * 8).refused.records == 5, "counted again after a restart"
+
+
+def test_a_segment_that_vanished_from_disk_is_stepped_over_and_its_records_counted_lost(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=100)
+    spool.append([event_record(n, padding=100) for n in range(2)])  # one record per segment
+    spool.append([event_record(2, padding=100)])
+    segment_files(tmp_path)[0].unlink()
+
+    records, cursor = read_all(spool)
+    spool.ack(cursor)
+
+    assert records == [event_record(n, padding=100) for n in (1, 2)]
+    assert spool.lost_lines == 1
+    assert spool.pending == 0
+    assert spool.size_bytes == sum(p.stat().st_size for p in segment_files(tmp_path))
+
+
+def test_appends_after_the_directory_was_removed_go_to_a_new_segment_in_a_new_directory(tmp_path: Path) -> None:
+    directory = tmp_path / "spool"
+    spool = Spool(directory, max_bytes=1 << 20)
+    spool.append([event_record(0)])
+    _, cursor = read_all(spool)
+    spool.ack(cursor)
+    shutil.rmtree(directory)
+
+    assert spool.append([event_record(1)]) == 1
+
+    assert read_all(spool, cursor)[0] == [event_record(1)]
+    assert len(segment_files(directory)) == 1 and spool.lost_lines == 0
 
 
 def test_a_half_written_cursor_file_is_ignored(tmp_path: Path) -> None:
