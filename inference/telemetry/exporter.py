@@ -4,8 +4,9 @@ Write-ahead, in three steps, so the serving path never waits on a disk or on the
 
 1. ``record_event`` / ``record_sample`` (asyncio loop, engine thread) put the record on a bounded
    in-memory queue without blocking. A full queue turns the record away and counts it.
-2. The writer thread serializes the records and appends them to the on-disk ``Spool``
-   (append-only segments).
+2. The writer thread numbers the events (``seq``, ``sequence.py``), stamps each sample with the
+   highest number given so far (``events_recorded``), serializes them and appends them to the
+   on-disk ``Spool`` (append-only segments).
 3. The sender thread (``sender.py``) reads batches from the spool's cursor, POSTs them to
    ``{url}/api/v1/events`` and moves the cursor (persisted at once) when the collector is through
    with them; what it refused by its contract is set aside in ``rejected/`` with the reasons, and
@@ -27,6 +28,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +38,7 @@ from inference.metrics import LiveSample, counter, gauge
 from inference.telemetry.drops import DropLog
 from inference.telemetry.refused import RefusedFile
 from inference.telemetry.sender import Sender, Wakeups
+from inference.telemetry.sequence import EventSequence
 from inference.telemetry.spool import SEGMENT_BYTES, Spool, SpoolRecord
 
 logger = logging.getLogger("inference.telemetry")
@@ -84,8 +87,10 @@ class TelemetryExporter:
         # written never take more than a sliver of the cap.
         segment_bytes = max(1024, min(SEGMENT_BYTES, spool_max_bytes // 16))
         self._spool = Spool(Path(spool_dir), max_bytes=spool_max_bytes, segment_bytes=segment_bytes)
+        self._sequence = EventSequence(Path(spool_dir), spooled=self._spool.newest_records())
         self._queue: queue.Queue[Item | _FlushMarker] = queue.Queue(maxsize=queue_max)
         self._drops = DropLog()
+        self._turned_away: Counter[str] = Counter()  # events the full queue refused, by runtime_id, not numbered
         self._wakeups = Wakeups()
         self._sender = Sender(self._spool, self._wakeups, url=url, headers=headers, batch_size=batch_size,
                               interval_s=interval_s, timeout_s=timeout_s, backoff_initial_s=backoff_initial_s,
@@ -121,6 +126,8 @@ class TelemetryExporter:
                 self._queue.put_nowait(record)
             except queue.Full:
                 self._drops.note("in-memory queue full", 1, f"{self._queue.maxsize} records")
+                if isinstance(record, RequestEvent):
+                    self._turned_away[record.runtime_id] += 1  # recorded all the same: numbered as lost
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -225,6 +232,7 @@ class TelemetryExporter:
             "lost_records": spool.lost_lines,
             "io_errors": sender.io_errors + self._write_errors,
             "oldest_unsent_age_s": max(0.0, time.time() - oldest) if pending and oldest is not None else 0.0,
+            "events_recorded": self._sequence.recorded,
             "last_error": sender.last_error,
             "last_error_at": sender.last_error_at,
             "last_success_at": sender.last_success_at,
@@ -262,6 +270,11 @@ class TelemetryExporter:
     def samples(self) -> list[LiveSample]:
         """The stats as /metrics series: levels as gauges, running totals as counters."""
         return _samples(self.stats())
+
+    @property
+    def events_recorded(self) -> int:
+        """Events numbered so far (every runtime_id together)."""
+        return self._sequence.recorded
 
     # -- records set aside: an operator's to resend or discard -------------------------------
 
@@ -337,6 +350,7 @@ class TelemetryExporter:
         return items
 
     def _store(self, items: list[Item | _FlushMarker]) -> None:
+        numbers = self._number(items)
         records: list[SpoolRecord] = []
         for item in items:
             if isinstance(item, _FlushMarker):
@@ -344,15 +358,31 @@ class TelemetryExporter:
                 records = []
                 item.target = self._spool.appended
                 item.done.set()
-            elif (record := self._serialize(item)) is not None:
+            elif (record := self._serialize(item, numbers)) is not None:
                 records.append(record)
         self._append(records)
         if self._spool.pending >= self._batch_size:
             self._wakeups.notify(data=True)
 
-    def _serialize(self, item: Item) -> SpoolRecord | None:
+    def _number(self, items: list[Item | _FlushMarker]) -> dict[str, int]:
+        """Number the chunk's events and those the full queue turned away since the last chunk
+        (saved before anything is appended); returns the next number of each runtime_id."""
+        with self._offer_lock:
+            turned_away, self._turned_away = self._turned_away, Counter()
+        counts = Counter(turned_away)
+        counts.update(item.runtime_id for item in items if isinstance(item, RequestEvent))
+        first = self._sequence.take(counts)
+        return {runtime_id: n + turned_away[runtime_id] for runtime_id, n in first.items()}
+
+    def _serialize(self, item: Item, numbers: dict[str, int]) -> SpoolRecord | None:
         try:
-            return SpoolRecord("E" if isinstance(item, RequestEvent) else "S", item.model_dump_json().encode())
+            if isinstance(item, RequestEvent):
+                seq = numbers[item.runtime_id]
+                numbers[item.runtime_id] = seq + 1
+                return SpoolRecord("E", item.model_copy(update={"seq": seq}).model_dump_json().encode())
+            recorded = numbers[item.runtime_id] - 1 if item.runtime_id in numbers \
+                else self._sequence.last(item.runtime_id)
+            return SpoolRecord("S", item.model_copy(update={"events_recorded": recorded}).model_dump_json().encode())
         except Exception:
             logger.exception("telemetry: could not serialize a %s", type(item).__name__)
             self._drops.note("not serializable")
@@ -396,6 +426,8 @@ _TELEMETRY_TOTALS = {
     "lost_records": ("wattson_telemetry_lost_records_total",
                      "Spooled records lost with a segment that vanished from disk"),
     "io_errors": ("wattson_telemetry_io_errors_total", "Disk errors met by the spool's writer and sender"),
+    "events_recorded": ("wattson_telemetry_events_recorded_total",
+                        "Request events numbered (the highest seq given, every runtime_id together)"),
 }
 
 

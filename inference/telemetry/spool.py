@@ -5,6 +5,7 @@ Layout of the spool directory::
     segment-0000000001.log   one record per line: a kind tag (``E`` request event, ``S`` runtime
     segment-0000000002.log   sample), a space, then the record's JSON exactly as it is sent
     cursor.json              {"segment": 2, "offset": 4096}: everything before it is acknowledged
+    sequence.json            the highest event number given per runtime_id (``sequence.py``)
     rejected/                records the collector refused and lines that could not be read, kept
                              until an operator resends or discards them (``refused.py``)
 
@@ -310,6 +311,16 @@ class Spool:
                 freed = True
             if freed:
                 self.room_freed()
+
+    def newest_records(self, segments: int = 3) -> list[SpoolRecord]:
+        """The records of the newest segments that hold any (at most ``segments`` of them)."""
+        with self._lock:
+            for segment in sorted(self._sizes, reverse=True)[:segments]:
+                with open(self._segment_path(segment), "rb") as f:
+                    records = [r for raw in f if (r := parse_line(raw)) is not None]
+                if records:
+                    return records
+        return []
 
     # -- records set aside -------------------------------------------------------------------
 

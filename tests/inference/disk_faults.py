@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from inference.telemetry import refused, spool
+from inference.telemetry import refused, sequence, spool
 
-_MODULES = (spool, refused)
+_MODULES = (spool, refused, sequence)
 
 
 class DiskFaults:

@@ -183,7 +183,7 @@ def test_an_operator_resends_set_aside_records_as_they_were_first_sent(
     assert exporter.flush(timeout=5)
     assert sorted(collector.event_order) == sorted(ids(events))
     resent = raw_events(collector.accepted_bodies[-1:])
-    assert resent == {i: first_attempt[i] for i in ids([events[1], events[3]])}, "byte for byte"
+    assert resent == {i: first_attempt[i] for i in ids([events[1], events[3]])}, "byte for byte, seq included"
     assert exporter.set_aside_files() == []
     assert (exporter.stats()["set_aside_records"], exporter.stats()["resent_records"]) == (0, 2)
     assert exporter.problems() == []

@@ -53,7 +53,7 @@ def test_a_healthy_runtime_says_ok_with_no_reasons_and_its_usual_fields(
     assert (body["status"], body["reasons"]) == ("ok", [])
     assert body["runtime_id"] == "test-runtime" and body["models"] == ["tiny-random"]
     assert {"queue_depth", "running"} <= body.keys()
-    assert body["telemetry"]["sent_records"] == 1
+    assert body["telemetry"]["sent_records"] == 1 and body["telemetry"]["events_recorded"] == 1
 
 
 def test_records_waiting_longer_than_the_threshold_make_the_runtime_degraded_until_they_are_sent(

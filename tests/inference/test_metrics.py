@@ -28,7 +28,7 @@ TOTALS = {
     "wattson_cache_stores_total", "wattson_cache_evictions_total", "wattson_cache_saved_tokens_total",
     "wattson_cache_saved_gpu_seconds_total", "wattson_breaker_opens_total", "wattson_retries_total",
     "wattson_telemetry_rejected_records_total", "wattson_telemetry_io_errors_total",
-    "wattson_telemetry_lost_records_total",
+    "wattson_telemetry_events_recorded_total", "wattson_telemetry_lost_records_total",
 }
 LEVELS = {
     "wattson_queue_depth", "wattson_running_requests", "wattson_running_sequences", "wattson_kv_cache_tokens",
