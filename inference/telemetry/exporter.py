@@ -16,6 +16,10 @@ The POST body is built from the stored JSON bytes, never re-serialized, so a res
 byte-identical; the collector is idempotent on ``event_id``. A record can be sent twice only if
 the process dies between the collector's answer and saving the cursor.
 
+A disk that refuses a write (full, EIO) holds the writer, not the records: the chunk is kept in
+memory and written again after a backoff while new records wait on the queue, so a disk that fills
+and frees again loses nothing; only a queue that overflows meanwhile turns records away.
+
 Nothing is dropped silently: records turned away because the queue or the spool is full, or
 recorded after ``close``, are counted in ``stats()["dropped_records"]`` and logged at ERROR (at most
 every 10 s, with the count); the records set aside stay until an operator resends or discards
@@ -33,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from inference import __version__
+from inference.backoff import backoff_s
 from inference.contracts import RequestEvent, RuntimeSample
 from inference.metrics import LiveSample, counter, gauge
 from inference.telemetry.drops import DropLog
@@ -44,6 +49,7 @@ from inference.telemetry.spool import SEGMENT_BYTES, Spool, SpoolRecord
 logger = logging.getLogger("inference.telemetry")
 
 _WRITE_CHUNK = 1000  # most queued records written (and flushed) together
+_WRITE_RETRY_S, _WRITE_RETRY_MAX_S = 0.1, 5.0  # backoff while the disk refuses a write
 _SYNC_INTERVAL_S = 1.0  # most time appended records wait in the page cache before an fsync
 FAILING_AFTER = 3  # failed attempts in a row from which the sender counts as failing
 
@@ -103,6 +109,7 @@ class TelemetryExporter:
         self._writer_thread: threading.Thread | None = None
         self._sender_thread: threading.Thread | None = None
         self._write_errors = 0
+        self._write_failing = False  # the disk refused the last write; the writer is retrying it
         self.resent_records = 0
         self.discarded_records = 0
 
@@ -259,6 +266,9 @@ class TelemetryExporter:
         if stats["failing_attempts"] >= FAILING_AFTER:
             problems.append(f"the telemetry sender is failing ({stats['failing_attempts']} attempts in a row): "
                             f"{stats['last_error']}")
+        if self._write_failing:
+            problems.append(f"the telemetry spool cannot be written ({self._spool.write_error}); records wait in "
+                            f"memory ({stats['queued']} queued) until the disk takes them")
         if stats["lost_records"]:
             problems.append(f"{stats['lost_records']} spooled telemetry records were lost: their segment vanished "
                             "from disk")
@@ -389,17 +399,26 @@ class TelemetryExporter:
             return None
 
     def _append(self, records: list[SpoolRecord]) -> None:
-        if not records:
-            return
-        refused = len(records) - self._spool.append(records)
-        if refused:
+        """Append in order. Records past the spool's budget are turned away (counted: the budget is
+        the operator's); records the disk refused are written again after a backoff, for as long as
+        it takes, unless the exporter is closing (then they are counted as dropped)."""
+        failures = 0
+        while records:
+            records = records[self._spool.append(records):]
+            if not records:
+                break
             if self._spool.full:
-                self._drops.note("spool full", refused, f"{self._spool.size_bytes} spooled and "
+                self._drops.note("spool full", len(records), f"{self._spool.size_bytes} spooled and "
                                  f"{self._spool.refused.bytes} set aside of {self._spool.max_bytes} bytes at "
                                  f"{self._spool.directory}; is the collector down?")
-            else:
-                self._write_errors += 1
-                self._drops.note("spool write failed", refused, str(self._spool.write_error))
+                break
+            self._write_errors += 1
+            failures += 1
+            self._write_failing = True
+            if self._stopping.wait(backoff_s(failures, base_s=_WRITE_RETRY_S, cap_s=_WRITE_RETRY_MAX_S)):
+                self._drops.note("spool write failed", len(records), str(self._spool.write_error))
+                break
+        self._write_failing = False
 
 
 # The exporter's stats on /metrics: stats key -> (metric name, help). Levels are gauges, running
