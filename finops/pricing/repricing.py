@@ -50,25 +50,25 @@ def reprice_range(*, start: dt.datetime, end: dt.datetime, now: dt.datetime | No
         state = fill_state_lock()
         catalog = PriceCatalog.load()
         in_range = RequestEvent.objects.filter(started_at__gte=start, started_at__lt=end)
-        devices = device_types_for(devices=in_range.values_list("device", flat=True).distinct().order_by())
+        devices = device_types_for(devices=in_range.values_list("runtime_id", "device").distinct().order_by())
         counted = (ExpressionWrapper(Q(received_at__lte=state.watermark), output_field=BooleanField())
                    if state else Value(False))
         events = (RequestEvent.objects.filter(started_at__gte=start, started_at__lt=end).order_by()
                   .annotate(counted=counted, minute=TruncMinute("started_at", tzinfo=dt.UTC),
                             served=Coalesce("model_served", Value("")))
                   .values_list("id", "started_at", "model_served", "prompt_tokens", "completion_tokens",
-                               "cache_hit", "gpu_seconds", "energy_joules", "device", "price_book_id", "list_cost",
-                               "hardware_cost", "saved_cost", "counted", "minute", "tenant", "feature", "served",
-                               "status_class"))
+                               "cache_hit", "gpu_seconds", "energy_joules", "runtime_id", "device", "price_book_id",
+                               "list_cost", "hardware_cost", "saved_cost", "counted", "minute", "tenant", "feature",
+                               "served", "status_class"))
         changed: list[Changed] = []
         differences: dict[RollupKey, Sums] = {}
-        for (pk, started, model, prompt, completion, cache_hit, gpu, energy, device, old_book, old_list,
+        for (pk, started, model, prompt, completion, cache_hit, gpu, energy, runtime_id, device, old_book, old_list,
              old_hardware, old_saved, was_counted, *group) in events.iterator(chunk_size=CHUNK):
             prices = catalog.at(started)
             book = prices.book_id if prices else None
             listed, saved = served_list_cost(prices, model=model, prompt_tokens=prompt, completion_tokens=completion,
                                              cache_hit=cache_hit)
-            hardware = hardware_cost(prices, device_type=devices.get(device),
+            hardware = hardware_cost(prices, device_type=devices.get((runtime_id, device)),
                                      gpu_seconds=gpu, energy_joules=energy)
             if (book, listed, hardware, saved) == (old_book, old_list, old_hardware, old_saved):
                 continue

@@ -189,6 +189,6 @@ class DeviceRollupAdmin(ReadOnlyAdmin):
 
 @admin.register(Device)
 class DeviceAdmin(ReadOnlyAdmin):
-    list_display = ("uuid", "name", "runtime_id", "last_seen_at")
+    list_display = ("runtime_id", "uuid", "name", "last_seen_at")
     list_filter = ("name", "runtime_id")
     search_fields = ("uuid", "name")

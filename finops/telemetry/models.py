@@ -120,15 +120,22 @@ class DeviceSample(models.Model):
 
 
 class Device(models.Model):
-    """What NVML called each GPU, so an event's device UUID prices at its device type."""
+    """What NVML called each GPU of a runtime, so that runtime's events on the GPU price at its
+    device type. A device belongs to the runtime that reported it: another runtime naming the same
+    uuid has a row of its own and can never rename or re-price this one. The name follows the
+    sample received last (not the one that claims the latest time)."""
 
-    uuid = models.CharField(max_length=100, unique=True)
-    name = models.CharField(max_length=200)
     runtime_id = models.CharField(max_length=100)
-    last_seen_at = models.DateTimeField()
+    uuid = models.CharField(max_length=100)
+    name = models.CharField(max_length=200)
+    last_seen_at = models.DateTimeField(help_text="When the sample that named it last was taken (never after "
+                                                  "it arrived)")
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["runtime_id", "uuid"], name="one_device_per_runtime")]
 
     def __str__(self) -> str:
-        return f"{self.name} ({self.uuid})"
+        return f"{self.name} ({self.runtime_id} {self.uuid})"
 
 
 class Granularity(models.TextChoices):

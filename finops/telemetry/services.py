@@ -1,7 +1,7 @@
 """Telemetry ingest: who is sending, and storing what they sent exactly once, priced on arrival.
 
-A batch is one transaction. Samples go first (they name the GPUs, so events in the same batch
-price at their device type), then events. On PostgreSQL the events are COPYed into a temporary
+A batch is one transaction. Samples go first (they name the runtime's GPUs, so events in the same
+batch price at their device type), then events. On PostgreSQL the events are COPYed into a temporary
 staging table and moved with ``INSERT … SELECT … ON CONFLICT (event_id, started_at) DO NOTHING``:
 the fastest path that also drops resent records (DESIGN.md, "Facts"). Elsewhere (SQLite) one
 ``INSERT … ON CONFLICT DO NOTHING`` is executed for all the rows. Either way rows are tuples, never
@@ -56,7 +56,7 @@ SAMPLE_COLUMNS = ("runtime_id", "at", "queue_depth", "running", "tokens_per_s", 
                   "events_recorded")
 DEVICE_SAMPLE_COLUMNS = ("runtime_id", "at", "device", "name", "gpu_util", "mem_used", "mem_total", "power_w",
                          "energy_joules_total", "temperature_c")
-DEVICE_COLUMNS = ("uuid", "name", "runtime_id", "last_seen_at")
+DEVICE_COLUMNS = ("runtime_id", "uuid", "name", "last_seen_at")
 
 # PostgreSQL binary COPY types of the staging table, by Django field class.
 _PG_TYPES = {
@@ -203,7 +203,9 @@ def _store_samples(samples: list[tuple[int, RuntimeSampleRecord]], *, runtime: A
     latest = now + MAX_CLOCK_AHEAD
     rows: dict[tuple[str, dt.datetime], tuple] = {}
     device_rows: list[tuple] = []
-    devices: dict[str, tuple] = {}
+    # Each GPU as the sample received last names it (the later record of a batch): a sample dated
+    # ahead cannot pin a name, and the time kept is never later than the sample's arrival.
+    devices: dict[tuple[str, str], tuple] = {}
     duplicates = 0
     for index, sample in samples:
         problem = _sender_problem(sample.runtime_id, runtime) or _time_problem("at", sample.at, earliest, latest,
@@ -221,8 +223,8 @@ def _store_samples(samples: list[tuple[int, RuntimeSampleRecord]], *, runtime: A
         for d in sample.devices:
             device_rows.append((sample.runtime_id, at, d.device, d.name, d.gpu_util, d.mem_used, d.mem_total,
                                 d.power_w, d.energy_joules_total, d.temperature_c))
-            if d.name and d.device != "cpu" and (d.device not in devices or devices[d.device][3] < at):
-                devices[d.device] = (d.device, d.name, sample.runtime_id, at)
+            if d.name and d.device != "cpu":
+                devices[(sample.runtime_id, d.device)] = (sample.runtime_id, d.device, d.name, min(at, now))
     if not rows:
         return 0, duplicates
     accepted = _insert_ignoring_conflicts(RuntimeSample, SAMPLE_COLUMNS, list(rows.values()))
@@ -240,11 +242,10 @@ def _unique(rows: list[tuple], *, key: slice) -> list[tuple]:
 
 
 def _upsert_devices(rows: list[tuple]) -> None:
-    """Remember each GPU's name (and which runtime saw it last), so its events price at its type."""
+    """Remember what each of the runtime's GPUs is called, so its events price at its type."""
     table = Device._meta.db_table
     sql = (f"INSERT INTO {table} ({', '.join(DEVICE_COLUMNS)}) VALUES ({', '.join(['%s'] * len(DEVICE_COLUMNS))}) "
-           "ON CONFLICT (uuid) DO UPDATE SET name = excluded.name, runtime_id = excluded.runtime_id, "
-           f"last_seen_at = excluded.last_seen_at WHERE {table}.last_seen_at <= excluded.last_seen_at")
+           "ON CONFLICT (runtime_id, uuid) DO UPDATE SET name = excluded.name, last_seen_at = excluded.last_seen_at")
     with connection.cursor() as cursor:
         cursor.executemany(sql, _adapt(Device, DEVICE_COLUMNS, rows))
 
@@ -301,10 +302,11 @@ def _store_events(events: list[tuple[int, RequestEventRecord]], *, runtime: Auth
     catalog = _price_catalog()
     books = catalog.books
     book_starts = [book.effective_from for book in books]
-    device_types = device_types_for(devices={e.device for _, e in events})
+    name = runtime.name
+    device_types = {device: kind for (_, device), kind in
+                    device_types_for(devices={(name, e.device) for _, e in events}).items()}
     rows: dict[tuple, tuple] = {}
     duplicates = 0
-    name = runtime.name
     for index, e in events:
         fields = e.__dict__  # the validated values; read once per field, as a tuple, in C
         started, finished = fields["started_at"], fields["finished_at"]
