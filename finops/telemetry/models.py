@@ -13,6 +13,9 @@ from django.db.models.functions import Now
 
 from finops.pricing.models import COST
 
+# A rollup row sums many events' costs: 26 digits before the point (contracts.py works out why).
+ROLLUP_COST = {"max_digits": 38, "decimal_places": COST["decimal_places"]}
+
 STATUS_CLASSES = {
     "ok": "ok",
     "error": "error",
@@ -154,9 +157,9 @@ class RollupSums(models.Model):
     gpu_seconds = models.FloatField(default=0.0)
     energy_joules = models.FloatField(default=0.0)
     energy_measured = models.BigIntegerField(default=0, help_text="Events whose energy was measured")
-    list_cost = models.DecimalField(**COST, default=0)
-    hardware_cost = models.DecimalField(**COST, default=0)
-    saved_cost = models.DecimalField(**COST, default=0, db_default=0, help_text="List price cache hits saved")
+    list_cost = models.DecimalField(**ROLLUP_COST, default=0)
+    hardware_cost = models.DecimalField(**ROLLUP_COST, default=0)
+    saved_cost = models.DecimalField(**ROLLUP_COST, default=0, db_default=0, help_text="List price cache hits saved")
     unpriced = models.BigIntegerField(default=0, help_text="Events no price book row applied to")
     # Queue wait of the events that waited in a runtime's queue (rejected ones did not).
     queue_wait_ms_sum = models.FloatField(default=0.0, db_default=0.0)
@@ -289,7 +292,8 @@ class DeviceRollup(models.Model):
     samples = models.BigIntegerField(default=0)
     gpu_util_sum = models.FloatField(default=0.0)
     gpu_util_count = models.BigIntegerField(default=0)
-    mem_used_sum = models.BigIntegerField(default=0)
+    # A double: a day of readings of a large device overflows a bigint (contracts.py, "Bounds").
+    mem_used_sum = models.FloatField(default=0.0)
     mem_used_count = models.BigIntegerField(default=0)
     mem_used_max = models.BigIntegerField(null=True, blank=True)
     power_w_sum = models.FloatField(default=0.0)

@@ -31,7 +31,14 @@ from finops.pricing.models import DevicePrice, ModelPrice, PriceBook
 from finops.pricing.services import PriceCatalog, Prices, hardware_cost, served_list_cost
 from finops.runtimes.models import Runtime, RuntimeToken, token_digest
 from finops.telemetry import partitioning
-from finops.telemetry.contracts import ParsedBatch, Refusal, RequestEventRecord, RuntimeSampleRecord, batch_parse
+from finops.telemetry.contracts import (
+    COST_LIMIT,
+    ParsedBatch,
+    Refusal,
+    RequestEventRecord,
+    RuntimeSampleRecord,
+    batch_parse,
+)
 from finops.telemetry.models import STATUS_CLASSES, Device, DeviceSample, RequestEvent, RuntimeSample
 from finops.telemetry.selectors import device_types_for
 from finops.telemetry.sketch import bucket_index
@@ -43,8 +50,6 @@ TOUCH_INTERVAL = dt.timedelta(seconds=5)
 # A runtime's clock may run a little ahead; a record from further ahead is refused, which also
 # keeps a wrong clock (or a hostile client) from creating partitions for days that never come.
 MAX_CLOCK_AHEAD = dt.timedelta(days=1)
-# One more digit than numeric(24, 12) holds.
-COST_LIMIT = Decimal(10) ** 12
 
 # A stored event is the contract's fields as they came, then what ingest derives from them.
 EVENT_FIELDS = tuple(RequestEventRecord.model_fields)
@@ -328,8 +333,8 @@ def _store_events(events: list[tuple[int, RequestEventRecord]], *, runtime: Auth
                                          completion_tokens=fields["completion_tokens"], cache_hit=fields["cache_hit"])
         hardware = hardware_cost(prices, device_type=device_types.get(fields["device"]),
                                  gpu_seconds=fields["gpu_seconds"], energy_joules=fields["energy_joules"])
-        if any(cost is not None and cost >= COST_LIMIT for cost in (listed, saved, hardware)):
-            refused.append(Refusal("event", index, str(e.event_id), ["cost: too large to store; check the prices"]))
+        if problem := _cost_problem(listed, saved, hardware):
+            refused.append(Refusal("event", index, str(e.event_id), [problem]))
             continue
         rows[key] = (
             *_event_fields(fields), STATUS_CLASSES[fields["status"]], prices.book_id if prices else None, listed,
@@ -344,6 +349,15 @@ def _store_events(events: list[tuple[int, RequestEventRecord]], *, runtime: Auth
     else:
         accepted = _insert_ignoring_conflicts(RequestEvent, EVENT_COLUMNS, values)
     return accepted, duplicates + len(values) - accepted
+
+
+def _cost_problem(*costs: Decimal | None) -> str | None:
+    """Why an event's costs cannot be stored (a rollup sums them: contracts.py, "Bounds")."""
+    largest = max((cost for cost in costs if cost is not None), default=None)
+    if largest is None or largest < COST_LIMIT:
+        return None
+    return (f"cost: ${largest:,.2f} is more than one request can cost (under ${COST_LIMIT:,}); "
+            "check the prices")
 
 
 def _ensure_partitions(days: set[dt.date]) -> None:

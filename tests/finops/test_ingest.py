@@ -507,7 +507,10 @@ def test_the_contract_has_the_runtimes_fields_and_required_fields(name: str, run
 def test_the_contract_names_the_runtimes_breaker_states() -> None:
     def states(model: Any) -> set[str]:
         (mapping,) = [s for s in model.model_json_schema()["properties"]["breakers"]["anyOf"] if s["type"] == "object"]
-        return set(mapping["additionalProperties"]["enum"])
+        # finops bounds the model names (a key pattern), the runtime does not
+        (values,) = mapping["patternProperties"].values() if "patternProperties" in mapping else [
+            mapping["additionalProperties"]]
+        return set(values["enum"])
 
     assert states(contracts.RuntimeSampleRecord) == states(runtime_contracts.RuntimeSample) == {
         "closed", "half_open", "open"}
