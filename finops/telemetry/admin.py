@@ -21,6 +21,7 @@ from finops.telemetry.models import (
     MarginalRollup,
     RequestEvent,
     Rollup,
+    RollupQuarantine,
     RuntimeRollup,
     RuntimeSample,
 )
@@ -192,3 +193,12 @@ class DeviceAdmin(ReadOnlyAdmin):
     list_display = ("runtime_id", "uuid", "name", "last_seen_at")
     list_filter = ("name", "runtime_id")
     search_fields = ("uuid", "name")
+
+
+@admin.register(RollupQuarantine)
+class RollupQuarantineAdmin(ReadOnlyAdmin):
+    """What rollup runs left out instead of stopping; each row is logged when written."""
+
+    list_display = ("created_at", "stat", "source", "count", "reason")
+    list_filter = ("stat", "source")
+    ordering = ("-created_at",)

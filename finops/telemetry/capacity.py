@@ -28,6 +28,7 @@ from finops.telemetry.models import (
     RuntimeRollup,
     RuntimeSample,
 )
+from finops.telemetry.quarantine import in_bounds
 from finops.telemetry.ranges import (
     STEP_LENGTH,
     Filters,
@@ -92,8 +93,9 @@ def _read_sample_rollups(read: Callable[[], T], empty: T) -> tuple[dt.datetime |
 
 def _samples_tail(model: type[RuntimeSample] | type[DeviceSample], plan: Plan,
                   watermark: dt.datetime | None) -> QuerySet[Any]:
-    """Samples taken in the plan's range that the sample rollups have not counted yet."""
-    samples = model.objects.filter(at__gte=plan.start, at__lt=plan.end).order_by()
+    """Samples taken in the plan's range that the sample rollups have not counted yet (and never
+    one they will leave out: ``quarantine``)."""
+    samples = in_bounds(model.objects.filter(at__gte=plan.start, at__lt=plan.end)).order_by()
     return samples.filter(received_at__gt=watermark) if watermark is not None else samples
 
 

@@ -32,6 +32,10 @@ records a bucket holds. The worst cases per bucket (a day, the largest):
   overflow. A cost is at most ``COST_LIMIT`` (the ingest service refuses a record priced at more)
   and the rollup cost columns are numeric(38, 12) (migration 0010): a day of such events at the
   cap sums to 10¹⁷, nine orders of magnitude inside them.
+
+The rollup runs hold raw rows to the same bounds (``quarantine.py``): a row stored before these
+bounds existed, or written around ingest, is left out of the sums and counted instead of stopping
+every later run.
 """
 
 from __future__ import annotations

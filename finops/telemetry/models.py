@@ -320,3 +320,20 @@ class FillState(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} @ {self.watermark:%Y-%m-%d %H:%M:%S}"
+
+
+class RollupQuarantine(models.Model):
+    """What a rollup run left out rather than stop: raw records whose numbers are out of the
+    contract's bounds (stored before ingest bounded them, or written around ingest), and rollup rows
+    the database would not store. One row per run and kind, written with the run's watermark, so
+    nothing is counted here twice."""
+
+    stat = models.CharField(max_length=100, help_text="The run's FillState: requests or samples")
+    source = models.CharField(max_length=100, help_text="The raw record's model, or the rollup row's")
+    count = models.BigIntegerField()
+    examples = models.JSONField(default=list, help_text="Ids of the first raw records, or keys of the first rows")
+    reason = models.TextField()
+    created_at = models.DateTimeField(db_default=Now())
+
+    def __str__(self) -> str:
+        return f"{self.stat}: {self.count} {self.source} left out"
