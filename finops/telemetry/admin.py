@@ -22,6 +22,7 @@ from finops.telemetry.models import (
     RequestEvent,
     Rollup,
     RollupQuarantine,
+    RuntimeEventCount,
     RuntimeRollup,
     RuntimeSample,
 )
@@ -193,6 +194,14 @@ class DeviceAdmin(ReadOnlyAdmin):
     list_display = ("runtime_id", "uuid", "name", "last_seen_at")
     list_filter = ("name", "runtime_id")
     search_fields = ("uuid", "name")
+
+
+@admin.register(RuntimeEventCount)
+class RuntimeEventCountAdmin(ReadOnlyAdmin):
+    """Counted by ingest as it stores events; the GPUs page shows recorded / stored / missing."""
+
+    list_display = ("runtime_id", "recorded", "stored", "highest_stored", "updated_at")
+    search_fields = ("runtime_id",)
 
 
 @admin.register(RollupQuarantine)

@@ -322,6 +322,22 @@ class FillState(models.Model):
         return f"{self.name} @ {self.watermark:%Y-%m-%d %H:%M:%S}"
 
 
+class RuntimeEventCount(models.Model):
+    """Per runtime, the events it recorded against the events the control plane stored, counting
+    the events that carry the runtime's sequence number (``seq``: 1, 2, 3, ...). Counted by ingest
+    in the transaction that stores them, so a resent event is never counted twice; kept for good,
+    while raw events expire. ``telemetry.selectors.event_completeness`` reads it."""
+
+    runtime_id = models.CharField(max_length=100, unique=True)
+    recorded = models.BigIntegerField(default=0, help_text="The highest events_recorded a sample reported")
+    stored = models.BigIntegerField(default=0, help_text="Events with a seq stored, each once")
+    highest_stored = models.BigIntegerField(default=0, help_text="The highest seq stored")
+    updated_at = models.DateTimeField(db_default=Now())
+
+    def __str__(self) -> str:
+        return f"{self.runtime_id}: {self.stored} stored, up to seq {self.highest_stored}"
+
+
 class RollupQuarantine(models.Model):
     """What a rollup run left out rather than stop: raw records whose numbers are out of the
     contract's bounds (stored before ingest bounded them, or written around ingest), and rollup rows

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-from finops.telemetry.models import Device
+from finops.telemetry.models import Device, RuntimeEventCount
 
 # (runtime_id, device) as an event names them: a device is its runtime's.
 RuntimeDevice = tuple[str, str | None]
@@ -23,3 +24,28 @@ def device_types_for(*, devices: Iterable[RuntimeDevice]) -> dict[RuntimeDevice,
                      rows.values_list("runtime_id", "uuid", "name") if (runtime_id, uuid) in gpus)
     return types
 
+
+@dataclass(frozen=True)
+class EventCompleteness:
+    """What a runtime recorded against what the control plane stored, in events with a sequence.
+
+    ``recorded``: the highest count a runtime reported (a sample's ``events_recorded``) or the
+    highest ``seq`` stored, whichever is larger. ``stored``: events with a seq stored, each once.
+    ``missing``: sequence numbers up to the highest one stored that no stored event carries —
+    lost, or refused by ingest. Records above the highest seq stored may still be on their way (in
+    the runtime's spool or in flight) and are not called missing; they are ``recorded − stored −
+    missing``, and become missing once a later record is stored while they are not."""
+
+    recorded: int
+    stored: int
+    missing: int
+
+
+def event_completeness() -> dict[str, EventCompleteness]:
+    """Per runtime that has sent a sequence number or an ``events_recorded``, its counts."""
+    return {
+        runtime_id: EventCompleteness(recorded=max(recorded, highest), stored=stored,
+                                      missing=max(highest - stored, 0))
+        for runtime_id, recorded, stored, highest in
+        RuntimeEventCount.objects.values_list("runtime_id", "recorded", "stored", "highest_stored")
+    }

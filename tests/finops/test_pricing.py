@@ -20,6 +20,7 @@ from finops.telemetry.models import (
     RequestEvent,
     Rollup,
     RollupQuarantine,
+    RuntimeEventCount,
 )
 from finops.telemetry.retention import retention_run
 from finops.telemetry.rollups import rollup_run
@@ -280,6 +281,7 @@ def one_of_each(now: dt.datetime) -> None:
                                                                      e2e_ms=5.0, status="shed"))
     rollup_run(now=now)
     sample_rollup_run(now=now + dt.timedelta(minutes=1))  # past the samples' received_at (the database's clock)
+    RuntimeEventCount.objects.create(runtime_id="rt-1", recorded=3, stored=2, highest_stored=3)
     RollupQuarantine.objects.create(stat="requests", source="RequestEvent", count=1, examples=[7], reason="e2e_ms")
 
 
