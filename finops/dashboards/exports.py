@@ -9,6 +9,7 @@ from finops.dashboards.page_data import BreakdownRow
 from finops.lib.tables import Table
 from finops.runtimes.selectors import RuntimeRulesetState
 from finops.telemetry.capacity import DeviceIdle, RuntimeGauge
+from finops.telemetry.selectors import EventCompleteness
 from finops.telemetry.usage import EndUser
 
 
@@ -29,17 +30,21 @@ def end_users_table(users: list[EndUser], *, stem: str) -> Table:
                  ([u.end_user, u.requests, u.tokens, u.list_cost] for u in users))
 
 
-def runtimes_table(gauges: list[RuntimeGauge], states: dict[str, RuntimeRulesetState], *, stem: str) -> Table:
-    header = ["runtime", "last_seen_at", "ruleset_issued", "ruleset_acknowledged", "samples", "last_sample_at",
-              "queue_depth_avg", "queue_depth_max", "tokens_per_s_avg", "gpu_util_avg_percent", "power_avg_w",
-              "energy_joules"]
+def runtimes_table(gauges: list[RuntimeGauge], states: dict[str, RuntimeRulesetState],
+                   completeness: dict[str, EventCompleteness], *, stem: str) -> Table:
+    header = ["runtime", "last_seen_at", "ruleset_issued", "ruleset_acknowledged", "events_recorded", "events_stored",
+              "events_missing", "samples", "last_sample_at", "queue_depth_avg", "queue_depth_max", "tokens_per_s_avg",
+              "gpu_util_avg_percent", "power_avg_w", "energy_joules"]
 
     def rows() -> Iterable[list[Any]]:
         for g in gauges:
             state = states.get(g.runtime_id)
+            events = completeness.get(g.runtime_id)
             yield [g.runtime_id, state.last_seen_at if state else None, state.version if state else None,
-                   state.acknowledged if state else None, g.samples, g.last_sample_at, g.queue_depth_avg,
-                   g.queue_depth_max, g.tokens_per_s_avg, g.gpu_util_avg, g.power_avg_w, g.energy_joules]
+                   state.acknowledged if state else None, *(
+                       (events.recorded, events.stored, events.missing) if events else (None, None, None)),
+                   g.samples, g.last_sample_at, g.queue_depth_avg, g.queue_depth_max, g.tokens_per_s_avg,
+                   g.gpu_util_avg, g.power_avg_w, g.energy_joules]
 
     return Table(stem, header, rows())
 

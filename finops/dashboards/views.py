@@ -28,6 +28,7 @@ from finops.lib.timezones import org_time_zone
 from finops.runtimes.selectors import runtime_ruleset_states
 from finops.telemetry.capacity import idle_capacity, runtime_gauges, runtime_history
 from finops.telemetry.ranges import Dimension, Filters
+from finops.telemetry.selectors import event_completeness
 from finops.telemetry.tail import tail_snapshot
 from finops.telemetry.usage import dimension_values, top_end_users, usage_by, usage_totals
 
@@ -210,6 +211,7 @@ def gpus(request: HttpRequest) -> HttpResponse:
     state = filter_state_parse(request.GET)
     gauges = runtime_gauges(start=state.start, end=state.end)
     rulesets = {s.name: s for s in runtime_ruleset_states()}
+    completeness = event_completeness()
     stem = f"{state.start:%Y%m%dT%H%M}-{state.end:%Y%m%dT%H%M}"
     # Paid device time is counted in sampled minutes (minute rollups and raw samples, kept for
     # MINUTE_ROLLUP_RETENTION_DAYS and SAMPLE_RETENTION_DAYS): before that it is not known.
@@ -219,7 +221,7 @@ def gpus(request: HttpRequest) -> HttpResponse:
     idle = idle_capacity(start=idle_from, end=state.end) if idle_from < state.end else []
     by_model = usage_by(filters=state.filters(), dimension="model")
     csv = _csv(request, {
-        "runtimes": lambda: exports.runtimes_table(gauges, rulesets, stem=f"runtimes-{stem}"),
+        "runtimes": lambda: exports.runtimes_table(gauges, rulesets, completeness, stem=f"runtimes-{stem}"),
         "devices": lambda: exports.devices_table(gauges, stem=f"devices-{stem}"),
         "idle": lambda: exports.idle_table(idle, stem=f"idle-capacity-{stem}"),
         "energy": lambda: exports.breakdown_table([page_data.BreakdownRow(r, []) for r in by_model],
@@ -229,7 +231,8 @@ def gpus(request: HttpRequest) -> HttpResponse:
         return csv
     history = runtime_history(start=state.start, end=state.end, step=state.step)
     span = (state.start, state.end)
-    runtimes = [{"gauge": g, "ruleset": rulesets.get(g.runtime_id)} for g in gauges]
+    runtimes = [{"gauge": g, "ruleset": rulesets.get(g.runtime_id), "events": completeness.get(g.runtime_id)}
+                for g in gauges]
     return _render(request, "dashboards/gpus.html", {
         "nav": "gpus", "runtimes": runtimes, "devices": [d for g in gauges for d in g.devices],
         "idle": idle, "idle_from": idle_from if idle_from > state.start else None,

@@ -4,7 +4,9 @@ Ingest prices an event once, on arrival, under the book in force when it started
 or edited later moves no past cost by itself (DESIGN.md, "Cost model"). ``reprice_range`` is the
 one way to change past costs: it prices the raw events again and moves the rollups by exactly the
 difference, so rollups keep equalling raw sums. Raw events only live ``RAW_RETENTION_DAYS``, so a
-range reaching past that is refused rather than half re-priced.
+range reaching past that is refused rather than half re-priced. Events the rollups leave out (out of
+the contract's bounds: ``telemetry.quarantine``) are left as they are, and a price that would make an
+event cost more than one request can (``COST_LIMIT``, as at ingest) refuses the whole re-price.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from django.db.models.functions import Coalesce, TruncMinute
 from django.utils import timezone
 
 from finops.pricing.services import PriceCatalog, hardware_cost, served_list_cost
+from finops.telemetry.contracts import COST_LIMIT
 from finops.telemetry.models import RequestEvent
+from finops.telemetry.quarantine import in_bounds
 from finops.telemetry.retention import raw_retention_start
 from finops.telemetry.rollups import RollupKey, fill_state_lock, fold, rollup_add
 from finops.telemetry.selectors import device_types_for
@@ -49,29 +53,33 @@ def reprice_range(*, start: dt.datetime, end: dt.datetime, now: dt.datetime | No
         # The rollups' lock: no run counts these events while their costs and rollup rows change.
         state = fill_state_lock()
         catalog = PriceCatalog.load()
-        in_range = RequestEvent.objects.filter(started_at__gte=start, started_at__lt=end)
-        devices = device_types_for(devices=in_range.values_list("device", flat=True).distinct().order_by())
+        in_range = in_bounds(RequestEvent.objects.filter(started_at__gte=start, started_at__lt=end))
+        devices = device_types_for(devices=in_range.values_list("runtime_id", "device").distinct().order_by())
         counted = (ExpressionWrapper(Q(received_at__lte=state.watermark), output_field=BooleanField())
                    if state else Value(False))
-        events = (RequestEvent.objects.filter(started_at__gte=start, started_at__lt=end).order_by()
+        events = (in_range.order_by()
                   .annotate(counted=counted, minute=TruncMinute("started_at", tzinfo=dt.UTC),
                             served=Coalesce("model_served", Value("")))
                   .values_list("id", "started_at", "model_served", "prompt_tokens", "completion_tokens",
-                               "cache_hit", "gpu_seconds", "energy_joules", "device", "price_book_id", "list_cost",
-                               "hardware_cost", "saved_cost", "counted", "minute", "tenant", "feature", "served",
-                               "status_class"))
+                               "cache_hit", "gpu_seconds", "energy_joules", "runtime_id", "device", "price_book_id",
+                               "list_cost", "hardware_cost", "saved_cost", "counted", "minute", "tenant", "feature",
+                               "served", "status_class"))
         changed: list[Changed] = []
         differences: dict[RollupKey, Sums] = {}
-        for (pk, started, model, prompt, completion, cache_hit, gpu, energy, device, old_book, old_list,
+        for (pk, started, model, prompt, completion, cache_hit, gpu, energy, runtime_id, device, old_book, old_list,
              old_hardware, old_saved, was_counted, *group) in events.iterator(chunk_size=CHUNK):
             prices = catalog.at(started)
             book = prices.book_id if prices else None
             listed, saved = served_list_cost(prices, model=model, prompt_tokens=prompt, completion_tokens=completion,
                                              cache_hit=cache_hit)
-            hardware = hardware_cost(prices, device_type=devices.get(device),
+            hardware = hardware_cost(prices, device_type=devices.get((runtime_id, device)),
                                      gpu_seconds=gpu, energy_joules=energy)
             if (book, listed, hardware, saved) == (old_book, old_list, old_hardware, old_saved):
                 continue
+            if any(cost is not None and cost >= COST_LIMIT for cost in (listed, hardware, saved)):
+                raise RepricingRefused(
+                    f"under these prices an event that started {started:%Y-%m-%d %H:%M} UTC would cost more than one "
+                    f"request can (${COST_LIMIT:,}); check the prices")
             changed.append((pk, started, book, listed, hardware, saved))
             if was_counted:  # already in the rollups at its old cost; the rest are counted later, at the new
                 difference = differences.setdefault(("minute", *group), Sums())

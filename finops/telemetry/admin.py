@@ -21,6 +21,8 @@ from finops.telemetry.models import (
     MarginalRollup,
     RequestEvent,
     Rollup,
+    RollupQuarantine,
+    RuntimeEventCount,
     RuntimeRollup,
     RuntimeSample,
 )
@@ -189,6 +191,23 @@ class DeviceRollupAdmin(ReadOnlyAdmin):
 
 @admin.register(Device)
 class DeviceAdmin(ReadOnlyAdmin):
-    list_display = ("uuid", "name", "runtime_id", "last_seen_at")
+    list_display = ("runtime_id", "uuid", "name", "last_seen_at")
     list_filter = ("name", "runtime_id")
     search_fields = ("uuid", "name")
+
+
+@admin.register(RuntimeEventCount)
+class RuntimeEventCountAdmin(ReadOnlyAdmin):
+    """Counted by ingest as it stores events; the GPUs page shows recorded / stored / missing."""
+
+    list_display = ("runtime_id", "recorded", "stored", "highest_stored", "updated_at")
+    search_fields = ("runtime_id",)
+
+
+@admin.register(RollupQuarantine)
+class RollupQuarantineAdmin(ReadOnlyAdmin):
+    """What rollup runs left out instead of stopping; each row is logged when written."""
+
+    list_display = ("created_at", "stat", "source", "count", "reason")
+    list_filter = ("stat", "source")
+    ordering = ("-created_at",)

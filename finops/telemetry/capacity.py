@@ -20,7 +20,6 @@ from django.db.models import Case, Count, Expression, IntegerField, Max, Min, Qu
 from finops.pricing.services import QUANTUM, PriceCatalog, Prices
 from finops.runtimes.models import Runtime
 from finops.telemetry.models import (
-    Device,
     DeviceRollup,
     DeviceSample,
     DeviceUseRollup,
@@ -29,6 +28,7 @@ from finops.telemetry.models import (
     RuntimeRollup,
     RuntimeSample,
 )
+from finops.telemetry.quarantine import in_bounds
 from finops.telemetry.ranges import (
     STEP_LENGTH,
     Filters,
@@ -42,6 +42,7 @@ from finops.telemetry.ranges import (
     rollup_plan,
 )
 from finops.telemetry.sample_rollups import FILL_STATE as SAMPLES_FILL_STATE_NAME
+from finops.telemetry.selectors import device_types_for
 from finops.telemetry.sources import in_tiles, read_rollups, tail_events
 from finops.telemetry.sums import ZERO
 
@@ -92,8 +93,9 @@ def _read_sample_rollups(read: Callable[[], T], empty: T) -> tuple[dt.datetime |
 
 def _samples_tail(model: type[RuntimeSample] | type[DeviceSample], plan: Plan,
                   watermark: dt.datetime | None) -> QuerySet[Any]:
-    """Samples taken in the plan's range that the sample rollups have not counted yet."""
-    samples = model.objects.filter(at__gte=plan.start, at__lt=plan.end).order_by()
+    """Samples taken in the plan's range that the sample rollups have not counted yet (and never
+    one they will leave out: ``quarantine``)."""
+    samples = in_bounds(model.objects.filter(at__gte=plan.start, at__lt=plan.end)).order_by()
     return samples.filter(received_at__gt=watermark) if watermark is not None else samples
 
 
@@ -347,7 +349,7 @@ def idle_capacity(*, start: dt.datetime, end: dt.datetime) -> list[DeviceIdle]:
 
     *Attributed* time is the ``gpu_seconds`` of requests that started in the range on that device
     (``DeviceUseRollup`` plus the raw tail). Idle = paid − attributed, never negative. It is priced
-    at the ``per_gpu_hour`` of the device type (``telemetry.Device`` name, ``"*"`` fallback) in the
+    at the ``per_gpu_hour`` of the device type (the runtime's ``telemetry.Device`` name, ``"*"`` fallback) in the
     price book in force at each minute — the range is split at book changes, and idle is clamped at
     zero in each part. Only devices with samples in the range are listed.
     """
@@ -377,11 +379,11 @@ def idle_capacity(*, start: dt.datetime, end: dt.datetime) -> list[DeviceIdle]:
                 if key in paid:
                     attributed.setdefault(key, {})[part] = seconds
 
-    known_types = dict(Device.objects.filter(uuid__in={d for _, d in paid}).values_list("uuid", "name"))
+    known_types = device_types_for(devices=paid)
     result = []
     for key, paid_parts in paid.items():
         runtime_id, device = key
-        device_type = CPU if device == CPU else known_types.get(device) or device_names.get(key)
+        device_type = CPU if device == CPU else known_types.get(key) or device_names.get(key)
         used_parts = attributed.get(key, {})
         idle_seconds = 0.0
         idle_cost: Decimal | None = ZERO

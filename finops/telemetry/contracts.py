@@ -2,17 +2,40 @@
 
 This is finops's own copy of the runtime's ``inference.contracts`` (the two are tested against each
 other: same field names, same required fields, and every record the runtime builds is accepted
-here). It is stricter than the runtime's: strings fit their database columns, numbers are finite,
-non-negative and fit their columns, and nothing is coerced — a count is a JSON integer, a flag a
-JSON boolean, a timestamp an ISO 8601 string with a time zone (pydantic's strict mode on JSON
-input). Checks that need more than one field or know who is sending and when (finished after
-started, the runtime's name, the retention window) are the ingest service's.
+here). It is stricter than the runtime's: names fit their database columns and hold no control
+characters, numbers are finite, non-negative and no larger than hardware can measure (below), and
+nothing is coerced — a count is a JSON integer, a flag a JSON boolean, a timestamp an ISO 8601
+string with a time zone (pydantic's strict mode on JSON input). Checks that need more than one
+field or know who is sending and when (finished after started, the runtime's name, the retention
+window, what the prices make of it) are the ingest service's.
 
 ``batch_parse`` turns a body into validated records and per-record refusals. The common case, a
 batch the runtime serialized, is parsed and validated in one pass in pydantic's Rust core; only a
 body with something wrong in it takes the slower path, which parses it with ``json`` and validates
 each list's records apart, so that one bad record never costs the good ones beside it. Both paths
 validate JSON text with the same models, so they agree on what is valid.
+
+**Bounds.** Every number is bounded by what one request or one device can physically reach, far
+above any honest reading, so that no sum a rollup keeps can overflow its column however many
+records a bucket holds. The worst cases per bucket (a day, the largest):
+
+* samples: a runtime's samples are unique by ``(runtime_id, at)`` and ``at`` has microsecond
+  resolution, so one runtime (or one of its devices) has at most 86,400 × 10⁶ = 8.64 × 10¹⁰ samples
+  in a day. ``queue_depth`` and ``running`` ≤ ``MAX_IN_FLIGHT`` (10⁷) keep their bigint sums below
+  8.64 × 10¹⁷ < 9.2 × 10¹⁸. A device's memory cannot be bounded that low (8.64 × 10¹⁰ × 80 GB
+  already overflows a bigint), so ``DeviceRollup.mem_used_sum`` is a double (migration 0010): bounded
+  readings make every float sum finite (below 10²⁵ here; a double holds 1.8 × 10³⁰⁸).
+* events: event ids are the runtime's, so only the rate the control plane can store bounds a
+  bucket: ``MAX_EVENTS_PER_DAY`` (10¹¹, over a million a second for a whole day, four times the
+  fastest ingest measured in DESIGN.md). ``MAX_TOKENS`` keeps each bigint token sum below
+  3.4 × 10¹⁸ < 9.2 × 10¹⁸ then; floats (milliseconds, device seconds, joules) stay far below any
+  overflow. A cost is at most ``COST_LIMIT`` (the ingest service refuses a record priced at more)
+  and the rollup cost columns are numeric(38, 12) (migration 0010): a day of such events at the
+  cap sums to 10¹⁷, nine orders of magnitude inside them.
+
+The rollup runs hold raw rows to the same bounds (``quarantine.py``): a row stored before these
+bounds existed, or written around ingest, is left out of the sums and counted instead of stopping
+every later run.
 """
 
 from __future__ import annotations
@@ -23,6 +46,7 @@ import math
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, FailFast, Field, TypeAdapter, ValidationError, create_model
@@ -35,23 +59,40 @@ BreakerState = Literal["closed", "half_open", "open"]
 
 INT4_MAX = 2**31 - 1  # PositiveIntegerField / integer
 INT8_MAX = 2**63 - 1  # BigIntegerField / bigint
-# Bounds no honest measurement comes near; they keep costs inside their numeric(24, 12) columns.
+# Physical bounds: no honest measurement comes near them (see the module's docstring).
 MAX_MS = 1e10  # about 115 days
-MAX_GPU_SECONDS = 1e7
-MAX_JOULES = 1e13
+MAX_GPU_SECONDS = 1e7  # device time attributed to one request: 115 days
+MAX_JOULES = 1e13  # ten kilowatts for 30 years: one request's energy, or a device's lifetime counter
 MAX_DEVICES = 64
 MAX_BREAKERS = 256  # one per served model
+MAX_TOKENS = 2**25  # 33.5 million tokens in one request: three times the longest context offered today (10M)
+MAX_IN_FLIGHT = 10**7  # requests queued or running on one runtime at once
+MAX_TOKENS_PER_S = 1e9  # a runtime's throughput: thousands of times a whole GPU server's
+MAX_DEVICE_MEMORY_BYTES = 2**44  # 16 TiB on one device: sixty times the largest accelerator's memory
+MAX_KV_CACHE = MAX_DEVICE_MEMORY_BYTES * MAX_DEVICES  # whether counted in tokens or bytes
+MAX_POWER_W = 10_000.0  # one board: several times the hungriest accelerator module (about 2.7 kW)
+MAX_EVENTS_PER_DAY = 10**11  # more than one control plane stores in a day (module docstring)
+# The most one request may cost, in USD: refused above it by ingest, since a request that costs a
+# million dollars is a price typed wrong. Far below the rollup cost columns' numeric(38, 12).
+COST_LIMIT = Decimal(10) ** 6
 _MAX_FIELDS = 64  # a record with more keys than this is refused before it is validated
 _MAX_ERRORS_PER_RECORD = 8
 _MAX_SHOWN_CHARS = 80
+# No C0 or C1 control character (newline, tab, escape, DEL, ...) and no Unicode line or paragraph
+# separator in a name: names end up in pages, URLs, CSV cells, chart legends and log lines.
+NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*$"
+CONTROL_CHARACTERS_REFUSED = "must not contain control characters (a newline, a tab, an escape, …)"
 
 
-def Text(max_length: int) -> Any:  # reads as a type in the field declarations
-    return Annotated[str, Field(max_length=max_length)]
+def Name(max_length: int) -> Any:  # reads as a type in the field declarations
+    """A name as a page, a URL, a CSV cell or a metric label shows it: no control characters."""
+    return Annotated[str, Field(max_length=max_length, pattern=NO_CONTROL_CHARACTERS)]
 
 
 Milliseconds = Annotated[float, Field(ge=0, le=MAX_MS)]
-Count = Annotated[int, Field(ge=0, le=INT4_MAX)]
+Tokens = Annotated[int, Field(ge=0, le=MAX_TOKENS)]
+InFlight = Annotated[int, Field(ge=0, le=MAX_IN_FLIGHT)]
+Bytes = Annotated[int, Field(ge=0, le=MAX_DEVICE_MEMORY_BYTES)]
 BigCount = Annotated[int, Field(ge=0, le=INT8_MAX)]
 # Strict on JSON input: timestamps and UUIDs must be strings, numbers and booleans must be JSON
 # numbers and booleans (an integer where a float is due is fine; 200.0 where an integer is due is
@@ -68,33 +109,33 @@ class RequestEventRecord(BaseModel):
     model_config = _STRICT
 
     event_id: uuid.UUID
-    runtime_id: Text(100)
+    runtime_id: Name(100)
     started_at: AwareDatetime
     finished_at: AwareDatetime
-    tenant: Text(100)
-    feature: Text(100)
-    end_user: Text(256) | None = None
-    api_key_id: Text(200)
-    model_requested: Text(200)
-    model_served: Text(200) | None
-    route_reason: Text(100)
-    rule_id: Text(200) | None = None
+    tenant: Name(100)
+    feature: Name(100)
+    end_user: Name(256) | None = None
+    api_key_id: Name(200)
+    model_requested: Name(200)
+    model_served: Name(200) | None
+    route_reason: Name(100)
+    rule_id: Name(200) | None = None
     priority: Priority
     status: EventStatus
     http_status: int = Field(ge=100, le=599)
-    error_type: Text(100) | None = None
-    prompt_tokens: Count
-    completion_tokens: Count
+    error_type: Name(100) | None = None
+    prompt_tokens: Tokens
+    completion_tokens: Tokens
     cache_hit: bool = False
     queue_wait_ms: Milliseconds | None = None
     ttft_ms: Milliseconds | None = None
     e2e_ms: Milliseconds
     tpot_ms: Milliseconds | None = None
-    queue_depth_at_admit: Count | None = None
+    queue_depth_at_admit: InFlight | None = None
     mean_batch_size: float | None = Field(default=None, ge=0, le=1e6)
     gpu_seconds: float | None = Field(default=None, ge=0, le=MAX_GPU_SECONDS)
     energy_joules: float | None = Field(default=None, ge=0, le=MAX_JOULES)
-    device: Text(100) | None = None
+    device: Name(100) | None = None
     seq: BigCount | None = None  # the runtime's count of events recorded, this one included
 
 
@@ -103,13 +144,13 @@ class DeviceSampleRecord(BaseModel):
 
     model_config = _STRICT
 
-    device: Text(100)
-    name: Text(200) | None = None
+    device: Name(100)
+    name: Name(200) | None = None
     gpu_util: float | None = Field(default=None, ge=0, le=100)
-    mem_used: BigCount | None = None
-    mem_total: BigCount | None = None
-    power_w: float | None = Field(default=None, ge=0, le=1e6)
-    energy_joules_total: float | None = Field(default=None, ge=0)
+    mem_used: Bytes | None = None
+    mem_total: Bytes | None = None
+    power_w: float | None = Field(default=None, ge=0, le=MAX_POWER_W)
+    energy_joules_total: float | None = Field(default=None, ge=0, le=MAX_JOULES)
     temperature_c: float | None = Field(default=None, ge=-273.15, le=1000)
 
 
@@ -118,15 +159,15 @@ class RuntimeSampleRecord(BaseModel):
 
     model_config = _STRICT
 
-    runtime_id: Text(100)
+    runtime_id: Name(100)
     at: AwareDatetime
-    queue_depth: Count
-    running: Count
-    tokens_per_s: float = Field(ge=0)
-    kv_cache_used: BigCount | None = None
+    queue_depth: InFlight
+    running: InFlight
+    tokens_per_s: float = Field(ge=0, le=MAX_TOKENS_PER_S)
+    kv_cache_used: int | None = Field(default=None, ge=0, le=MAX_KV_CACHE)
     devices: list[DeviceSampleRecord] = Field(default_factory=list, max_length=MAX_DEVICES)
     # Each served model's circuit breaker (model -> state); absent from runtimes older than this field.
-    breakers: dict[Text(200), BreakerState] | None = Field(default=None, max_length=MAX_BREAKERS)
+    breakers: dict[Name(200), BreakerState] | None = Field(default=None, max_length=MAX_BREAKERS)
     events_recorded: BigCount | None = None  # the highest seq the runtime has given an event so far
 
 
@@ -313,7 +354,8 @@ def _validate_list(adapter: TypeAdapter, model: type[BaseModel], items: list[Any
     except ValidationError as exc:
         for error in exc.errors(include_url=False, include_input=False, include_context=False):
             position, *where = error["loc"]
-            problems[candidates[int(position)]].append(_describe(where, error["msg"]))
+            message = CONTROL_CHARACTERS_REFUSED if error["type"] == "string_pattern_mismatch" else error["msg"]
+            problems[candidates[int(position)]].append(_describe(where, message))
         # Records validate independently, so the rest are valid: one more pass in the Rust core.
         candidates = [i for i in candidates if not problems.get(i)]
         records = adapter.validate_json(json.dumps([items[i] for i in candidates]))

@@ -13,6 +13,9 @@ from django.db.models.functions import Now
 
 from finops.pricing.models import COST
 
+# A rollup row sums many events' costs: 26 digits before the point (contracts.py works out why).
+ROLLUP_COST = {"max_digits": 38, "decimal_places": COST["decimal_places"]}
+
 STATUS_CLASSES = {
     "ok": "ok",
     "error": "error",
@@ -120,15 +123,22 @@ class DeviceSample(models.Model):
 
 
 class Device(models.Model):
-    """What NVML called each GPU, so an event's device UUID prices at its device type."""
+    """What NVML called each GPU of a runtime, so that runtime's events on the GPU price at its
+    device type. A device belongs to the runtime that reported it: another runtime naming the same
+    uuid has a row of its own and can never rename or re-price this one. The name follows the
+    sample received last (not the one that claims the latest time)."""
 
-    uuid = models.CharField(max_length=100, unique=True)
-    name = models.CharField(max_length=200)
     runtime_id = models.CharField(max_length=100)
-    last_seen_at = models.DateTimeField()
+    uuid = models.CharField(max_length=100)
+    name = models.CharField(max_length=200)
+    last_seen_at = models.DateTimeField(help_text="When the sample that named it last was taken (never after "
+                                                  "it arrived)")
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["runtime_id", "uuid"], name="one_device_per_runtime")]
 
     def __str__(self) -> str:
-        return f"{self.name} ({self.uuid})"
+        return f"{self.name} ({self.runtime_id} {self.uuid})"
 
 
 class Granularity(models.TextChoices):
@@ -147,9 +157,9 @@ class RollupSums(models.Model):
     gpu_seconds = models.FloatField(default=0.0)
     energy_joules = models.FloatField(default=0.0)
     energy_measured = models.BigIntegerField(default=0, help_text="Events whose energy was measured")
-    list_cost = models.DecimalField(**COST, default=0)
-    hardware_cost = models.DecimalField(**COST, default=0)
-    saved_cost = models.DecimalField(**COST, default=0, db_default=0, help_text="List price cache hits saved")
+    list_cost = models.DecimalField(**ROLLUP_COST, default=0)
+    hardware_cost = models.DecimalField(**ROLLUP_COST, default=0)
+    saved_cost = models.DecimalField(**ROLLUP_COST, default=0, db_default=0, help_text="List price cache hits saved")
     unpriced = models.BigIntegerField(default=0, help_text="Events no price book row applied to")
     # Queue wait of the events that waited in a runtime's queue (rejected ones did not).
     queue_wait_ms_sum = models.FloatField(default=0.0, db_default=0.0)
@@ -282,7 +292,8 @@ class DeviceRollup(models.Model):
     samples = models.BigIntegerField(default=0)
     gpu_util_sum = models.FloatField(default=0.0)
     gpu_util_count = models.BigIntegerField(default=0)
-    mem_used_sum = models.BigIntegerField(default=0)
+    # A double: a day of readings of a large device overflows a bigint (contracts.py, "Bounds").
+    mem_used_sum = models.FloatField(default=0.0)
     mem_used_count = models.BigIntegerField(default=0)
     mem_used_max = models.BigIntegerField(null=True, blank=True)
     power_w_sum = models.FloatField(default=0.0)
@@ -309,3 +320,36 @@ class FillState(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} @ {self.watermark:%Y-%m-%d %H:%M:%S}"
+
+
+class RuntimeEventCount(models.Model):
+    """Per runtime, the events it recorded against the events the control plane stored, counting
+    the events that carry the runtime's sequence number (``seq``: 1, 2, 3, ...). Counted by ingest
+    in the transaction that stores them, so a resent event is never counted twice; kept for good,
+    while raw events expire. ``telemetry.selectors.event_completeness`` reads it."""
+
+    runtime_id = models.CharField(max_length=100, unique=True)
+    recorded = models.BigIntegerField(default=0, help_text="The highest events_recorded a sample reported")
+    stored = models.BigIntegerField(default=0, help_text="Events with a seq stored, each once")
+    highest_stored = models.BigIntegerField(default=0, help_text="The highest seq stored")
+    updated_at = models.DateTimeField(db_default=Now())
+
+    def __str__(self) -> str:
+        return f"{self.runtime_id}: {self.stored} stored, up to seq {self.highest_stored}"
+
+
+class RollupQuarantine(models.Model):
+    """What a rollup run left out rather than stop: raw records whose numbers are out of the
+    contract's bounds (stored before ingest bounded them, or written around ingest), and rollup rows
+    the database would not store. One row per run and kind, written with the run's watermark, so
+    nothing is counted here twice."""
+
+    stat = models.CharField(max_length=100, help_text="The run's FillState: requests or samples")
+    source = models.CharField(max_length=100, help_text="The raw record's model, or the rollup row's")
+    count = models.BigIntegerField()
+    examples = models.JSONField(default=list, help_text="Ids of the first raw records, or keys of the first rows")
+    reason = models.TextField()
+    created_at = models.DateTimeField(db_default=Now())
+
+    def __str__(self) -> str:
+        return f"{self.stat}: {self.count} {self.source} left out"

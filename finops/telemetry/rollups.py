@@ -8,6 +8,10 @@ class), fold the minutes into hours and days, add the sums to the ``Rollup`` row
 watermark. A crashed run rolls back whole; a doubled run waits for the lock and then finds nothing
 new. Every writer of ``Rollup`` (this, re-pricing, retention) takes the same lock, which is what
 makes the read-add-write of rows below safe.
+
+One bad row never stops a run (``quarantine``): an event out of the contract's bounds is left out of
+the sums, a rollup row the database will not store is left out of the writes, and both are logged
+and counted (``RollupQuarantine``, in the admin) while the run counts the rest and moves on.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from finops.telemetry.models import (
     Rollup,
     RollupSums,
 )
+from finops.telemetry.quarantine import Quarantine
 from finops.telemetry.sums import STORED_FIELDS, Sums, event_aggregates
 
 FILL_STATE = "requests"
@@ -55,10 +60,11 @@ class RollupResult:
     watermark_from: dt.datetime
     watermark_to: dt.datetime
     seconds: float
+    left_out: int = 0  # events and rollup rows left out (RollupQuarantine)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-able values, for a Celery result or a log line."""
-        return {"events": self.events, "rows": self.rows, "seconds": round(self.seconds, 3),
+        return {"events": self.events, "rows": self.rows, "left_out": self.left_out, "seconds": round(self.seconds, 3),
                 "watermark_from": self.watermark_from.isoformat(), "watermark_to": self.watermark_to.isoformat()}
 
 
@@ -71,14 +77,16 @@ def rollup_run(*, now: dt.datetime | None = None) -> RollupResult:
         since, until = state.watermark, now - dt.timedelta(seconds=settings.ROLLUP_SETTLE_SECONDS)
         if until <= since:  # a run with an earlier clock than the last one: never move back
             return RollupResult(0, 0, since, since, time.perf_counter() - began)
-        window = RequestEvent.objects.filter(received_at__gt=since, received_at__lte=until)
+        quarantine = Quarantine(FILL_STATE)
+        window = quarantine.screen(RequestEvent.objects.filter(received_at__gt=since, received_at__lte=until))
         minutes = minute_sums(window)
-        rows = rollup_add(fold(minutes))
-        rows += device_use_add(device_use_minutes(window))
+        rows = rollup_add(fold(minutes), quarantine=quarantine)
+        rows += device_use_add(device_use_minutes(window), quarantine=quarantine)
+        quarantine.save()
         state.watermark = until
         state.save(update_fields=["watermark", "updated_at"])
     counted = sum(s.requests for s in minutes.values())
-    return RollupResult(counted, rows, since, until, time.perf_counter() - began)
+    return RollupResult(counted, rows, since, until, time.perf_counter() - began, quarantine.count)
 
 
 def database_now() -> dt.datetime:
@@ -144,15 +152,17 @@ def fold(minutes: Mapping[RollupKey, Sums]) -> dict[RollupKey, Sums]:
     return folded
 
 
-def rollup_add(sums: Mapping[RollupKey, Sums], *, create: bool = True) -> int:
+def rollup_add(sums: Mapping[RollupKey, Sums], *, create: bool = True, quarantine: Quarantine | None = None) -> int:
     """Add ``sums`` to their Rollup rows and to the MarginalRollup rows they add up to (inserting
-    missing rows when ``create``); rows written.
+    missing rows when ``create``); rows written. With a ``quarantine``, a row the database will not
+    store is left out and counted there; without one (re-pricing), it fails the caller.
 
     The caller holds the FillState lock, so reading a row, adding in Python (exact Decimals,
     histogram merge) and upserting the total back cannot lose a concurrent writer's addition.
     """
-    written = _add(Rollup, UNIQUE_FIELDS, sums, create=create)
-    return written + _add(MarginalRollup, MARGINAL_UNIQUE_FIELDS, marginals(sums), create=create)
+    written = _add(Rollup, UNIQUE_FIELDS, sums, create=create, quarantine=quarantine)
+    return written + _add(MarginalRollup, MARGINAL_UNIQUE_FIELDS, marginals(sums), create=create,
+                          quarantine=quarantine)
 
 
 def marginals(sums: Mapping[RollupKey, Sums]) -> dict[MarginalKey, Sums]:
@@ -179,7 +189,8 @@ def device_use_minutes(events: QuerySet[RequestEvent]) -> dict[DeviceUseKey, tup
             for row in rows}
 
 
-def device_use_add(minutes: Mapping[DeviceUseKey, tuple[int, float]]) -> int:
+def device_use_add(minutes: Mapping[DeviceUseKey, tuple[int, float]], *, quarantine: Quarantine | None = None
+                   ) -> int:
     """Add per-minute device use, and the hours and days it folds into, to the DeviceUseRollup rows
     (under the FillState lock, as ``rollup_add``); rows written."""
     folded: dict[DeviceUseKey, tuple[int, float]] = {}
@@ -202,14 +213,12 @@ def device_use_add(minutes: Mapping[DeviceUseKey, tuple[int, float]]) -> int:
                 requests, seconds = requests + row.requests, seconds + row.gpu_seconds
             rows.append(DeviceUseRollup(**dict(zip(DEVICE_USE_FIELDS, key, strict=True)), requests=requests,
                                         gpu_seconds=seconds))
-        DeviceUseRollup.objects.bulk_create(rows, update_conflicts=True, unique_fields=DEVICE_USE_FIELDS,
-                                            update_fields=["requests", "gpu_seconds"], batch_size=500)
-        written += len(rows)
+        written += _write(DeviceUseRollup, rows, DEVICE_USE_FIELDS, ["requests", "gpu_seconds"], quarantine)
     return written
 
 
 def _add(model: type[RollupSums], unique_fields: list[str], sums: Mapping[tuple[Any, ...], Sums], *,
-         create: bool) -> int:
+         create: bool, quarantine: Quarantine | None) -> int:
     written = 0
     keys = sorted(sums)  # by granularity, then bucket: a chunk reads few buckets
     for chunk in _batched(keys, 300):
@@ -223,10 +232,17 @@ def _add(model: type[RollupSums], unique_fields: list[str], sums: Mapping[tuple[
                 row = model(**dict(zip(unique_fields, key, strict=True)))
             rows.append(model(**dict(zip(unique_fields, key, strict=True)), **sums[key].added_to(row)))
         if rows:
-            model.objects.bulk_create(rows, update_conflicts=True, unique_fields=unique_fields,
-                                      update_fields=STORED_FIELDS, batch_size=500)
-            written += len(rows)
+            written += _write(model, rows, unique_fields, STORED_FIELDS, quarantine)
     return written
+
+
+def _write(model: type[Any], rows: list[Any], unique_fields: list[str], update_fields: list[str],
+           quarantine: Quarantine | None) -> int:
+    if quarantine is not None:
+        return quarantine.write(model, rows, unique_fields=unique_fields, update_fields=update_fields)
+    model.objects.bulk_create(rows, update_conflicts=True, unique_fields=unique_fields, update_fields=update_fields,
+                              batch_size=500)
+    return len(rows)
 
 
 def _key(row: Mapping[str, Any] | tuple[Any, ...]) -> RollupKey:

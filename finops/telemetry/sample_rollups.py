@@ -14,6 +14,10 @@ is always the steps of the chain of readings received up to the watermark. A run
 steps that chain gained and takes away the steps it lost: a late reading that falls between two
 counted ones replaces the step across it with two steps. Only the stretch of each device's history
 that new readings fall in is read, with one reading either side of it.
+
+As for request rollups, one bad row never stops a run (``quarantine``): a sample out of the
+contract's bounds is left out (of the sums and of every energy chain), a rollup row the database
+will not store is left out of the writes, and both are logged and counted.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count, Max, Min, Q, QuerySet, Sum
-from django.db.models.functions import TruncMinute
+from django.db.models import Count, FloatField, Max, Min, Q, QuerySet, Sum
+from django.db.models.functions import Cast, TruncMinute
 
 from finops.telemetry.models import DeviceRollup, DeviceSample, FillState, Granularity, RuntimeRollup, RuntimeSample
+from finops.telemetry.quarantine import Quarantine, in_bounds
 from finops.telemetry.rollups import EPOCH, database_now
 
 FILL_STATE = "samples"
@@ -58,12 +63,13 @@ class SampleRollupResult:
     watermark_from: dt.datetime
     watermark_to: dt.datetime
     seconds: float
+    left_out: int = 0  # samples and rollup rows left out (RollupQuarantine)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-able values, for a Celery result or a log line."""
         return {"runtime_samples": self.runtime_samples, "device_samples": self.device_samples, "rows": self.rows,
-                "seconds": round(self.seconds, 3), "watermark_from": self.watermark_from.isoformat(),
-                "watermark_to": self.watermark_to.isoformat()}
+                "left_out": self.left_out, "seconds": round(self.seconds, 3),
+                "watermark_from": self.watermark_from.isoformat(), "watermark_to": self.watermark_to.isoformat()}
 
 
 def sample_rollup_run(*, now: dt.datetime | None = None) -> SampleRollupResult:
@@ -76,19 +82,22 @@ def sample_rollup_run(*, now: dt.datetime | None = None) -> SampleRollupResult:
         if until <= since:  # a run with an earlier clock than the last one: never move back
             return SampleRollupResult(0, 0, 0, since, since, time.perf_counter() - began)
         window = Q(received_at__gt=since, received_at__lte=until)
-        runtime_minutes = runtime_minute_sums(RuntimeSample.objects.filter(window))
-        device_minutes, names = device_minute_sums(DeviceSample.objects.filter(window))
+        quarantine = Quarantine(FILL_STATE)
+        runtime_minutes = runtime_minute_sums(quarantine.screen(RuntimeSample.objects.filter(window)))
+        device_minutes, names = device_minute_sums(quarantine.screen(DeviceSample.objects.filter(window)))
         for key, (energy, steps) in energy_changes(since=since, until=until).items():
             sums = device_minutes.setdefault(key, dict.fromkeys(DEVICE_SUMS, 0) | dict.fromkeys(DEVICE_MAXES))
             sums["energy_joules"] += energy
             sums["energy_count"] += steps
-        rows = _add(RuntimeRollup, RUNTIME_KEY, RUNTIME_SUMS, RUNTIME_MAXES, _fold(runtime_minutes))
-        rows += _add(DeviceRollup, DEVICE_KEY, DEVICE_SUMS, DEVICE_MAXES, _fold(device_minutes), names=names)
+        rows = _add(RuntimeRollup, RUNTIME_KEY, RUNTIME_SUMS, RUNTIME_MAXES, _fold(runtime_minutes), quarantine)
+        rows += _add(DeviceRollup, DEVICE_KEY, DEVICE_SUMS, DEVICE_MAXES, _fold(device_minutes), quarantine,
+                     names=names)
+        quarantine.save()
         state.watermark = until
         state.save(update_fields=["watermark", "updated_at"])
     return SampleRollupResult(sum(s["samples"] for s in runtime_minutes.values()),
                               sum(s["samples"] for s in device_minutes.values()), rows, since, until,
-                              time.perf_counter() - began)
+                              time.perf_counter() - began, quarantine.count)
 
 
 def sample_fill_state_lock() -> FillState | None:
@@ -130,7 +139,7 @@ def device_minute_sums(samples: QuerySet[DeviceSample]
     rows = (samples.order_by().annotate(minute=TruncMinute("at", tzinfo=dt.UTC))
             .values("minute", "runtime_id", "device")
             .annotate(n=Count("id"), name=Max("name"), util_sum=Sum("gpu_util"), util_n=Count("gpu_util"),
-                      mem_sum=Sum("mem_used"), mem_n=Count("mem_used"), mem_max=Max("mem_used"),
+                      mem_sum=Sum(Cast("mem_used", FloatField())), mem_n=Count("mem_used"), mem_max=Max("mem_used"),
                       power_sum=Sum("power_w"), power_n=Count("power_w"), mem_total=Max("mem_total"),
                       temperature=Max("temperature_c")))
     sums: dict[DeviceKey, dict[str, Any]] = {}
@@ -138,7 +147,7 @@ def device_minute_sums(samples: QuerySet[DeviceSample]
     for row in rows:
         sums[(Granularity.MINUTE.value, row["minute"], row["runtime_id"], row["device"])] = {
             "samples": row["n"], "gpu_util_sum": float(row["util_sum"] or 0.0), "gpu_util_count": row["util_n"],
-            "mem_used_sum": int(row["mem_sum"] or 0), "mem_used_count": row["mem_n"],
+            "mem_used_sum": float(row["mem_sum"] or 0.0), "mem_used_count": row["mem_n"],
             "mem_used_max": row["mem_max"], "mem_total_max": row["mem_total"],
             "temperature_c_max": row["temperature"], "power_w_sum": float(row["power_sum"] or 0.0),
             "power_w_count": row["power_n"], "energy_joules": 0.0, "energy_count": 0,
@@ -155,7 +164,8 @@ def energy_changes(*, since: dt.datetime, until: dt.datetime) -> dict[DeviceKey,
     Per device with new readings, three queries: the readings between its earliest and latest new
     one, the reading just before and the one just after (both received by ``since``).
     """
-    measured = DeviceSample.objects.filter(energy_joules_total__isnull=False, received_at__lte=until).order_by()
+    measured = in_bounds(DeviceSample.objects.filter(energy_joules_total__isnull=False, received_at__lte=until)
+                         ).order_by()
     spans = (measured.filter(received_at__gt=since).values("runtime_id", "device")
              .annotate(first=Min("at"), last=Max("at")).values_list("runtime_id", "device", "first", "last"))
     changes: dict[DeviceKey, tuple[float, int]] = {}
@@ -214,7 +224,7 @@ def _combine(total: Mapping[str, Any], more: Mapping[str, Any]) -> dict[str, Any
 
 
 def _add(model: type[RuntimeRollup] | type[DeviceRollup], key_fields: list[str], sum_fields: tuple[str, ...],
-         max_fields: tuple[str, ...], sums: Mapping[tuple, dict[str, Any]],
+         max_fields: tuple[str, ...], sums: Mapping[tuple, dict[str, Any]], quarantine: Quarantine,
          names: Mapping[tuple[str, str], str] | None = None) -> int:
     """Add ``sums`` to their rollup rows, inserting missing ones; rows written. The caller holds
     the "samples" FillState lock, so read, add and upsert cannot lose a concurrent writer's addition."""
@@ -230,9 +240,7 @@ def _add(model: type[RuntimeRollup] | type[DeviceRollup], key_fields: list[str],
             if names is not None:
                 values["name"] = names.get((key[2], key[3])) or (row.name if row else None)
             rows.append(model(**dict(zip(key_fields, key, strict=True)), **values))
-        model.objects.bulk_create(rows, update_conflicts=True, unique_fields=key_fields, update_fields=update_fields,
-                                  batch_size=500)
-        written += len(rows)
+        written += quarantine.write(model, rows, unique_fields=key_fields, update_fields=update_fields)
     return written
 
 

@@ -1,7 +1,9 @@
 """Telemetry ingest: who is sending, and storing what they sent exactly once, priced on arrival.
 
-A batch is one transaction. Samples go first (they name the GPUs, so events in the same batch
-price at their device type), then events. On PostgreSQL the events are COPYed into a temporary
+A batch is one transaction. Samples go first (they name the runtime's GPUs, so events in the same
+batch price at their device type), then events, then the runtime's event counts (what it recorded
+against what was stored, for completeness; counted here, in the transaction that stores the events,
+so a resent event is never counted twice). On PostgreSQL the events are COPYed into a temporary
 staging table and moved with ``INSERT … SELECT … ON CONFLICT (event_id, started_at) DO NOTHING``:
 the fastest path that also drops resent records (DESIGN.md, "Facts"). Elsewhere (SQLite) one
 ``INSERT … ON CONFLICT DO NOTHING`` is executed for all the rows. Either way rows are tuples, never
@@ -23,6 +25,8 @@ from typing import Any
 
 from django.conf import settings
 from django.db import DatabaseError, connection, models, transaction
+from django.db.models import F, Value
+from django.db.models.functions import Greatest, Now
 from django.db.models.signals import post_delete, post_save
 from django.utils import timezone
 
@@ -31,8 +35,15 @@ from finops.pricing.models import DevicePrice, ModelPrice, PriceBook
 from finops.pricing.services import PriceCatalog, Prices, hardware_cost, served_list_cost
 from finops.runtimes.models import Runtime, RuntimeToken, token_digest
 from finops.telemetry import partitioning
-from finops.telemetry.contracts import ParsedBatch, Refusal, RequestEventRecord, RuntimeSampleRecord, batch_parse
-from finops.telemetry.models import STATUS_CLASSES, Device, DeviceSample, RequestEvent, RuntimeSample
+from finops.telemetry.contracts import (
+    COST_LIMIT,
+    ParsedBatch,
+    Refusal,
+    RequestEventRecord,
+    RuntimeSampleRecord,
+    batch_parse,
+)
+from finops.telemetry.models import STATUS_CLASSES, Device, DeviceSample, RequestEvent, RuntimeEventCount, RuntimeSample
 from finops.telemetry.selectors import device_types_for
 from finops.telemetry.sketch import bucket_index
 
@@ -43,8 +54,6 @@ TOUCH_INTERVAL = dt.timedelta(seconds=5)
 # A runtime's clock may run a little ahead; a record from further ahead is refused, which also
 # keeps a wrong clock (or a hostile client) from creating partitions for days that never come.
 MAX_CLOCK_AHEAD = dt.timedelta(days=1)
-# One more digit than numeric(24, 12) holds.
-COST_LIMIT = Decimal(10) ** 12
 
 # A stored event is the contract's fields as they came, then what ingest derives from them.
 EVENT_FIELDS = tuple(RequestEventRecord.model_fields)
@@ -56,7 +65,8 @@ SAMPLE_COLUMNS = ("runtime_id", "at", "queue_depth", "running", "tokens_per_s", 
                   "events_recorded")
 DEVICE_SAMPLE_COLUMNS = ("runtime_id", "at", "device", "name", "gpu_util", "mem_used", "mem_total", "power_w",
                          "energy_joules_total", "temperature_c")
-DEVICE_COLUMNS = ("uuid", "name", "runtime_id", "last_seen_at")
+DEVICE_COLUMNS = ("runtime_id", "uuid", "name", "last_seen_at")
+_SEQ = EVENT_COLUMNS.index("seq")
 
 # PostgreSQL binary COPY types of the staging table, by Django field class.
 _PG_TYPES = {
@@ -185,26 +195,52 @@ def _sqlstate(exc: BaseException) -> str | None:
     return getattr(cause, "sqlstate", None)
 
 
+@dataclass
+class _Stored:
+    """What one list of records came to: stored, duplicates, and what it adds to the runtime's
+    event counts (``RuntimeEventCount``)."""
+
+    accepted: int = 0
+    duplicates: int = 0
+    recorded: int | None = None  # the highest events_recorded of the samples
+    with_seq: int = 0  # events with a seq stored now (not duplicates)
+    highest_seq: int | None = None  # the highest seq among the events, stored now or before
+
+
 def _store(parsed: ParsedBatch, *, runtime: AuthenticatedRuntime, now: dt.datetime, refused: list[Refusal]
            ) -> tuple[int, int]:
-    sample_accepted, sample_duplicates = _store_samples(parsed.samples, runtime=runtime, now=now, refused=refused)
-    event_accepted, event_duplicates = _store_events(parsed.events, runtime=runtime, now=now, refused=refused)
-    return sample_accepted + event_accepted, sample_duplicates + event_duplicates
+    samples = _store_samples(parsed.samples, runtime=runtime, now=now, refused=refused)
+    events = _store_events(parsed.events, runtime=runtime, now=now, refused=refused)
+    # Last, so the row lock on the runtime's counts is held only until the commit that follows.
+    _count_events(runtime.name, recorded=samples.recorded, stored=events.with_seq, highest=events.highest_seq)
+    return samples.accepted + events.accepted, samples.duplicates + events.duplicates
+
+
+def _count_events(runtime_id: str, *, recorded: int | None, stored: int, highest: int | None) -> None:
+    """Add a batch to the runtime's event counts: one row per runtime, created on its first seq."""
+    if recorded is None and highest is None:
+        return
+    RuntimeEventCount.objects.bulk_create([RuntimeEventCount(runtime_id=runtime_id)], ignore_conflicts=True)
+    RuntimeEventCount.objects.filter(runtime_id=runtime_id).update(
+        recorded=Greatest(F("recorded"), Value(recorded or 0)), stored=F("stored") + stored,
+        highest_stored=Greatest(F("highest_stored"), Value(highest or 0)), updated_at=Now())
 
 
 # -- samples ----------------------------------------------------------------------------------
 
 
 def _store_samples(samples: list[tuple[int, RuntimeSampleRecord]], *, runtime: AuthenticatedRuntime, now: dt.datetime,
-                   refused: list[Refusal]) -> tuple[int, int]:
+                   refused: list[Refusal]) -> _Stored:
+    result = _Stored()
     if not samples:
-        return 0, 0
+        return result
     earliest = now - dt.timedelta(days=settings.SAMPLE_RETENTION_DAYS)
     latest = now + MAX_CLOCK_AHEAD
     rows: dict[tuple[str, dt.datetime], tuple] = {}
     device_rows: list[tuple] = []
-    devices: dict[str, tuple] = {}
-    duplicates = 0
+    # Each GPU as the sample received last names it (the later record of a batch): a sample dated
+    # ahead cannot pin a name, and the time kept is never later than the sample's arrival.
+    devices: dict[tuple[str, str], tuple] = {}
     for index, sample in samples:
         problem = _sender_problem(sample.runtime_id, runtime) or _time_problem("at", sample.at, earliest, latest,
                                                                                settings.SAMPLE_RETENTION_DAYS)
@@ -214,22 +250,25 @@ def _store_samples(samples: list[tuple[int, RuntimeSampleRecord]], *, runtime: A
         at = sample.at.astimezone(dt.UTC)
         key = (sample.runtime_id, at)
         if key in rows:
-            duplicates += 1
+            result.duplicates += 1
             continue
         rows[key] = (sample.runtime_id, at, sample.queue_depth, sample.running, sample.tokens_per_s,
                      sample.kv_cache_used, sample.breakers, sample.events_recorded)
+        if sample.events_recorded is not None:
+            result.recorded = max(result.recorded or 0, sample.events_recorded)
         for d in sample.devices:
             device_rows.append((sample.runtime_id, at, d.device, d.name, d.gpu_util, d.mem_used, d.mem_total,
                                 d.power_w, d.energy_joules_total, d.temperature_c))
-            if d.name and d.device != "cpu" and (d.device not in devices or devices[d.device][3] < at):
-                devices[d.device] = (d.device, d.name, sample.runtime_id, at)
+            if d.name and d.device != "cpu":
+                devices[(sample.runtime_id, d.device)] = (sample.runtime_id, d.device, d.name, min(at, now))
     if not rows:
-        return 0, duplicates
-    accepted = _insert_ignoring_conflicts(RuntimeSample, SAMPLE_COLUMNS, list(rows.values()))
+        return result
+    result.accepted = _insert_ignoring_conflicts(RuntimeSample, SAMPLE_COLUMNS, list(rows.values()))
+    result.duplicates += len(rows) - result.accepted
     _insert_ignoring_conflicts(DeviceSample, DEVICE_SAMPLE_COLUMNS, _unique(device_rows, key=slice(0, 3)))
     if devices:
         _upsert_devices(list(devices.values()))
-    return accepted, duplicates + len(rows) - accepted
+    return result
 
 
 def _unique(rows: list[tuple], *, key: slice) -> list[tuple]:
@@ -240,11 +279,10 @@ def _unique(rows: list[tuple], *, key: slice) -> list[tuple]:
 
 
 def _upsert_devices(rows: list[tuple]) -> None:
-    """Remember each GPU's name (and which runtime saw it last), so its events price at its type."""
+    """Remember what each of the runtime's GPUs is called, so its events price at its type."""
     table = Device._meta.db_table
     sql = (f"INSERT INTO {table} ({', '.join(DEVICE_COLUMNS)}) VALUES ({', '.join(['%s'] * len(DEVICE_COLUMNS))}) "
-           "ON CONFLICT (uuid) DO UPDATE SET name = excluded.name, runtime_id = excluded.runtime_id, "
-           f"last_seen_at = excluded.last_seen_at WHERE {table}.last_seen_at <= excluded.last_seen_at")
+           "ON CONFLICT (runtime_id, uuid) DO UPDATE SET name = excluded.name, last_seen_at = excluded.last_seen_at")
     with connection.cursor() as cursor:
         cursor.executemany(sql, _adapt(Device, DEVICE_COLUMNS, rows))
 
@@ -292,19 +330,20 @@ def _time_problem(name: str, moment: dt.datetime, earliest: dt.datetime, latest:
 
 
 def _store_events(events: list[tuple[int, RequestEventRecord]], *, runtime: AuthenticatedRuntime, now: dt.datetime,
-                  refused: list[Refusal]) -> tuple[int, int]:
+                  refused: list[Refusal]) -> _Stored:
+    result = _Stored()
     if not events:
-        return 0, 0
+        return result
     days = settings.RAW_RETENTION_DAYS
     earliest = now - dt.timedelta(days=days)
     latest = now + MAX_CLOCK_AHEAD
     catalog = _price_catalog()
     books = catalog.books
     book_starts = [book.effective_from for book in books]
-    device_types = device_types_for(devices={e.device for _, e in events})
-    rows: dict[tuple, tuple] = {}
-    duplicates = 0
     name = runtime.name
+    device_types = {device: kind for (_, device), kind in
+                    device_types_for(devices={(name, e.device) for _, e in events}).items()}
+    rows: dict[tuple, tuple] = {}
     for index, e in events:
         fields = e.__dict__  # the validated values; read once per field, as a tuple, in C
         started, finished = fields["started_at"], fields["finished_at"]
@@ -318,7 +357,7 @@ def _store_events(events: list[tuple[int, RequestEventRecord]], *, runtime: Auth
         # Aware datetimes compare and hash by instant, whatever offset they were written with.
         key = (fields["event_id"], started)
         if key in rows:
-            duplicates += 1
+            result.duplicates += 1
             continue
         position = bisect.bisect_right(book_starts, started)
         prices: Prices | None = books[position - 1] if position else None
@@ -326,22 +365,37 @@ def _store_events(events: list[tuple[int, RequestEventRecord]], *, runtime: Auth
                                          completion_tokens=fields["completion_tokens"], cache_hit=fields["cache_hit"])
         hardware = hardware_cost(prices, device_type=device_types.get(fields["device"]),
                                  gpu_seconds=fields["gpu_seconds"], energy_joules=fields["energy_joules"])
-        if any(cost is not None and cost >= COST_LIMIT for cost in (listed, saved, hardware)):
-            refused.append(Refusal("event", index, str(e.event_id), ["cost: too large to store; check the prices"]))
+        if problem := _cost_problem(listed, saved, hardware):
+            refused.append(Refusal("event", index, str(e.event_id), [problem]))
             continue
         rows[key] = (
             *_event_fields(fields), STATUS_CLASSES[fields["status"]], prices.book_id if prices else None, listed,
             hardware, saved, bucket_index(fields["e2e_ms"]), bucket_index(fields["ttft_ms"]),
         )
     if not rows:
-        return 0, duplicates
+        return result
     values = list(rows.values())
     if connection.vendor == "postgresql":
         _ensure_partitions({started.astimezone(dt.UTC).date() for _, started in rows})
-        accepted = _copy_events(values)
+        result.accepted, result.with_seq = _copy_events(values)
     else:
-        accepted = _insert_ignoring_conflicts(RequestEvent, EVENT_COLUMNS, values)
-    return accepted, duplicates + len(values) - accepted
+        with_seq = [row for row in values if row[_SEQ] is not None]
+        result.with_seq = _insert_ignoring_conflicts(RequestEvent, EVENT_COLUMNS, with_seq)
+        result.accepted = result.with_seq + _insert_ignoring_conflicts(
+            RequestEvent, EVENT_COLUMNS, [row for row in values if row[_SEQ] is None])
+    result.duplicates += len(values) - result.accepted
+    # Every event of the batch is stored now, whether this batch or an earlier one stored it.
+    result.highest_seq = max((row[_SEQ] for row in values if row[_SEQ] is not None), default=None)
+    return result
+
+
+def _cost_problem(*costs: Decimal | None) -> str | None:
+    """Why an event's costs cannot be stored (a rollup sums them: contracts.py, "Bounds")."""
+    largest = max((cost for cost in costs if cost is not None), default=None)
+    if largest is None or largest < COST_LIMIT:
+        return None
+    return (f"cost: ${largest:,.2f} is more than one request can cost (under ${COST_LIMIT:,}); "
+            "check the prices")
 
 
 def _ensure_partitions(days: set[dt.date]) -> None:
@@ -366,8 +420,9 @@ def _staging_sql() -> tuple[str, str, list[str]]:
 _STAGING_CREATE, _EVENT_COLUMN_LIST, _EVENT_COPY_TYPES = _staging_sql()
 
 
-def _copy_events(rows: list[tuple]) -> int:
-    """COPY into the session's staging table, then move what is new; return rows inserted."""
+def _copy_events(rows: list[tuple]) -> tuple[int, int]:
+    """COPY into the session's staging table, then move what is new; return the rows inserted and
+    how many of them carry a seq."""
     table = RequestEvent._meta.db_table
     with connection.cursor() as cursor:
         session = connection.connection
@@ -381,7 +436,9 @@ def _copy_events(rows: list[tuple]) -> int:
         # One round trip; the DELETE matters only where no commit follows before the next batch
         # (nested in a caller's transaction, as in tests): a commit empties the table anyway.
         cursor.execute(
-            f"INSERT INTO {table} ({_EVENT_COLUMN_LIST}) SELECT {_EVENT_COLUMN_LIST} FROM {_STAGING} "
-            f"ON CONFLICT (event_id, started_at) DO NOTHING; DELETE FROM {_STAGING}"
+            f"WITH moved AS (INSERT INTO {table} ({_EVENT_COLUMN_LIST}) SELECT {_EVENT_COLUMN_LIST} FROM {_STAGING} "
+            f"ON CONFLICT (event_id, started_at) DO NOTHING RETURNING seq) SELECT count(*), count(seq) FROM moved; "
+            f"DELETE FROM {_STAGING}"
         )
-        return cursor.rowcount  # the INSERT's: the first statement's result
+        inserted, with_seq = cursor.fetchone()  # the first statement's result
+        return inserted, with_seq

@@ -28,6 +28,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from finops.telemetry.models import Marginal, MarginalRollup, RequestEvent, Rollup
+from finops.telemetry.quarantine import in_bounds
 from finops.telemetry.ranges import Dimension, Filters, Plan, check_dimension
 from finops.telemetry.tail import tail_span, watermark_after_read, watermark_before_read
 
@@ -132,11 +133,12 @@ _TAIL_MODEL = Coalesce("model_served", Value(""))
 
 def tail_events(plan: Plan, filters: Filters, watermark: dt.datetime | None) -> QuerySet[RequestEvent]:
     """The raw events of the plan's range that the filters select, received after ``watermark``:
-    only the days they can be in, as far as the page's tail snapshot knows (``tail.tail_span``)."""
+    only the days they can be in, as far as the page's tail snapshot knows (``tail.tail_span``),
+    and never one the rollups will leave out (``quarantine``)."""
     span = tail_span(start=plan.start, end=plan.end, watermark=watermark)
     if span is None:
         return RequestEvent.objects.none()
-    events = RequestEvent.objects.filter(started_at__gte=span[0], started_at__lt=span[1])
+    events = in_bounds(RequestEvent.objects.filter(started_at__gte=span[0], started_at__lt=span[1]))
     if watermark is not None:
         events = events.filter(received_at__gt=watermark)
     return raw_events_filtered(events, filters).order_by()

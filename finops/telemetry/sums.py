@@ -13,6 +13,7 @@ the rollup run, re-pricing, every read and ``usage.Measures`` pick it up from th
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal
 
 from django.db import connection
-from django.db.models import Aggregate, BigIntegerField, Count, F, Func, Max, Q, Sum
+from django.db.models import Aggregate, BigIntegerField, Count, F, Max, Q, Sum
 
 from finops.pricing.services import QUANTUM
 from finops.telemetry import sketch
@@ -35,22 +36,54 @@ ZERO = Decimal(0)
 Kind = Literal["int", "float", "cost", "max", "histogram"]
 
 
-def cost_sum(column: str) -> Sum:
-    """An exact SQL sum of a cost column. PostgreSQL's numeric is exact; SQLite keeps decimals as
-    REAL, whose sums drift in the last places, so there the sum is over integer pico-dollars."""
+_SQLITE_DIGITS = decimal.Context(prec=15)  # what SQLite keeps of a decimal (and Django reads back)
+_WIDE = decimal.Context(prec=60)
+
+
+class SqlitePicoSum:
+    """SQLite's exact sum of a cost column, ``wattson_cost_sum``: integer pico-dollars in Python,
+    which never overflow (SQLite's own integer sum stops at 2**63 pico-dollars, $9.2 million, and
+    its REAL sums drift in the last places). The result is an integer while it fits one, else the
+    same number as text, zero-padded so that it still sorts after every integer and among itself."""
+
+    def __init__(self) -> None:
+        self.total: int | None = None
+
+    def step(self, value: float | int | str | None) -> None:
+        if value is None:
+            return
+        # A REAL read as Django reads one value of the column: its 15 significant digits.
+        exact = _SQLITE_DIGITS.create_decimal_from_float(value) if isinstance(value, float) else Decimal(value)
+        pico = int(exact.quantize(QUANTUM, context=_WIDE) * PICO)
+        self.total = pico if self.total is None else self.total + pico
+
+    def finalize(self) -> int | str | None:
+        if self.total is None or -(2**63) <= self.total < 2**63:
+            return self.total
+        return f"{self.total:040d}"
+
+
+def sqlite_functions_register(*, connection: Any, **_: Any) -> None:
+    """``connection_created`` receiver (TelemetryConfig.ready): SQLite's ``wattson_cost_sum``."""
     if connection.vendor == "sqlite":
-        pico = Func(F(column), template=f"CAST(ROUND(%(expressions)s * {PICO}) AS INTEGER)",
-                    output_field=BigIntegerField())
-        return Sum(pico)
+        connection.connection.create_aggregate("wattson_cost_sum", 1, SqlitePicoSum)
+
+
+def cost_sum(column: str) -> Aggregate:
+    """An exact SQL sum of a cost column, however large. PostgreSQL's numeric is exact; SQLite keeps
+    decimals as REAL, whose sums drift in the last places, so there the sum is over integer
+    pico-dollars (``SqlitePicoSum``)."""
+    if connection.vendor == "sqlite":
+        return Aggregate(F(column), function="wattson_cost_sum", output_field=BigIntegerField())
     return Sum(column)
 
 
-def cost_value(value: Decimal | int | None) -> Decimal:
+def cost_value(value: Decimal | int | str | None) -> Decimal:
     """A cost as ``cost_sum`` returns it (SQLite's pico-dollars or PostgreSQL's numeric), exact."""
     if value is None:
         return ZERO
-    if isinstance(value, int):  # SQLite's pico-dollars
-        return (Decimal(value) / PICO).quantize(QUANTUM)
+    if isinstance(value, int | str):  # SQLite's pico-dollars
+        return (Decimal(int(value)) / PICO).quantize(QUANTUM)
     return Decimal(value).quantize(QUANTUM)
 
 

@@ -14,12 +14,19 @@ from django.utils import timezone
 from finops.pricing.models import ModelPrice
 from finops.pricing.repricing import RepricingRefused, reprice_range
 from finops.pricing.services import PriceCatalog, hardware_cost, list_cost, served_list_cost
-from finops.telemetry.models import Device, Granularity, RequestEvent, Rollup
+from finops.telemetry.models import (
+    Device,
+    Granularity,
+    RequestEvent,
+    Rollup,
+    RollupQuarantine,
+    RuntimeEventCount,
+)
 from finops.telemetry.retention import retention_run
 from finops.telemetry.rollups import rollup_run
 from finops.telemetry.sample_rollups import sample_rollup_run
 from tests.finops.factories import batch_body, event_dict, price_book
-from tests.finops.test_rollups import T0, assert_rollups_match_raw, event, snapshot, store
+from tests.finops.test_rollups import SECOND, T0, assert_rollups_match_raw, event, snapshot, store
 
 pytestmark = pytest.mark.django_db
 H100, GPU, UNKNOWN_GPU = "NVIDIA H100 80GB HBM3", "GPU-1", "GPU-never-sampled"
@@ -196,6 +203,35 @@ def test_repricing_twice_changes_nothing_the_second_time() -> None:
     assert_rollups_match_raw()
 
 
+def test_repricing_leaves_events_the_rollups_left_out_as_they_are() -> None:
+    price_book(effective_from=T0 - HOUR)
+    catalog = PriceCatalog.load()
+    counted = store(priced(event(), catalog))
+    # stored before ingest capped costs: the rollup run leaves it out
+    left_out = store(event(started_at=T0 + SECOND, list_cost=Decimal("999999999999")))[0]
+    rollup_run(now=T0 + HOUR)
+    price_book(effective_from=T0 - dt.timedelta(minutes=30), models={"smollm2": ("1", "1")})
+
+    assert reprice_range(start=T0, end=T0 + HOUR, now=T0 + HOUR) == 1
+
+    assert RequestEvent.objects.get(id=left_out.id).list_cost == Decimal("999999999999")
+    assert_rollups_match_raw(list(RequestEvent.objects.filter(id=counted[0].id)))
+
+
+def test_a_price_that_makes_one_request_cost_more_than_the_cap_refuses_the_re_price() -> None:
+    price_book(effective_from=T0 - HOUR)
+    catalog = PriceCatalog.load()
+    store(*(priced(event(started_at=T0 + dt.timedelta(minutes=m), prompt_tokens=10**6), catalog) for m in range(2)))
+    rollup_run(now=T0 + HOUR)
+    raw, rollups = costs(), snapshot()
+    price_book(effective_from=T0 - dt.timedelta(minutes=30), models={"smollm2": ("999999999", "0")})
+
+    with pytest.raises(RepricingRefused, match="more than one request can"):
+        reprice_range(start=T0, end=T0 + HOUR, now=T0 + HOUR)
+
+    assert (costs(), snapshot()) == (raw, rollups)
+
+
 def test_repricing_past_expired_minute_rollups_moves_hours_and_days_only() -> None:
     price_book(effective_from=T0 - HOUR)
     catalog = PriceCatalog.load()
@@ -245,6 +281,8 @@ def one_of_each(now: dt.datetime) -> None:
                                                                      e2e_ms=5.0, status="shed"))
     rollup_run(now=now)
     sample_rollup_run(now=now + dt.timedelta(minutes=1))  # past the samples' received_at (the database's clock)
+    RuntimeEventCount.objects.create(runtime_id="rt-1", recorded=3, stored=2, highest_stored=3)
+    RollupQuarantine.objects.create(stat="requests", source="RequestEvent", count=1, examples=[7], reason="e2e_ms")
 
 
 def test_every_telemetry_and_pricing_model_has_an_admin_that_opens(admin_client_logged_in: Any) -> None:
