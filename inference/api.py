@@ -1,6 +1,7 @@
 """The HTTP application: ``create_app`` wires the runtime and the job runner to the routers
-(``inference.routes``: completions, jobs, control), the error handlers and the service's own
-``/health`` and ``/metrics``.
+(``inference.routes``: completions, jobs, control), the error handlers, the service's own
+``/health`` and ``/metrics``, and the OpenAPI document at ``/openapi.json`` (the interactive docs
+stay off: nothing a runtime serves needs a browser).
 
 The HTTP layer parses and checks what clients send and hands it to the serving pipeline
 (``inference.serving``); it knows nothing about tensors.
@@ -20,13 +21,14 @@ from inference.config import RuntimeConfig
 from inference.errors import install_error_handlers
 from inference.jobs import JobRunner, JobStore
 from inference.routes import completions, control, jobs, runtime_of
+from inference.routes.openapi import openapi_document, operation
 from inference.runtime import Runtime
 from inference.serving import run_job_attempt
 
 service = APIRouter()  # the runtime's own state, for probes and scrapers
 
 
-@service.get("/health")
+@service.get("/health", **operation(auth=None, ok_also=(503,)))
 async def health(request: Request) -> JSONResponse:
     runtime = runtime_of(request)
     exporter = runtime.exporter.stats() if runtime.exporter is not None else None
@@ -40,7 +42,7 @@ async def health(request: Request) -> JSONResponse:
     )
 
 
-@service.get("/metrics")
+@service.get("/metrics", **operation(auth=None, ok={"text/plain": {"type": "string"}}))
 async def metrics(request: Request) -> Response:
     body, content_type = runtime_of(request).metrics.render()
     return Response(body, media_type=content_type)
@@ -68,4 +70,5 @@ def create_app(config: RuntimeConfig, runtime: Runtime | None = None) -> FastAPI
     install_error_handlers(app)
     for router in (control.router, jobs.router, service, completions.router):
         app.include_router(router)
+    app.openapi = partial(openapi_document, app)  # type: ignore[method-assign]
     return app

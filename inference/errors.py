@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("inference.api")
@@ -28,6 +29,19 @@ _TYPES = {
     503: "server_overloaded",
     504: "upstream_timeout",
 }
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    code: str | None
+    param: str | None
+
+
+class ErrorBody(BaseModel):
+    """The error body, as the OpenAPI document declares it: what ``ApiError.body`` writes."""
+
+    error: ErrorDetail
 
 
 class ApiError(Exception):
