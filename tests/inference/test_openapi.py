@@ -135,6 +135,14 @@ def test_a_generation_declares_the_feature_and_priority_headers_it_reads(documen
     assert not any(priority.match(value) for value in ("urgent", "", "highest"))
 
 
+def test_an_unsupported_method_is_405_naming_every_method_the_resource_has(app: FastAPI) -> None:
+    response = TestClient(app).patch("/admin/ruleset")
+
+    assert response.status_code == 405
+    assert set(response.json()["error"]) == ERROR_FIELDS
+    assert response.headers["allow"] == "GET, PUT"
+
+
 @pytest.mark.parametrize("label", OPERATIONS)
 def test_a_bounded_schemathesis_run_finds_nothing_the_document_does_not_declare(api: OpenApiSchema,
                                                                                label: str) -> None:
