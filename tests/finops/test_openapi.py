@@ -6,6 +6,7 @@ declare, and no error outside the API's error format."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 import schemathesis
 from django.core.handlers.wsgi import WSGIHandler
 from django.core.signals import request_finished, request_started
-from django.db import close_old_connections
+from django.db import OperationalError, close_old_connections
 from django.test import Client
 from django.utils import timezone
 from schemathesis import Case, GenerationMode
@@ -22,7 +23,7 @@ from schemathesis.specs.openapi.schemas import OpenApiSchema
 from finops.runtimes.models import Runtime
 from finops.runtimes.services import ruleset_store
 from finops.telemetry.contracts import DeviceSampleRecord, RequestEventRecord, RuntimeSampleRecord, TelemetryBatch
-from tests.finops.factories import RUNTIME
+from tests.finops.factories import RUNTIME, event_dict
 from tests.openapi_run import ERROR_FIELDS, json_object, run_bounded, with_header
 
 pytestmark = pytest.mark.django_db
@@ -105,6 +106,39 @@ def test_the_document_is_read_with_get_only(client: Client) -> None:
     assert response.status_code == 405
     assert set(response.json()["error"]) == ERROR_FIELDS
     assert response["Allow"] == "GET, HEAD"
+
+
+def _pull(client: Client, token: str) -> Any:
+    return client.get("/api/v1/ruleset", HTTP_AUTHORIZATION=f"Bearer {token}")
+
+
+def _ingest_one(client: Client, token: str) -> Any:
+    return client.generic("POST", "/api/v1/events", json.dumps({"events": [event_dict()]}),
+                          content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {token}")
+
+
+@pytest.mark.parametrize(("failure", "status", "code"), [
+    (OperationalError("the database system is shutting down"), 503, "database_unavailable"),
+    (RuntimeError("a bug"), 500, "internal_error"),
+])
+@pytest.mark.parametrize(("send", "where"), [
+    (_pull, "finops.runtimes.views.ruleset_pull"),
+    (_ingest_one, "finops.telemetry.views.telemetry_ingest"),
+], ids=["ruleset", "ingest"])
+def test_a_failure_inside_the_machine_api_answers_in_its_error_format(
+        client: Client, runtime_with_ruleset: tuple[Runtime, str], monkeypatch: pytest.MonkeyPatch, send: Any,
+        where: str, failure: Exception, status: int, code: str) -> None:
+    def fail(**_: Any) -> None:
+        raise failure
+
+    monkeypatch.setattr(where, fail)
+    response = send(client, runtime_with_ruleset[1])
+
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+    assert set(response.json()["error"]) == ERROR_FIELDS
+    if status == 503:
+        assert response["Retry-After"] == "5"
 
 
 @pytest.mark.parametrize("label", ["POST /api/v1/events", "GET /api/v1/ruleset"])
