@@ -21,7 +21,7 @@ from schemathesis import Case, GenerationMode
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 
 from finops.runtimes.models import Runtime
-from finops.runtimes.services import ruleset_store
+from finops.runtimes.services import MAX_VERSION, ruleset_store
 from finops.telemetry.contracts import DeviceSampleRecord, RequestEventRecord, RuntimeSampleRecord, TelemetryBatch
 from tests.finops.factories import RUNTIME, event_dict
 from tests.openapi_run import ERROR_FIELDS, json_object, run_bounded, with_header
@@ -106,6 +106,15 @@ def test_the_document_is_read_with_get_only(client: Client) -> None:
     assert response.status_code == 405
     assert set(response.json()["error"]) == ERROR_FIELDS
     assert response["Allow"] == "GET, HEAD"
+
+
+def test_a_runtime_that_says_it_holds_the_highest_version_gets_its_ruleset_not_a_500(
+        client: Client, runtime_with_ruleset: tuple[Runtime, str]) -> None:
+    response = client.get("/api/v1/ruleset", HTTP_AUTHORIZATION=f"Bearer {runtime_with_ruleset[1]}",
+                          HTTP_X_WATTSON_RULESET_VERSION=str(MAX_VERSION))
+
+    assert response.status_code == 200  # nothing can be issued above it: the runtime keeps what it holds
+    assert response.json()["version"] == 1
 
 
 def _pull(client: Client, token: str) -> Any:
