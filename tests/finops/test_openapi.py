@@ -23,6 +23,7 @@ from schemathesis.specs.openapi.schemas import OpenApiSchema
 from finops.runtimes.models import Runtime
 from finops.runtimes.services import MAX_VERSION, ruleset_store
 from finops.telemetry.contracts import DeviceSampleRecord, RequestEventRecord, RuntimeSampleRecord, TelemetryBatch
+from finops.telemetry.openapi import ErrorBody
 from tests.finops.factories import RUNTIME, event_dict
 from tests.openapi_run import ERROR_FIELDS, json_object, run_bounded, with_header
 
@@ -98,6 +99,18 @@ def test_every_error_is_declared_as_the_error_body(document: dict[str, Any]) -> 
                 assert schema["$ref"] in (REF.format("ErrorBody"), REF.format("RefusedBatch")), (path, status)
             assert "Retry-After" in errors["503"]["headers"], path
     assert {"$ref": REF.format("ErrorBody")} in schemas["RefusedBatch"]["allOf"]
+
+
+def test_both_services_declare_the_same_error_body() -> None:
+    """Each side keeps its own copy of the wire contracts; this one is held against the other."""
+    from inference.errors import ErrorBody as RuntimeErrorBody
+
+    def shape(model: type) -> dict[str, Any]:
+        schema = model.model_json_schema()
+        schema.pop("description", None)
+        return schema
+
+    assert shape(ErrorBody) == shape(RuntimeErrorBody)
 
 
 def test_the_document_is_read_with_get_only(client: Client) -> None:
