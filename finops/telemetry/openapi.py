@@ -60,7 +60,7 @@ def _error(description: str, *, headers: dict[str, Any] | None = None, schema: s
 
 _UNAUTHORIZED = _error("No bearer token, or not a valid runtime token.",
                        headers={"WWW-Authenticate": {"schema": {"type": "string"}}})
-_UNAVAILABLE = "The database is unavailable, or no ruleset has been compiled yet; `Retry-After` says when to retry."
+_DATABASE_DOWN = "The database is unavailable; `Retry-After` says when to retry."
 
 
 def _ingest() -> dict[str, Any]:
@@ -83,7 +83,7 @@ def _ingest() -> dict[str, Any]:
             "422": _error("Every record was refused: the runtime sets the batch aside instead of resending it.",
                           schema="RefusedBatch"),
             "500": _error("The control plane failed to store the batch; it may be sent again."),
-            "503": _error(_UNAVAILABLE, headers=_RETRY_AFTER),
+            "503": _error(_DATABASE_DOWN, headers=_RETRY_AFTER),
         },
     }
 
@@ -106,7 +106,8 @@ def _ruleset_pull() -> dict[str, Any]:
                     "headers": {VERSION_HEADER: _VERSION_HELD}},
             "400": _error(f"{VERSION_HEADER} is not the whole number of a version."),
             "401": _UNAUTHORIZED,
-            "503": _error(_UNAVAILABLE, headers=_RETRY_AFTER),
+            "503": _error("No ruleset has been compiled for this runtime yet, or the database is unavailable; "
+                          "`Retry-After` says when to retry.", headers=_RETRY_AFTER),
         },
     }
 

@@ -26,12 +26,12 @@ async def models(request: Request) -> JSONResponse:
 
 
 @router.post("/v1/chat/completions", **operation(auth="apiKey", body=ChatCompletionRequest, headers=(FEATURE, PRIORITY),
-                                         errors=GENERATION_ERRORS, ok=COMPLETION))
+                                                 errors=GENERATION_ERRORS, ok=COMPLETION))
 async def chat_completions(request: Request) -> Response:
     return await serve_completion(runtime_of(request), request, ChatCompletionRequest)
 
 
 @router.post("/v1/completions", **operation(auth="apiKey", body=CompletionRequest, headers=(FEATURE, PRIORITY),
-                                         errors=GENERATION_ERRORS, ok=COMPLETION))
+                                            errors=GENERATION_ERRORS, ok=COMPLETION))
 async def completions(request: Request) -> Response:
     return await serve_completion(runtime_of(request), request, CompletionRequest)
