@@ -8,7 +8,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 log = logging.getLogger("inference.api")
 
@@ -28,6 +30,19 @@ _TYPES = {
     503: "server_overloaded",
     504: "upstream_timeout",
 }
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    code: str | None
+    param: str | None
+
+
+class ErrorBody(BaseModel):
+    """The error body, as the OpenAPI document declares it: what ``ApiError.body`` writes."""
+
+    error: ErrorDetail
 
 
 class ApiError(Exception):
@@ -98,6 +113,16 @@ def _is_type_tag(part: object) -> bool:
                                       or "[" in part or part.startswith("function-"))
 
 
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods some route answers at the request's path (each method is a route of its own here)."""
+    routes = request.app.router.routes
+    return [method for method in _METHODS
+            if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)]
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -108,9 +133,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return validation_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = {404: "Not found.", 405: "Method not allowed."}.get(exc.status_code, str(exc.detail))
-        return ApiError(exc.status_code, message, code=f"http_{exc.status_code}").response()
+        response = ApiError(exc.status_code, message, code=f"http_{exc.status_code}").response()
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:  # RFC 9110 asks for every method of the resource, not those of one route
+            response.headers["Allow"] = ", ".join(_allowed_methods(request))
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -18,7 +18,8 @@ from inference.errors import ApiError, validation_error
 MAX_BODY_BYTES = 4 * 1024 * 1024
 FEATURE_HEADER = "x-wattson-feature"
 PRIORITY_HEADER = "x-wattson-priority"
-_FEATURE_RE = re.compile(r"^[A-Za-z0-9_.:/\-]{1,100}$")
+FEATURE_PATTERN = r"^[A-Za-z0-9_.:/\-]{1,100}$"
+_FEATURE_RE = re.compile(FEATURE_PATTERN)
 T = TypeVar("T")
 
 

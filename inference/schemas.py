@@ -14,6 +14,10 @@ MAX_STOP_SEQUENCES = 4
 MAX_STOP_LENGTH = 200
 
 
+# A stop sequence as the OpenAPI document declares it.
+_STOP = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_LENGTH}
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
@@ -48,7 +52,8 @@ class GenerationFields(_Strict):
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(default=None, json_schema_extra={"anyOf": [  # what _stop_sequences checks
+        _STOP, {"type": "array", "items": _STOP, "maxItems": MAX_STOP_SEQUENCES}, {"type": "null"}]})
     seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -83,7 +88,8 @@ class ChatCompletionRequest(GenerationFields):
 
 
 class CompletionRequest(GenerationFields):
-    prompt: str | list[str]
+    prompt: str | list[str] = Field(json_schema_extra={"anyOf": [  # what _single_prompt checks
+        {"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1}]})
 
     @field_validator("prompt")
     @classmethod

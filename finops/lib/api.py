@@ -1,9 +1,16 @@
 """What the control plane's machine APIs (ingest, ruleset pull) share: the error body both
-services answer with, and the runtime's bearer token."""
+services answer with, the runtime's bearer token, and the answers to a failure of their own."""
 
 from __future__ import annotations
 
-from django.http import HttpRequest, JsonResponse
+import functools
+import logging
+from collections.abc import Callable
+
+from django.db import InterfaceError, OperationalError
+from django.http import HttpRequest, HttpResponse, JsonResponse
+
+logger = logging.getLogger("finops.api")
 
 # A token longer than this is refused without being looked up.
 MAX_TOKEN_CHARS = 512
@@ -28,3 +35,24 @@ def runtime_token_refused(token: str) -> JsonResponse:
                          error_type="authentication_error", code="invalid_token" if token else "missing_token")
     response["WWW-Authenticate"] = 'Bearer realm="wattson"'
     return response
+
+
+def machine_api(view: Callable[[HttpRequest], HttpResponse]) -> Callable[[HttpRequest], HttpResponse]:
+    """A machine API's view that fails in the API's error format, never with Django's HTML page:
+    503 with ``Retry-After`` while the database is unavailable, 500 for anything else."""
+    @functools.wraps(view)
+    def wrapped(request: HttpRequest) -> HttpResponse:
+        try:
+            return view(request)
+        except (OperationalError, InterfaceError) as exc:
+            logger.error("%s: database unavailable: %s", request.path, exc)
+            response = api_error(503, "The control plane's database is unavailable; retry later.",
+                                 error_type="server_error", code="database_unavailable")
+            response["Retry-After"] = "5"
+            return response
+        except Exception:
+            logger.exception("%s: unexpected failure", request.path)
+            return api_error(500, "The control plane failed to answer; the request may be retried.",
+                             error_type="server_error", code="internal_error")
+
+    return wrapped

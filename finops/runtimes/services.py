@@ -132,7 +132,8 @@ def ruleset_reissue_above(*, runtime: Runtime, held: int, now: dt.datetime | Non
     above it, or the runtime would refuse every document until our numbers caught up."""
     with transaction.atomic():
         ruleset = Ruleset.objects.select_for_update().filter(runtime=runtime).first()
-        if ruleset is None or not ruleset.digest or held <= ruleset.version:
+        # Nothing can be issued above the highest version a document may carry.
+        if ruleset is None or not ruleset.digest or held <= ruleset.version or held >= MAX_VERSION:
             return ruleset
         logger.warning("runtime %s holds ruleset v%d, above our v%d: issuing v%d", runtime.name, held,
                        ruleset.version, held + 1)

@@ -3,7 +3,8 @@
 Bearer: the runtime's ingest token. The runtime says which version it holds in
 ``X-Wattson-Ruleset-Version``; that is recorded as its acknowledged version. Answers 200 with the
 document, 304 when the runtime already holds the newest version, 401 without a valid token, 400
-for a version header that is not a whole number, and 503 (``Retry-After``) before the first compile.
+for a version header that is not a whole number, and 503 (``Retry-After``) before the first compile
+or while the database is unavailable.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from finops.lib.api import MAX_TOKEN_CHARS, api_error, bearer_token, runtime_token_refused
+from finops.lib.api import MAX_TOKEN_CHARS, api_error, bearer_token, machine_api, runtime_token_refused
 from finops.runtimes.selectors import runtime_get_by_token
 from finops.runtimes.services import MAX_VERSION, ruleset_pull
 
@@ -19,6 +20,7 @@ VERSION_HEADER = "X-Wattson-Ruleset-Version"
 
 
 @csrf_exempt
+@machine_api
 def ruleset(request: HttpRequest) -> HttpResponse:
     if request.method not in ("GET", "HEAD"):
         response = api_error(405, "Use GET to fetch the ruleset.", code="method_not_allowed")

@@ -3,23 +3,19 @@
 Answers: 202 ``{"accepted", "duplicates", "refused": [...]}`` when anything in the batch could be
 kept (or the batch was empty); 422, the same body plus an ``error``, when every record was refused
 (so the runtime sets the batch aside rather than resending it forever); 400 / 401 / 413 with the
-OpenAI-style error body for a body that is not a batch, a bad token, or too much at once.
+OpenAI-style error body for a body that is not a batch, a bad token, or too much at once; 503 with
+``Retry-After`` while the database is unavailable (``finops.lib.api.machine_api``).
 """
 
 from __future__ import annotations
 
-import logging
-
 from django.conf import settings
-from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from finops.lib.api import api_error, bearer_token, runtime_token_refused
+from finops.lib.api import api_error, bearer_token, machine_api, runtime_token_refused
 from finops.telemetry.contracts import BatchMalformed, BatchTooLarge
 from finops.telemetry.services import runtime_token_authenticate, telemetry_ingest
-
-logger = logging.getLogger("finops.telemetry")
 
 
 class _Refused(Exception):
@@ -28,21 +24,12 @@ class _Refused(Exception):
 
 
 @csrf_exempt
+@machine_api
 def ingest_events(request: HttpRequest) -> JsonResponse:
     try:
         return _ingest(request)
     except _Refused as refused:
         return refused.response
-    except (OperationalError, InterfaceError) as exc:
-        logger.error("ingest: database unavailable: %s", exc)
-        response = api_error(503, "The telemetry database is unavailable; retry later.", error_type="server_error",
-                             code="database_unavailable")
-        response["Retry-After"] = "5"
-        return response
-    except Exception:
-        logger.exception("ingest: unexpected failure")
-        return api_error(500, "The control plane failed to store this batch; it may be retried.",
-                         error_type="server_error", code="internal_error")
 
 
 def _ingest(request: HttpRequest) -> JsonResponse:

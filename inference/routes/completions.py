@@ -7,13 +7,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from inference.routes import runtime_of
+from inference.routes.openapi import COMPLETION, FEATURE, GENERATION_ERRORS, PRIORITY, operation
 from inference.schemas import ChatCompletionRequest, CompletionRequest
 from inference.serving import serve_completion
 
 router = APIRouter()
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", **operation(auth="apiKey"))
 async def models(request: Request) -> JSONResponse:
     runtime = runtime_of(request)
     runtime.authenticate(request.headers.get("authorization"))
@@ -24,11 +25,13 @@ async def models(request: Request) -> JSONResponse:
     return JSONResponse({"object": "list", "data": data})
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", **operation(auth="apiKey", body=ChatCompletionRequest, headers=(FEATURE, PRIORITY),
+                                                 errors=GENERATION_ERRORS, ok=COMPLETION))
 async def chat_completions(request: Request) -> Response:
     return await serve_completion(runtime_of(request), request, ChatCompletionRequest)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", **operation(auth="apiKey", body=CompletionRequest, headers=(FEATURE, PRIORITY),
+                                            errors=GENERATION_ERRORS, ok=COMPLETION))
 async def completions(request: Request) -> Response:
     return await serve_completion(runtime_of(request), request, CompletionRequest)

@@ -16,13 +16,15 @@ from inference.auth import require_admin
 from inference.errors import ApiError
 from inference.request_parsing import read_capped_body
 from inference.routes import runtime_of
+from inference.routes.openapi import operation
 from inference.rules import RulesetInvalid, RulesetNotNewer
-from inference.rules.contract import MAX_DOCUMENT_BYTES
+from inference.rules.contract import MAX_DOCUMENT_BYTES, RulesetDocument
 
 router = APIRouter()
 
 
-@router.put("/admin/ruleset")
+@router.put("/admin/ruleset", **operation(auth="adminToken", body=RulesetDocument,
+                                          errors=(403, 409, 413, 422, 503)))
 async def put_ruleset(request: Request) -> JSONResponse:
     runtime = runtime_of(request)
     require_admin(runtime, request)
@@ -40,7 +42,7 @@ async def put_ruleset(request: Request) -> JSONResponse:
     return JSONResponse({"version": version})
 
 
-@router.get("/admin/ruleset")
+@router.get("/admin/ruleset", **operation(auth="adminToken", errors=(403,)))
 async def get_ruleset(request: Request) -> Response:
     runtime = runtime_of(request)
     require_admin(runtime, request)

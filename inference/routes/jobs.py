@@ -21,6 +21,7 @@ from inference.jobs.runner import JobRunner
 from inference.jobs.store import ENDPOINTS, FINISHED, Job
 from inference.request_parsing import read_json_object, request_feature, request_priority, validated
 from inference.routes import jobs_of, runtime_of
+from inference.routes.openapi import EVENT_STREAM, FEATURE, LAST_EVENT_ID, PRIORITY, model_schemas, operation, ref
 from inference.runtime import Runtime
 
 KEEPALIVE_S = 15.0
@@ -33,10 +34,20 @@ class JobSubmission(BaseModel):
     body: dict[str, Any]
 
 
+# As the document shows it: ``body`` is a request of the endpoint that ``url`` names.
+SUBMISSION_SCHEMA = {
+    "oneOf": [{"type": "object", "additionalProperties": False, "required": ["url", "body"],
+               "properties": {"url": {"const": url}, "body": {"$ref": ref(model)}}}
+              for url, model in ENDPOINTS.items()],
+    "$defs": model_schemas(*ENDPOINTS.values()),
+}
+
 router = APIRouter()
 
 
-@router.post("/v1/jobs")
+@router.post("/v1/jobs", status_code=202, **operation(auth="apiKey", body=SUBMISSION_SCHEMA,
+                                                     headers=(FEATURE, PRIORITY), errors=(400, 404, 413),
+                                                     ok_status=202))
 async def submit_job(request: Request) -> JSONResponse:
     runtime = runtime_of(request)
     key = runtime.authenticate(request.headers.get("authorization"))
@@ -49,12 +60,13 @@ async def submit_job(request: Request) -> JSONResponse:
     return JSONResponse(job.public(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
-@router.get("/v1/jobs/{job_id}")
+@router.get("/v1/jobs/{job_id}", **operation(auth="apiKey", errors=(404,)))
 async def job_status(job_id: str, request: Request) -> JSONResponse:
     return JSONResponse(_tenants_job(job_id, request).public())
 
 
-@router.get("/v1/jobs/{job_id}/events")
+@router.get("/v1/jobs/{job_id}/events", **operation(auth="apiKey", headers=(LAST_EVENT_ID,), errors=(400, 404),
+                                                    ok=EVENT_STREAM))
 async def job_events(job_id: str, request: Request) -> StreamingResponse:
     _tenants_job(job_id, request)
     after = _last_event_id(request)
@@ -62,7 +74,7 @@ async def job_events(job_id: str, request: Request) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-@router.delete("/v1/jobs/{job_id}")
+@router.delete("/v1/jobs/{job_id}", **operation(auth="apiKey", errors=(404, 409)))
 async def cancel_job(job_id: str, request: Request) -> JSONResponse:
     key = runtime_of(request).authenticate(request.headers.get("authorization"))
     job, cancelled = jobs_of(request).cancel(job_id, tenant=key.tenant)
@@ -74,13 +86,13 @@ async def cancel_job(job_id: str, request: Request) -> JSONResponse:
     return JSONResponse(job.public())
 
 
-@router.get("/admin/jobs/dead")
+@router.get("/admin/jobs/dead", **operation(auth="adminToken", errors=(403,)))
 async def dead_jobs(request: Request) -> JSONResponse:
     require_admin(runtime_of(request), request)
     return JSONResponse({"object": "list", "data": [_admin_view(job) for job in jobs_of(request).store.dead()]})
 
 
-@router.post("/admin/jobs/dead/{job_id}/replay")
+@router.post("/admin/jobs/dead/{job_id}/replay", **operation(auth="adminToken", errors=(403, 404)))
 async def replay_job(job_id: str, request: Request) -> JSONResponse:
     require_admin(runtime_of(request), request)
     job = jobs_of(request).replay(job_id)

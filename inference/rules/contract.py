@@ -22,6 +22,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationError,
+    WithJsonSchema,
     model_validator,
 )
 
@@ -38,8 +39,10 @@ BudgetId = Annotated[StrictStr, Field(min_length=1, max_length=100, pattern=r"^[
 Text = Annotated[StrictStr, Field(max_length=2000, pattern=r"^[^\x00]*$")]
 # Decimal keeps the grant and the prices exact (money is never summed as floats); bounded so a
 # hostile number cannot make arithmetic slow or overflow what the ledger stores.
+# (Its JSON schema is said outright: pydantic's for a Decimal behind a validator is number-or-string.)
 Amount = Annotated[Decimal, BeforeValidator(lambda v: _number(v)), Field(ge=0, le=Decimal("1e15"),
-                                                                         allow_inf_nan=False)]
+                                                                         allow_inf_nan=False),
+                   WithJsonSchema({"type": "number", "minimum": 0, "maximum": 1e15})]
 PositiveCount = Annotated[StrictInt, Field(ge=1, le=10**12)]
 
 
@@ -114,7 +117,7 @@ class Allowance(_Strict):
     period_start: AwareDatetime
     resets_at: AwareDatetime | None = None
     granted: Amount
-    reported: Amount = Decimal(0)
+    reported: Amount = Field(default=Decimal(0), json_schema_extra={"default": 0})
     expires_at: AwareDatetime | None = None
     on_expiry: Literal["closed", "open"] = "closed"
 
