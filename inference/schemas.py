@@ -44,10 +44,16 @@ class ChatMessage(_Strict):
         return "".join(part.text for part in self.content)
 
 
+# The names a request gives (its model, its end user) reach pages, URLs, CSV cells and metric
+# labels through its event, and the control plane refuses an event whose names hold a control
+# character: such a request is refused here, with a 400, rather than answered and never stored.
+NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*$"
+
+
 class GenerationFields(_Strict):
     """The sampling fields both endpoints share."""
 
-    model: str = Field(min_length=1, max_length=200)
+    model: str = Field(min_length=1, max_length=200, pattern=NO_CONTROL_CHARACTERS)
     max_tokens: StrictInt | None = Field(default=None, ge=1)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
@@ -57,7 +63,7 @@ class GenerationFields(_Strict):
     seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    user: str | None = Field(default=None, max_length=256)
+    user: str | None = Field(default=None, max_length=256, pattern=NO_CONTROL_CHARACTERS)
     n: StrictInt = Field(default=1, ge=1, le=1)
     ignore_eos: StrictBool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
 

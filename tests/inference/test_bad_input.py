@@ -52,6 +52,20 @@ def test_invalid_chat_bodies_are_400_naming_the_parameter(live: LiveRuntime, bod
         assert_openai_error(client.post(CHAT, json=body), 400, code, param)
 
 
+@pytest.mark.parametrize(("field", "value"), [
+    ("model", "tiny-random\nX-Injected: 1"), ("model", "tiny\x1b[31mred"), ("user", "=HYPERLINK(\"x\")\r\n"),
+    ("user", "alice\u2028bob"), ("user", "tab\there"),
+])
+def test_names_with_control_characters_are_400_and_never_reach_an_event(live: LiveRuntime, field: str,
+                                                                        value: str) -> None:
+    with live.client() as client:
+        assert_openai_error(client.post(CHAT, json={**GOOD_CHAT, field: value}), 400, "invalid_value", field)
+
+    event = live.events[-1]
+    assert (event.status, event.http_status) == ("error", 400)
+    assert value not in (event.model_requested, event.end_user), "the control plane would refuse the event"
+
+
 def test_an_unknown_model_is_404_listing_the_served_ones(live: LiveRuntime) -> None:
     with live.client() as client:
         error = assert_openai_error(client.post(CHAT, json={**GOOD_CHAT, "model": "gpt-9"}), 404,
