@@ -32,10 +32,11 @@ MAX_RULES = 100_000
 MAX_ALLOWANCES = 100_000
 MAX_VERSION = 2**63 - 1
 
-# No control characters: ids travel on in request events, and PostgreSQL refuses NUL in text.
-Name = Annotated[StrictStr, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+# No control characters (C0, C1, Unicode line separators): ids travel on in request events, whose
+# names the control plane refuses with them, and PostgreSQL refuses NUL in text.
+Name = Annotated[StrictStr, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]+$")]
 # A budget id becomes the event's rule_id as "allowance:<budget_id>", which must fit 200 characters.
-BudgetId = Annotated[StrictStr, Field(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$")]
+BudgetId = Annotated[StrictStr, Field(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]+$")]
 Text = Annotated[StrictStr, Field(max_length=2000, pattern=r"^[^\x00]*$")]
 # Decimal keeps the grant and the prices exact (money is never summed as floats); bounded so a
 # hostile number cannot make arithmetic slow or overflow what the ledger stores.
