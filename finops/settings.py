@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import tempfile
 import zoneinfo
 from pathlib import Path
 
@@ -97,6 +98,10 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
     DATABASES["default"]["CONN_MAX_AGE"] = 0
+    # The test database is a file too, not SQLite's in-memory one: a live server (system and browser
+    # tests) then opens a connection per thread and waits on locks as deployed, where in memory it
+    # either shared the test's one connection and transaction or met "table is locked" at once.
+    DATABASES["default"]["TEST"] = {"NAME": str(Path(tempfile.gettempdir()) / f"wattson-test-{os.getpid()}.sqlite3")}
 elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # Dashboard queries are mid-sized aggregates: JIT compilation costs more than it saves there
     # (~60 ms measured), and a larger work_mem keeps their sorts in memory.

@@ -157,8 +157,6 @@ def test_an_alert_claimed_by_a_sender_that_died_is_not_sent_again() -> None:
     assert BudgetEvent.objects.get(kind="threshold").alert_status == "sending"
 
 
-@pytest.mark.skipif(connection.vendor != "postgresql",
-                    reason="SQLite's shared in-memory test database refuses concurrent writers instead of waiting")
 @pytest.mark.django_db(transaction=True)
 def test_two_workers_evaluating_and_sending_at_once_send_each_alert_once() -> None:
     for name in ("acme monthly", "acme weekly"):
