@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import html
+import json
 import re
 from urllib.parse import unquote
 
@@ -15,10 +16,12 @@ from django.db import connection
 from django.test import Client
 from django.utils import timezone
 
+from finops.dashboards import charts
 from finops.dashboards.names import visible
+from finops.telemetry.capacity import runtime_history
 from finops.telemetry.rollups import rollup_run
 from tests.finops.budget_factories import request_event, store
-from tests.finops.dashboard_factories import logged_in
+from tests.finops.dashboard_factories import logged_in, runtime_samples
 
 pytestmark = pytest.mark.django_db
 
@@ -116,3 +119,26 @@ def test_the_filter_menus_offer_only_names_the_filter_bar_can_carry(pm: Client) 
 
 def test_a_path_with_a_nul_is_no_name_and_not_found(pm: Client) -> None:
     assert pm.get("/tenants/a%00b/").status_code == 404
+
+
+def test_a_hostile_name_reaches_the_spend_chart_as_text_not_markup(pm: Client) -> None:
+    name = '<a href="https://evil.example">x</a> <span style="font-size:99px">$x$</span>'
+    hostile_traffic(name)
+
+    page = pm.get("/").content.decode()
+    figure = json.loads(re.search(r'<script id="figure-spend" type="application/json">(.*?)</script>', page,
+                                  flags=re.S).group(1))
+
+    names = {trace["name"] for trace in figure["data"]}
+    assert names == {"chat", "&lt;a href=\"https://evil.example\"&gt;x&lt;/a&gt; "
+                             "&lt;span style=\"font-size:99px\"&gt;&#36;x&#36;&lt;/span&gt;"}
+
+
+def test_a_runtime_name_reaches_the_runtime_charts_as_text_not_markup() -> None:
+    now = timezone.now()
+    runtime_samples("<i>gpu</i>\n&amp;", now)
+
+    history = runtime_history(start=now - dt.timedelta(hours=1), end=now, step="minute")
+
+    assert [trace["name"] for trace in charts.queue_depth(history).figure["data"]] == [
+        "&lt;i&gt;gpu&lt;/i&gt;\\n&amp;amp;"]
