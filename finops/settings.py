@@ -156,6 +156,14 @@ EMAIL_HOST_USER = os.environ.get("EMAIL_HOST_USER", "")
 EMAIL_HOST_PASSWORD = os.environ.get("EMAIL_HOST_PASSWORD", "")
 EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS")
 DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "wattson@localhost")
+# Each socket operation of an SMTP send waits at most this long (Django's default is forever).
+EMAIL_TIMEOUT = int(os.environ.get("EMAIL_TIMEOUT", "30"))
+# An alert claimed for sending by a worker that did not finish is claimed again after this lease;
+# it is far longer than one SMTP send can take (a few socket operations of EMAIL_TIMEOUT each).
+ALERT_CLAIM_LEASE_SECONDS = int(os.environ.get("ALERT_CLAIM_LEASE_SECONDS", "300"))
+if ALERT_CLAIM_LEASE_SECONDS < 8 * EMAIL_TIMEOUT:
+    raise ImproperlyConfigured(f"ALERT_CLAIM_LEASE_SECONDS ({ALERT_CLAIM_LEASE_SECONDS}) must be at least 8 times "
+                               f"EMAIL_TIMEOUT ({EMAIL_TIMEOUT}), or a slow send could outlast its lease")
 
 # -- Celery ------------------------------------------------------------------------------------
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "filesystem://")
