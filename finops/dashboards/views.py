@@ -181,7 +181,7 @@ def breakdown(request: HttpRequest, dimension: Dimension) -> HttpResponse:
 @require_GET
 @_one_tail_read
 def detail(request: HttpRequest, dimension: Dimension, value: str) -> HttpResponse:
-    if "\x00" in value:  # no name holds one (PostgreSQL cannot store it), and no query can carry it
+    if "\x00" in value:  # no query carries a NUL to PostgreSQL, and no page links a name with one
         raise Http404(f"No {dimension} has a NUL in its name.")
     state = filter_state_parse(request.GET)
     fixed = {dimension: value}
