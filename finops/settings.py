@@ -1,9 +1,12 @@
-"""Settings, all from environment variables, with safe development defaults.
+"""Settings, all from environment variables, with safe development defaults and strict production ones.
 
-``DEBUG`` is off unless set; with it off, ``SECRET_KEY`` must be set. ``DATABASE_URL`` selects
-PostgreSQL (psycopg 3); without it a SQLite file under ``var/`` is used. ``CELERY_BROKER_URL``
-selects Redis or RabbitMQ; without it Celery uses kombu's filesystem transport, which needs no
-server.
+Development is ``DEBUG=1`` or ``WATTSON_DEV=1`` (the demo and the tests): plain HTTP, and without a
+``SECRET_KEY`` a random key made once for this install and kept in ``var/secret_key``. Production is
+neither: ``SECRET_KEY`` must be set, cookies are secure, plain HTTP is redirected and HSTS is on
+unless the environment says otherwise (the README's production section lists what makes
+``manage.py check --deploy`` clean). ``DATABASE_URL`` selects PostgreSQL (psycopg 3); without it a
+SQLite file under ``var/`` is used. ``CELERY_BROKER_URL`` selects Redis or RabbitMQ; without it
+Celery uses kombu's filesystem transport, which needs no server.
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import secrets
+import sys
+import tempfile
 import zoneinfo
 from pathlib import Path
 
@@ -30,14 +36,64 @@ def env_list(name: str, default: str = "") -> list[str]:
     return [v.strip() for v in os.environ.get(name, default).split(",") if v.strip()]
 
 
+def development_secret_key(var_dir: Path) -> str:
+    """This install's own key, made once and kept in ``var_dir/secret_key`` (readable by its owner
+    only). Never a key every checkout shares: the runtimes' admin tokens are HMACs under it."""
+    path = var_dir / "secret_key"
+    try:
+        if not path.exists():
+            var_dir.mkdir(parents=True, exist_ok=True)
+            draft = path.with_name(f".secret_key.{os.getpid()}")
+            with os.fdopen(os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
+                file.write(secrets.token_urlsafe(50) + "\n")
+            try:
+                os.link(draft, path)  # atomic: processes starting at once all keep the first key
+                sys.stderr.write(f"wattson: no SECRET_KEY set; made this install's own in {path}\n")
+            except FileExistsError:
+                pass
+            finally:
+                draft.unlink()
+        key = path.read_text().strip()
+    except OSError as exc:
+        raise ImproperlyConfigured(f"SECRET_KEY is not set and no key could be kept in {path}: {exc}") from exc
+    if len(key) < 50:
+        raise ImproperlyConfigured(f"{path} holds no usable key: delete it to have a new one made, or set SECRET_KEY")
+    return key
+
+
+def proxy_ssl_header(value: str) -> tuple[str, str] | None:
+    """``HTTP_X_FORWARDED_PROTO,https``: the header (as Django names it) and the value that mark a
+    request the TLS-terminating proxy received over HTTPS."""
+    if not value:
+        return None
+    header, _, expected = (part.strip() for part in value.partition(","))
+    if not (header.startswith("HTTP_") and expected):
+        raise ImproperlyConfigured(f"SECURE_PROXY_SSL_HEADER {value!r} must read like HTTP_X_FORWARDED_PROTO,https")
+    return header, expected
+
+
 DEBUG = env_bool("DEBUG")
+DEVELOPMENT = DEBUG or env_bool("WATTSON_DEV")
 SECRET_KEY = os.environ.get("SECRET_KEY", "")
 if not SECRET_KEY:
-    if not DEBUG and not env_bool("WATTSON_DEV"):
+    if not DEVELOPMENT:
         raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off (or set WATTSON_DEV=1 for development)")
-    SECRET_KEY = "wattson-development-only-key-not-for-production"
+    SECRET_KEY = development_secret_key(VAR_DIR)
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
+
+# -- HTTPS: strict in production, plain HTTP on localhost in development ---------------------------
+SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", not DEVELOPMENT)
+CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", not DEVELOPMENT)
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", not DEVELOPMENT)
+# Paths served over plain HTTP all the same (regular expressions, e.g. ^api/ for runtimes on a private network).
+SECURE_REDIRECT_EXEMPT = env_list("SECURE_REDIRECT_EXEMPT")
+SECURE_HSTS_SECONDS = int(os.environ.get("SECURE_HSTS_SECONDS", "0" if DEVELOPMENT else str(365 * 24 * 3600)))
+# Both commit every subdomain (and, with preload, every browser) to HTTPS: the operator's choice.
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS")
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD")
+# Only behind a proxy that sets this header on every request and drops any a client sent.
+SECURE_PROXY_SSL_HEADER = proxy_ssl_header(os.environ.get("SECURE_PROXY_SSL_HEADER", ""))
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -97,6 +153,10 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
     DATABASES["default"]["CONN_MAX_AGE"] = 0
+    # The test database is a file too, not SQLite's in-memory one: a live server (system and browser
+    # tests) then opens a connection per thread and waits on locks as deployed, where in memory it
+    # either shared the test's one connection and transaction or met "table is locked" at once.
+    DATABASES["default"]["TEST"] = {"NAME": str(Path(tempfile.gettempdir()) / f"wattson-test-{os.getpid()}.sqlite3")}
 elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # Dashboard queries are mid-sized aggregates: JIT compilation costs more than it saves there
     # (~60 ms measured), and a larger work_mem keeps their sorts in memory.
@@ -151,6 +211,14 @@ EMAIL_HOST_USER = os.environ.get("EMAIL_HOST_USER", "")
 EMAIL_HOST_PASSWORD = os.environ.get("EMAIL_HOST_PASSWORD", "")
 EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS")
 DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "wattson@localhost")
+# Each socket operation of an SMTP send waits at most this long (Django's default is forever).
+EMAIL_TIMEOUT = int(os.environ.get("EMAIL_TIMEOUT", "30"))
+# An alert claimed for sending by a worker that did not finish is claimed again after this lease;
+# it is far longer than one SMTP send can take (a few socket operations of EMAIL_TIMEOUT each).
+ALERT_CLAIM_LEASE_SECONDS = int(os.environ.get("ALERT_CLAIM_LEASE_SECONDS", "300"))
+if ALERT_CLAIM_LEASE_SECONDS < 8 * EMAIL_TIMEOUT:
+    raise ImproperlyConfigured(f"ALERT_CLAIM_LEASE_SECONDS ({ALERT_CLAIM_LEASE_SECONDS}) must be at least 8 times "
+                               f"EMAIL_TIMEOUT ({EMAIL_TIMEOUT}), or a slow send could outlast its lease")
 
 # -- Celery ------------------------------------------------------------------------------------
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "filesystem://")

@@ -1,26 +1,36 @@
-"""Alert emails for threshold and forecast events, each sent at most once.
+"""Alert emails for threshold and forecast events, each sent once.
 
 Evaluation only writes ``BudgetEvent`` rows with ``alert_status = pending``. ``alerts_send`` picks
 pending rows (``SELECT … FOR UPDATE SKIP LOCKED``, so concurrent senders take different rows) and
 claims each with a conditional ``UPDATE … WHERE alert_status = 'pending'`` committed *before* the
 email goes out: only the sender whose update changed the row sends it (the conditional update is
-what guarantees it where rows cannot be locked, as on SQLite).
-A sender killed between the claim and the send leaves the event ``sending``; it is not sent again
-automatically (that could be a duplicate) and shows as such in the alert log and the admin, where
-it can be queued again. A send that raised is queued again, up to ``MAX_ATTEMPTS``.
+what guarantees it where rows cannot be locked, as on SQLite). A send that raised is queued again,
+up to ``MAX_ATTEMPTS``.
+
+A claim is a lease of ``ALERT_CLAIM_LEASE_SECONDS`` (five minutes) with a token of its own: a sender
+killed between the claim and the send leaves the event ``sending``, and once the lease has run out
+the next sender claims it again with a new token (a claim lapsed ``MAX_ATTEMPTS`` times is given up as
+failed). So that a sender that is slow but alive does not send a second email beside the one that
+took over, it renews its lease with its token right before it hands the message to the mail server
+and sends nothing if the token is no longer the event's. Once the email has gone out the event is
+marked sent whoever holds it, which stops a sender that reclaimed it and has not yet renewed.
+The window left: a sender whose hand-over to the mail server itself outlasts the lease (each socket
+operation is bounded by ``EMAIL_TIMEOUT``, 30 s, a small fraction of the lease; or its process is
+frozen that long) while another reclaims, renews and sends; that case is logged as a possible duplicate.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
 from django.core.mail import EmailMultiAlternatives
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.template.loader import render_to_string
 from django.utils import timezone
 
@@ -46,48 +56,82 @@ class AlertsResult:
 
 
 def alerts_send(*, now: dt.datetime | None = None) -> AlertsResult:
-    """Send every pending alert once; return what became of them."""
+    """Send every pending alert, and every one whose sender's lease ran out, once; return what
+    became of them. ``now`` stands in for the clock (tests)."""
     result = AlertsResult()
     skipped: set[int] = set()
+    _lapsed_claims_give_up(lapsed=_lapsed(now or timezone.now()))
     while True:
+        moment = now or timezone.now()
+        claimable = Q(alert_status=AlertStatus.PENDING) | Q(_lapsed(moment), attempts__lt=MAX_ATTEMPTS)
         with transaction.atomic():
-            candidates = list(BudgetEvent.objects.select_for_update(skip_locked=True)
-                              .filter(alert_status=AlertStatus.PENDING).exclude(pk__in=skipped)
-                              .order_by("pk").values_list("pk", flat=True)[:CLAIM_BATCH])
-            claimed = [pk for pk in candidates if _claim(pk, now or timezone.now())]
+            candidates = list(BudgetEvent.objects.select_for_update(skip_locked=True).filter(claimable)
+                              .exclude(pk__in=skipped).order_by("pk").values_list("pk", flat=True)[:CLAIM_BATCH])
+            claims = [(pk, token) for pk in candidates if (token := _claim(pk, claimable, moment))]
         if not candidates:
             return result
         skipped.update(candidates)
-        for pk in claimed:
-            _deliver(pk, result)
+        for pk, token in claims:
+            _deliver(pk, token, result, now=now)
 
 
-def _claim(pk: int, now: dt.datetime) -> bool:
-    return bool(BudgetEvent.objects.filter(pk=pk, alert_status=AlertStatus.PENDING)
-                .update(alert_status=AlertStatus.SENDING, claimed_at=now, attempts=F("attempts") + 1))
+def _lapsed(now: dt.datetime) -> Q:
+    """Alerts claimed by a sender whose lease has run out by ``now``."""
+    lease_start = now - dt.timedelta(seconds=settings.ALERT_CLAIM_LEASE_SECONDS)
+    return Q(alert_status=AlertStatus.SENDING) & (Q(claimed_at__isnull=True) | Q(claimed_at__lt=lease_start))
 
 
-def _deliver(pk: int, result: AlertsResult) -> None:
+def _lapsed_claims_give_up(*, lapsed: Q) -> None:
+    """An alert whose every attempt ended with its sender gone (a message that kills the worker) fails."""
+    BudgetEvent.objects.filter(lapsed, attempts__gte=MAX_ATTEMPTS).update(
+        alert_status=AlertStatus.FAILED, last_error=f"The sender stopped before finishing, {MAX_ATTEMPTS} times.")
+
+
+def _claim(pk: int, claimable: Q, now: dt.datetime) -> uuid.UUID | None:
+    token = uuid.uuid4()
+    claimed = BudgetEvent.objects.filter(claimable, pk=pk).update(
+        alert_status=AlertStatus.SENDING, claimed_at=now, claim_token=token, attempts=F("attempts") + 1)
+    return token if claimed else None
+
+
+def _held(pk: int, token: uuid.UUID) -> Any:
+    return BudgetEvent.objects.filter(pk=pk, claim_token=token, alert_status=AlertStatus.SENDING)
+
+
+def _deliver(pk: int, token: uuid.UUID, result: AlertsResult, *, now: dt.datetime | None) -> None:
     event = BudgetEvent.objects.select_related("budget").filter(pk=pk).first()
     if event is None:  # its budget was deleted after the claim
         return
     recipients = list(event.budget.recipients)
     if not recipients:
-        BudgetEvent.objects.filter(pk=pk).update(alert_status=AlertStatus.NO_RECIPIENTS)
+        _held(pk, token).update(alert_status=AlertStatus.NO_RECIPIENTS)
         result.no_recipients += 1
         return
+    message = alert_message(event=event)
+    # The lease is renewed as late as possible: from here on the email may go out.
+    if not _held(pk, token).update(claimed_at=now or timezone.now()):
+        logger.warning("budget alert %s: another sender took it over after this one's lease ran out; not sent", pk)
+        return
     try:
-        alert_message(event=event).send()
+        message.send()
     except Exception as exc:  # SMTP refusals and network errors: nothing was delivered, try again later
         logger.warning("budget alert %s: sending failed: %s", pk, exc)
         retry = event.attempts < MAX_ATTEMPTS
-        BudgetEvent.objects.filter(pk=pk).update(
-            alert_status=AlertStatus.PENDING if retry else AlertStatus.FAILED,
-            last_error=f"{type(exc).__name__}: {exc}"[:2000])
+        _held(pk, token).update(alert_status=AlertStatus.PENDING if retry else AlertStatus.FAILED,
+                                last_error=f"{type(exc).__name__}: {exc}"[:2000])
         result.failed += 1
         return
-    BudgetEvent.objects.filter(pk=pk).update(alert_status=AlertStatus.SENT, sent_at=timezone.now(), last_error="")
+    _mark_sent(pk, token, now=now)
     result.sent += 1
+
+
+def _mark_sent(pk: int, token: uuid.UUID, *, now: dt.datetime | None) -> None:
+    """The email went out: the event says so whoever holds it now, so that no later sender repeats it."""
+    sent = {"alert_status": AlertStatus.SENT, "sent_at": now or timezone.now(), "last_error": ""}
+    if not BudgetEvent.objects.filter(pk=pk, claim_token=token).update(**sent):
+        BudgetEvent.objects.filter(pk=pk).update(**sent)
+        logger.warning("budget alert %s: sent after this sender's lease ran out; another sender may have sent it "
+                       "too", pk)
 
 
 def alerts_requeue(*, events: Any) -> int:

@@ -226,8 +226,10 @@ class AlertStatus(models.TextChoices):
 
 class BudgetEvent(models.Model):
     """Something that happened to a budget in one period. Threshold and forecast events carry an
-    alert: claimed by one sender (``alert_status`` pending → sending) before it is sent, so no
-    two senders send it; at most one of each per budget, period and threshold, by constraint."""
+    alert: claimed by one sender (``alert_status`` pending → sending, with a ``claim_token`` of its
+    own) before it is sent, so no two senders send it; a claim whose sender did not finish within
+    the lease is claimed again (``alerts``). At most one of each per budget, period and threshold,
+    by constraint."""
 
     budget = models.ForeignKey(Budget, on_delete=models.CASCADE, related_name="events")
     kind = models.CharField(max_length=20, choices=EventKind.choices)
@@ -243,6 +245,7 @@ class BudgetEvent(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     alert_status = models.CharField(max_length=20, choices=AlertStatus.choices, blank=True, default="")
     claimed_at = models.DateTimeField(null=True, blank=True)
+    claim_token = models.UUIDField(null=True, blank=True, editable=False)
     sent_at = models.DateTimeField(null=True, blank=True)
     attempts = models.PositiveSmallIntegerField(default=0)
     last_error = models.TextField(blank=True)

@@ -6,6 +6,12 @@ costs tens of milliseconds each, a dozen times a page; the tests check every fig
 plotly's schema instead (``go.Figure(figure)``). Times on the x axis are wall-clock times in the
 organisation's time zone, written without an offset so plotly shows them as they are.
 Sparklines are inline SVG, not plotly: a table of plotly sparklines is one plot per row in the browser.
+
+Names a client chose (tenants, features, runtimes, devices) reach a figure through ``_label``:
+plotly.js reads trace names, categories and hover text as its "pseudo-HTML" (``svg_text_utils.js``):
+``<a href>``, ``<span style>``, ``<b>``, ``<i>``, ``<em>``, ``<s>``, ``<u>``, ``<sub>``, ``<sup>`` become
+markup, ``<br>`` a line break, entities (``&lt;``, ``&#60;``) are decoded, and text between two ``$``
+is typeset as LaTeX where MathJax is loaded.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 
 from django.utils import timezone
 
+from finops.dashboards.names import visible
 from finops.lib.timezones import org_time_zone
 from finops.telemetry.capacity import DeviceGauge, RuntimeGauge, RuntimeHistoryPoint
 from finops.telemetry.latency import LatencyPoint
@@ -44,6 +51,14 @@ class Chart:
     @property
     def dom_id(self) -> str:
         return f"figure-{self.id}"
+
+
+def _label(name: str) -> str:
+    """A client-chosen name as a figure shows it, character for character: control characters as
+    their escapes (as on the pages), then ``&``, ``<``, ``>`` and ``$`` as entities, which plotly
+    decodes into text after it has looked for tags and LaTeX, so none of them is ever markup."""
+    text = visible(name)
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("$", "&#36;")
 
 
 def _x(moment: dt.datetime) -> str:
@@ -101,8 +116,9 @@ def spend_by(points: list[SpendPoint], *, dimension: str, step: str, chart_id: s
         return Chart(chart_id, title, None)
     traces = []
     for i, (value, (xs, ys)) in enumerate(sorted(_per_value(points, lambda p: float(p.list_cost)).items())):
-        traces.append({"type": "bar", "name": value or "(none)", "x": xs, "y": ys, "width": _bar_width(step),
-                       "marker": {"color": PALETTE[i % len(PALETTE)]}, "hovertemplate": "%{y:$,.4f}"})
+        traces.append({"type": "bar", "name": _label(value) if value else "(none)", "x": xs, "y": ys,
+                       "width": _bar_width(step), "marker": {"color": PALETTE[i % len(PALETTE)]},
+                       "hovertemplate": "%{y:$,.4f}"})
     return Chart(chart_id, title, {"data": traces, "layout": _layout(stacked=True, y_prefix="$")})
 
 
@@ -168,7 +184,8 @@ def queue_depth(history: list[RuntimeHistoryPoint], *, span: tuple[dt.datetime, 
         xs, ys = lines.setdefault(p.runtime_id, ([], []))
         xs.append(_x(p.bucket))
         ys.append(p.queue_depth_avg)
-    traces = [_line(name, xs, ys, i, mode="lines+markers") for i, (name, (xs, ys)) in enumerate(sorted(lines.items()))]
+    traces = [_line(_label(name), xs, ys, i, mode="lines+markers")
+              for i, (name, (xs, ys)) in enumerate(sorted(lines.items()))]
     return Chart("queue-depth", title, {"data": traces, "layout": _span(_layout(y_title="requests waiting"), span)},
                  note="all tenants: runtimes sample their whole queue")
 
@@ -217,8 +234,8 @@ def _device_chart(history: list[RuntimeHistoryPoint], *, chart_id: str, title: s
         xs, ys = lines.setdefault(p.runtime_id, ([], []))
         xs.append(_x(p.bucket))
         ys.append(getattr(p, field))
-    traces = [_line(name, xs, ys, i, mode="lines+markers") for i, (name, (xs, ys)) in enumerate(sorted(lines.items()))
-              if any(y is not None for y in ys)]
+    traces = [_line(_label(name), xs, ys, i, mode="lines+markers")
+              for i, (name, (xs, ys)) in enumerate(sorted(lines.items())) if any(y is not None for y in ys)]
     return Chart(chart_id, title, {"data": traces, "layout": _span(layout, span)})
 
 
@@ -241,7 +258,7 @@ def gpu_memory(gauges: list[RuntimeGauge]) -> Chart:
     devices: list[DeviceGauge] = [d for g in gauges for d in g.devices if d.mem_total or d.mem_used_max]
     if not devices:
         return Chart("gpu-memory", title, None, empty=NO_GPU if any(g.samples for g in gauges) else NO_SAMPLES)
-    names = [f"{d.runtime_id} · {d.name or d.device}" for d in devices]
+    names = [_label(f"{d.runtime_id} · {d.name or d.device}") for d in devices]
     used = [d.mem_used_max for d in devices]
     free = [(d.mem_total - d.mem_used_max) if d.mem_total is not None and d.mem_used_max is not None else None
             for d in devices]

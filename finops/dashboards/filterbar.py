@@ -86,6 +86,13 @@ class FilterState:
         return self.end - self.start
 
 
+def filterable(value: str) -> bool:
+    """Whether the filter bar can carry ``value`` as it is: a browser's form rewrites line breaks and
+    the bar trims spaces, so a name with a control character or surrounding spaces has no menu entry
+    (its page, linked from the breakdown tables, shows it instead)."""
+    return len(value) <= MAX_VALUE_LENGTH and value == value.strip() and not any(ord(ch) < 32 for ch in value)
+
+
 def _one(value: str) -> tuple[str, ...]:
     return (value,) if value else ()
 
@@ -157,7 +164,7 @@ def filter_state_parse(query: Mapping[str, str], *, now: dt.datetime | None = No
     values: dict[str, str] = {}
     for name in DIMENSION_PARAMS:
         value = (query.get(name) or "").strip()
-        if len(value) > MAX_VALUE_LENGTH or any(ord(ch) < 32 for ch in value):
+        if not filterable(value):
             problems.append(f"The {name} filter is not a valid name; showing every {name}.")
             value = ""
         values[name] = value

@@ -13,16 +13,18 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
-from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import render
 from django.utils import timezone
 from django.utils.cache import patch_vary_headers
+from django.utils.encoding import escape_uri_path
 from django.views.decorators.http import require_GET
 
 from finops.budgets.exports import budgets_table
 from finops.budgets.permissions import can_edit_budgets
 from finops.dashboards import charts, exports, page_data
-from finops.dashboards.filterbar import CUSTOM, PRESETS, FilterState, filter_state_parse
+from finops.dashboards.filterbar import CUSTOM, PRESETS, FilterState, filter_state_parse, filterable
+from finops.dashboards.names import detail_url
 from finops.lib.tables import Table, csv_response
 from finops.lib.timezones import org_time_zone
 from finops.runtimes.selectors import runtime_ruleset_states
@@ -55,7 +57,7 @@ def _render(request: HttpRequest, template: str, context: dict[str, Any], *, sta
             fixed: dict[str, str] | None = None, problems: list[str] | None = None) -> HttpResponse:
     """The page, or its ``#body`` partial for htmx; times shown in the organisation's time zone."""
     context = {"state": state, "problems": [*state.problems, *(problems or [])], "ranges": RANGE_CHOICES,
-               "time_zone": org_time_zone().key, **context}
+               "time_zone": org_time_zone().key, "path": _path(request), **context}
     fragment = request.htmx and not request.htmx.boosted and not request.htmx.history_restore_request
     with timezone.override(org_time_zone()):
         if fragment:
@@ -69,15 +71,21 @@ def _render(request: HttpRequest, template: str, context: dict[str, Any], *, sta
     return response
 
 
+def _path(request: HttpRequest) -> str:
+    """This page's path as a link (``request.path`` is decoded: a name in it may hold a line break,
+    which a browser drops from a URL, or a ``%``)."""
+    return escape_uri_path(request.path)
+
+
 def _menus(state: FilterState, fixed: dict[str, str]) -> list[dict[str, Any]]:
-    """The filter bar's tenant, feature and model menus: values seen in the range (and the chosen
-    one even if it was not seen). A dimension a page is fixed to has no menu."""
+    """The filter bar's tenant, feature and model menus: values seen in the range that the bar can
+    carry (and the chosen one even if it was not seen). A dimension a page is fixed to has no menu."""
     filters = state.filters()
     menus = []
     for name in ("tenant", "feature", "model"):
         if name in fixed:
             continue
-        values = [v for v in dimension_values(filters=_without(filters, name), dimension=name) if v]
+        values = [v for v in dimension_values(filters=_without(filters, name), dimension=name) if v and filterable(v)]
         current = getattr(state, name)
         if current and current not in values:
             values.append(current)
@@ -102,7 +110,7 @@ def _csv(request: HttpRequest, tables: dict[str, Callable[[], Table]]) -> HttpRe
 
 
 def _csv_urls(request: HttpRequest, state: FilterState, names: list[str], **extra: str) -> dict[str, str]:
-    return {name: request.path + state.query(format="csv", table=name, **extra) for name in names}
+    return {name: _path(request) + state.query(format="csv", table=name, **extra) for name in names}
 
 
 def _request_charts(state: FilterState, overview: page_data.Overview, *, fixed: dict[str, str], split: Dimension,
@@ -159,14 +167,14 @@ def breakdown(request: HttpRequest, dimension: Dimension) -> HttpResponse:
         # A second click on the sorted column flips its order.
         target = f"-{key}" if sort == key else key
         columns.append({"key": key, "label": label or dimension.capitalize(), "active": sort.lstrip("-") == key,
-                        "descending": not sort.startswith("-"), "url": request.path + state.query(sort=target)})
+                        "descending": not sort.startswith("-"), "url": _path(request) + state.query(sort=target)})
     return _render(request, "dashboards/breakdown.html", {
         "nav": PLURAL[dimension], "dimension": dimension, "title": PLURAL[dimension].capitalize(),
         "charts": [charts.spend_by(table.series, dimension=dimension, step=state.step)],
-        "rows": [{"item": row, "spark": charts.sparkline(row.spark)} for row in rows],
+        "rows": [{"item": row, "spark": charts.sparkline(row.spark),
+                  "url": detail_url(dimension=dimension, name=row.row.value)} for row in rows],
         "columns": columns, "sort": sort if sort != page_data.DEFAULT_SORT else "",
         "csv": _csv_urls(request, state, [PLURAL[dimension]]),
-        "detail_name": f"dashboards:{dimension}",
     }, state=state, problems=problems)
 
 
@@ -174,6 +182,8 @@ def breakdown(request: HttpRequest, dimension: Dimension) -> HttpResponse:
 @require_GET
 @_one_tail_read
 def detail(request: HttpRequest, dimension: Dimension, value: str) -> HttpResponse:
+    if "\x00" in value:  # no query carries a NUL to PostgreSQL, and no page links a name with one
+        raise Http404(f"No {dimension} has a NUL in its name.")
     state = filter_state_parse(request.GET)
     fixed = {dimension: value}
     filters = state.filters(**fixed)
@@ -197,7 +207,7 @@ def detail(request: HttpRequest, dimension: Dimension, value: str) -> HttpRespon
         "list_name": f"dashboards:{PLURAL[dimension]}", "plural": PLURAL[dimension],
         "overview": overview,
         "charts": _request_charts(state, overview, fixed=fixed, split=SPLIT[dimension]),
-        "end_users_url": request.path + state.query(part="end-users"),
+        "end_users_url": _path(request) + state.query(part="end-users"),
         "budgets": page_data.budgets_for(dimension=dimension, value=value),
         "can_edit": can_edit_budgets(request.user),
         "csv": csv_urls,

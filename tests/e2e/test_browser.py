@@ -1,10 +1,12 @@
 """In a real browser: log in, open every page without a JavaScript error, change a filter and see
 the charts redrawn without a reload, export a CSV, create a budget through the htmx form as a
-budget admin; a product manager sees no edit controls."""
+budget admin; a product manager sees no edit controls; a client-chosen name is text in a chart's
+legend, never a link, and a name with a line break links to its own page."""
 
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import re
 from pathlib import Path
@@ -16,6 +18,7 @@ from django.contrib.auth.models import Group, User
 from django.test import Client
 from django.utils import timezone
 
+from tests.finops.budget_factories import request_event, store
 from tests.finops.dashboard_factories import traffic
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -128,4 +131,25 @@ def test_a_product_manager_sees_no_edit_controls(page: Any, live_server: Any) ->
     assert page.locator("#end-users td:text-is('alice')").count() == 1
     assert page.locator("a:text-is('Create one')").count() == 0
     assert page.locator("a[href='/budgets/new/']").count() == 0
+    assert page.errors == []
+
+
+def test_a_name_is_text_in_a_chart_legend_and_a_line_break_still_links_to_its_page(page: Any,
+                                                                                 live_server: Any) -> None:
+    markup = '<a href="https://evil.example/">click</a> <span style="font-size:71px">big</span>'
+    ago = timezone.now() - dt.timedelta(minutes=20)
+    store([request_event(started_at=ago, feature=markup), request_event(started_at=ago, feature="ads\ncampaign")])
+    user("pat", "product-manager")
+    session_for(page, live_server, "pat")
+
+    page.goto("/features/")
+    charts_drawn(page)
+
+    legend = page.locator("#chart-spend .legendtext")
+    assert markup in legend.all_text_contents()
+    assert page.locator("#chart-spend svg a").count() == 0
+    assert page.locator("#chart-spend [style*='71px']").count() == 0
+    page.click("#breakdown a:text-is('ads\\\\ncampaign')")
+    page.wait_for_url(re.compile(r"/features/ads%0Acampaign/$"))
+    assert page.locator("h1").inner_text().endswith("ads\\ncampaign")
     assert page.errors == []

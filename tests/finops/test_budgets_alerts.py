@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import uuid
 from decimal import Decimal
 
 import pytest
 from django.core import mail
 from django.db import IntegrityError, connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 
-from finops.budgets.alerts import alerts_send
+from finops.budgets.alerts import MAX_ATTEMPTS, alerts_send
 from finops.budgets.models import BudgetEvent
 from finops.budgets.periods import period_at
 from finops.budgets.services import budget_evaluate, budget_update, budgets_evaluate
@@ -145,20 +147,109 @@ def test_a_failed_send_is_retried_and_then_sent_once(monkeypatch: pytest.MonkeyP
     assert BudgetEvent.objects.get(kind="threshold").alert_status == "sent"
 
 
-def test_an_alert_claimed_by_a_sender_that_died_is_not_sent_again() -> None:
+class WorkerKilled(BaseException):
+    """Stands in for a worker killed mid-send (SIGKILL, OOM): nothing after it runs."""
+
+
+def lease(settings) -> dt.timedelta:
+    return dt.timedelta(seconds=settings.ALERT_CLAIM_LEASE_SECONDS)
+
+
+def a_sender_dies_while_sending(monkeypatch: pytest.MonkeyPatch, *, at: dt.datetime) -> None:
+    """One pending threshold alert, claimed at ``at`` by a sender that dies before its email goes out."""
     budget(thresholds=[50])
     spend("6")
     budgets_evaluate(now=EARLY)
-    BudgetEvent.objects.filter(kind="threshold").update(alert_status="sending", claimed_at=timezone.now())
 
-    alerts_send()
+    def killed(self: mail.EmailMultiAlternatives, fail_silently: bool = False) -> int:
+        raise WorkerKilled
 
-    assert mail.outbox == []
+    with monkeypatch.context() as patch:
+        patch.setattr(mail.EmailMultiAlternatives, "send", killed)
+        with pytest.raises(WorkerKilled):
+            alerts_send(now=at)
     assert BudgetEvent.objects.get(kind="threshold").alert_status == "sending"
 
 
-@pytest.mark.skipif(connection.vendor != "postgresql",
-                    reason="SQLite's shared in-memory test database refuses concurrent writers instead of waiting")
+def test_an_alert_whose_sender_died_waits_out_the_lease_then_is_sent_once(monkeypatch: pytest.MonkeyPatch,
+                                                                          settings) -> None:
+    a_sender_dies_while_sending(monkeypatch, at=EARLY)
+
+    alerts_send(now=EARLY + lease(settings) - dt.timedelta(seconds=1))
+    assert mail.outbox == []  # the sender may still be alive: its lease holds
+
+    alerts_send(now=EARLY + lease(settings) + dt.timedelta(seconds=1))
+    alerts_send(now=EARLY + 3 * lease(settings))
+
+    (message,) = mail.outbox
+    assert "crossed 50%" in message.subject
+    event = BudgetEvent.objects.get(kind="threshold")
+    assert (event.alert_status, event.attempts) == ("sent", 2)
+
+
+def test_a_slow_sender_whose_lease_was_taken_over_sends_nothing(monkeypatch: pytest.MonkeyPatch, settings) -> None:
+    budget(thresholds=[50])
+    spend("6")
+    budgets_evaluate(now=EARLY)
+    import finops.budgets.alerts as alerts
+
+    real_message = alerts.alert_message
+    took_over: dict[str, alerts.AlertsResult] = {}
+
+    def slow_message(*, event: BudgetEvent) -> mail.EmailMultiAlternatives:
+        # The first sender stalls after its claim; past its lease another sender claims and sends.
+        monkeypatch.setattr(alerts, "alert_message", real_message)
+        took_over["result"] = alerts_send(now=EARLY + lease(settings) + dt.timedelta(seconds=1))
+        return real_message(event=event)
+
+    monkeypatch.setattr(alerts, "alert_message", slow_message)
+    slow = alerts_send(now=EARLY)
+
+    assert (took_over["result"].sent, slow.sent) == (1, 0)
+    assert len(mail.outbox) == 1
+    assert BudgetEvent.objects.get(kind="threshold").alert_status == "sent"
+
+
+def test_an_email_that_went_out_after_its_lease_ran_out_is_marked_sent_and_not_repeated(
+        monkeypatch: pytest.MonkeyPatch, settings) -> None:
+    budget(thresholds=[50])
+    spend("6")
+    budgets_evaluate(now=EARLY)
+    import finops.budgets.alerts as alerts
+
+    pk = BudgetEvent.objects.get(kind="threshold").pk
+    rival: dict[str, uuid.UUID | None] = {}
+    real_send = mail.EmailMultiAlternatives.send
+
+    def slow_send(self: mail.EmailMultiAlternatives, fail_silently: bool = False) -> int:
+        delivered = real_send(self, fail_silently)
+        # This hand-over to the mail server outlasted the lease: another sender has claimed the alert.
+        rival["token"] = alerts._claim(pk, Q(), EARLY + lease(settings) + dt.timedelta(seconds=1))
+        return delivered
+
+    with monkeypatch.context() as patch:
+        patch.setattr(mail.EmailMultiAlternatives, "send", slow_send)
+        alerts_send(now=EARLY)
+    assert BudgetEvent.objects.get(pk=pk).alert_status == "sent"
+
+    rival_result = alerts.AlertsResult()
+    alerts._deliver(pk, rival["token"], rival_result, now=EARLY + lease(settings) + dt.timedelta(seconds=2))
+
+    assert rival_result.sent == 0
+    assert len(mail.outbox) == 1
+
+
+def test_an_alert_whose_senders_keep_dying_is_given_up_as_failed(monkeypatch: pytest.MonkeyPatch, settings) -> None:
+    a_sender_dies_while_sending(monkeypatch, at=EARLY)
+    BudgetEvent.objects.filter(kind="threshold").update(attempts=MAX_ATTEMPTS)
+
+    alerts_send(now=EARLY + lease(settings) + dt.timedelta(seconds=1))
+
+    event = BudgetEvent.objects.get(kind="threshold")
+    assert mail.outbox == []
+    assert event.alert_status == "failed" and "stopped before finishing" in event.last_error
+
+
 @pytest.mark.django_db(transaction=True)
 def test_two_workers_evaluating_and_sending_at_once_send_each_alert_once() -> None:
     for name in ("acme monthly", "acme weekly"):
@@ -198,9 +289,9 @@ def test_a_sender_that_loses_the_claim_to_another_does_not_send(monkeypatch: pyt
 
     real_claim = alerts._claim
 
-    def rival_claims_first(pk: int, now: dt.datetime) -> bool:
-        assert real_claim(pk, now)  # the rival sender's claim lands between our select and our claim
-        return real_claim(pk, now)
+    def rival_claims_first(pk: int, claimable: Q, now: dt.datetime) -> uuid.UUID | None:
+        assert real_claim(pk, claimable, now)  # the rival sender's claim lands between our select and our claim
+        return real_claim(pk, claimable, now)
 
     monkeypatch.setattr(alerts, "_claim", rival_claims_first)
     result = alerts_send()

