@@ -6,7 +6,7 @@ is saved, so every event is priced on arrival as in production. The control plan
 (``finops.asgi:application``) is served by uvicorn in a process of its own, with ``--workers`` 1 and
 2 in turn. This process is the load generator: ``--clients`` threads, each with its own
 ``httpx.Client``, POST pre-built bodies of ``--batch`` request events (built with
-``inference.contracts.RequestEvent`` and joined by the exporter's own ``_batch_body``) until
+``inference.contracts.RequestEvent`` and joined by the exporter's own ``sender.batch_body``) until
 ``--events`` have been sent. The table is emptied before each server configuration, so every
 configuration stores the same events.
 
@@ -136,7 +136,7 @@ def django_disconnect() -> None:
 def build_bodies(events: int, batch: int, *, seed: int = 7) -> list[bytes]:
     """POST bodies of ``batch`` events each, serialized and joined exactly as the exporter does."""
     from inference.contracts import RequestEvent
-    from inference.telemetry.exporter import _batch_body
+    from inference.telemetry.sender import batch_body
     from inference.telemetry.spool import SpoolRecord
 
     rng = random.Random(seed)
@@ -170,7 +170,7 @@ def build_bodies(events: int, batch: int, *, seed: int = 7) -> list[bytes]:
                 gpu_seconds=None if rejected else e2e / 1000, energy_joules=None, device="cpu",
             )
             records.append(SpoolRecord(kind="E", data=event.model_dump_json().encode()))
-        bodies.append(_batch_body(records))
+        bodies.append(batch_body(records))
     return bodies
 
 

@@ -20,7 +20,7 @@ from finops.telemetry.models import Device, DeviceSample, RequestEvent, RuntimeS
 from finops.telemetry.partitioning import existing_partition_days, partition_name
 from finops.telemetry.sketch import bucket_index
 from inference import contracts as runtime_contracts
-from inference.telemetry.exporter import _batch_body
+from inference.telemetry.sender import batch_body as exported_batch_body
 from inference.telemetry.spool import SpoolRecord
 from tests.finops.conftest import EVENTS_URL
 from tests.finops.factories import (
@@ -104,7 +104,7 @@ def test_a_batch_serialized_by_the_runtimes_exporter_is_accepted(post_batch: Any
     records = [SpoolRecord("E", e.model_dump_json().encode()) for e in events]
     records.append(SpoolRecord("S", sample.model_dump_json().encode()))
 
-    response = post_batch(_batch_body(records))
+    response = post_batch(exported_batch_body(records))
 
     assert response.status_code == 202, response.content
     assert response.json() == {"accepted": 4, "duplicates": 0, "refused": []}
@@ -120,7 +120,7 @@ def test_a_samples_breaker_states_are_stored_as_the_runtime_sent_them(post_batch
     from_an_older_runtime = sample_dict(at=now - dt.timedelta(seconds=5))  # no breakers key at all
     records = [SpoolRecord("S", with_breakers.model_dump_json().encode())]
 
-    assert post_batch(_batch_body(records)).json()["accepted"] == 1
+    assert post_batch(exported_batch_body(records)).json()["accepted"] == 1
     assert post_batch(batch_body(samples=[from_an_older_runtime])).json()["accepted"] == 1
 
     assert RuntimeSample.objects.get(at=now).breakers == {"big": "open", "small": "half_open", "tiny": "closed"}
