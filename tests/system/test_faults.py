@@ -1,17 +1,32 @@
-"""The fault proxy the fault scenarios break the collector with is held to what it claims to break."""
+"""The telemetry pipeline under faults, on the whole product in processes of its own: after each
+fault every request the runtime answered is stored exactly once, and after the worker is killed
+inside a rollup run the rollups add up to the raw events again.
+
+The faults, the load and the reconciliation are ``bench.faults`` (``python -m bench faults`` runs
+them larger and prints the table); here each runs at the test's size on one stack started for
+this module (``bench.fault_rig``: private PostgreSQL and Redis on free ports, never the machine's
+shared ones). First, the fault proxy is held to what it claims to break.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import socket
+import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import pytest
 
 from bench.fault_proxy import EVENTS_PATH, FaultProxy, Mode
+from bench.fault_rig import Stack, Unavailable
+from bench.faults import FAULTS, QUICK, Fault, run_fault
 from bench.servers import free_port
 
 # -- the fault proxy --------------------------------------------------------------------------------
@@ -108,3 +123,40 @@ def test_an_armed_action_that_never_fired_is_disarmed(proxy: FaultProxy) -> None
     proxy.arm(lambda: pytest.fail("ran after its wait was over"))
     assert not proxy.wait_fired(0.05)
     httpx.post(proxy.url + EVENTS_PATH, content=batch("e1")).raise_for_status()
+
+
+# -- the faults, on the whole product ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    # In /tmp, not pytest's directory (private to this user): the postgres user must reach its data.
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the load's every request, otherwise
+    root = Path(tempfile.mkdtemp(prefix="wattson-faults-"))
+    try:
+        rig = Stack(root, logs=tmp_path_factory.mktemp("fault-logs"))
+    except Unavailable as exc:
+        shutil.rmtree(root)
+        pytest.skip(str(exc))
+    try:
+        with rig:
+            yield rig
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("fault", FAULTS, ids=lambda fault: fault.name)
+def test_after_the_fault_every_answered_request_is_stored_exactly_once(stack: Stack, fault: Fault) -> None:
+    began = time.monotonic()
+    result = run_fault(stack, fault, QUICK)
+    if result.skipped:
+        pytest.skip(result.skipped)
+    report = f"{result.describe()}\n(the fault took {time.monotonic() - began:.0f} s; logs in {stack.logs})"
+    assert result.failed is None, report
+    assert result.answered > 0, report
+    assert (result.lost, result.duplicates) == (0, 0), report
+    if fault.every_answer_ok:
+        assert (result.errors, result.unanswered) == (0, 0), "every request answered 200 throughout:\n" + report
+    if fault.rollups:
+        assert result.rollup_mismatches == [], "rollup sums equal the raw sums at every granularity:\n" + report
