@@ -317,9 +317,10 @@ class FaultResult:
     def describe(self) -> str:
         """Everything a reader needs to see why a fault did not end clean."""
         telemetry = self.health.get("telemetry") or {}
+        recovered = "never" if self.recovered_s is None else f"{self.recovered_s:.1f} s"
         lines = [f"{self.name}: answered {self.answered}, no answer {self.unanswered}, not a complete 200 "
                  f"{self.errors}, stored {self.stored}, duplicates {self.duplicates}, lost {self.lost}, "
-                 f"resent {self.resent}, recovered in {self.recovered_s}",
+                 f"resent {self.resent}, recovered in {recovered}",
                  f"runtime /health after: {self.health.get('status')}; telemetry: {telemetry}"]
         lines += [f"  {note}" for note in self.notes + self.rollup_mismatches]
         if self.failed:
@@ -456,7 +457,8 @@ def report(results: Sequence[FaultResult], size: Size) -> None:
         recovered = f"{r.recovered_s:.1f} s" if r.recovered_s is not None else None
         rows.append([r.name, r.answered, r.unanswered, r.stored, r.duplicates, r.lost, r.resent, recovered,
                      r.health.get("status", "?")])
-    notes = [f"\nload: {size.rate_per_s:g} requests/s from {size.concurrency} clients, half of them streamed; "
+    notes = [f"\nload: {size.rate_per_s:g} requests/s from {size.concurrency} clients, every other one streamed "
+             "(runtime_kill9: every one, 128 tokens);",
              f"{size.warmup_s:g} s before the fault, {size.fault_s:g} s of it, {size.tail_s:g} s after it is mended",
              "answered: a whole answer (a stream through [DONE]); no answer: refused or cut off, no event owed;",
              "stored: rows of the fault's users; duplicates: rows beyond one per request; lost: answered, not stored",
@@ -505,6 +507,7 @@ def main(argv: Sequence[str]) -> int:
                 progress(f"({time.monotonic() - began:.0f} s) {results[-1].describe()}")
     except Unavailable as exc:
         print(f"faults: cannot run here: {exc}", file=sys.stderr)
+        shutil.rmtree(root, ignore_errors=True)
         return 1
     report(results, size)
     ok = all(r.clean or r.skipped for r in results)
