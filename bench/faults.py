@@ -23,8 +23,7 @@ completions, JSON and streamed, each with a unique OpenAI ``user`` (``bench.faul
   once it is back and the rollups have caught up, the rollup rows' sums (requests, tokens, list
   cost) must equal the raw sums at every granularity, in ``Rollup`` and ``MarginalRollup`` alike;
 * ``postgres_restart``: PostgreSQL is crashed (``pg_ctl -m immediate stop``) while a batch is
-  being ingested, and starts again (last: the control plane's pooled sessions that died with it
-  fail one batch each for a while after, which would slow the next fault's recovery).
+  being ingested, and starts again (last: it cuts every session of every process at once).
 
 The faults run in this order on one stack. One that did not end clean may leave the runtime
 exporting nothing (a dead sender thread, say): the next fault first sends a probe request, and if
