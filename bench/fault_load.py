@@ -91,13 +91,6 @@ class Load:
         if self._thread is not None:
             self._thread.join(REQUEST_TIMEOUT_S + 10)
 
-    def __enter__(self) -> Load:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     # -- what happened -------------------------------------------------------------------------
 
     @property
