@@ -320,12 +320,16 @@ class Stack:
         shutil.rmtree(self.pg.directory, ignore_errors=True)
 
     def django_env(self) -> dict[str, str]:
-        """The control plane's environment: the private database and broker, a secret of its own."""
+        """The control plane's environment: production settings (never development's, whatever this
+        process has) on the private database and broker with a secret of its own, served over plain
+        HTTP on loopback as the README's production notes allow for a trusted network."""
         env = {k: v for k, v in os.environ.items()
-               if not k.startswith("INFERENCE_") and k not in ("DEBUG", "DATABASE_URL", "CELERY_BROKER_URL")}
+               if not k.startswith("INFERENCE_")
+               and k not in ("DEBUG", "WATTSON_DEV", "DATABASE_URL", "CELERY_BROKER_URL")}
         env.update(DATABASE_URL=self.pg.url(DATABASE), SECRET_KEY=self.secret_key, LOG_LEVEL="WARNING",
                    DJANGO_SETTINGS_MODULE="finops.settings", WATTSON_VAR_DIR=str(self.root / "var"),
-                   CELERY_BROKER_URL=self.broker.url(0))
+                   CELERY_BROKER_URL=self.broker.url(0), SECURE_SSL_REDIRECT="0", SESSION_COOKIE_SECURE="0",
+                   CSRF_COOKIE_SECURE="0")
         return env
 
     def _manage(self, *args: str) -> str:
