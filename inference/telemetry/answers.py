@@ -9,6 +9,10 @@ finops's ingest (``finops/telemetry/views.py``) answers a batch with:
 - 413, code ``too_many_records`` or ``body_too_large``: send fewer records at once;
 - 401 for a bad token, 503 with ``Retry-After`` while its database is down, 500 for its bugs.
 
+A 2xx counts as finops's only with its result in the body (a JSON object whose ``accepted`` is a
+whole number): a proxy or a captive portal answering 200 with a page of its own has stored nothing,
+so its 200 is retried like any other foreign answer.
+
 Only those refusals set records aside, and only when the answer is finops's own: its error body
 (``{"error": {"type", "message", "code", "param"}}``) with one of its codes. Any other answer (a
 proxy's HTML 400, Django's DisallowedHost page, another JSON shape, a 404 or 405 from something in
@@ -51,6 +55,9 @@ def read_answer(status: int, headers: Mapping[str, str], body: bytes, *, kinds: 
     """What ``status`` and ``body`` mean for a batch whose records have ``kinds`` (``E``/``S``), in order."""
     text = body[:_REASON_CHARS].decode(errors="replace")
     document = _json_object(body)
+    if 200 <= status < 300 and not _ingest_result(document):
+        return Answer(Verdict.RETRY, f"HTTP {status} without the control plane's ingest result: {text}", status,
+                      retry_after_s=_retry_after(headers))
     if 200 <= status < 300:
         refused = document.get("refused") if document is not None else None
         refusals, unplaced = _placed(refused if isinstance(refused, list) else [], kinds, status)
@@ -81,6 +88,11 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
     except (ValueError, RecursionError):
         return None
     return document if isinstance(document, dict) else None
+
+
+def _ingest_result(document: dict[str, Any] | None) -> bool:
+    accepted = document.get("accepted") if document is not None else None
+    return isinstance(accepted, int) and not isinstance(accepted, bool)
 
 
 def _finops_error(document: dict[str, Any] | None) -> dict[str, Any] | None:

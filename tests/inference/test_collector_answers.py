@@ -40,8 +40,8 @@ def test_a_202_refusal_names_the_record_by_its_kind_and_index_with_finops_reason
 
 
 def test_a_202_refusal_that_names_no_record_of_the_batch_is_counted_not_guessed() -> None:
-    result = answer(202, {"refused": [{"kind": "event", "index": 7}, {"kind": ["x"], "index": 0},
-                                      {"kind": "event", "index": True}, "junk"]})
+    result = answer(202, {"accepted": 4, "refused": [{"kind": "event", "index": 7}, {"kind": ["x"], "index": 0},
+                                                     {"kind": "event", "index": True}, "junk"]})
 
     assert (result.verdict, result.refusals, result.unplaced) == (Verdict.DONE, {}, 4)
 
@@ -87,6 +87,18 @@ def test_an_answer_that_is_not_a_finops_refusal_keeps_the_records(mode: str) -> 
 
     assert (result.verdict, result.refusals) == (Verdict.RETRY, {})
     assert result.problem.startswith(f"HTTP {status}")
+
+
+@pytest.mark.parametrize("body", [
+    b"<html><body>Welcome to the hotel network</body></html>", b"", b"{}", b'{"ok": true}', b'{"accepted": true}',
+    b'{"accepted": "4"}', b"[4]",
+])
+def test_a_2xx_without_finops_ingest_result_stored_nothing_and_is_retried(body: bytes) -> None:
+    for status in (200, 202, 204):
+        result = answer(status, body)
+
+        assert (result.verdict, result.refusals) == (Verdict.RETRY, {})
+        assert "without the control plane's ingest result" in result.problem
 
 
 @pytest.mark.parametrize("status", [401, 403, 408, 409, 429, 500, 502, 503])
