@@ -157,7 +157,7 @@ def delete_budgets(budget_ids: Iterable[int]) -> None:
 
 def time_evaluation() -> tuple[int, list[float]]:
     """One evaluation of every budget (what the beat's task runs), timed here three times."""
-    from finops.budgets.services import budgets_evaluate
+    from finops.budgets.evaluation import budgets_evaluate
 
     seconds, evaluated = [], 0
     for _ in range(3):

@@ -22,11 +22,12 @@ from django.db import connections
 from django.db.models import Count, Q, Sum
 from django.utils import timezone
 
+from finops.budgets.evaluation import budgets_evaluate
 from finops.budgets.models import LIMIT, Action, Budget, Enforcement, Unit, amount_label
 from finops.budgets.periods import period_at
 from finops.budgets.permissions import BUDGET_ADMIN, PRODUCT_MANAGER
 from finops.budgets.selectors import budget_spend
-from finops.budgets.services import budget_create, budget_update, budgets_evaluate
+from finops.budgets.services import budget_create, budget_update
 from finops.pricing.models import ANY, DevicePrice, ModelPrice, PriceBook
 from finops.runtimes.models import Ruleset, Runtime
 from finops.runtimes.services import runtime_register, runtime_token_rotate, runtime_url_validate

@@ -237,6 +237,11 @@ if CELERY_BROKER_URL == "filesystem://":
         "control_folder": str(_broker_dir / "control"),
         "store_processed": False,
     }
+# Results are kept only where a pass of budget evaluation is split over workers (a chord needs them):
+# by default in Redis when Redis is the broker; ``CELERY_RESULT_BACKEND`` names another.
+CELERY_RESULT_BACKEND = os.environ.get("CELERY_RESULT_BACKEND") or (
+    CELERY_BROKER_URL if CELERY_BROKER_URL.startswith(("redis://", "rediss://")) else None)
+CELERY_RESULT_EXPIRES = 3600
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER")
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 CELERY_TASK_ACKS_LATE = True
@@ -253,6 +258,11 @@ CELERY_BEAT_SCHEDULE = {
     "budgets-send-alerts": {"task": "finops.budgets.tasks.send_alerts", "schedule": 60.0,
                             "options": {"expires": 55}},
 }
+
+# -- Budgets ------------------------------------------------------------------------------------
+# Budgets evaluated together in one transaction; a pass over more is split into chunks of this size,
+# run by several workers at once where a result backend lets Celery join them (docs/DEPLOY.md).
+BUDGET_EVALUATION_CHUNK = int(os.environ.get("BUDGET_EVALUATION_CHUNK", "2500"))
 
 # -- Telemetry ----------------------------------------------------------------------------------
 RAW_RETENTION_DAYS = int(os.environ.get("RAW_RETENTION_DAYS", "30"))

@@ -36,14 +36,15 @@ from collections.abc import Iterable
 from decimal import ROUND_DOWN, Decimal
 
 from django.conf import settings
-from django.db.models import F, Max, QuerySet, Sum
+from django.db.models import F, Max, QuerySet
 
 from finops.budgets.models import ANY, Budget, Grant, Unit
 from finops.budgets.periods import Period
+from finops.budgets.spend import ScopeIndex, scope_index, use_aggregates
 from finops.runtimes.models import Runtime
 from finops.telemetry.models import RequestEvent
 from finops.telemetry.rollups import database_now
-from finops.telemetry.sums import cost_sum, cost_value
+from finops.telemetry.sources import fetch_rows
 
 LIVE_WINDOW = dt.timedelta(minutes=10)
 STARTER_FRACTION = Decimal("0.10")
@@ -71,91 +72,134 @@ def scope_events(*, budget: Budget, period: Period) -> QuerySet[RequestEvent]:
     return events
 
 
-def _used_by_runtime(events: QuerySet[RequestEvent], unit: str, names: Iterable[str]) -> dict[str, Decimal]:
-    """What each named runtime used of ``events``, in ``unit``."""
-    names = list(names)
-    if not names:
-        return {}
-    measure = cost_sum("list_cost") if unit == Unit.USD_LIST else Sum(F("prompt_tokens") + F("completion_tokens"))
-    rows = events.filter(runtime_id__in=names).values("runtime_id").annotate(used=measure).values_list(
-        "runtime_id", "used")
-    if unit == Unit.USD_LIST:
-        return {name: cost_value(used) for name, used in rows}
-    return {name: Decimal(used or 0) for name, used in rows}
+def _use_by_runtime(*, period: Period, budgets: list[Budget], after: dt.datetime | None = None,
+                    until: dt.datetime | None = None) -> ScopeIndex:
+    """What each runtime reported in ``period`` for every scope of ``budgets``, counting events
+    received after ``after`` and up to ``until`` (either open): one grouped query, narrowed to the
+    budgets' tenants or features when none of them spans all."""
+    events = RequestEvent.objects.filter(started_at__gte=period.start, started_at__lt=period.end)
+    if after is not None:
+        events = events.filter(received_at__gt=after)
+    if until is not None:
+        events = events.filter(received_at__lte=until)
+    tenants = {b.tenant for b in budgets}
+    features = {b.feature for b in budgets}
+    if ANY not in tenants:
+        events = events.filter(tenant__in=sorted(tenants))
+    if ANY not in features:
+        events = events.filter(feature__in=sorted(features))
+    rows = fetch_rows(events.order_by().values("tenant", "feature", "runtime_id").annotate(**use_aggregates()))
+    return scope_index(rows, key="runtime_id")
 
 
-def grants_settle(*, budget: Budget, period: Period, runtimes: list[Runtime]) -> dict[int, Grant]:
-    """The grant of every runtime for ``budget`` in ``period`` (created at zero where missing), its
-    ``reported`` advanced to the settled watermark. Call with the budget's row locked."""
-    until = database_now() - dt.timedelta(seconds=settings.ROLLUP_SETTLE_SECONDS)
-    grants = {g.runtime_id: g for g in Grant.objects.filter(budget=budget, period_start=period.start)}
-    events = scope_events(budget=budget, period=period)
-    missing = [r for r in runtimes if r.pk not in grants]
-    if missing:
-        used = _used_by_runtime(events.filter(received_at__lte=until), budget.unit, (r.name for r in missing))
-        Grant.objects.bulk_create(
-            [Grant(budget=budget, runtime=r, period_start=period.start, reported=used.get(r.name, Decimal(0)),
-                   reported_through=until) for r in missing],
-            ignore_conflicts=True)
-        grants = {g.runtime_id: g for g in Grant.objects.filter(budget=budget, period_start=period.start)}
-    names = {r.pk: r.name for r in runtimes}
-    by_watermark: dict[dt.datetime, list[Grant]] = defaultdict(list)
-    for grant in grants.values():
-        if grant.reported_through < until and grant.runtime_id in names:
-            by_watermark[grant.reported_through].append(grant)
-    for since, group in by_watermark.items():
-        new = _used_by_runtime(events.filter(received_at__gt=since, received_at__lte=until), budget.unit,
-                               (names[g.runtime_id] for g in group))
-        for grant in group:
-            grant.reported += new.get(names[grant.runtime_id], Decimal(0))
-            grant.reported_through = until
-        Grant.objects.bulk_update(group, ["reported", "reported_through"])
+def _grouped(pairs: Iterable[tuple[Budget, Period]]) -> dict[Period, list[Budget]]:
+    groups: dict[Period, list[Budget]] = defaultdict(list)
+    for budget, period in pairs:
+        groups[period].append(budget)
+    return groups
+
+
+def _grants_of(pairs: list[tuple[Budget, Period]]) -> dict[int, dict[int, Grant]]:
+    """The current period's grants of every budget in ``pairs``, by budget pk then runtime pk."""
+    current = {budget.pk: period.start for budget, period in pairs}
+    grants: dict[int, dict[int, Grant]] = {pk: {} for pk in current}
+    rows = Grant.objects.filter(budget_id__in=list(current), period_start__in=set(current.values()))
+    for grant in rows:
+        if current[grant.budget_id] == grant.period_start:
+            grants[grant.budget_id][grant.runtime_id] = grant
     return grants
 
 
-def grants_reported(*, budget: Budget, period: Period, grants: dict[int, Grant], runtimes: list[Runtime]
-                    ) -> dict[int, Decimal]:
-    """Settled ``reported`` plus the events received after each grant's watermark, per runtime pk."""
+def grants_settle_many(*, pairs: list[tuple[Budget, Period]], runtimes: list[Runtime], until: dt.datetime
+                       ) -> dict[int, dict[int, Grant]]:
+    """The grant of every runtime for each (budget, its period) in ``pairs`` (created at zero
+    where missing), ``reported`` advanced to the settled watermark ``until``; by budget pk, then
+    runtime pk. A few grouped queries for all of them. Call with the budgets' rows locked."""
     names = {r.pk: r.name for r in runtimes}
-    events = scope_events(budget=budget, period=period)
-    by_watermark: dict[dt.datetime, list[Grant]] = defaultdict(list)
-    for grant in grants.values():
-        if grant.runtime_id in names:
-            by_watermark[grant.reported_through].append(grant)
-    reported = {pk: g.reported for pk, g in grants.items()}
-    for since, group in by_watermark.items():
-        fresh = _used_by_runtime(events.filter(received_at__gt=since), budget.unit,
-                                 (names[g.runtime_id] for g in group))
-        for grant in group:
-            reported[grant.runtime_id] += fresh.get(names[grant.runtime_id], Decimal(0))
+    grants = _grants_of(pairs)
+    missing = [(budget, period) for budget, period in pairs if len(grants[budget.pk]) < len(runtimes)]
+    if missing:
+        new: list[Grant] = []
+        for period, budgets in _grouped(missing).items():
+            used = _use_by_runtime(period=period, budgets=budgets, until=until)
+            for budget in budgets:
+                new.extend(Grant(budget=budget, runtime=runtime, period_start=period.start, reported_through=until,
+                                 reported=used.use(budget.tenant, budget.feature, runtime.name).amount(budget.unit))
+                           for runtime in runtimes if runtime.pk not in grants[budget.pk])
+        Grant.objects.bulk_create(new, ignore_conflicts=True, batch_size=1000)
+        grants = _grants_of(pairs)
+    by_watermark: dict[tuple[Period, dt.datetime], list[tuple[Budget, Grant]]] = defaultdict(list)
+    for budget, period in pairs:
+        for grant in grants[budget.pk].values():
+            if grant.reported_through < until and grant.runtime_id in names:
+                by_watermark[(period, grant.reported_through)].append((budget, grant))
+    settled: list[Grant] = []
+    for (period, since), group in by_watermark.items():
+        new_use = _use_by_runtime(period=period, budgets=list({b.pk: b for b, _ in group}.values()), after=since,
+                                  until=until)
+        for budget, grant in group:
+            grant.reported += new_use.use(budget.tenant, budget.feature, names[grant.runtime_id]).amount(budget.unit)
+            grant.reported_through = until
+            settled.append(grant)
+    Grant.objects.bulk_update(settled, ["reported", "reported_through"], batch_size=1000)
+    return grants
+
+
+def grants_reported_many(*, pairs: list[tuple[Budget, Period]], grants: dict[int, dict[int, Grant]],
+                         runtimes: list[Runtime]) -> dict[int, dict[int, Decimal]]:
+    """Settled ``reported`` plus the events received after each grant's watermark, by budget pk
+    then runtime pk."""
+    names = {r.pk: r.name for r in runtimes}
+    reported = {pk: {runtime_pk: g.reported for runtime_pk, g in mine.items()} for pk, mine in grants.items()}
+    by_watermark: dict[tuple[Period, dt.datetime], list[tuple[Budget, Grant]]] = defaultdict(list)
+    for budget, period in pairs:
+        for grant in grants[budget.pk].values():
+            if grant.runtime_id in names:
+                by_watermark[(period, grant.reported_through)].append((budget, grant))
+    for (period, since), group in by_watermark.items():
+        fresh = _use_by_runtime(period=period, budgets=list({b.pk: b for b, _ in group}.values()), after=since)
+        for budget, grant in group:
+            reported[budget.pk][grant.runtime_id] += fresh.use(budget.tenant, budget.feature,
+                                                               names[grant.runtime_id]).amount(budget.unit)
     return reported
 
 
 def grants_top_up(*, budget: Budget, period: Period, now: dt.datetime) -> list[Grant]:
-    """Settle and top up every runtime's grant for ``budget`` in ``period`` (see the module's policy);
-    renew their expiry. Call inside a transaction with the budget's row locked."""
+    """``grants_top_up_many`` of one budget: its grants, by runtime pk."""
+    return grants_top_up_many(pairs=[(budget, period)], now=now).get(budget.pk, [])
+
+
+def grants_top_up_many(*, pairs: list[tuple[Budget, Period]], now: dt.datetime) -> dict[int, list[Grant]]:
+    """Settle and top up every runtime's grant for each hard (budget, its current period) in
+    ``pairs`` (see the module's policy) and renew their expiry, in a few grouped queries and bulk
+    writes. Call inside a transaction with the budgets' rows locked. Returns each budget's grants."""
+    if not pairs:
+        return {}
     runtimes = list(Runtime.objects.order_by("name"))
-    grants = grants_settle(budget=budget, period=period, runtimes=runtimes)
-    reported = grants_reported(budget=budget, period=period, grants=grants, runtimes=runtimes)
-    limit = budget.limit
-    free = limit - sum((g.granted for g in grants.values()), Decimal(0))
-    increases = _top_ups(budget=budget, runtimes=runtimes, grants=grants, reported=reported, free=free, now=now)
+    until = database_now() - dt.timedelta(seconds=settings.ROLLUP_SETTLE_SECONDS)
+    grants = grants_settle_many(pairs=pairs, runtimes=runtimes, until=until)
+    reported = grants_reported_many(pairs=pairs, grants=grants, runtimes=runtimes)
     changed: list[Grant] = []
-    for grant in grants.values():
-        increase = increases.get(grant.runtime_id, Decimal(0))
-        if increase > 0:
-            grant.granted += increase
-            grant.last_chunk = increase
-            grant.reported_at_last_chunk = reported.get(grant.runtime_id, grant.reported)
-        renew = grant.expires_at is None or grant.expires_at - now < ALLOWANCE_TTL / 2
-        if renew:
-            grant.expires_at = (now + ALLOWANCE_TTL).replace(microsecond=0)
-        if increase > 0 or renew:
-            changed.append(grant)
-    if changed:
-        Grant.objects.bulk_update(changed, ["granted", "last_chunk", "reported_at_last_chunk", "expires_at",
-                                            "updated_at"])
-    return sorted(grants.values(), key=lambda g: g.runtime_id)
+    for budget, _ in pairs:
+        mine = grants[budget.pk]
+        free = budget.limit - sum((g.granted for g in mine.values()), Decimal(0))
+        increases = _top_ups(budget=budget, runtimes=runtimes, grants=mine, reported=reported[budget.pk],
+                             free=free, now=now)
+        for grant in mine.values():
+            increase = increases.get(grant.runtime_id, Decimal(0))
+            if increase > 0:
+                grant.granted += increase
+                grant.last_chunk = increase
+                grant.reported_at_last_chunk = reported[budget.pk].get(grant.runtime_id, grant.reported)
+            renew = grant.expires_at is None or grant.expires_at - now < ALLOWANCE_TTL / 2
+            if renew:
+                grant.expires_at = (now + ALLOWANCE_TTL).replace(microsecond=0)
+            if increase > 0 or renew:
+                grant.updated_at = now
+                changed.append(grant)
+    Grant.objects.bulk_update(changed, ["granted", "last_chunk", "reported_at_last_chunk", "expires_at",
+                                        "updated_at"], batch_size=1000)
+    return {pk: sorted(mine.values(), key=lambda g: g.runtime_id) for pk, mine in grants.items()}
 
 
 def _top_ups(*, budget: Budget, runtimes: list[Runtime], grants: dict[int, Grant], reported: dict[int, Decimal],
@@ -192,19 +236,31 @@ def _top_ups(*, budget: Budget, runtimes: list[Runtime], grants: dict[int, Grant
     return increases
 
 
-def hard_budget_exhausted(*, budget: Budget, period: Period, used: Decimal) -> bool:
-    """Whether a hard budget below its limit is used up all the same: runtimes reserve a request's
-    worst case, so spend stops short of the limit once what is left cannot fit a request. Said so
-    when the whole limit is granted out, a runtime has refused a request on this allowance this
-    period, and what is left is less than the largest request served so far."""
-    if used >= budget.limit:
-        return True
-    granted = Grant.objects.filter(budget=budget, period_start=period.start).aggregate(total=Sum("granted"))["total"]
-    if granted is None or granted < budget.limit:
-        return False
-    events = scope_events(budget=budget, period=period)
-    if not events.filter(status="rejected_budget", rule_id=f"allowance:{budget.pk}").exists():
-        return False
-    measure = Max("list_cost") if budget.unit == Unit.USD_LIST else Max(F("prompt_tokens") + F("completion_tokens"))
-    largest = events.filter(status="ok").aggregate(largest=measure)["largest"]
-    return largest is not None and budget.limit - used < Decimal(largest)
+def granted_totals(*, pairs: list[tuple[Budget, Period]]) -> dict[int, Decimal]:
+    """How much of each hard budget's limit is granted out in its current period, by pk."""
+    return {pk: sum((g.granted for g in mine.values()), Decimal(0)) for pk, mine in _grants_of(pairs).items()}
+
+
+def hard_budgets_exhausted(*, pairs: list[tuple[Budget, Period]], used: dict[int, Decimal]) -> set[int]:
+    """The hard budgets (of ``pairs``, with what they ``used``) that are used up although below
+    their limit: runtimes reserve a request's worst case, so spend stops short of the limit once
+    what is left cannot fit a request. Said so when the whole limit is granted out, a runtime has
+    refused a request on this allowance this period, and what is left is less than the largest
+    request served so far. A query for all of them, and one per budget that qualifies so far."""
+    exhausted = {budget.pk for budget, _ in pairs if used[budget.pk] >= budget.limit}
+    granted = granted_totals(pairs=[(b, p) for b, p in pairs if b.pk not in exhausted])
+    candidates = [(b, p) for b, p in pairs if b.pk not in exhausted and granted.get(b.pk, 0) >= b.limit]
+    refused: set[str] = set()
+    for period, budgets in _grouped(candidates).items():
+        refused |= set(RequestEvent.objects.filter(
+            started_at__gte=period.start, started_at__lt=period.end, status="rejected_budget",
+            rule_id__in=[f"allowance:{b.pk}" for b in budgets]).order_by().values_list("rule_id", flat=True).distinct())
+    for budget, period in candidates:
+        if f"allowance:{budget.pk}" not in refused:
+            continue
+        events = scope_events(budget=budget, period=period)
+        measure = Max("list_cost") if budget.unit == Unit.USD_LIST else Max(F("prompt_tokens") + F("completion_tokens"))
+        largest = events.filter(status="ok").aggregate(largest=measure)["largest"]
+        if largest is not None and budget.limit - used[budget.pk] < Decimal(largest):
+            exhausted.add(budget.pk)
+    return exhausted

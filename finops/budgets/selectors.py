@@ -1,7 +1,7 @@
 """Reads about budgets: spend so far in the current period, the breach forecast, and the event log.
 
-Spend comes from telemetry's ``usage_totals`` (rollups plus the raw tail, so the last seconds
-count). A period whose start is older than the minute rollups' retention is counted from its start
+Spend comes from ``spend`` (rollups plus the raw tail, so the last seconds count; many budgets'
+in one read). A period whose start is older than the minute rollups' retention is counted from its start
 rounded down to the hour (``Totals.start``): exact in every zone with a whole-hour offset, up to
 the offset's extra minutes early elsewhere (India, Nepal).
 """
@@ -9,23 +9,22 @@ the offset's extra minutes early elsewhere (India, Nepal).
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
-from django.db.models import QuerySet
+from django.core.paginator import Page, Paginator
+from django.db.models import Case, F, IntegerField, Q, QuerySet, Value, When
 from django.utils import timezone
 
 from finops.budgets.models import ANY, Budget, BudgetEvent, EventKind, Grant, State, Unit, amount_label
 from finops.budgets.periods import Period, period_at
+from finops.budgets.spend import budgets_spend, period_use
 from finops.lib.timezones import org_time_zone
-from finops.telemetry.ranges import Filters
-from finops.telemetry.usage import Totals, usage_totals
 
 # A forecast needs some history: before this share of the period has passed, a burst looks like a trend.
 FORECAST_MIN_ELAPSED = 0.05
 SECONDS_PER_HOUR = Decimal(3600)
-TOKEN = Decimal(1)
-MICRO = Decimal("0.000001")
 
 
 @dataclass(frozen=True)
@@ -74,28 +73,11 @@ class BudgetStatus:
         return amount_label(self.budget.unit, self.budget.limit)
 
 
-def unit_amount(unit: str, totals: Totals) -> Decimal:
-    """What ``totals`` used, measured in a budget's unit."""
-    if unit == Unit.USD_LIST:
-        return totals.list_cost
-    if unit == Unit.USD_HARDWARE:
-        return totals.hardware_cost
-    if unit == Unit.TOKENS:
-        return Decimal(totals.tokens)
-    if unit == Unit.GPU_HOURS:
-        return (Decimal(repr(totals.gpu_seconds)) / SECONDS_PER_HOUR).quantize(MICRO)
-    raise ValueError(f"unknown unit {unit!r}")
-
-
-def budget_filters(*, budget: Budget, period: Period) -> Filters:
-    return Filters(start=period.start, end=period.end,
-                   tenants=() if budget.tenant == ANY else (budget.tenant,),
-                   features=() if budget.feature == ANY else (budget.feature,))
-
-
 def budget_spend(*, budget: Budget, period: Period) -> Decimal:
     """What the budget's scope has used in ``period`` so far, in the budget's unit."""
-    return unit_amount(budget.unit, usage_totals(filters=budget_filters(budget=budget, period=period)))
+    return period_use(period=period, tenants=() if budget.tenant == ANY else (budget.tenant,),
+                      features=() if budget.feature == ANY else (budget.feature,)
+                      ).use(budget.tenant, budget.feature).amount(budget.unit)
 
 
 def breach_forecast(*, used: Decimal, limit: Decimal, period: Period, now: dt.datetime, unit: str) -> Forecast:
@@ -109,28 +91,98 @@ def breach_forecast(*, used: Decimal, limit: Decimal, period: Period, now: dt.da
     if used <= 0:
         return Forecast(None, Decimal(0), "nothing spent yet")
     rate = used / elapsed  # per second
-    at = now + dt.timedelta(seconds=float((limit - used) / rate))
     per_hour = rate * SECONDS_PER_HOUR
-    if at >= period.end:
+    # Compared in seconds before any datetime is made: a breach ages away (a limit a million times
+    # the spend) is simply not this period, never a date past the calendar's end.
+    to_breach = (limit - used) / rate
+    if to_breach >= Decimal(repr((period.end - now).total_seconds())):
         return Forecast(None, per_hour, "not before the period resets")
+    at = now + dt.timedelta(seconds=float(to_breach))
     local = timezone.localtime(at, org_time_zone())
     return Forecast(at, per_hour, f"around {local:%Y-%m-%d %H:%M %Z} at {amount_label(unit, per_hour)}/hour")
 
 
 def budget_status(*, budget: Budget, now: dt.datetime | None = None) -> BudgetStatus:
+    return budget_statuses_of([budget], now=now)[0]
+
+
+def budget_statuses_of(budgets: Sequence[Budget], *, now: dt.datetime | None = None) -> list[BudgetStatus]:
+    """The live status of each of ``budgets``, in order: their spend read together (``spend``)."""
     now = now or timezone.now()
-    period = period_at(budget.period, now)
-    used = budget_spend(budget=budget, period=period)
-    if budget.state == State.EXCEEDED and budget.period_start == period.start:
-        forecast = Forecast(None, None, "limit reached")  # a hard budget used up short of 100% included
-    else:
-        forecast = breach_forecast(used=used, limit=budget.limit, period=period, now=now, unit=budget.unit)
-    return BudgetStatus(budget, period, used, forecast)
+    spend = budgets_spend(budgets, now=now)
+    statuses = []
+    for budget in budgets:
+        period = period_at(budget.period, now)
+        used = spend[budget.pk]
+        if budget.state == State.EXCEEDED and budget.period_start == period.start:
+            forecast = Forecast(None, None, "limit reached")  # a hard budget used up short of 100% included
+        else:
+            forecast = breach_forecast(used=used, limit=budget.limit, period=period, now=now, unit=budget.unit)
+        statuses.append(BudgetStatus(budget, period, used, forecast))
+    return statuses
 
 
 def budget_statuses(*, now: dt.datetime | None = None) -> list[BudgetStatus]:
-    now = now or timezone.now()
-    return [budget_status(budget=budget, now=now) for budget in Budget.objects.all()]
+    """Every budget's live status (the CSV export)."""
+    return budget_statuses_of(list(Budget.objects.all()), now=now)
+
+
+# The budgets list's orders: by name, scope, period, limit, state, and the share of the limit used
+# (at the last evaluation: what the database can sort 10,000 budgets by).
+BUDGET_ORDERS: dict[str, tuple[str, ...]] = {
+    "name": ("name", "id"), "scope": ("tenant", "feature", "id"), "period": ("period", "name", "id"),
+    "limit": ("limit", "id"), "used": ("used", "id"), "state": ("state_rank", "used", "id"),
+}
+DEFAULT_BUDGET_ORDER = "-used"
+BUDGETS_PER_PAGE = 50
+_STATE_RANK = Case(When(paused=True, then=Value(-1)), When(state=State.EXCEEDED, then=Value(2)),
+                   When(state=State.WARNING, then=Value(1)), default=Value(0), output_field=IntegerField())
+
+
+@dataclass(frozen=True)
+class BudgetPage:
+    """One page of the budgets list: its budgets' live statuses and where it lies in the whole."""
+
+    statuses: list[BudgetStatus]
+    page: Page
+    search: str
+    order: str
+
+    @property
+    def sorts(self) -> dict[str, dict[str, str]]:
+        """Per sortable column: the order its header link asks for (the other direction when it is
+        the current one; names A→Z, numbers largest first otherwise) and its arrow."""
+        links = {}
+        for name in BUDGET_ORDERS:
+            if self.order == name:
+                links[name] = {"order": f"-{name}", "arrow": "▲"}
+            elif self.order == f"-{name}":
+                links[name] = {"order": name, "arrow": "▼"}
+            else:
+                links[name] = {"order": name if name in ("name", "scope", "period") else f"-{name}", "arrow": ""}
+        return links
+
+
+def budget_order(order: str) -> str:
+    """``order`` if the list knows it (a name from ``BUDGET_ORDERS``, ``-`` first for descending)."""
+    return order if order.lstrip("-") in BUDGET_ORDERS else DEFAULT_BUDGET_ORDER
+
+
+def budget_page(*, search: str = "", order: str = DEFAULT_BUDGET_ORDER, page: int | str = 1,
+                per_page: int = BUDGETS_PER_PAGE, now: dt.datetime | None = None) -> BudgetPage:
+    """A page of budgets whose name, tenant or feature contains ``search``, in ``order``, with
+    the live status of each (the page's spend read together). A page number past the end is the
+    last page."""
+    search, order = search.strip()[:100], budget_order(order)
+    budgets = Budget.objects.annotate(used=F("spend") / F("limit"), state_rank=_STATE_RANK)
+    if search:
+        budgets = budgets.filter(Q(name__icontains=search) | Q(tenant__icontains=search) |
+                                 Q(feature__icontains=search))
+    fields = BUDGET_ORDERS[order.lstrip("-")]
+    descending = order.startswith("-")
+    budgets = budgets.order_by(*(f"-{name}" if descending and name != "id" else name for name in fields))
+    chosen = Paginator(budgets, per_page).get_page(page)
+    return BudgetPage(budget_statuses_of(list(chosen.object_list), now=now), chosen, search, order)
 
 
 def budgets_naming(*, dimension: str, value: str) -> QuerySet[Budget]:

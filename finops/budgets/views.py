@@ -20,6 +20,7 @@ from finops.budgets.permissions import budget_admin_required, can_edit_budgets
 from finops.budgets.selectors import (
     budget_alert_log,
     budget_grants,
+    budget_page,
     budget_state_history,
     budget_status,
     budget_statuses,
@@ -47,9 +48,13 @@ def budget_list(request: HttpRequest) -> HttpResponse:
         if request.GET.get("table") == "alerts":
             return csv_response(alerts_table(budget_alert_log(limit=1000), stem="budget-alerts"))
         return csv_response(budgets_table(budget_statuses(), stem="budgets"))
+    listing = budget_page(search=request.GET.get("q", ""), order=request.GET.get("sort", ""),
+                          page=request.GET.get("page", 1))
+    context = {"listing": listing, "can_edit": can_edit_budgets(request.user)}
+    if request.htmx and request.htmx.target == "budget-table":  # a search, a sort or another page
+        return _render(request, "budgets/budget_list.html#budget-table", context)
     return _render(request, "budgets/budget_list.html", {
-        "statuses": budget_statuses(), "can_edit": can_edit_budgets(request.user),
-        "alerts": budget_alert_log(limit=20), "runtimes": runtime_ruleset_states(),
+        **context, "alerts": budget_alert_log(limit=20), "runtimes": runtime_ruleset_states(),
     })
 
 

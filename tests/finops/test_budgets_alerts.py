@@ -15,9 +15,10 @@ from django.db.models import Q
 from django.utils import timezone
 
 from finops.budgets.alerts import MAX_ATTEMPTS, alerts_send
+from finops.budgets.evaluation import budget_evaluate, budgets_evaluate
 from finops.budgets.models import BudgetEvent
 from finops.budgets.periods import period_at
-from finops.budgets.services import budget_evaluate, budget_update, budgets_evaluate
+from finops.budgets.services import budget_update
 from tests.finops.budget_factories import budget
 from tests.finops.budget_factories import spend as spend_at
 

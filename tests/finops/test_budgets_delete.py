@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 from django.db import connection
 
-from finops.budgets import services
+from finops.budgets import evaluation
+from finops.budgets.evaluation import budgets_evaluate
 from finops.budgets.models import Budget, Grant
-from finops.budgets.services import budget_delete, budgets_evaluate
+from finops.budgets.services import budget_delete
 from tests.finops.budget_factories import budget
 from tests.finops.factories import runtime_with_token
 
@@ -32,7 +33,7 @@ def test_a_budget_deleted_during_its_evaluation_is_deleted_once_the_evaluation_e
     time.sleep(1.1)  # the grants' watermark moves on: the next evaluation updates their rows
 
     locked = threading.Event()
-    top_up = services.grants_top_up
+    top_up = evaluation.grants_top_up_many
 
     def slow_top_up(**kwargs: Any) -> Any:
         # The budget's row is locked and its events written; the deleter now runs into it.
@@ -40,7 +41,7 @@ def test_a_budget_deleted_during_its_evaluation_is_deleted_once_the_evaluation_e
         time.sleep(1.0)
         return top_up(**kwargs)
 
-    monkeypatch.setattr(services, "grants_top_up", slow_top_up)
+    monkeypatch.setattr(evaluation, "grants_top_up_many", slow_top_up)
     monkeypatch.setattr("django.conf.settings.ROLLUP_SETTLE_SECONDS", 0)
     outcome: dict[str, Any] = {}
 

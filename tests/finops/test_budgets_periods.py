@@ -10,9 +10,9 @@ import pytest
 from django.core import mail
 
 from finops.budgets.alerts import alerts_send
+from finops.budgets.evaluation import budget_evaluate
 from finops.budgets.models import Budget, BudgetEvent
 from finops.budgets.periods import period_at
-from finops.budgets.services import budget_evaluate
 from tests.finops.budget_factories import budget, spend
 
 UTC = dt.UTC

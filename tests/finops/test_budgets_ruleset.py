@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 from django.utils import timezone
 
+from finops.budgets.evaluation import budgets_evaluate
 from finops.budgets.grants import ALLOWANCE_TTL
 from finops.budgets.models import Budget
 from finops.budgets.periods import period_at
 from finops.budgets.rulesets import json_number, rulesets_compile
-from finops.budgets.services import budget_pause, budgets_evaluate
+from finops.budgets.services import budget_pause
 from finops.runtimes.models import Ruleset, Runtime
 from inference.rules.contract import ruleset_parse
 from tests.finops.budget_factories import budget, spend

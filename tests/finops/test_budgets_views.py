@@ -13,9 +13,9 @@ from django.test import Client
 from django.utils import timezone
 
 from finops.budgets.alerts import alerts_send
+from finops.budgets.evaluation import budgets_evaluate
 from finops.budgets.models import Budget
 from finops.budgets.periods import period_at
-from finops.budgets.services import budgets_evaluate
 from tests.finops.budget_factories import budget, spend, user_in
 
 pytestmark = pytest.mark.django_db
@@ -234,3 +234,29 @@ def test_an_empty_post_shows_the_required_fields_inline(admin: Client) -> None:
     page = response.content.decode()
     assert 'id="id_name-errors"' in page and 'id="id_limit-errors"' in page
     assert not Budget.objects.exists()
+
+
+def test_the_list_pages_searches_and_sorts_many_budgets(pm: Client) -> None:
+    for i in range(120):
+        budget(name=f"tenant {i:03d} monthly", tenant=f"t{i:03d}", limit=Decimal(1 + i))
+    Budget.objects.filter(tenant="t007").update(spend=Decimal("7.5"))  # 94% used at the last evaluation
+
+    first = pm.get("/budgets/").content.decode()
+    assert "120 budgets" in first and "Page 1 of 3" in first
+    assert first.index("tenant 007 monthly") < first.index("tenant 000 monthly")  # most used first
+
+    by_name = pm.get("/budgets/?sort=name&page=3").content.decode()
+    assert "Page 3 of 3" in by_name and "tenant 119 monthly" in by_name and "tenant 000 monthly" not in by_name
+
+    found = pm.get("/budgets/?q=t11", **HTMX, HTTP_HX_TARGET="budget-table")
+    fragment = found.content.decode()
+    assert found.status_code == 200 and "<h1>" not in fragment  # only the table comes back
+    assert "10 budgets matching" in fragment and "tenant 110 monthly" in fragment
+    assert "tenant 007 monthly" not in fragment
+
+
+@pytest.mark.parametrize("query", ["sort=%27%3Bdrop", "page=-1", "page=abc", "page=999999", "q=" + "x" * 5000])
+def test_odd_list_parameters_give_a_page_not_an_error(pm: Client, query: str) -> None:
+    budget(name="acme monthly")
+    response = pm.get(f"/budgets/?{query}")
+    assert response.status_code == 200

@@ -29,9 +29,10 @@ from django.utils import timezone
 from pytest_django.live_server_helper import LiveServer
 
 from finops.budgets.alerts import alerts_send
+from finops.budgets.evaluation import budgets_evaluate
 from finops.budgets.models import Budget, BudgetEvent, EventKind, State
 from finops.budgets.periods import period_at
-from finops.budgets.services import budget_create, budgets_evaluate
+from finops.budgets.services import budget_create
 from finops.pricing.models import ModelPrice, PriceBook
 from finops.runtimes.models import Ruleset, Runtime
 from finops.runtimes.services import ruleset_push, runtime_register
