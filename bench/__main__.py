@@ -25,6 +25,7 @@ BENCHMARKS = {
     "rule_matching": "admission overhead of a ruleset: 1,000 rules, 10,000 tenants, µs per request",
     "budget_enforcement": "spend reaching a budget's limit -> the runtime's first 429, hard and soft budgets",
     "overload": "3x the engine's capacity with mixed priorities: high p95 vs unloaded, low shed with 503",
+    "org_scale": "10,000 budgets, 1,000 tenants, 1M events, 20 runtimes: evaluation pass, budgets page, fleet ingest",
     "faults": "the telemetry pipeline broken ten ways under load: answered vs stored, lost, duplicated, recovery",
 }
 

@@ -133,8 +133,9 @@ def django_disconnect() -> None:
 # -- events and bodies -------------------------------------------------------------------------------
 
 
-def build_bodies(events: int, batch: int, *, seed: int = 7) -> list[bytes]:
-    """POST bodies of ``batch`` events each, serialized and joined exactly as the exporter does."""
+def build_bodies(events: int, batch: int, *, seed: int = 7, runtime: str = RUNTIME_NAME) -> list[bytes]:
+    """POST bodies of ``batch`` events each from ``runtime``, serialized and joined exactly as the
+    exporter does."""
     from inference.contracts import RequestEvent
     from inference.telemetry.sender import batch_body
     from inference.telemetry.spool import SpoolRecord
@@ -154,7 +155,7 @@ def build_bodies(events: int, batch: int, *, seed: int = 7) -> list[bytes]:
             started = now - dt.timedelta(seconds=rng.uniform(60, 86_000))
             completion = 0 if rejected else rng.randint(5, 400)
             event = RequestEvent(
-                event_id=uuid.UUID(int=rng.getrandbits(128), version=4), runtime_id=RUNTIME_NAME,
+                event_id=uuid.UUID(int=rng.getrandbits(128), version=4), runtime_id=runtime,
                 started_at=started, finished_at=started + dt.timedelta(milliseconds=e2e),
                 tenant=TENANTS[tenant], feature=FEATURES[(tenant * 7 + rng.randrange(4)) % len(FEATURES)],
                 end_user=f"user-{rng.randrange(5000)}", api_key_id=f"key-{tenant:02d}-{rng.randrange(3)}",
@@ -179,19 +180,25 @@ def build_bodies(events: int, batch: int, *, seed: int = 7) -> list[bytes]:
 
 def setup_control_plane() -> str:
     """Register the runtime and save a price book; return the runtime's token."""
-    from decimal import Decimal
-
-    from finops.pricing.models import DevicePrice, ModelPrice, PriceBook
     from finops.runtimes.services import runtime_register
 
     _, token = runtime_register(name=RUNTIME_NAME, base_url="http://127.0.0.1:9")
+    price_book_create()
+    django_disconnect()
+    return token
+
+
+def price_book_create() -> None:
+    """A price book for the benchmark's models and CPU, so events are priced on arrival."""
+    from decimal import Decimal
+
+    from finops.pricing.models import DevicePrice, ModelPrice, PriceBook
+
     book = PriceBook.objects.create(name="bench", effective_from=dt.datetime(2020, 1, 1, tzinfo=dt.UTC))
     for i, model in enumerate([*MODELS, "*"]):
         ModelPrice.objects.create(book=book, model=model, prompt_per_1m=Decimal("0.10") * (i + 1),
                                   completion_per_1m=Decimal("0.40") * (i + 1))
     DevicePrice.objects.create(book=book, device_type="cpu", per_gpu_hour=Decimal("0.05"), per_kwh=Decimal("0.15"))
-    django_disconnect()
-    return token
 
 
 # -- the server and the load -------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from finops.budgets.periods import Period, period_at
 from finops.budgets.rulesets import rulesets_compile
 from finops.budgets.selectors import breach_forecast
 from finops.budgets.spend import budgets_spend
+from finops.lib.bulk import rows_update
 from finops.lib.timezones import org_time_zone
 from finops.pricing.services import QUANTUM
 from finops.runtimes.selectors import rulesets_to_push
@@ -156,7 +157,7 @@ def _evaluate_locked(budget_ids: Sequence[int], now: dt.datetime) -> Evaluation:
             changed.append(budget)
         evaluated.append(budget)
     BudgetEvent.objects.bulk_create(events, ignore_conflicts=True, batch_size=1000)
-    Budget.objects.bulk_update(changed, ["state", "period_start", "spend"], batch_size=500)
+    rows_update(Budget, changed, ["state", "period_start", "spend"])
     Budget.objects.filter(pk__in=[budget.pk for budget in evaluated]).update(evaluated_at=now)
     grants_top_up_many(pairs=[(budget, periods[budget.pk]) for budget in evaluated if budget.is_hard], now=now)
     result.evaluated += len(evaluated)

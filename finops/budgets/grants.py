@@ -36,11 +36,12 @@ from collections.abc import Iterable
 from decimal import ROUND_DOWN, Decimal
 
 from django.conf import settings
-from django.db.models import F, Max, QuerySet
+from django.db.models import F, Max, QuerySet, Sum
 
 from finops.budgets.models import ANY, Budget, Grant, Unit
 from finops.budgets.periods import Period
 from finops.budgets.spend import ScopeIndex, scope_index, use_aggregates
+from finops.lib.bulk import rows_update
 from finops.runtimes.models import Runtime
 from finops.telemetry.models import RequestEvent
 from finops.telemetry.rollups import database_now
@@ -99,11 +100,16 @@ def _grouped(pairs: Iterable[tuple[Budget, Period]]) -> dict[Period, list[Budget
     return groups
 
 
+# What evaluation reads of a grant: a fleet's hard budgets have tens of thousands, read every pass.
+_READ = ("budget_id", "runtime_id", "period_start", "granted", "reported", "reported_through", "last_chunk",
+         "reported_at_last_chunk", "expires_at")
+
+
 def _grants_of(pairs: list[tuple[Budget, Period]]) -> dict[int, dict[int, Grant]]:
     """The current period's grants of every budget in ``pairs``, by budget pk then runtime pk."""
     current = {budget.pk: period.start for budget, period in pairs}
     grants: dict[int, dict[int, Grant]] = {pk: {} for pk in current}
-    rows = Grant.objects.filter(budget_id__in=list(current), period_start__in=set(current.values()))
+    rows = Grant.objects.filter(budget_id__in=list(current), period_start__in=set(current.values())).only(*_READ)
     for grant in rows:
         if current[grant.budget_id] == grant.period_start:
             grants[grant.budget_id][grant.runtime_id] = grant
@@ -133,16 +139,27 @@ def grants_settle_many(*, pairs: list[tuple[Budget, Period]], runtimes: list[Run
         for grant in grants[budget.pk].values():
             if grant.reported_through < until and grant.runtime_id in names:
                 by_watermark[(period, grant.reported_through)].append((budget, grant))
-    settled: list[Grant] = []
+    grew: list[Grant] = []
     for (period, since), group in by_watermark.items():
         new_use = _use_by_runtime(period=period, budgets=list({b.pk: b for b, _ in group}.values()), after=since,
                                   until=until)
         for budget, grant in group:
-            grant.reported += new_use.use(budget.tenant, budget.feature, names[grant.runtime_id]).amount(budget.unit)
+            more = new_use.use(budget.tenant, budget.feature, names[grant.runtime_id]).amount(budget.unit)
             grant.reported_through = until
-            settled.append(grant)
-    Grant.objects.bulk_update(settled, ["reported", "reported_through"], batch_size=1000)
+            if more:
+                grant.reported += more
+                grew.append(grant)
+        # Every grant of the group moves to the new watermark in one statement; only those that
+        # counted new events are written one by one.
+        _set_where([grant.pk for _, grant in group], reported_through=until)
+    rows_update(Grant, grew, ["reported"])
     return grants
+
+
+def _set_where(pks: list[int], **values: object) -> None:
+    """``UPDATE grant SET values WHERE pk IN pks``, in slices that fit any backend's parameter limit."""
+    for at in range(0, len(pks), 5000):
+        Grant.objects.filter(pk__in=pks[at:at + 5000]).update(**values)
 
 
 def grants_reported_many(*, pairs: list[tuple[Budget, Period]], grants: dict[int, dict[int, Grant]],
@@ -180,6 +197,7 @@ def grants_top_up_many(*, pairs: list[tuple[Budget, Period]], now: dt.datetime) 
     grants = grants_settle_many(pairs=pairs, runtimes=runtimes, until=until)
     reported = grants_reported_many(pairs=pairs, grants=grants, runtimes=runtimes)
     changed: list[Grant] = []
+    renewed: dict[dt.datetime, list[int]] = defaultdict(list)
     for budget, _ in pairs:
         mine = grants[budget.pk]
         free = budget.limit - sum((g.granted for g in mine.values()), Decimal(0))
@@ -191,14 +209,16 @@ def grants_top_up_many(*, pairs: list[tuple[Budget, Period]], now: dt.datetime) 
                 grant.granted += increase
                 grant.last_chunk = increase
                 grant.reported_at_last_chunk = reported[budget.pk].get(grant.runtime_id, grant.reported)
-            renew = grant.expires_at is None or grant.expires_at - now < ALLOWANCE_TTL / 2
-            if renew:
+            if grant.expires_at is None or grant.expires_at - now < ALLOWANCE_TTL / 2:
                 grant.expires_at = (now + ALLOWANCE_TTL).replace(microsecond=0)
-            if increase > 0 or renew:
+                if increase <= 0:
+                    renewed[grant.expires_at].append(grant.pk)
+            if increase > 0:
                 grant.updated_at = now
                 changed.append(grant)
-    Grant.objects.bulk_update(changed, ["granted", "last_chunk", "reported_at_last_chunk", "expires_at",
-                                        "updated_at"], batch_size=1000)
+    rows_update(Grant, changed, ["granted", "last_chunk", "reported_at_last_chunk", "expires_at", "updated_at"])
+    for expires_at, pks in renewed.items():  # renewals come in waves: all of a pass's grants at once
+        _set_where(pks, expires_at=expires_at, updated_at=now)
     return {pk: sorted(mine.values(), key=lambda g: g.runtime_id) for pk, mine in grants.items()}
 
 
@@ -238,7 +258,10 @@ def _top_ups(*, budget: Budget, runtimes: list[Runtime], grants: dict[int, Grant
 
 def granted_totals(*, pairs: list[tuple[Budget, Period]]) -> dict[int, Decimal]:
     """How much of each hard budget's limit is granted out in its current period, by pk."""
-    return {pk: sum((g.granted for g in mine.values()), Decimal(0)) for pk, mine in _grants_of(pairs).items()}
+    current = {budget.pk: period.start for budget, period in pairs}
+    rows = (Grant.objects.filter(budget_id__in=list(current), period_start__in=set(current.values())).order_by()
+            .values_list("budget_id", "period_start").annotate(total=Sum("granted")))
+    return {pk: total for pk, start, total in rows if current[pk] == start}
 
 
 def hard_budgets_exhausted(*, pairs: list[tuple[Budget, Period]], used: dict[int, Decimal]) -> set[int]:

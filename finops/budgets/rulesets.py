@@ -15,7 +15,6 @@ import math
 from decimal import Decimal
 from typing import Any
 
-from django.db.models import Q
 from django.utils import timezone
 
 from finops.budgets.grants import ALLOWANCE_TTL
@@ -43,10 +42,11 @@ def rulesets_compile(*, now: dt.datetime | None = None) -> list[int]:
         if budget.state == State.EXCEEDED and budget.period_start == period.start:
             rules.extend(budget_rules(budget=budget, period=period))
     hard = [(budget, period) for budget, period in sorted(budgets, key=lambda item: item[0].pk) if budget.is_hard]
-    current = Q()
-    for budget, period in hard:
-        current |= Q(budget=budget, period_start=period.start)
-    grants = {(grant.budget_id, grant.runtime_id): grant for grant in Grant.objects.filter(current)} if hard else {}
+    current = {budget.pk: period.start for budget, period in hard}
+    grants = {(grant.budget_id, grant.runtime_id): grant
+              for grant in Grant.objects.filter(budget_id__in=list(current), period_start__in=set(current.values()))
+              .only("budget_id", "runtime_id", "period_start", "granted", "reported", "expires_at")
+              if current[grant.budget_id] == grant.period_start}
     prices = prices_document(now=now)
     changed = []
     for runtime in Runtime.objects.order_by("name"):

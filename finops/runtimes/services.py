@@ -118,7 +118,9 @@ def ruleset_store(*, runtime: Runtime, content: Mapping[str, Any], now: dt.datet
     digest = ruleset_digest(content)
     Ruleset.objects.get_or_create(runtime=runtime)
     with transaction.atomic():
-        ruleset = Ruleset.objects.select_for_update().select_related("runtime").get(runtime=runtime)
+        # The stored document is not read (its digest says whether it changed): a fleet's documents
+        # are hundreds of kilobytes each, compiled every few seconds.
+        ruleset = Ruleset.objects.select_for_update().select_related("runtime").defer("document").get(runtime=runtime)
         if ruleset.digest == digest:
             return ruleset, False
         _issue(ruleset, dict(content), digest, version=max(ruleset.version, ruleset.runtime.last_ruleset_ack or 0) + 1,
