@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from finops.budgets.models import Budget, Period
 from finops.budgets.periods import period_at
-from finops.budgets.selectors import BudgetStatus, budget_for_scope, budget_status, budgets_naming
+from finops.budgets.selectors import BudgetStatus, budget_for_scope, budget_statuses_of, budgets_naming
 from finops.dashboards.filterbar import FilterState
 from finops.telemetry.capacity import RuntimeGauge, RuntimeHistoryPoint, runtime_history
 from finops.telemetry.latency import LatencySummary, latency_summary
@@ -177,7 +177,7 @@ def breakdown(*, state: FilterState, dimension: Dimension, sort: str = DEFAULT_S
 
 def budgets_for(*, dimension: Dimension, value: str) -> list[BudgetStatus]:
     """The budgets whose scope names this tenant or feature (models carry no budgets)."""
-    return [budget_status(budget=budget) for budget in budgets_naming(dimension=dimension, value=value)]
+    return budget_statuses_of(list(budgets_naming(dimension=dimension, value=value)))
 
 
 def series(*, state: FilterState, fixed: dict[str, str] | None = None,

@@ -61,3 +61,44 @@ def test_the_worker_with_beat_rolls_up_stored_events(broker: str, tmp_path: Path
         worker.terminate()
         worker.wait(timeout=30)
     assert rolled == "3", "one row each for the minute, the hour and the day"
+
+
+CREATE_BUDGETS = """
+from decimal import Decimal
+from finops.budgets.services import budget_create
+from finops.runtimes.models import Runtime
+Runtime.objects.create(name="rt-1", base_url="http://127.0.0.1:9")
+for tenant in ("acme", "globex", "initech", "umbrella", "hooli"):
+    budget_create(fields={"name": tenant, "tenant": tenant, "limit": Decimal("10")})
+"""
+COUNT_EVALUATED = ("from finops.budgets.models import Budget; from finops.runtimes.models import Ruleset; "
+                   "print(Budget.objects.filter(evaluated_at__isnull=False).count(), Ruleset.objects.count())")
+
+
+def test_a_pass_over_more_budgets_than_a_chunk_is_a_chord_over_the_workers(tmp_path: Path) -> None:
+    if not redis_up():
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    broker = "redis://127.0.0.1:6379/14"  # a result backend too: what a chord needs
+    env = {**os.environ, "WATTSON_DEV": "1", "WATTSON_VAR_DIR": str(tmp_path), "CELERY_BROKER_URL": broker,
+           "BUDGET_EVALUATION_CHUNK": "2"}
+    env.pop("DATABASE_URL", None)
+    manage(env, "migrate", "-v0")
+    manage(env, "shell", "-c", CREATE_BUDGETS)
+    log = tmp_path / "worker.log"
+    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "finops", "worker", "-B", "--concurrency", "2",
+                               "-l", "info", "--logfile", str(log)],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        counts = ""
+        while time.monotonic() < deadline and counts != "5 1":
+            time.sleep(2)
+            assert worker.poll() is None, "the worker exited"
+            counts = manage(env, "shell", "--no-imports", "-c", COUNT_EVALUATED).strip()
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    assert counts == "5 1", "every budget evaluated and the runtime's ruleset compiled"
+    succeeded = [line for line in log.read_text().splitlines() if " succeeded in " in line]
+    assert sum("tasks.evaluate_chunk[" in line for line in succeeded) >= 3  # 2 + 2 + 1 budgets per pass
+    assert any("tasks.finish_evaluation[" in line for line in succeeded)
