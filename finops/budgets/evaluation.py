@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -35,7 +35,7 @@ from finops.budgets.models import AlertStatus, Budget, BudgetEvent, EventKind, S
 from finops.budgets.periods import Period, period_at
 from finops.budgets.rulesets import rulesets_compile
 from finops.budgets.selectors import breach_forecast
-from finops.budgets.spend import budgets_spend
+from finops.budgets.spend import active_budget_scopes, budgets_spend
 from finops.lib.bulk import rows_update
 from finops.lib.timezones import org_time_zone
 from finops.pricing.services import QUANTUM
@@ -76,11 +76,15 @@ def evaluation_chunks(*, size: int | None = None) -> list[list[int]]:
 
 
 def budgets_evaluate(*, now: dt.datetime | None = None) -> Evaluation:
-    """Evaluate every active budget, chunk after chunk, then compile each runtime's ruleset."""
+    """Evaluate every active budget, chunk after chunk, then compile each runtime's ruleset. The
+    spend of all of them is read once, before the first chunk: one read per period kind for the
+    whole pass instead of one per chunk."""
     now = now or timezone.now()
     result = Evaluation()
-    for chunk in evaluation_chunks():
-        result.add(budgets_evaluate_chunk(budget_ids=chunk, now=now))
+    chunks = evaluation_chunks()
+    spend = budgets_spend(active_budget_scopes(), now=now) if len(chunks) > 1 else None
+    for chunk in chunks:
+        result.add(budgets_evaluate_chunk(budget_ids=chunk, now=now, spend=spend))
     return evaluation_finish(result=result, now=now)
 
 
@@ -97,12 +101,14 @@ def budget_evaluate(*, budget_id: int, now: dt.datetime) -> int:
     return budgets_evaluate_chunk(budget_ids=[budget_id], now=now).events
 
 
-def budgets_evaluate_chunk(*, budget_ids: Sequence[int], now: dt.datetime) -> Evaluation:
+def budgets_evaluate_chunk(*, budget_ids: Sequence[int], now: dt.datetime,
+                           spend: Mapping[int, Decimal] | None = None) -> Evaluation:
     """Evaluate these budgets at ``now`` together, in one transaction; where that fails as a whole,
-    one at a time, so that one budget's failure costs only that budget."""
+    one at a time, so that one budget's failure costs only that budget. ``spend``: the pass's
+    spend of every budget, read already (read here for these budgets otherwise)."""
     try:
         with transaction.atomic():
-            return _evaluate_locked(budget_ids, now)
+            return _evaluate_locked(budget_ids, now, spend)
     except Exception:
         if len(budget_ids) == 1:
             logger.exception("budget %s: evaluation failed", budget_ids[0])
@@ -111,7 +117,7 @@ def budgets_evaluate_chunk(*, budget_ids: Sequence[int], now: dt.datetime) -> Ev
                          budget_ids[0], budget_ids[-1], len(budget_ids))
     result = Evaluation()
     for budget_id in budget_ids:
-        result.add(budgets_evaluate_chunk(budget_ids=[budget_id], now=now))
+        result.add(budgets_evaluate_chunk(budget_ids=[budget_id], now=now, spend=spend))
     return result
 
 
@@ -125,13 +131,14 @@ def budget_state(*, budget: Budget, used: Decimal) -> str:
     return State.OK
 
 
-def _evaluate_locked(budget_ids: Sequence[int], now: dt.datetime) -> Evaluation:
-    budgets = list(Budget.objects.select_for_update().filter(pk__in=list(budget_ids), paused=False).order_by("pk"))
+def _evaluate_locked(budget_ids: Sequence[int], now: dt.datetime, read: Mapping[int, Decimal] | None) -> Evaluation:
+    budgets = list(Budget.objects.select_for_update().filter(pk__in=list(budget_ids), paused=False)
+                   .defer("created_at", "updated_at", "recipients").order_by("pk"))
     result = Evaluation()
     if not budgets:
         return result
     periods = {budget.pk: period_at(budget.period, now) for budget in budgets}
-    spend = budgets_spend(budgets, now=now)
+    spend = read if read is not None and all(b.pk in read for b in budgets) else budgets_spend(budgets, now=now)
     hard = [(budget, periods[budget.pk]) for budget in budgets if budget.is_hard]
     # A hard budget whose rest cannot fit a request is at its limit for states and alerts.
     exhausted = hard_budgets_exhausted(pairs=hard, used=spend) if hard else set()

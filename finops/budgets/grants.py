@@ -33,6 +33,7 @@ from __future__ import annotations
 import datetime as dt
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from decimal import ROUND_DOWN, Decimal
 
 from django.conf import settings
@@ -90,7 +91,7 @@ def _use_by_runtime(*, period: Period, budgets: list[Budget], after: dt.datetime
     if ANY not in features:
         events = events.filter(feature__in=sorted(features))
     rows = fetch_rows(events.order_by().values("tenant", "feature", "runtime_id").annotate(**use_aggregates()))
-    return scope_index(rows, key="runtime_id")
+    return scope_index(rows, key="runtime_id", wanted={(b.tenant, b.feature) for b in budgets})
 
 
 def _grouped(pairs: Iterable[tuple[Budget, Period]]) -> dict[Period, list[Budget]]:
@@ -100,29 +101,47 @@ def _grouped(pairs: Iterable[tuple[Budget, Period]]) -> dict[Period, list[Budget
     return groups
 
 
-# What evaluation reads of a grant: a fleet's hard budgets have tens of thousands, read every pass.
-_READ = ("budget_id", "runtime_id", "period_start", "granted", "reported", "reported_through", "last_chunk",
+@dataclass(slots=True)
+class GrantRow:
+    """What evaluation reads and writes of a ``Grant``: a fleet's hard budgets have tens of
+    thousands, read every pass, and a model instance each cost more than the rest of the pass."""
+
+    pk: int
+    budget_id: int
+    runtime_id: int
+    granted: Decimal
+    reported: Decimal
+    reported_through: dt.datetime
+    last_chunk: Decimal
+    reported_at_last_chunk: Decimal
+    expires_at: dt.datetime | None
+    updated_at: dt.datetime | None = None
+
+
+_READ = ("pk", "budget_id", "runtime_id", "granted", "reported", "reported_through", "last_chunk",
          "reported_at_last_chunk", "expires_at")
 
 
-def _grants_of(pairs: list[tuple[Budget, Period]]) -> dict[int, dict[int, Grant]]:
+def grants_current(pairs: list[tuple[Budget, Period]]) -> dict[int, dict[int, GrantRow]]:
     """The current period's grants of every budget in ``pairs``, by budget pk then runtime pk."""
-    current = {budget.pk: period.start for budget, period in pairs}
-    grants: dict[int, dict[int, Grant]] = {pk: {} for pk in current}
-    rows = Grant.objects.filter(budget_id__in=list(current), period_start__in=set(current.values())).only(*_READ)
-    for grant in rows:
-        if current[grant.budget_id] == grant.period_start:
-            grants[grant.budget_id][grant.runtime_id] = grant
+    grants: dict[int, dict[int, GrantRow]] = {budget.pk: {} for budget, _ in pairs}
+    for period, budgets in _grouped(pairs).items():
+        ids = [budget.pk for budget in budgets]
+        for at in range(0, len(ids), 5000):
+            for row in Grant.objects.filter(budget_id__in=ids[at:at + 5000], period_start=period.start).values_list(
+                    *_READ):
+                grant = GrantRow(*row)
+                grants[grant.budget_id][grant.runtime_id] = grant
     return grants
 
 
 def grants_settle_many(*, pairs: list[tuple[Budget, Period]], runtimes: list[Runtime], until: dt.datetime
-                       ) -> dict[int, dict[int, Grant]]:
+                       ) -> dict[int, dict[int, GrantRow]]:
     """The grant of every runtime for each (budget, its period) in ``pairs`` (created at zero
     where missing), ``reported`` advanced to the settled watermark ``until``; by budget pk, then
     runtime pk. A few grouped queries for all of them. Call with the budgets' rows locked."""
     names = {r.pk: r.name for r in runtimes}
-    grants = _grants_of(pairs)
+    grants = grants_current(pairs)
     missing = [(budget, period) for budget, period in pairs if len(grants[budget.pk]) < len(runtimes)]
     if missing:
         new: list[Grant] = []
@@ -133,13 +152,13 @@ def grants_settle_many(*, pairs: list[tuple[Budget, Period]], runtimes: list[Run
                                  reported=used.use(budget.tenant, budget.feature, runtime.name).amount(budget.unit))
                            for runtime in runtimes if runtime.pk not in grants[budget.pk])
         Grant.objects.bulk_create(new, ignore_conflicts=True, batch_size=1000)
-        grants = _grants_of(pairs)
-    by_watermark: dict[tuple[Period, dt.datetime], list[tuple[Budget, Grant]]] = defaultdict(list)
+        grants = grants_current(pairs)
+    by_watermark: dict[tuple[Period, dt.datetime], list[tuple[Budget, GrantRow]]] = defaultdict(list)
     for budget, period in pairs:
         for grant in grants[budget.pk].values():
             if grant.reported_through < until and grant.runtime_id in names:
                 by_watermark[(period, grant.reported_through)].append((budget, grant))
-    grew: list[Grant] = []
+    grew: list[GrantRow] = []
     for (period, since), group in by_watermark.items():
         new_use = _use_by_runtime(period=period, budgets=list({b.pk: b for b, _ in group}.values()), after=since,
                                   until=until)
@@ -162,13 +181,13 @@ def _set_where(pks: list[int], **values: object) -> None:
         Grant.objects.filter(pk__in=pks[at:at + 5000]).update(**values)
 
 
-def grants_reported_many(*, pairs: list[tuple[Budget, Period]], grants: dict[int, dict[int, Grant]],
+def grants_reported_many(*, pairs: list[tuple[Budget, Period]], grants: dict[int, dict[int, GrantRow]],
                          runtimes: list[Runtime]) -> dict[int, dict[int, Decimal]]:
     """Settled ``reported`` plus the events received after each grant's watermark, by budget pk
     then runtime pk."""
     names = {r.pk: r.name for r in runtimes}
     reported = {pk: {runtime_pk: g.reported for runtime_pk, g in mine.items()} for pk, mine in grants.items()}
-    by_watermark: dict[tuple[Period, dt.datetime], list[tuple[Budget, Grant]]] = defaultdict(list)
+    by_watermark: dict[tuple[Period, dt.datetime], list[tuple[Budget, GrantRow]]] = defaultdict(list)
     for budget, period in pairs:
         for grant in grants[budget.pk].values():
             if grant.runtime_id in names:
@@ -181,12 +200,12 @@ def grants_reported_many(*, pairs: list[tuple[Budget, Period]], grants: dict[int
     return reported
 
 
-def grants_top_up(*, budget: Budget, period: Period, now: dt.datetime) -> list[Grant]:
+def grants_top_up(*, budget: Budget, period: Period, now: dt.datetime) -> list[GrantRow]:
     """``grants_top_up_many`` of one budget: its grants, by runtime pk."""
     return grants_top_up_many(pairs=[(budget, period)], now=now).get(budget.pk, [])
 
 
-def grants_top_up_many(*, pairs: list[tuple[Budget, Period]], now: dt.datetime) -> dict[int, list[Grant]]:
+def grants_top_up_many(*, pairs: list[tuple[Budget, Period]], now: dt.datetime) -> dict[int, list[GrantRow]]:
     """Settle and top up every runtime's grant for each hard (budget, its current period) in
     ``pairs`` (see the module's policy) and renew their expiry, in a few grouped queries and bulk
     writes. Call inside a transaction with the budgets' rows locked. Returns each budget's grants."""
@@ -196,7 +215,7 @@ def grants_top_up_many(*, pairs: list[tuple[Budget, Period]], now: dt.datetime) 
     until = database_now() - dt.timedelta(seconds=settings.ROLLUP_SETTLE_SECONDS)
     grants = grants_settle_many(pairs=pairs, runtimes=runtimes, until=until)
     reported = grants_reported_many(pairs=pairs, grants=grants, runtimes=runtimes)
-    changed: list[Grant] = []
+    changed: list[GrantRow] = []
     renewed: dict[dt.datetime, list[int]] = defaultdict(list)
     for budget, _ in pairs:
         mine = grants[budget.pk]
@@ -222,7 +241,7 @@ def grants_top_up_many(*, pairs: list[tuple[Budget, Period]], now: dt.datetime) 
     return {pk: sorted(mine.values(), key=lambda g: g.runtime_id) for pk, mine in grants.items()}
 
 
-def _top_ups(*, budget: Budget, runtimes: list[Runtime], grants: dict[int, Grant], reported: dict[int, Decimal],
+def _top_ups(*, budget: Budget, runtimes: list[Runtime], grants: dict[int, GrantRow], reported: dict[int, Decimal],
              free: Decimal, now: dt.datetime) -> dict[int, Decimal]:
     """How much to add to each runtime's grant; the increases never add up to more than ``free``."""
     unit = budget.unit

@@ -9,6 +9,7 @@ period starts at the first local instant of the day, which is the moment of the 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from dataclasses import dataclass
 
 from finops.lib.timezones import org_time_zone
@@ -35,7 +36,11 @@ def period_at(kind: str, moment: dt.datetime, tz: dt.tzinfo | None = None) -> Pe
     """The period of ``kind`` that contains ``moment`` (an aware datetime)."""
     if moment.tzinfo is None:
         raise ValueError("moment must be an aware datetime")
-    tz = tz or org_time_zone()
+    return _period_at(kind, moment, tz or org_time_zone())
+
+
+@functools.lru_cache(maxsize=1024)  # an evaluation pass asks for the same few, once per budget
+def _period_at(kind: str, moment: dt.datetime, tz: dt.tzinfo) -> Period:
     local = moment.astimezone(tz)
     if kind == DAILY:
         first = local.date()
@@ -50,7 +55,7 @@ def period_at(kind: str, moment: dt.datetime, tz: dt.tzinfo | None = None) -> Pe
         raise ValueError(f"unknown period {kind!r}")
     start, end = _local_midnight(first, tz), _local_midnight(following, tz)
     if not start <= moment < end:  # only in a zone whose midnight repeats; step to the right side
-        return period_at(kind, end if moment >= end else start - dt.timedelta(microseconds=1), tz)
+        return _period_at(kind, end if moment >= end else start - dt.timedelta(microseconds=1), tz)
     return Period(kind, start, end)
 
 

@@ -17,8 +17,8 @@ from typing import Any
 
 from django.utils import timezone
 
-from finops.budgets.grants import ALLOWANCE_TTL
-from finops.budgets.models import Action, Budget, Grant, State, Unit
+from finops.budgets.grants import ALLOWANCE_TTL, GrantRow, grants_current
+from finops.budgets.models import Action, Budget, State, Unit
 from finops.budgets.periods import Period, period_at
 from finops.budgets.selectors import amount_label
 from finops.lib.timezones import org_time_zone
@@ -36,21 +36,19 @@ def iso(moment: dt.datetime) -> str:
 def rulesets_compile(*, now: dt.datetime | None = None) -> list[int]:
     """Compile and store every runtime's document; return the pks of runtimes given a new version."""
     now = now or timezone.now()
-    budgets = [(budget, period_at(budget.period, now)) for budget in Budget.objects.filter(paused=False)]
+    active = Budget.objects.filter(paused=False).defer("created_at", "updated_at", "evaluated_at", "recipients",
+                                                        "thresholds")
+    budgets = [(budget, period_at(budget.period, now)) for budget in active]
     rules: list[dict[str, Any]] = []
     for budget, period in sorted(budgets, key=lambda item: (-item[0].specificity, item[0].pk)):
         if budget.state == State.EXCEEDED and budget.period_start == period.start:
             rules.extend(budget_rules(budget=budget, period=period))
     hard = [(budget, period) for budget, period in sorted(budgets, key=lambda item: item[0].pk) if budget.is_hard]
-    current = {budget.pk: period.start for budget, period in hard}
-    grants = {(grant.budget_id, grant.runtime_id): grant
-              for grant in Grant.objects.filter(budget_id__in=list(current), period_start__in=set(current.values()))
-              .only("budget_id", "runtime_id", "period_start", "granted", "reported", "expires_at")
-              if current[grant.budget_id] == grant.period_start}
+    grants = grants_current(hard)
     prices = prices_document(now=now)
     changed = []
     for runtime in Runtime.objects.order_by("name"):
-        allowances = [budget_allowance(budget=budget, period=period, grant=grants.get((budget.pk, runtime.pk)), now=now)
+        allowances = [budget_allowance(budget=budget, period=period, grant=grants[budget.pk].get(runtime.pk), now=now)
                       for budget, period in hard]
         content = {"runtime_id": runtime.name, "prices": prices, "rules": rules, "allowances": allowances}
         _, is_new = ruleset_store(runtime=runtime, content=content, now=now)
@@ -92,7 +90,7 @@ def budget_rules(*, budget: Budget, period: Period) -> list[dict[str, Any]]:
              "expires_at": iso(period.end)} for action in actions]
 
 
-def budget_allowance(*, budget: Budget, period: Period, grant: Grant | None, now: dt.datetime) -> dict[str, Any]:
+def budget_allowance(*, budget: Budget, period: Period, grant: GrantRow | None, now: dt.datetime) -> dict[str, Any]:
     """A hard budget's allowance for one runtime. ``reported`` is the grant's settled count (events
     received up to its watermark, a few seconds behind): a floor for a runtime that lost its ledger,
     which changes the document only as often as the watermark moves. A runtime without a grant row

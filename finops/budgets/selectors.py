@@ -25,6 +25,7 @@ from finops.lib.timezones import org_time_zone
 # A forecast needs some history: before this share of the period has passed, a burst looks like a trend.
 FORECAST_MIN_ELAPSED = 0.05
 SECONDS_PER_HOUR = Decimal(3600)
+STALE_AFTER = dt.timedelta(minutes=1)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,14 @@ class BudgetStatus:
     period: Period
     used: Decimal
     forecast: Forecast
+    as_of: dt.datetime | None = None  # when ``used`` was evaluated; None: read live
+
+    @property
+    def stale_since(self) -> dt.datetime | None:
+        """When ``used`` was evaluated, if that was over a minute ago (evaluation has stalled)."""
+        if self.as_of is not None and timezone.now() - self.as_of > STALE_AFTER:
+            return self.as_of
+        return None
 
     @property
     def fraction(self) -> Decimal:
@@ -106,19 +115,27 @@ def budget_status(*, budget: Budget, now: dt.datetime | None = None) -> BudgetSt
     return budget_statuses_of([budget], now=now)[0]
 
 
-def budget_statuses_of(budgets: Sequence[Budget], *, now: dt.datetime | None = None) -> list[BudgetStatus]:
-    """The live status of each of ``budgets``, in order: their spend read together (``spend``)."""
+def budget_statuses_of(budgets: Sequence[Budget], *, now: dt.datetime | None = None,
+                       evaluated: bool = False) -> list[BudgetStatus]:
+    """The status of each of ``budgets``, in order: their live spend, read together (``spend``);
+    with ``evaluated``, the spend their last evaluation stored where it was in this period (the
+    budgets list: a few seconds old, what it sorts by, and no read of telemetry for a page of
+    them), live for the others."""
     now = now or timezone.now()
-    spend = budgets_spend(budgets, now=now)
+    periods = {budget.pk: period_at(budget.period, now) for budget in budgets}
+    stored = {budget.pk: budget.spend for budget in budgets
+              if evaluated and budget.evaluated_at is not None and budget.period_start == periods[budget.pk].start}
+    spend = {**budgets_spend([b for b in budgets if b.pk not in stored], now=now), **stored}
     statuses = []
     for budget in budgets:
-        period = period_at(budget.period, now)
+        period = periods[budget.pk]
         used = spend[budget.pk]
         if budget.state == State.EXCEEDED and budget.period_start == period.start:
             forecast = Forecast(None, None, "limit reached")  # a hard budget used up short of 100% included
         else:
             forecast = breach_forecast(used=used, limit=budget.limit, period=period, now=now, unit=budget.unit)
-        statuses.append(BudgetStatus(budget, period, used, forecast))
+        as_of = budget.evaluated_at if budget.pk in stored else None
+        statuses.append(BudgetStatus(budget, period, used, forecast, as_of))
     return statuses
 
 
@@ -171,8 +188,8 @@ def budget_order(order: str) -> str:
 def budget_page(*, search: str = "", order: str = DEFAULT_BUDGET_ORDER, page: int | str = 1,
                 per_page: int = BUDGETS_PER_PAGE, now: dt.datetime | None = None) -> BudgetPage:
     """A page of budgets whose name, tenant or feature contains ``search``, in ``order``, with
-    the live status of each (the page's spend read together). A page number past the end is the
-    last page."""
+    the status of each as of its last evaluation (``budget_statuses_of``). A page number past the
+    end is the last page."""
     search, order = search.strip()[:100], budget_order(order)
     budgets = Budget.objects.annotate(used=F("spend") / F("limit"), state_rank=_STATE_RANK)
     if search:
@@ -182,7 +199,7 @@ def budget_page(*, search: str = "", order: str = DEFAULT_BUDGET_ORDER, page: in
     descending = order.startswith("-")
     budgets = budgets.order_by(*(f"-{name}" if descending and name != "id" else name for name in fields))
     chosen = Paginator(budgets, per_page).get_page(page)
-    return BudgetPage(budget_statuses_of(list(chosen.object_list), now=now), chosen, search, order)
+    return BudgetPage(budget_statuses_of(list(chosen.object_list), now=now, evaluated=True), chosen, search, order)
 
 
 def budgets_naming(*, dimension: str, value: str) -> QuerySet[Budget]:

@@ -10,13 +10,15 @@ statement: a few milliseconds per thousand rows on either.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from django.db import connection
 from django.db.models import Model
 
 
-def rows_update(model: type[Model], rows: Sequence[Model], fields: Sequence[str]) -> None:
-    """Write ``fields`` of every row in ``rows`` (instances of ``model``) as they are in memory."""
+def rows_update(model: type[Model], rows: Sequence[Any], fields: Sequence[str]) -> None:
+    """Write ``fields`` of every row in ``rows`` as they are in memory: instances of ``model``, or
+    any objects with a ``pk`` and an attribute per field."""
     if not rows:
         return
     meta = model._meta

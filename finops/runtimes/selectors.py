@@ -59,7 +59,8 @@ class RuntimeRulesetState:
 def runtime_ruleset_states() -> list[RuntimeRulesetState]:
     """Every runtime with the ruleset version issued to it and the one it acknowledged."""
     states = []
-    for runtime in Runtime.objects.select_related("ruleset").order_by("name"):
+    # Not the documents: a fleet's are hundreds of kilobytes each.
+    for runtime in Runtime.objects.select_related("ruleset").defer("ruleset__document").order_by("name"):
         ruleset = getattr(runtime, "ruleset", None)
         issued = ruleset.version if ruleset and ruleset.version else None
         states.append(RuntimeRulesetState(

@@ -260,3 +260,17 @@ def test_odd_list_parameters_give_a_page_not_an_error(pm: Client, query: str) ->
     budget(name="acme monthly")
     response = pm.get(f"/budgets/?{query}")
     assert response.status_code == 200
+
+
+def test_the_list_shows_each_budgets_evaluated_spend_and_says_when_evaluation_stalled(pm: Client) -> None:
+    now = timezone.now()
+    tracked = budget(name="acme monthly", limit=Decimal("10"))
+    spend("4", at=now - dt.timedelta(minutes=5))
+    budgets_evaluate(now=now - dt.timedelta(minutes=3))  # then evaluation stopped
+    spend("2", at=now - dt.timedelta(minutes=2))
+
+    listed = pm.get("/budgets/").content.decode()
+    own_page = pm.get(f"/budgets/{tracked.pk}/").content.decode()
+
+    assert "$4.00" in listed and "as of " in listed  # the last evaluation's figure, marked as old
+    assert "$6.00" in own_page  # the budget's page reads live
