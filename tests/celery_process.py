@@ -80,7 +80,7 @@ def unique_queue(prefix: str) -> str:
 def celery_worker(*, broker: str, var_dir: Path, queue: str, log: Path, concurrency: int = 1,
                   extra: Sequence[str] = ()) -> Iterator[Child]:
     """``celery -A finops worker`` consuming ``queue`` only; stopped (its pool too) when the block
-    ends, and the queue emptied of what it left (a retry it held, put back on shutdown)."""
+    ends, and the queue removed with what it left (a retry it held, put back on shutdown)."""
     argv = [sys.executable, "-m", "celery", "-A", "finops", "worker", "-Q", queue, "--concurrency",
             str(concurrency), "-l", "info", "--without-gossip", "--without-mingle", *extra]
     worker = Child("celery worker", argv, env=control_plane_env(broker=broker, var_dir=var_dir, queue=queue),
@@ -89,8 +89,17 @@ def celery_worker(*, broker: str, var_dir: Path, queue: str, log: Path, concurre
         yield worker
     finally:
         worker.stop(30)
-        with broker_connection(broker, var_dir) as conn:
-            conn.default_channel.queue_purge(queue)
+        queue_remove(broker, var_dir, queue)
+
+
+def queue_remove(broker: str, var_dir: Path, queue: str) -> None:
+    """Empty ``queue`` and, on Redis, drop the routing keys its worker declared for it (each test's
+    queue is new: they would pile up)."""
+    with broker_connection(broker, var_dir) as conn:
+        channel = conn.default_channel
+        channel.queue_purge(queue)
+        if broker.startswith("redis"):
+            channel.client.delete(f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
 
 
 def worker_ready(worker: Child) -> bool:
