@@ -28,7 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # Override with WATTSON_TEST_REDIS_URL to keep off a Redis database others use.
 REDIS_URL = os.environ.get("WATTSON_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 FILESYSTEM = "filesystem://"
-READY_TIMEOUT_S = 120.0
 
 
 def redis_up(url: str = REDIS_URL) -> bool:
@@ -77,12 +76,11 @@ def unique_queue(prefix: str) -> str:
 
 
 @contextmanager
-def celery_worker(*, broker: str, var_dir: Path, queue: str, log: Path, concurrency: int = 1,
-                  extra: Sequence[str] = ()) -> Iterator[Child]:
+def celery_worker(*, broker: str, var_dir: Path, queue: str, log: Path, concurrency: int = 1) -> Iterator[Child]:
     """``celery -A finops worker`` consuming ``queue`` only; stopped (its pool too) when the block
     ends, and the queue removed with what it left (a retry it held, put back on shutdown)."""
     argv = [sys.executable, "-m", "celery", "-A", "finops", "worker", "-Q", queue, "--concurrency",
-            str(concurrency), "-l", "info", "--without-gossip", "--without-mingle", *extra]
+            str(concurrency), "-l", "info", "--without-gossip", "--without-mingle"]
     worker = Child("celery worker", argv, env=control_plane_env(broker=broker, var_dir=var_dir, queue=queue),
                    cwd=ROOT, log=log, stop_signal=signal.SIGTERM)
     try:

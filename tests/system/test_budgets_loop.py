@@ -1,7 +1,7 @@
 """Budgets end to end over real HTTP (issue 4's "Done when"): a live control plane (pytest-django's
 live server) evaluates budgets, emails alerts and compiles rulesets that reach a live runtime by
-push (the ``push_ruleset`` task) or by the runtime's own pull; the runtime enforces them at admission and
-exports every request, the refused ones included, back to the control plane's ingest.
+push (the ``push_ruleset`` task) or by the runtime's own pull; the runtime enforces them at
+admission and exports every request, the refused ones included, back to the control plane's ingest.
 
 Evaluation is called as the Celery task calls it (``budgets_evaluate``, then ``alerts_send``), and
 the push is the Celery task itself, run eagerly (Celery's retries of a failed attempt then follow
