@@ -22,11 +22,12 @@ def runtime_get_by_token(*, token: str) -> Runtime | None:
     return row.runtime if row else None
 
 
-# A document the runtime has not acknowledged is pushed again at most this often (a push that
-# failed through all its retries); the runtime's own periodic pull heals in between.
+# A document the runtime has not acknowledged is pushed again at most this often after the last
+# attempt (a push that failed through all its retries; each attempt records its time, so a push
+# whose retries are still going is not queued twice); the runtime's own pull heals in between.
 REPUSH_INTERVAL = dt.timedelta(seconds=30)
-# A push retries for at most PUSH_DEADLINE_S (30 s); one started longer ago than this has ended,
-# whether or not it managed to record so (a killed worker).
+# One attempt lasts at most a few sends of PUSH_TIMEOUT (seconds each); one started longer ago
+# than this has ended, whether or not it managed to record so (a killed worker).
 PUSH_IN_FLIGHT = dt.timedelta(seconds=45)
 
 

@@ -7,13 +7,13 @@ its SHA-256 digest and first characters (``RuntimeToken.issue``).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
 import logging
 import random
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -170,11 +170,16 @@ def ruleset_pull(*, runtime: Runtime, held: int | None, now: dt.datetime | None 
 
 # -- push ------------------------------------------------------------------------------------------
 
-PUSH_ATTEMPTS = 6
+PUSH_ATTEMPTS = 6  # attempts in one push: the first and five retries, each one Celery task run
 PUSH_BACKOFF_BASE_S = 0.5
 PUSH_BACKOFF_CAP_S = 8.0
-PUSH_DEADLINE_S = 30.0
+# A push still queued this long after it was due is stale (a backlog); the next evaluation queues
+# a fresh one for any runtime still behind, so it is dropped rather than run late.
+PUSH_EXPIRES_S = 60.0
 PUSH_TIMEOUT = httpx.Timeout(5.0, connect=2.0)
+# Sends within one attempt when the runtime answers 409 holding a version above ours (re-issued
+# above it and sent again at once, no wait): one is enough unless something else keeps pushing it.
+PUSH_REISSUES = 2
 MAX_ANSWER_BYTES = 64 * 1024
 MAX_VERSION = 2**63 - 1
 
@@ -185,8 +190,12 @@ class PushOutcome:
     pushed_version: int | None
     acknowledged: int | None  # what the runtime said it holds, if it said
     accepted: bool
-    attempts: int
+    attempt: int
     detail: str
+    retry: bool = False  # a transient failure with attempts left: try again after push_delay(attempt)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 class _Transient(Exception):
@@ -195,58 +204,73 @@ class _Transient(Exception):
 
 def push_delay(attempt: int, *, base: float = PUSH_BACKOFF_BASE_S, cap: float = PUSH_BACKOFF_CAP_S,
                rng: random.Random | None = None) -> float:
-    """Capped exponential backoff with full jitter before retry number ``attempt`` (1, 2, …): a
-    uniform draw from [0, min(cap, base × 2^(attempt−1))], so runtimes recovering together are not
-    hit in lockstep."""
+    """Capped exponential backoff with full jitter after failed attempt number ``attempt`` (1, 2, …):
+    a uniform draw from [0, min(cap, base × 2^(attempt−1))], so runtimes recovering together are
+    not hit in lockstep."""
     return (rng or random).uniform(0.0, min(cap, base * 2 ** (attempt - 1)))
 
 
-def ruleset_push(*, runtime: Runtime, attempts: int = PUSH_ATTEMPTS, deadline_s: float = PUSH_DEADLINE_S,
-                 client: httpx.Client | None = None, sleep: Callable[[float], None] = time.sleep) -> PushOutcome:
-    """PUT ``runtime``'s newest ruleset to ``{base_url}/admin/ruleset`` with its admin token.
+def ruleset_push(*, runtime: Runtime, attempt: int = 1, attempts: int = PUSH_ATTEMPTS, version: int | None = None,
+                 client: httpx.Client | None = None) -> PushOutcome:
+    """One attempt to PUT ``runtime``'s newest ruleset to ``{base_url}/admin/ruleset`` with its
+    admin token. It never waits between attempts: an unreachable runtime, a timeout, 429 or 5xx
+    comes back with ``retry`` set while ``attempt < attempts``, and the caller (the Celery task
+    ``push_ruleset``) schedules the next attempt ``push_delay(attempt)`` from now, so no worker is
+    held while a runtime is down. The last one records that it gave up.
 
-    Unreachable runtimes, timeouts, 429 and 5xx answers are retried with ``push_delay`` up to
-    ``attempts`` tries within ``deadline_s``; each try sends the newest document. 200 ``{"version"}``
-    and 409 ``{"version"}`` (the version the runtime already holds) record the runtime's
-    acknowledged version; a 409 above everything issued here re-issues the document above it
-    (``ruleset_reissue_above``) and tries again. Any other answer (401, 403, 404, 422, …) will not
-    get better by itself, so it is recorded and not retried.
+    200 ``{"version"}`` and 409 ``{"version"}`` (the version the runtime already holds) record the
+    runtime's acknowledged version; a 409 above everything issued here re-issues the document above
+    it (``ruleset_reissue_above``) and sends it again at once. Any other answer (401, 403, 404,
+    422, …) will not get better by itself, so it is recorded and not retried. Each attempt that
+    sends records its time, version and outcome on the ruleset.
+
+    Nothing is sent when the runtime already holds the newest version, or when ``version`` (the
+    version this push began with) is older than the newest: the evaluation that issued the newer
+    one queued a push of its own, which supersedes this one.
     """
-    Ruleset.objects.filter(runtime=runtime).update(push_started_at=timezone.now())
+    ruleset = Ruleset.objects.select_related("runtime").filter(runtime=runtime, version__gt=0).first()
+    if ruleset is None:
+        return PushOutcome(runtime.name, None, None, False, attempt, "no ruleset compiled yet")
+    held = ruleset.runtime.last_ruleset_ack
+    if version is not None and ruleset.version > version:
+        return PushOutcome(runtime.name, version, held, False, attempt,
+                           f"superseded: v{ruleset.version} was issued since, and pushed on its own")
+    if held == ruleset.version:
+        return PushOutcome(runtime.name, ruleset.version, held, True, attempt,
+                           f"nothing to push: runtime holds v{held}")
+    Ruleset.objects.filter(pk=ruleset.pk).update(push_started_at=timezone.now())
     own_client = client is None
     client = client or httpx.Client(timeout=PUSH_TIMEOUT, follow_redirects=False, trust_env=False)
-    started = time.monotonic()
-    tries = 0
-    outcome: PushOutcome | None = None
     try:
-        while True:
-            ruleset = Ruleset.objects.filter(runtime=runtime, version__gt=0).first()
-            if ruleset is None:
-                return PushOutcome(runtime.name, None, None, False, tries, "no ruleset compiled yet")
-            tries += 1
-            try:
-                outcome = _push_once(client, runtime, ruleset, tries)
-            except _Transient as exc:
-                outcome = PushOutcome(runtime.name, ruleset.version, None, False, tries, str(exc))
-                delay = push_delay(tries)
-                if tries >= attempts or time.monotonic() - started + delay > deadline_s:
-                    outcome = PushOutcome(runtime.name, ruleset.version, None, False, tries,
-                                          f"gave up after {tries} attempts: {exc}")
-                    break
-                sleep(delay)
-                continue
-            if outcome.acknowledged is not None and outcome.acknowledged > ruleset.version:
-                current = ruleset_reissue_above(runtime=runtime, held=outcome.acknowledged)
-                if current is not None and current.version > outcome.acknowledged and tries < attempts:
-                    continue
-            break
+        outcome = _push_and_reissue(client, runtime, ruleset, attempt, attempts)
     finally:
         if own_client:
             client.close()
-    Ruleset.objects.filter(runtime=runtime).update(
+    Ruleset.objects.filter(pk=ruleset.pk).update(
         last_push_at=timezone.now(), last_push_version=outcome.pushed_version, last_push_outcome=outcome.detail[:300])
     if not outcome.accepted and outcome.acknowledged is None:
-        logger.warning("ruleset push to %s: %s", runtime.name, outcome.detail)
+        logger.log(logging.INFO if outcome.retry else logging.WARNING, "ruleset push to %s: %s", runtime.name,
+                   outcome.detail)
+    return outcome
+
+
+def _push_and_reissue(client: httpx.Client, runtime: Runtime, ruleset: Ruleset, attempt: int,
+                      attempts: int) -> PushOutcome:
+    for _ in range(1 + PUSH_REISSUES):
+        try:
+            outcome = _push_once(client, runtime, ruleset, attempt)
+        except _Transient as exc:
+            if attempt < attempts:
+                return PushOutcome(runtime.name, ruleset.version, None, False, attempt,
+                                   f"attempt {attempt} of {attempts} failed, retrying: {exc}", retry=True)
+            return PushOutcome(runtime.name, ruleset.version, None, False, attempt,
+                               f"gave up after {attempt} attempts: {exc}")
+        if outcome.acknowledged is None or outcome.acknowledged <= ruleset.version:
+            return outcome
+        current = ruleset_reissue_above(runtime=runtime, held=outcome.acknowledged)
+        if current is None or current.version <= outcome.acknowledged:
+            return outcome
+        ruleset = current
     return outcome
 
 

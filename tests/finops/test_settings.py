@@ -93,3 +93,17 @@ def test_two_installs_without_a_secret_key_do_not_share_one(tmp_path: Path, mode
     assert PUBLIC_KEY not in (first, second) and len(first) >= 50
     assert first_again == first, "the runtimes' admin tokens must survive a restart"
     assert (tmp_path / "first" / "secret_key").stat().st_mode & 0o777 == 0o600
+
+
+ROUTE = ("import django; django.setup(); from finops.celery import app; "
+         "print(app.amqp.router.route({}, 'finops.runtimes.tasks.push_ruleset')['queue'].name)")
+
+
+def test_tasks_go_to_the_queue_the_environment_names(tmp_path: Path) -> None:
+    def queue(env: dict[str, str]) -> str:
+        done = run(["-c", ROUTE], {"WATTSON_DEV": "1", **env}, tmp_path)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()[-1]
+
+    assert queue({}) == "celery"
+    assert queue({"CELERY_TASK_DEFAULT_QUEUE": "wattson-eu"}) == "wattson-eu"

@@ -1,10 +1,12 @@
 """Budgets end to end over real HTTP (issue 4's "Done when"): a live control plane (pytest-django's
 live server) evaluates budgets, emails alerts and compiles rulesets that reach a live runtime by
-push (``ruleset_push``) or by the runtime's own pull; the runtime enforces them at admission and
-exports every request, the refused ones included, back to the control plane's ingest.
+push (the ``push_ruleset`` task) or by the runtime's own pull; the runtime enforces them at
+admission and exports every request, the refused ones included, back to the control plane's ingest.
 
-Evaluation is called as the Celery task calls it (``budgets_evaluate``, then ``alerts_send`` and
-``ruleset_push``); a ``now`` in the next period stands in for the clock reaching the reset.
+Evaluation is called as the Celery task calls it (``budgets_evaluate``, then ``alerts_send``), and
+the push is the Celery task itself, run eagerly (Celery's retries of a failed attempt then follow
+at once, without their backoff); a ``now`` in the next period stands in for the clock reaching the
+reset.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from finops.budgets.periods import period_at
 from finops.budgets.services import budget_create
 from finops.pricing.models import ModelPrice, PriceBook
 from finops.runtimes.models import Ruleset, Runtime
-from finops.runtimes.services import ruleset_push, runtime_register
+from finops.runtimes.services import runtime_register
+from finops.runtimes.tasks import push_ruleset
 from finops.telemetry.models import RequestEvent
 from finops.telemetry.services import telemetry_caches_clear
 from inference.engine.models import LoadedModel
@@ -112,8 +115,8 @@ def evaluate_and_push(runtime: Runtime, live: LiveRuntime, *, now: dt.datetime |
     runtime holds, checked on the runtime itself."""
     evaluate(now=now)
     alerts_send()
-    outcome = ruleset_push(runtime=runtime, attempts=3, deadline_s=10)
-    assert outcome.accepted, outcome.detail
+    outcome = push_ruleset.apply(args=(runtime.pk,)).get()
+    assert outcome["accepted"], outcome["detail"]
     version = Ruleset.objects.get(runtime=runtime).version
     assert live.runtime.rules.version == version == Runtime.objects.get(pk=runtime.pk).last_ruleset_ack
     return version
