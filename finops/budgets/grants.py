@@ -13,8 +13,8 @@ The policy (``grants_top_up``), run on every evaluation while the budget's row i
 
   - only a *live* runtime (seen by ingest or a ruleset pull within ``LIVE_WINDOW``) is topped up:
     a stopped runtime cannot strand more of the pool than it already holds;
-  - a runtime is topped up when its headroom (granted − reported) falls below half of its last
-    chunk; the new headroom is twice what it spent since that chunk (demand doubling), at least a
+  - a runtime is topped up when its headroom (granted − reported) falls below half of the headroom
+    its last top-up left it; the new headroom is twice what it spent since that chunk (demand doubling), at least a
     *starter* of ``STARTER_FRACTION`` of the limit split among the live runtimes — so runtimes that
     stay idle strand at most that fraction of the limit between them;
   - one top-up never takes more than the unallocated pool divided by (runtimes wanting a top-up
@@ -258,7 +258,11 @@ def _top_ups(*, budget: Budget, runtimes: list[Runtime], grants: dict[int, Grant
         grant = grants[runtime.pk]
         used = reported.get(runtime.pk, grant.reported)
         headroom = grant.granted - used
-        if grant.last_chunk > 0 and headroom >= grant.last_chunk * LOW_WATER:
+        # Low water is half the headroom the last top-up left (granted then minus reported then;
+        # granted grows only at top-ups): half the last *increase* was a tiny mark after a small
+        # top-up, so a busy runtime ran dry before its next one (the fleet test saw 6% of a shared
+        # limit served before the first refusal).
+        if grant.last_chunk > 0 and headroom >= (grant.granted - grant.reported_at_last_chunk) * LOW_WATER:
             continue
         spent_since = max(Decimal(0), used - grant.reported_at_last_chunk) if grant.last_chunk > 0 else Decimal(0)
         target = used + max(starter, 2 * spent_since)
