@@ -77,6 +77,8 @@ def _used_by_runtime(events: QuerySet[RequestEvent], unit: str, names: Iterable[
     if not names:
         return {}
     measure = cost_sum("list_cost") if unit == Unit.USD_LIST else Sum(F("prompt_tokens") + F("completion_tokens"))
+    if unit == Unit.TOKENS:  # what the runtime books: a cache hit's tokens were saved, not spent
+        events = events.filter(cache_hit=False)
     rows = events.filter(runtime_id__in=names).values("runtime_id").annotate(used=measure).values_list(
         "runtime_id", "used")
     if unit == Unit.USD_LIST:
@@ -206,5 +208,6 @@ def hard_budget_exhausted(*, budget: Budget, period: Period, used: Decimal) -> b
     if not events.filter(status="rejected_budget", rule_id=f"allowance:{budget.pk}").exists():
         return False
     measure = Max("list_cost") if budget.unit == Unit.USD_LIST else Max(F("prompt_tokens") + F("completion_tokens"))
-    largest = events.filter(status="ok").aggregate(largest=measure)["largest"]
+    # A cache hit reserves nothing, so only a generated answer tells how large a reservation gets.
+    largest = events.filter(status="ok", cache_hit=False).aggregate(largest=measure)["largest"]
     return largest is not None and budget.limit - used < Decimal(largest)

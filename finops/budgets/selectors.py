@@ -80,8 +80,8 @@ def unit_amount(unit: str, totals: Totals) -> Decimal:
         return totals.list_cost
     if unit == Unit.USD_HARDWARE:
         return totals.hardware_cost
-    if unit == Unit.TOKENS:
-        return Decimal(totals.tokens)
+    if unit == Unit.TOKENS:  # a cache hit's tokens were saved, not spent
+        return Decimal(totals.spent_tokens)
     if unit == Unit.GPU_HOURS:
         return (Decimal(repr(totals.gpu_seconds)) / SECONDS_PER_HOUR).quantize(MICRO)
     raise ValueError(f"unknown unit {unit!r}")

@@ -159,6 +159,8 @@ class RollupSums(models.Model):
     prompt_tokens = models.BigIntegerField(default=0)
     completion_tokens = models.BigIntegerField(default=0)
     cache_hits = models.BigIntegerField(default=0)
+    saved_tokens = models.BigIntegerField(default=0, db_default=0,
+                                          help_text="Tokens of cache hits: answered again, not generated")
     gpu_seconds = models.FloatField(default=0.0)
     energy_joules = models.FloatField(default=0.0)
     energy_measured = models.BigIntegerField(default=0, help_text="Events whose energy was measured")
