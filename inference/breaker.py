@@ -5,13 +5,14 @@ seconds, at least ``min_requests`` outcomes were counted and the share of failur
 reached ``error_rate``. While open, requests for the model go along its fallback chain
 (``inference.fallback``) and nothing reaches the model. After ``cooldown_s`` it is *half-open*: up
 to ``probes`` requests go through as probes; the first probe that fails opens it again for another
-cool-down, and once ``probes`` probes have succeeded it closes with an empty window.
+cool-down, and once ``probes`` probes have succeeded it closes with an empty window. A request whose
+attempt fails is sent along the chain at once, whatever the state (``inference.attempts``).
 
 A failure is the backend failing (``BACKEND_FAILURES``): an upstream's error, timeout or overload,
 or the engine's error. A client's mistake, a rule's refusal, a shed request or a client leaving
-say nothing about the model's health and are not counted. Every request is counted once, when its
-event is recorded (``CircuitBreakers.observe``); a retried attempt's failure is counted when it is
-retried (``inference.retries``), so an upstream that fails three times in one request counts three.
+say nothing about the model's health and are not counted. Every attempt is counted once, when its
+event is recorded (``CircuitBreakers.observe``): each retry and fallback of a request is an attempt
+with an event of its own, so an upstream that fails three times in one request counts three.
 
 Everything here runs on the event loop; the sampler thread only reads ``states``.
 """
@@ -124,7 +125,7 @@ class CircuitBreaker:
 
 
 class CircuitBreakers:
-    """Every model's breaker, and the counts ``/metrics`` shows: opens, fallbacks taken, retries."""
+    """Every model's breaker, and the counts ``/metrics`` shows: opens and fallbacks taken."""
 
     def __init__(self, settings: BreakerSettings, chains: Mapping[str, tuple[str, ...]] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -133,7 +134,6 @@ class CircuitBreakers:
         self._clock = clock
         self._breakers: dict[str, CircuitBreaker] = {}
         self.fallbacks_total: Counter[tuple[str, str]] = Counter()  # (model, step taken)
-        self.retries_total: Counter[str] = Counter()
 
     def of(self, model: str) -> CircuitBreaker:
         breaker = self._breakers.get(model)
@@ -147,7 +147,7 @@ class CircuitBreakers:
             self.of(model)
 
     def chain(self, model: str) -> tuple[str, ...]:
-        """The steps ``model``'s requests take while its breaker is open (``--fallback``)."""
+        """The steps ``model``'s requests take when it fails or its breaker is open (``--fallback``)."""
         return self._chains.get(model, ())
 
     def observe(self, event: RequestEvent) -> None:
@@ -167,11 +167,10 @@ class CircuitBreakers:
                           STATE_VALUES[breaker.state], model=model)
             rows += counter("wattson_breaker_opens_total", "Times the circuit breaker opened",
                             breaker.opens_total, model=model)
-            rows += counter("wattson_retries_total", "Attempts retried after a transient failure",
-                            self.retries_total[model], model=model)
         for (model, step), count in sorted(self.fallbacks_total.items()):
-            rows += counter("wattson_fallbacks_total", "Requests sent along the fallback chain of a model "
-                            "whose breaker was open, by the step that took them", count, model=model, step=step)
+            rows += counter("wattson_fallbacks_total", "Requests sent along the fallback chain of a model that "
+                            "failed or whose breaker was open, by the step that took them", count, model=model,
+                            step=step)
         return rows
 
 

@@ -14,6 +14,12 @@ Answers live in a bounded in-memory LRU (entries and bytes) with a TTL and, when
 configured, in Redis too, so replicas share them; memory is read first. Redis is an optimisation,
 never a dependency: any Redis failure is a miss (and a counted error), and after one the runtime
 leaves Redis alone for a few seconds rather than add a timeout to every request.
+
+Stale-if-error: an answer is kept ``stale_s`` (``--cache-stale-if-error-s``) past its expiry, and
+served only by the fallback chain's ``cache`` step when no model of the chain could answer
+(``inference.attempts``), marked ``x-wattson-cache: stale`` and ``cache_stale`` in its event. Jobs
+use the cache as the sync endpoints do; a hit is counted in throttles' request rates and spends
+nothing from a budget (``inference.rules``).
 """
 
 from __future__ import annotations
@@ -29,8 +35,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from inference.backends import Generation, ObservedOutputs, Output, Outputs
-from inference.config import ApiKey, RuntimeConfig
+from inference.config import RuntimeConfig
 from inference.engine.engine import GenerationResult, TokenDelta
+from inference.fallback import CachedReplay
 from inference.metrics import LiveSample, counter, gauge
 from inference.schemas import ChatCompletionRequest, CompletionRequest
 
@@ -106,9 +113,10 @@ class CachedAnswer:
         return gen
 
 
-def cacheable(body: Body, api_key: ApiKey) -> bool:
-    """Whether the answer is the same every time: greedy, seeded, or the key accepts a repeat draw."""
-    return body.temperature == 0 or body.seed is not None or api_key.cache_sampled
+def cacheable(body: Body, *, cache_sampled: bool) -> bool:
+    """Whether the answer is the same every time: greedy, seeded, or the key accepts a repeat draw
+    (its ``cache-sampled`` flag)."""
+    return body.temperature == 0 or body.seed is not None or cache_sampled
 
 
 def cache_key(*, tenant: str, model: str, body: Body, max_tokens_cap: int | None, default_max_tokens: int) -> str:
@@ -134,11 +142,13 @@ def cache_key(*, tenant: str, model: str, body: Body, max_tokens_cap: int | None
 
 
 class MemoryStore:
-    """Least-recently-used answers, bounded in entries and in bytes, each until its expiry."""
+    """Least-recently-used answers, bounded in entries and in bytes, each until its expiry and then
+    ``stale_s`` longer for stale-if-error."""
 
-    def __init__(self, *, max_entries: int, max_bytes: int, clock: Clock) -> None:
+    def __init__(self, *, max_entries: int, max_bytes: int, clock: Clock, stale_s: float = 0.0) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
+        self.stale_s = stale_s
         self._clock = clock
         self._entries: OrderedDict[str, tuple[CachedAnswer, int]] = OrderedDict()
         self.bytes = 0
@@ -147,15 +157,20 @@ class MemoryStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: str) -> CachedAnswer | None:
+    def get(self, key: str, *, stale: bool = False) -> CachedAnswer | None:
+        """The answer under ``key`` while it is fresh; with ``stale``, also one past its expiry by
+        less than ``stale_s``."""
         held = self._entries.get(key)
         if held is None:
             return None
-        if held[0].expires_at <= self._clock():
+        answer, now = held[0], self._clock()
+        if answer.expires_at + self.stale_s <= now:
             self._remove(key)
             return None
+        if answer.expires_at <= now and not stale:
+            return None
         self._entries.move_to_end(key)
-        return held[0]
+        return answer
 
     def put(self, key: str, answer: CachedAnswer, size: int) -> None:
         if size > self.max_bytes:
@@ -230,6 +245,7 @@ class RedisStore:
 @dataclass
 class CacheCounters:
     hits: int = 0
+    stale_hits: int = 0
     misses: int = 0
     stores: int = 0
     saved_prompt_tokens: int = 0
@@ -239,10 +255,11 @@ class CacheCounters:
 
 class ResponseCache:
     def __init__(self, *, max_entries: int, max_bytes: int, ttl_s: float, redis_url: str | None = None,
-                 clock: Clock = time.time) -> None:
+                 stale_s: float = 0.0, clock: Clock = time.time) -> None:
         self.ttl_s = ttl_s
+        self.stale_s = stale_s
         self._clock = clock
-        self.memory = MemoryStore(max_entries=max_entries, max_bytes=max_bytes, clock=clock)
+        self.memory = MemoryStore(max_entries=max_entries, max_bytes=max_bytes, clock=clock, stale_s=stale_s)
         self.redis = RedisStore(redis_url) if redis_url else None
         self.counters = CacheCounters()
         self._writes: set[asyncio.Task[None]] = set()
@@ -250,25 +267,37 @@ class ResponseCache:
     @classmethod
     def from_config(cls, config: RuntimeConfig) -> ResponseCache:
         return cls(max_entries=config.cache_max_entries, max_bytes=int(config.cache_max_mb * 1024 * 1024),
-                   ttl_s=config.cache_ttl_s, redis_url=config.cache_redis_url)
+                   ttl_s=config.cache_ttl_s, redis_url=config.cache_redis_url,
+                   stale_s=config.cache_stale_if_error_s)
 
-    def key_for(self, *, api_key: ApiKey, model: str, body: Body, max_tokens_cap: int | None,
+    def key_for(self, *, tenant: str, cache_sampled: bool, model: str, body: Body, max_tokens_cap: int | None,
                 default_max_tokens: int) -> str | None:
-        """The request's cache key, or None when its answer must not be cached."""
-        if not cacheable(body, api_key):
+        """The request's cache key, or None when its answer must not be cached (``cache_sampled``:
+        the key's flag that lets sampled answers be)."""
+        if not cacheable(body, cache_sampled=cache_sampled):
             return None
-        return cache_key(tenant=api_key.tenant, model=model, body=body, max_tokens_cap=max_tokens_cap,
+        return cache_key(tenant=tenant, model=model, body=body, max_tokens_cap=max_tokens_cap,
                          default_max_tokens=default_max_tokens)
 
-    async def get(self, key: str) -> CachedAnswer | None:
-        answer = self.memory.get(key)
+    def expired(self, answer: CachedAnswer) -> bool:
+        return answer.expires_at <= self._clock()
+
+    async def get(self, key: str, *, stale: bool = False) -> CachedAnswer | None:
+        """The fresh answer under ``key`` (a hit or a miss); with ``stale``, the last resort of a
+        fallback chain, also one up to ``stale_s`` past its expiry (counted as a stale hit, and never
+        as a miss: the request was already counted)."""
+        answer = self.memory.get(key, stale=stale)
         if answer is None and self.redis is not None:
-            answer = await self._from_redis(key)
-        if answer is None:
-            self.counters.misses += 1
-            return None
+            answer = await self._from_redis(key, stale=stale)
         c = self.counters
-        c.hits += 1
+        if answer is None:
+            if not stale:
+                c.misses += 1
+            return None
+        if self.expired(answer):
+            c.stale_hits += 1
+        else:
+            c.hits += 1
         c.saved_prompt_tokens += answer.prompt_tokens
         c.saved_completion_tokens += answer.completion_tokens
         c.saved_gpu_seconds += answer.gpu_seconds or 0.0
@@ -302,7 +331,7 @@ class ResponseCache:
         self.memory.put(key, answer, len(encoded))
         self.counters.stores += 1
         if self.redis is not None:
-            task = asyncio.ensure_future(self.redis.put(key, encoded, self.ttl_s))
+            task = asyncio.ensure_future(self.redis.put(key, encoded, self.ttl_s + self.stale_s))
             self._writes.add(task)
             task.add_done_callback(self._writes.discard)
 
@@ -312,7 +341,7 @@ class ResponseCache:
         if self.redis is not None:
             await self.redis.close()
 
-    async def _from_redis(self, key: str) -> CachedAnswer | None:
+    async def _from_redis(self, key: str, *, stale: bool) -> CachedAnswer | None:
         assert self.redis is not None
         raw = await self.redis.get(key)
         if raw is None:
@@ -323,7 +352,7 @@ class ResponseCache:
             self.redis.errors += 1
             log.warning("response cache: ignoring a malformed entry in Redis")
             return None
-        if answer.expires_at <= self._clock():
+        if answer.expires_at + (self.stale_s if stale else 0.0) <= self._clock():
             return None
         self.memory.put(key, answer, len(raw))
         return answer
@@ -331,6 +360,8 @@ class ResponseCache:
     def samples(self) -> list[LiveSample]:
         c = self.counters
         rows = counter("wattson_cache_hits_total", "Requests answered from the response cache", c.hits)
+        rows += counter("wattson_cache_stale_hits_total", "Requests answered with an expired answer because no "
+                        "model of their fallback chain could answer", c.stale_hits)
         rows += counter("wattson_cache_misses_total", "Cacheable requests the cache could not answer", c.misses)
         rows += counter("wattson_cache_stores_total", "Answers kept in the response cache", c.stores)
         rows += gauge("wattson_cache_entries", "Answers held in memory", len(self.memory))
@@ -353,14 +384,18 @@ class ResponseCache:
 
 class CacheFallback:
     """The response cache as the fallback chains' ``cache`` step (``fallback.FallbackCache``): the
-    answer it holds for the same tenant, model and request, replayed while the model is failing."""
+    answer it holds for the same tenant, model and request, replayed while the model is failing; with
+    ``stale``, one past its freshness too (within ``--cache-stale-if-error-s``)."""
 
     def __init__(self, cache: ResponseCache, *, default_max_tokens: int) -> None:
         self._cache = cache
         self._default_max_tokens = default_max_tokens
 
-    async def cached_answer(self, body: Body, *, tenant: str, model: str,
-                            max_tokens_cap: int | None) -> Outputs | None:
-        answer = await self._cache.get(cache_key(tenant=tenant, model=model, body=body, max_tokens_cap=max_tokens_cap,
-                                                 default_max_tokens=self._default_max_tokens))
-        return answer.replay() if answer is not None else None
+    async def cached_answer(self, body: Body, *, tenant: str, model: str, max_tokens_cap: int | None,
+                            stale: bool = False) -> CachedReplay | None:
+        key = cache_key(tenant=tenant, model=model, body=body, max_tokens_cap=max_tokens_cap,
+                        default_max_tokens=self._default_max_tokens)
+        answer = await self._cache.get(key, stale=stale)
+        if answer is None:
+            return None
+        return CachedReplay(answer.replay(), model, answer.kind, stale=self._cache.expired(answer))

@@ -63,8 +63,8 @@ class Upstream:
 
 @dataclass(frozen=True)
 class Fallback:
-    """Where a model's requests go while its circuit breaker is open, step by step: another served
-    model, ``cache`` (a cached answer, when a response cache is wired) or ``503``."""
+    """Where a model's requests go when an attempt at it fails or its circuit breaker is open, step by
+    step: another served model, ``cache`` (a cached answer, with the response cache on) or ``503``."""
 
     model: str
     steps: tuple[str, ...]
@@ -178,9 +178,10 @@ class RuntimeConfig:
                                       check=POSITIVE)
     # Faults (inference/breaker.py, fallback.py) and async jobs (inference/jobs/).
     fallbacks: tuple[Fallback, ...] = option(
-        (), "MODEL=STEP[:STEP...]: where MODEL's requests go while its circuit breaker is open, in order: "
-        "another served model, 'cache' (a cached answer, when a response cache is wired) or '503' (the chain "
-        "ends in a 503 with Retry-After in any case); repeatable",
+        (), "MODEL=STEP[:STEP...]: where MODEL's requests go when an attempt at it fails before its first "
+        "token or while its circuit breaker is open, in order: another served model, 'cache' (a cached answer, "
+        "with the response cache on; a stale one when no model of the chain can answer) or '503' (the chain "
+        "ends there in any case); repeatable",
         flag="--fallback", repeatable=True, parse=parse_fallback)
     breaker_window_s: float = option(30.0, "the circuit breakers' rolling window of outcomes", check=POSITIVE)
     breaker_min_requests: int = option(10, "fewest outcomes in the window before a breaker may open",
@@ -195,6 +196,9 @@ class RuntimeConfig:
     job_max_attempts: int = option(3, "most attempts of a job before it fails to the dead-letter list",
                                    check=POSITIVE)
     job_ttl_s: float = option(7 * 24 * 3600.0, "how long a finished job (and its events) is kept", check=POSITIVE)
+    job_deadline_s: float = option(
+        24 * 3600.0, "how long after its submission a job may still be attempted (every attempt, retry and fallback "
+        "within it); X-Wattson-Deadline on POST /v1/jobs may ask for less", check=POSITIVE)
     upstreams: tuple[Upstream, ...] = option(
         (), "NAME=URL[#MODEL]: serve model NAME from an OpenAI-compatible server at URL (its model MODEL, "
         "default NAME); repeatable", flag="--upstream", repeatable=True, parse=parse_upstream)
@@ -204,6 +208,14 @@ class RuntimeConfig:
         "502/503/504) before its first token; 4xx answers are never retried", check=NOT_NEGATIVE)
     upstream_retry_backoff_s: float = option(0.2, "backoff before the first retry, doubled each time, with jitter",
                                              check=POSITIVE)
+    retry_budget_ratio: float = option(
+        0.2, "retries sent to one model over 10 s are at most this share of its other attempts (plus "
+        "--retry-budget-min), so that retries add at most that much load to a failing model", check=NOT_NEGATIVE)
+    retry_budget_min: int = option(3, "retries one model may be sent in any 10 s, however few requests it had",
+                                   check=NOT_NEGATIVE)
+    request_deadline_s: float = option(
+        600.0, "the longest a request may take, its queue waits, retries, fallbacks and generation included (a "
+        "504 past it); a client may ask for less with the X-Wattson-Deadline header (seconds)", check=POSITIVE)
     upstream_max_concurrency: int = option(64, "most requests in flight to one upstream", check=POSITIVE)
     # The exact response cache (inference/cache.py): off unless asked for.
     cache_enabled: bool = option(False, "serve repeated identical requests from the exact response cache",
@@ -212,6 +224,9 @@ class RuntimeConfig:
                                     "first)", check=POSITIVE)
     cache_max_mb: float = option(64.0, "most memory the in-memory cache's answers take", check=POSITIVE)
     cache_ttl_s: float = option(300.0, "how long a cached answer is served", check=POSITIVE)
+    cache_stale_if_error_s: float = option(
+        3600.0, "how long past its expiry a cached answer is kept for a fallback chain's 'cache' step to serve "
+        "(marked x-wattson-cache: stale) when no model of the chain can answer; 0 turns it off", check=NOT_NEGATIVE)
     cache_redis_url: str | None = option(
         None, "redis://HOST:PORT/DB shared by replicas behind the in-memory cache (a Redis outage is a miss, "
         "never an error)", check=starts_with("redis://", "rediss://", "unix://"))

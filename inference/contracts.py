@@ -55,6 +55,13 @@ class RequestEvent(BaseModel):
     # This runtime's count of events recorded, this one included (1, 2, 3, ... for one runtime_id,
     # never repeated): the control plane counts gaps as records lost. None from older runtimes.
     seq: int | None = Field(default=None, ge=1)
+    # The client request this event is one attempt of: its retries, its fallbacks and a job's attempts
+    # share the id (a job's is the job id) and are numbered 1, 2, 3... The highest-numbered attempt is
+    # the one whose answer or error the client got. None from older runtimes.
+    request_id: str | None = Field(default=None, max_length=100)
+    attempt: int | None = Field(default=None, ge=1)
+    # A cached answer served past its freshness because no model of the fallback chain could answer.
+    cache_stale: bool = False
 
 
 class DeviceSample(BaseModel):

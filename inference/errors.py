@@ -58,6 +58,7 @@ class ApiError(Exception):
         retry_after_s: int | None = None,
         error_type: str | None = None,
         transient: bool = False,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -69,6 +70,12 @@ class ApiError(Exception):
         # A failure that may pass if the same request is tried again (a dropped connection, a
         # timeout, a 502/503/504 from an upstream): the only kind ever retried.
         self.transient = transient
+        self.extra_headers = dict(headers or {})
+
+    def with_headers(self, headers: dict[str, str]) -> ApiError:
+        """The same error, answered with ``headers`` too (a copy: errors may be shared constants)."""
+        return ApiError(self.status, self.message, code=self.code, param=self.param, retry_after_s=self.retry_after_s,
+                        error_type=self.error_type, transient=self.transient, headers={**self.extra_headers, **headers})
 
     def body(self) -> dict[str, Any]:
         return {"error": {"type": self.error_type, "message": self.message, "code": self.code,
@@ -76,6 +83,7 @@ class ApiError(Exception):
 
     def headers(self) -> dict[str, str]:
         headers = {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else {}
+        headers.update(self.extra_headers)
         if self.status == 401:
             headers["WWW-Authenticate"] = "Bearer"
         return headers

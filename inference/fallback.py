@@ -1,89 +1,79 @@
-"""Where a request goes while its model's circuit breaker is open: along the model's fallback chain.
+"""Where a request goes when its model cannot answer it: along the model's fallback chain.
 
-``--fallback big=small:cache:503`` gives ``big`` the chain small → cache → 503. The steps are tried
-in order:
+``--fallback big=small:cache:503`` gives ``big`` the chain small → cache → 503. A request takes it
+when ``big``'s breaker is open (nothing reaches ``big``), and also when an attempt at ``big`` fails
+before its first output (``sends_along_chain``: a connection error, a timeout, an upstream's 5xx or
+overload, the engine's error — or a breaker that has just opened) once its retries are spent
+(``inference.retries``). Within the same request (``inference.attempts``), the steps are tried in
+order:
 
 - another served model, if that model's own breaker lets the request through (its own chain is not
-  followed in turn): the request is served there, and its event says ``route_reason="fallback"``
-  with ``model_served`` the fallback model;
-- ``cache``: a cached answer to the same request, asked of ``Runtime.fallback_cache``. Until a
-  response cache is wired that hook is ``NO_CACHE``, which holds nothing, and the step is passed
-  over. A cache plugs in by implementing ``FallbackCache`` and being set as
-  ``runtime.fallback_cache``: ``cached_answer`` returns the answer it holds for this tenant, model
-  and request (one past its freshness included, if it keeps those) replayed as a generation — its
-  text as ``TokenDelta``s, then a ``GenerationResult`` — or None. The request is then answered as
-  if the model had (JSON or SSE alike) from no slot; its event is a cache hit, so the breaker does
-  not take it for the model answering;
-- ``503``: the client is told the model is unavailable, with ``Retry-After`` the breaker's remaining
-  cool-down. A chain that runs out ends there too, so a model with no chain answers 503 while open.
+  followed in turn): the request is an attempt there, under the same rules, allowances and
+  admission as the first (the same throttles and budgets, reserved for that model), and its event
+  says ``route_reason="fallback"`` with ``model_served`` the fallback model. A step the rules or
+  the queue refuse is passed over, its refusal recorded;
+- ``cache``: a cached answer to the same request, asked of ``Runtime.fallback_cache`` (the response
+  cache when it is on, ``NO_CACHE`` otherwise). The request is then answered as if the model had
+  (JSON or SSE alike) from no slot; its event is a cache hit, so the breaker does not take it for
+  the model answering. When no model of the chain could answer, the step also serves an answer
+  past its freshness (``stale``: within ``--cache-stale-if-error-s``), marked
+  ``x-wattson-cache: stale`` and ``cache_stale`` in its event;
+- ``503``: the chain ends. The client gets the last attempt's failure, or, when no attempt could be
+  made (every breaker open), 503 ``model_unavailable`` with ``Retry-After`` the breaker's remaining
+  cool-down. A model with no chain ends there at once.
+
+Every attempt is an event of its own, numbered within its request (``request_id``, ``attempt``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import Literal, Protocol
 
 from inference.backends import Outputs
+from inference.breaker import BACKEND_FAILURES
 from inference.errors import ApiError
-from inference.measurement import RequestMeasurement
 from inference.schemas import ChatCompletionRequest, CompletionRequest
 
-if TYPE_CHECKING:
-    from inference.runtime import Backend, Runtime
-
 Body = ChatCompletionRequest | CompletionRequest
+CACHE_STEP, END_STEP = "cache", "503"
+
+
+@dataclass(frozen=True)
+class CachedReplay:
+    """A cached answer served in place of running the request: a response-cache hit, or the
+    fallback chain's ``cache`` step (``stale``: past its freshness)."""
+
+    replay: Outputs
+    model: str
+    kind: Literal["chat", "completion"]
+    stale: bool = False
 
 
 class FallbackCache(Protocol):
-    async def cached_answer(self, body: Body, *, tenant: str, model: str,
-                            max_tokens_cap: int | None) -> Outputs | None:
+    async def cached_answer(self, body: Body, *, tenant: str, model: str, max_tokens_cap: int | None,
+                            stale: bool = False) -> CachedReplay | None:
         """The answer held for ``tenant``'s request ``body`` to ``model`` (its length bounded by
-        ``max_tokens_cap`` when a rule says so), replayed as a finished generation; or None."""
+        ``max_tokens_cap`` when a rule says so), replayed as a finished generation — its text as
+        ``TokenDelta``s, then a ``GenerationResult`` — or None. With ``stale``, an answer past its
+        freshness will do too, and says so."""
 
 
 class _NoCache:
-    async def cached_answer(self, body: Body, *, tenant: str, model: str,
-                            max_tokens_cap: int | None) -> Outputs | None:
+    async def cached_answer(self, body: Body, *, tenant: str, model: str, max_tokens_cap: int | None,
+                            stale: bool = False) -> CachedReplay | None:
         return None
 
 
 NO_CACHE: FallbackCache = _NoCache()
 
 
-@dataclass(frozen=True)
-class CachedReplay:
-    """A cached answer served in place of running the request: a response-cache hit, or the
-    fallback chain's ``cache`` step for a model whose breaker is open."""
-
-    replay: Outputs
-    model: str
-    kind: Literal["chat", "completion"]
+def sends_along_chain(error: ApiError) -> bool:
+    """Whether a failure before the first output is the model's (so another step may answer), not
+    the request's: the failures a breaker counts."""
+    return error.code in BACKEND_FAILURES
 
 
-async def route_around_breaker(runtime: Runtime, m: RequestMeasurement, body: Body, backend: Backend, *,
-                               max_tokens_cap: int | None) -> Backend | CachedReplay:
-    """``backend`` if its breaker lets the request through, else the first step of its fallback
-    chain that can take it; raise the 503 when none can."""
-    breakers = runtime.breakers
-    model = backend.name
-    if breakers.of(model).admit(m.event_id):
-        return backend
-    for step in breakers.chain(model):
-        if step == "503":
-            break
-        if step == "cache":
-            replay = await runtime.fallback_cache.cached_answer(body, tenant=m.tenant, model=model,
-                                                                max_tokens_cap=max_tokens_cap)
-            if replay is not None:
-                breakers.fallbacks_total[(model, step)] += 1
-                m.route_reason, m.cache_hit, m.model_served = "fallback", True, model
-                kind: Literal["chat", "completion"] = "chat" if isinstance(body, ChatCompletionRequest) \
-                    else "completion"
-                return CachedReplay(replay, model, kind)
-        elif breakers.of(step).admit(m.event_id):
-            breakers.fallbacks_total[(model, step)] += 1
-            m.route_reason = "fallback"
-            return runtime.backends[step]
-    breakers.fallbacks_total[(model, "503")] += 1
-    raise ApiError(503, f"The model '{model}' is failing and is out of service for now; try again later.",
-                   code="model_unavailable", retry_after_s=breakers.of(model).retry_after_s())
+def model_unavailable(model: str, retry_after_s: int) -> ApiError:
+    return ApiError(503, f"The model '{model}' is failing and is out of service for now; try again later.",
+                    code="model_unavailable", retry_after_s=retry_after_s)

@@ -39,15 +39,32 @@ class RequestMeasurement:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cache_hit: bool = False
+    cache_stale: bool = False
     queue_wait_s: float | None = None
     queue_depth_at_admit: int | None = None
     result: GenerationResult | None = None
+    request_id: str | None = None
+    attempt: int | None = None
     event_id: uuid.UUID = field(default_factory=uuid.uuid4)
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     t0: float = field(default_factory=time.perf_counter)
     t_end: float | None = None
     # What the rules reserved for this request; settled when the request is recorded.
     reservation: Reservation | None = field(default=None, repr=False)
+
+    def next_attempt(self, attempt: int, *, route_reason: str) -> RequestMeasurement:
+        """The measurement of another attempt at the same client request (a retry or a fallback):
+        the same client, request and rules, an event, a clock and an outcome of its own."""
+        return RequestMeasurement(runtime_id=self.runtime_id, tenant=self.tenant, api_key_id=self.api_key_id,
+                                  feature=self.feature, priority=self.priority, model_requested=self.model_requested,
+                                  end_user=self.end_user, route_reason=route_reason, rule_id=self.rule_id,
+                                  request_id=self.request_id, attempt=attempt)
+
+    def answers_since(self, first: RequestMeasurement) -> None:
+        """This attempt is the one that answers the client: its times run from when the client's
+        request arrived (``first``'s start), so its latency is the one the client saw, earlier
+        attempts and backoffs included. A failed attempt keeps its own times."""
+        self.started_at, self.t0 = first.started_at, first.t0
 
     def slot_released(self, slot: Slot | NoQueue) -> None:
         """The request gave its slot back: its queue wait is final now (a preempted request's pause

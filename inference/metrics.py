@@ -61,8 +61,8 @@ class RuntimeMetrics:
         self.registry = CollectorRegistry()
         self._models: frozenset[str] = frozenset()
         r = self.registry
-        self.requests = Counter("wattson_requests", "Requests by model and outcome",
-                                ["model", "status"], registry=r)
+        self.requests = Counter("wattson_requests", "Request attempts (a retry or a fallback is one of its own) by "
+                                "model and outcome", ["model", "status"], registry=r)
         self.tokens = Counter("wattson_tokens", "Tokens processed", ["model", "kind"], registry=r)
         self.gpu_seconds = Counter("wattson_attributed_gpu_seconds", "Engine busy time attributed to requests",
                                    ["model"], registry=r)

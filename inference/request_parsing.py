@@ -13,12 +13,15 @@ from fastapi import Request
 from pydantic import ValidationError
 
 from inference.admission import PRIORITY_RANK, PriorityName
+from inference.deadline import DEADLINE_HEADER
 from inference.errors import ApiError, validation_error
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 FEATURE_HEADER = "x-wattson-feature"
 PRIORITY_HEADER = "x-wattson-priority"
 FEATURE_PATTERN = r"^[A-Za-z0-9_.:/\-]{1,100}$"
+DEADLINE_PATTERN = r"^[0-9]{1,9}(\.[0-9]{1,3})?$"
+_DEADLINE_RE = re.compile(DEADLINE_PATTERN)
 _FEATURE_RE = re.compile(FEATURE_PATTERN)
 T = TypeVar("T")
 
@@ -37,6 +40,19 @@ def request_priority(request: Request, default: PriorityName = "normal") -> Prio
         raise ApiError(400, "X-Wattson-Priority must be low, normal or high.", code="invalid_priority",
                        param="X-Wattson-Priority")
     return priority  # type: ignore[return-value]
+
+
+def request_deadline_s(request: Request, *, limit_s: float) -> float:
+    """The seconds the client gives the whole request (``X-Wattson-Deadline``): at most ``limit_s``,
+    the runtime's limit, which is also the deadline of a request that does not say."""
+    raw = request.headers.get(DEADLINE_HEADER)
+    if raw is None:
+        return limit_s
+    if not _DEADLINE_RE.fullmatch(raw) or not 0 < float(raw) <= limit_s:
+        raise ApiError(400, f"X-Wattson-Deadline must be a number of seconds above 0 and at most {limit_s:g} "
+                       "(this runtime's limit), with at most 3 decimals.", code="invalid_deadline",
+                       param="X-Wattson-Deadline")
+    return float(raw)
 
 
 async def read_capped_body(request: Request, *, limit: int, what: str) -> bytes:

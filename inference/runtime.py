@@ -27,6 +27,7 @@ from inference.fallback import NO_CACHE, FallbackCache
 from inference.gpu import GpuMonitor
 from inference.measurement import RequestMeasurement
 from inference.metrics import LiveSample, RuntimeMetrics, counter, gauge
+from inference.retries import Retries
 from inference.routing import ModelRouter
 from inference.rules import RuleEnforcer, RulesetKeeper, RulesetPuller
 from inference.telemetry.exporter import TelemetryExporter
@@ -58,6 +59,9 @@ class Runtime:
         self._listeners: list[Callable[[RequestEvent], None]] = []
         self.breakers = CircuitBreakers(_breaker_settings(config), {f.model: f.steps for f in config.fallbacks})
         self.metrics.watch(self.breakers.samples)
+        self.retries = Retries(retries=config.upstream_retries, backoff_base_s=config.upstream_retry_backoff_s,
+                               budget_ratio=config.retry_budget_ratio, budget_min=config.retry_budget_min)
+        self.metrics.watch(self.retries.samples)
         # The fallback chains' "cache" step: a response cache sets itself here (inference.fallback).
         self.fallback_cache: FallbackCache = NO_CACHE
         self.rules = RuleEnforcer()
@@ -115,6 +119,7 @@ class Runtime:
                                         interval_s=config.ruleset_pull_interval_s)
             self.puller.start()
         self.breakers.track(self.backends)
+        self.retries.track(self.backends)
         self.sampler = RuntimeSampler(self, interval_s=config.sample_interval_s)
         self.sampler.start()
         self.ready = True
@@ -281,8 +286,10 @@ class Runtime:
 
 
 def _breaker_settings(config: RuntimeConfig) -> BreakerSettings:
-    # A probe is over within its longest queue wait and its slowest answer, retries included.
-    lease = config.max_queue_wait_s + config.upstream_timeout_s * (config.upstream_retries + 1) + 60
+    # A probe is over within its longest queue wait and its slowest answer, retries included, and
+    # within its request's deadline in any case.
+    lease = min(config.max_queue_wait_s + config.upstream_timeout_s * (config.upstream_retries + 1),
+                max(config.request_deadline_s, config.job_deadline_s)) + 60
     return BreakerSettings(window_s=config.breaker_window_s, min_requests=config.breaker_min_requests,
                            error_rate=config.breaker_error_rate, cooldown_s=config.breaker_cooldown_s,
                            probes=config.breaker_probes, probe_lease_s=lease)

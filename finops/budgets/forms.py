@@ -30,6 +30,16 @@ class BudgetForm(forms.ModelForm):
                   "throttle_tokens_per_minute", "throttle_requests_per_minute", "downgrade_model", "cap_max_tokens",
                   "enforcement", "on_expiry"]
         widgets = {"enforcement": forms.RadioSelect, "on_expiry": forms.RadioSelect}
+        help_texts = {
+            "unit": "Tokens count what a model generated an answer for: a cache hit's tokens are saved, not "
+                    "spent, and do not count (at list price a cache hit costs nothing either). A failed attempt "
+                    "that is retried or falls back to another model counts what it spent.",
+            "throttle_requests_per_minute": "Requests per minute, cache hits included: a request answered from "
+                                            "the cache is still a request. Retries and fallbacks of one request "
+                                            "count once.",
+            "throttle_tokens_per_minute": "Tokens per minute (prompt + max_tokens, the unused part given back). "
+                                          "A cache hit takes none.",
+        }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

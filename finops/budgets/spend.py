@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Protocol
 
-from django.db.models import Aggregate, Sum
+from django.db.models import Aggregate, F, Q, Sum
 
 from finops.budgets.models import ANY, Budget, Unit
 from finops.budgets.periods import Period, period_at
@@ -39,7 +39,7 @@ MICRO = Decimal("0.000001")
 class Use:
     """What one group of requests used, in every budget unit's terms."""
 
-    tokens: int = 0
+    tokens: int = 0  # spent: a cache hit's tokens are not
     list_cost: Decimal = ZERO
     hardware_cost: Decimal = ZERO
     gpu_seconds: float = 0.0
@@ -63,16 +63,20 @@ class Use:
         raise ValueError(f"unknown unit {unit!r}")
 
 
-def use_aggregates() -> dict[str, Aggregate]:
-    """The SQL sums a ``Use`` is read from: the same over raw events and over rollup rows."""
+def use_aggregates(*, rollups: bool = False) -> dict[str, Aggregate]:
+    """The SQL sums a ``Use`` is read from, over raw events or (``rollups``) over rollup rows. A
+    cache hit's tokens were saved, not spent (``Sums.saved_tokens``): budgets in tokens leave them out."""
+    saved = (Sum("saved_tokens") if rollups
+             else Sum(F("prompt_tokens") + F("completion_tokens"), filter=Q(cache_hit=True)))
     return {"use_prompt_tokens": Sum("prompt_tokens"), "use_completion_tokens": Sum("completion_tokens"),
-            "use_list_cost": cost_sum("list_cost"), "use_hardware_cost": cost_sum("hardware_cost"),
-            "use_gpu_seconds": Sum("gpu_seconds")}
+            "use_saved_tokens": saved, "use_list_cost": cost_sum("list_cost"),
+            "use_hardware_cost": cost_sum("hardware_cost"), "use_gpu_seconds": Sum("gpu_seconds")}
 
 
 def use_of(row: Mapping[str, Any]) -> Use:
     """A row of ``use_aggregates`` as a ``Use``."""
-    return Use(tokens=int(row["use_prompt_tokens"] or 0) + int(row["use_completion_tokens"] or 0),
+    return Use(tokens=int(row["use_prompt_tokens"] or 0) + int(row["use_completion_tokens"] or 0)
+           - int(row["use_saved_tokens"] or 0),
                list_cost=cost_value(row["use_list_cost"]), hardware_cost=cost_value(row["use_hardware_cost"]),
                gpu_seconds=float(row["use_gpu_seconds"] or 0.0))
 
@@ -117,18 +121,16 @@ def period_use(*, period: Period, tenants: Iterable[str] = (), features: Iterabl
     filters = Filters(start=period.start, end=period.end, tenants=tuple(sorted(set(tenants))),
                       features=tuple(sorted(set(features))))
     plan = rollup_plan(filters=filters)
-    sums = use_aggregates()
-
     def rolled_up() -> list[dict[str, Any]]:
         rows = Rollup.objects.filter(in_tiles(plan))
         if filters.tenants:
             rows = rows.filter(tenant__in=filters.tenants)
         if filters.features:
             rows = rows.filter(feature__in=filters.features)
-        return fetch_rows(rows.order_by().values("tenant", "feature").annotate(**sums))
+        return fetch_rows(rows.order_by().values("tenant", "feature").annotate(**use_aggregates(rollups=True)))
 
     watermark, rolled = read_rollups(rolled_up, empty=[])
-    tail = fetch_rows(tail_events(plan, filters, watermark).values("tenant", "feature").annotate(**sums))
+    tail = fetch_rows(tail_events(plan, filters, watermark).values("tenant", "feature").annotate(**use_aggregates()))
     return scope_index([*rolled, *tail], wanted=wanted)
 
 

@@ -137,6 +137,12 @@ class RequestEventRecord(BaseModel):
     energy_joules: float | None = Field(default=None, ge=0, le=MAX_JOULES)
     device: Name(100) | None = None
     seq: BigCount | None = None  # the runtime's count of events recorded, this one included
+    # The client request this event is one attempt of: its retries, fallbacks and a job's attempts
+    # share the id (a job's is the job id) and are numbered 1, 2, 3... (the highest is the one whose
+    # answer or error the client got). Null from older runtimes.
+    request_id: Name(100) | None = None
+    attempt: int | None = Field(default=None, ge=1, le=INT4_MAX)
+    cache_stale: bool = False  # a cached answer served past its freshness: no model of the chain could answer
 
 
 class DeviceSampleRecord(BaseModel):

@@ -63,6 +63,11 @@ class RequestEvent(models.Model):
     device = models.CharField(max_length=100, null=True, blank=True)
     # The runtime's count of events recorded, this one included; null from older runtimes.
     seq = models.BigIntegerField(null=True, blank=True)
+    # The client request this event is one attempt of, and its number within it; null from older runtimes.
+    request_id = models.CharField(max_length=100, null=True, blank=True)
+    attempt = models.PositiveIntegerField(null=True, blank=True)
+    # A cached answer served past its freshness because no model of the fallback chain could answer.
+    cache_stale = models.BooleanField(default=False, db_default=False)
     # Priced on arrival under the book in force when the request started; null when no price applies.
     price_book_id = models.BigIntegerField(null=True, blank=True)
     list_cost = models.DecimalField(**COST, null=True, blank=True)
@@ -154,6 +159,8 @@ class RollupSums(models.Model):
     prompt_tokens = models.BigIntegerField(default=0)
     completion_tokens = models.BigIntegerField(default=0)
     cache_hits = models.BigIntegerField(default=0)
+    saved_tokens = models.BigIntegerField(default=0, db_default=0,
+                                          help_text="Tokens of cache hits: answered again, not generated")
     gpu_seconds = models.FloatField(default=0.0)
     energy_joules = models.FloatField(default=0.0)
     energy_measured = models.BigIntegerField(default=0, help_text="Events whose energy was measured")

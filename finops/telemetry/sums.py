@@ -115,6 +115,9 @@ class Sums:
     prompt_tokens: int = field(default=0, metadata=_measure("int", lambda: Sum("prompt_tokens")))
     completion_tokens: int = field(default=0, metadata=_measure("int", lambda: Sum("completion_tokens")))
     cache_hits: int = field(default=0, metadata=_measure("int", lambda: Count("id", filter=Q(cache_hit=True))))
+    # The tokens of cache hits (prompt + completion): answered again from the cache, so saved, not spent.
+    saved_tokens: int = field(default=0, metadata=_measure(
+        "int", lambda: Sum(F("prompt_tokens") + F("completion_tokens"), filter=Q(cache_hit=True))))
     gpu_seconds: float = field(default=0.0, metadata=_measure("float", lambda: Sum("gpu_seconds")))
     energy_joules: float = field(default=0.0, metadata=_measure("float", lambda: Sum("energy_joules")))
     # Events whose energy was measured: a sum of none is unmeasured, not 0 joules.

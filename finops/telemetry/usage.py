@@ -71,6 +71,11 @@ class Measures(Sums):
         return self.prompt_tokens + self.completion_tokens
 
     @property
+    def spent_tokens(self) -> int:
+        """Tokens a model processed: every request's but cache hits' (``saved_tokens``), which cost nothing."""
+        return self.tokens - self.saved_tokens
+
+    @property
     def cache_hit_rate(self) -> float | None:  # cache hits / requests
         return self._rate(self.cache_hits)
 

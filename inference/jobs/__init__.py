@@ -8,14 +8,17 @@
 The body is checked as the sync endpoint checks it (fields, model, context length; ``stream`` must
 be unset: a job's progress is read from its events) and a refusal is the same OpenAI error body
 (400, 401, 404, 413). Accepted, it answers ``202`` with the job and a ``Location`` header. Headers
-as for the sync endpoints: ``X-Wattson-Feature``, and ``X-Wattson-Priority``, which defaults to
-``low`` for a job (capped by the key's tier like any request), so interactive traffic goes first.
+as for the sync endpoints: ``X-Wattson-Feature``, ``X-Wattson-Priority``, which defaults to ``low``
+for a job (capped by the key's tier like any request), so interactive traffic goes first, and
+``X-Wattson-Deadline``: the seconds from submission within which the job is to be answered (at most
+``--job-deadline-s``, the default); no attempt is made past it and the job fails with 504
+``deadline_exceeded``.
 
 A job, as ``GET /v1/jobs/{id}`` shows it::
 
     {"id": "job_…", "object": "job", "status": "queued|running|succeeded|failed|cancelled",
      "url": "/v1/chat/completions", "model": "smollm2", "priority": "low", "feature": "default",
-     "attempts": 1, "created_at": 1764000000, "started_at": …, "finished_at": …,
+     "attempts": 1, "created_at": 1764000000, "started_at": …, "finished_at": …, "deadline_at": …,
      "result": {…the sync endpoint's response body…} | null,
      "error": {"type", "message", "code", "param"} | null}
 
@@ -30,14 +33,18 @@ that reconnects with ``Last-Event-ID`` gets the events after that id, then the l
 its engine slot); a finished one answers 409. Jobs belong to their tenant: another tenant's key gets
 404, as for a job that does not exist.
 
-Each *attempt* goes down the sync endpoints' path (rules, breaker and fallback chain, admission,
-retries of transient upstream failures) and makes one request event, as a sync request does, so
-the control plane counts every attempt's tokens and GPU time; a submission refused at the door made
-no attempt and makes no event. A transient failure (shed, throttled, upstream 502/503/504, breaker
-open) queues the job again after a backoff, up to ``--job-max-attempts``; the last attempt's
-failure, or any other, fails the job to the dead-letter list: ``GET /admin/jobs/dead`` lists failed
-jobs and ``POST /admin/jobs/dead/{id}/replay`` queues one again with its attempts reset (both with
-the admin token, like ``/admin/ruleset``).
+Each *attempt* goes down the sync endpoints' path (rules, the response cache, retries and the
+fallback chain, admission) and records a request event for each attempt at a model, as a sync
+request does, so the control plane counts every attempt's tokens and GPU time; their ``request_id``
+is the job's id and their ``attempt`` numbers run on across the job's attempts and replays. A job
+whose answer is cached is answered from the cache, and a job's answer is kept for the requests
+after it. A submission refused at the door made no attempt and makes no event. A transient failure
+(shed, throttled, upstream 502/503/504, breaker open) queues the job again after a backoff, up to
+``--job-max-attempts`` and only while the next try would start before the job's deadline; the last
+attempt's failure, or any other, fails the job to the dead-letter list: ``GET /admin/jobs/dead``
+lists failed jobs and ``POST /admin/jobs/dead/{id}/replay`` queues one again with its attempts reset
+(both with the admin token, like ``/admin/ruleset``); a replayed job has as long a deadline as at
+first, counted from the replay.
 
 Jobs live in ``jobs.sqlite3`` in the runtime's state directory. A job running or queued when the
 runtime stops is queued again at the next start and runs to completion (the interrupted attempt

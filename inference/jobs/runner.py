@@ -1,11 +1,13 @@
 """The job runner: takes queued jobs from the store and runs them, a few at a time.
 
 Each run is one *attempt*, made by the ``RunAttempt`` the app gives (``serving.run_job_attempt``:
-the sync endpoints' path, with rules, breaker and fallback, admission, retries of transient upstream
-failures, one request event). An attempt that fails transiently (``is_transient``: a shed, a
-throttle, an upstream or breaker 502/503/504) is queued again after a jittered backoff (or the
-``Retry-After`` it was given, if longer) until the job has had ``max_attempts``; any other failure,
-or the last attempt's, fails the job to the dead-letter list, from which an admin may replay it.
+the sync endpoints' path, with rules, the response cache, retries and the fallback chain, admission,
+one request event per attempt at a model, numbered across the job by ``Attempt.number``). An attempt
+that fails transiently (``is_transient``: a shed, a throttle, an upstream or breaker 502/503/504) is
+queued again after a jittered backoff (or the ``Retry-After`` it was given, if longer) until the job
+has had ``max_attempts`` or the next try would start past the job's deadline; any other failure, the
+last attempt's, or a deadline that passed (504 ``deadline_exceeded``), fails the job to the
+dead-letter list, from which an admin may replay it.
 
 On stop, running attempts are cancelled but their jobs stay ``running`` in the store: the next
 start puts them back in the queue (the interrupted attempt counts as one), so a job survives a
@@ -24,6 +26,7 @@ from typing import Any
 from inference.backoff import backoff_s
 from inference.config import Tier
 from inference.contracts import Priority
+from inference.deadline import DEADLINE_CODE
 from inference.errors import ApiError
 from inference.jobs.store import Job, JobStore
 from inference.retries import MAX_BACKOFF_S
@@ -46,14 +49,21 @@ class Attempt:
     def token(self, text: str) -> None:
         self._runner.add_text(self.job.id, text)
 
+    def number(self) -> int:
+        """The number of the job's next attempt at a model (its request event's ``attempt``)."""
+        return self._runner.store.next_model_attempt(self.job.id)
+
 
 RunAttempt = Callable[[Job, Attempt], Awaitable[dict[str, Any]]]
 
 
 def is_transient(error: ApiError) -> bool:
     """Worth trying again later: the model or the queue was busy or briefly unreachable. A budget
-    that is spent is not: that job waits in the dead-letter list for a replay instead."""
-    return error.transient or (error.status in (429, 502, 503, 504) and error.code != "rejected_budget")
+    that is spent is not, nor a deadline that passed: that job waits in the dead-letter list for a
+    replay instead."""
+    if error.code in ("rejected_budget", DEADLINE_CODE):
+        return False
+    return error.transient or error.status in (429, 502, 503, 504)
 
 
 class JobRunner:
@@ -100,9 +110,10 @@ class JobRunner:
     # -- what the API asks -------------------------------------------------------------------------
 
     def submit(self, *, tenant: str, api_key_id: str, tier: Tier, feature: str, priority: Priority, url: str,
-               request: dict[str, Any]) -> Job:
+               request: dict[str, Any], deadline_s: float | None = None, cache_sampled: bool = False) -> Job:
         job = self.store.create(tenant=tenant, api_key_id=api_key_id, tier=tier, feature=feature,
-                                priority=priority, url=url, request=request)
+                                priority=priority, url=url, request=request, deadline_s=deadline_s,
+                                cache_sampled=cache_sampled)
         self._wake.set()
         return job
 
@@ -195,9 +206,10 @@ class JobRunner:
         if is_transient(error) and job.attempts < self.max_attempts:
             delay = max(backoff_s(job.attempts, base_s=self.backoff_base_s, cap_s=MAX_BACKOFF_S),
                         float(error.retry_after_s or 0))
-            self.store.retry_later(job.id, error=body, delay_s=delay)
-        else:
-            self.store.fail(job.id, body)
+            if job.deadline_at is None or time.time() + delay < job.deadline_at:
+                self.store.retry_later(job.id, error=body, delay_s=delay)
+                return
+        self.store.fail(job.id, body)
 
     def _notify(self, job_id: str) -> None:
         for event in self._listeners.get(job_id, ()):

@@ -48,7 +48,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at REAL NOT NULL,
     started_at REAL,
     finished_at REAL,
-    not_before REAL NOT NULL
+    not_before REAL NOT NULL,
+    deadline_at REAL,
+    cache_sampled INTEGER NOT NULL DEFAULT 0,
+    model_attempts INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, not_before);
 CREATE INDEX IF NOT EXISTS jobs_by_finish ON jobs (finished_at);
@@ -62,6 +65,10 @@ CREATE TABLE IF NOT EXISTS job_events (
 ) WITHOUT ROWID;
 """
 _PRIORITY_ORDER = "CASE priority WHEN 'high' THEN 0 WHEN 'normal' THEN 1 ELSE 2 END"
+# Columns added since the first schema, added to a store made before them: a job stored before
+# them has no deadline, caches only greedy or seeded answers, and numbers its attempts from 1.
+_ADDED_COLUMNS = {"deadline_at": "REAL", "cache_sampled": "INTEGER NOT NULL DEFAULT 0",
+                  "model_attempts": "INTEGER NOT NULL DEFAULT 0"}
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,8 @@ class Job:
     started_at: float | None
     finished_at: float | None
     not_before: float
+    deadline_at: float | None = None  # wall clock: no attempt is made or answered past it
+    cache_sampled: bool = False  # the key it was submitted with lets sampled answers be cached
 
     def body(self) -> ChatCompletionRequest | CompletionRequest:
         return ENDPOINTS[self.url].model_validate(self.request)
@@ -92,7 +101,7 @@ class Job:
                 "model": self.request.get("model"), "priority": self.priority, "feature": self.feature,
                 "attempts": self.attempts, "created_at": _seconds(self.created_at),
                 "started_at": _seconds(self.started_at), "finished_at": _seconds(self.finished_at),
-                "result": self.result, "error": self.error}
+                "deadline_at": _seconds(self.deadline_at), "result": self.result, "error": self.error}
 
 
 @dataclass(frozen=True)
@@ -114,6 +123,10 @@ class JobStore:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(_SCHEMA)
+        present = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+        for column, declaration in _ADDED_COLUMNS.items():
+            if column not in present:
+                db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {declaration}")
         self._db = db
 
     def close(self) -> None:
@@ -155,13 +168,17 @@ class JobStore:
     # -- changes of state --------------------------------------------------------------------------
 
     def create(self, *, tenant: str, api_key_id: str, tier: Tier, feature: str, priority: Priority, url: str,
-               request: dict[str, Any]) -> Job:
+               request: dict[str, Any], deadline_s: float | None = None, cache_sampled: bool = False) -> Job:
+        """Queue a new job, to be answered within ``deadline_s`` of now (None: no deadline)."""
         now = time.time()
         job_id = "job_" + uuid.uuid4().hex
+        deadline_at = None if deadline_s is None else now + deadline_s
         with self._transaction() as db:
             db.execute("INSERT INTO jobs (id, tenant, api_key_id, tier, feature, priority, url, request, status, "
-                       "created_at, not_before) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
-                       (job_id, tenant, api_key_id, tier, feature, priority, url, _json(request), now, now))
+                       "created_at, not_before, deadline_at, cache_sampled) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+                       (job_id, tenant, api_key_id, tier, feature, priority, url, _json(request), now, now,
+                        deadline_at, int(cache_sampled)))
             _append(db, job_id, "queued", {"status": "queued"})
         job = self.get(job_id)
         assert job is not None
@@ -181,6 +198,16 @@ class JobStore:
                 _append(db, row["id"], "running", {"status": "running", "attempt": attempt})
                 claimed.append(row["id"])
         return [job for job_id in claimed if (job := self.get(job_id)) is not None]
+
+    def next_model_attempt(self, job_id: str) -> int:
+        """Number the job's next attempt at a model (its request events' ``attempt``): 1, 2, 3... over
+        all its job attempts, retries and fallbacks, replays included, never repeated."""
+        with self._transaction() as db:
+            row = db.execute("UPDATE jobs SET model_attempts = model_attempts + 1 WHERE id = ? "
+                             "RETURNING model_attempts", (job_id,)).fetchone()
+        if row is None:
+            raise KeyError(job_id)
+        return int(row[0])
 
     def add_text(self, job_id: str, text: str) -> None:
         with self._transaction() as db:
@@ -209,11 +236,14 @@ class JobStore:
         return bool(changed)
 
     def replay(self, job_id: str) -> bool:
-        """Put a dead-lettered job back in the queue with its attempts reset."""
+        """Put a dead-lettered job back in the queue with its attempts reset and as long a deadline as
+        it was given at first, counted from now."""
+        now = time.time()
         with self._transaction() as db:
             changed = db.execute("UPDATE jobs SET status = 'queued', attempts = 0, error = NULL, result = NULL, "
-                                 "started_at = NULL, finished_at = NULL, not_before = ? "
-                                 "WHERE id = ? AND status = 'failed'", (time.time(), job_id)).rowcount
+                                 "started_at = NULL, finished_at = NULL, not_before = ?, "
+                                 "deadline_at = ? + deadline_at - created_at "
+                                 "WHERE id = ? AND status = 'failed'", (now, now, job_id)).rowcount
             if changed:
                 _append(db, job_id, "queued", {"status": "queued", "reason": "replay"})
         return bool(changed)
@@ -293,7 +323,7 @@ def _job(row: sqlite3.Row) -> Job:
                result=json.loads(row["result"]) if row["result"] else None,
                error=json.loads(row["error"]) if row["error"] else None,
                created_at=row["created_at"], started_at=row["started_at"], finished_at=row["finished_at"],
-               not_before=row["not_before"])
+               not_before=row["not_before"], deadline_at=row["deadline_at"], cache_sampled=bool(row["cache_sampled"]))
 
 
 def _seconds(at: float | None) -> int | None:

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from inference.routes import runtime_of
-from inference.routes.openapi import COMPLETION, FEATURE, GENERATION_ERRORS, PRIORITY, operation
+from inference.routes.openapi import COMPLETION, DEADLINE, FEATURE, GENERATION_ERRORS, PRIORITY, operation
 from inference.schemas import ChatCompletionRequest, CompletionRequest
 from inference.serving import serve_completion
 
@@ -25,13 +25,17 @@ async def models(request: Request) -> JSONResponse:
     return JSONResponse({"object": "list", "data": data})
 
 
-@router.post("/v1/chat/completions", **operation(auth="apiKey", body=ChatCompletionRequest, headers=(FEATURE, PRIORITY),
+# The headers a generation request reads beside its body.
+GENERATION_HEADERS = (FEATURE, PRIORITY, DEADLINE)
+
+
+@router.post("/v1/chat/completions", **operation(auth="apiKey", body=ChatCompletionRequest, headers=GENERATION_HEADERS,
                                                  errors=GENERATION_ERRORS, ok=COMPLETION))
 async def chat_completions(request: Request) -> Response:
     return await serve_completion(runtime_of(request), request, ChatCompletionRequest)
 
 
-@router.post("/v1/completions", **operation(auth="apiKey", body=CompletionRequest, headers=(FEATURE, PRIORITY),
+@router.post("/v1/completions", **operation(auth="apiKey", body=CompletionRequest, headers=GENERATION_HEADERS,
                                             errors=GENERATION_ERRORS, ok=COMPLETION))
 async def completions(request: Request) -> Response:
     return await serve_completion(runtime_of(request), request, CompletionRequest)

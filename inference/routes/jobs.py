@@ -19,9 +19,24 @@ from inference.backends import LocalBackend
 from inference.errors import ApiError
 from inference.jobs.runner import JobRunner
 from inference.jobs.store import ENDPOINTS, FINISHED, Job
-from inference.request_parsing import read_json_object, request_feature, request_priority, validated
+from inference.request_parsing import (
+    read_json_object,
+    request_deadline_s,
+    request_feature,
+    request_priority,
+    validated,
+)
 from inference.routes import jobs_of, runtime_of
-from inference.routes.openapi import EVENT_STREAM, FEATURE, LAST_EVENT_ID, PRIORITY, model_schemas, operation, ref
+from inference.routes.openapi import (
+    DEADLINE,
+    EVENT_STREAM,
+    FEATURE,
+    LAST_EVENT_ID,
+    PRIORITY,
+    model_schemas,
+    operation,
+    ref,
+)
 from inference.runtime import Runtime
 
 KEEPALIVE_S = 15.0
@@ -46,17 +61,19 @@ router = APIRouter()
 
 
 @router.post("/v1/jobs", status_code=202, **operation(auth="apiKey", body=SUBMISSION_SCHEMA,
-                                                     headers=(FEATURE, PRIORITY), errors=(400, 404, 413),
+                                                     headers=(FEATURE, PRIORITY, DEADLINE), errors=(400, 404, 413),
                                                      ok_status=202))
 async def submit_job(request: Request) -> JSONResponse:
     runtime = runtime_of(request)
     key = runtime.authenticate(request.headers.get("authorization"))
     feature = request_feature(request)
     priority = effective_priority(request_priority(request, default="low"), key.tier)
+    deadline_s = request_deadline_s(request, limit_s=runtime.config.job_deadline_s)
     submission = validated(await read_json_object(request), JobSubmission)
     await _check(runtime, submission)
     job = jobs_of(request).submit(tenant=key.tenant, api_key_id=key.key_id, tier=key.tier, feature=feature,
-                                  priority=priority, url=submission.url, request=submission.body)
+                                  priority=priority, url=submission.url, request=submission.body,
+                                  deadline_s=deadline_s, cache_sampled=key.cache_sampled)
     return JSONResponse(job.public(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 

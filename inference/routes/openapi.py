@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from inference.admission import PRIORITY_RANK
 from inference.errors import ErrorBody
-from inference.request_parsing import FEATURE_PATTERN, MAX_BODY_BYTES
+from inference.request_parsing import DEADLINE_PATTERN, FEATURE_PATTERN, MAX_BODY_BYTES
 
 REF = "#/components/schemas/{model}"
 SECURITY_SCHEMES = {
@@ -43,7 +43,7 @@ _ERRORS = {
     502: "The upstream server failed.",
     503: "Overloaded, shutting down, or refused while a budget cannot be metered; `Retry-After` says when "
          "to try again.",
-    504: "The upstream server did not answer in time.",
+    504: "The upstream server did not answer in time, or the request's deadline passed (code `deadline_exceeded`).",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again.",
                                 "schema": {"type": "integer", "minimum": 0}}}
@@ -60,6 +60,13 @@ PRIORITY = {
     "description": "low, normal or high, in any case; capped by the API key's tier.",
     "schema": {"type": "string", "pattern": "^(" + "|".join(
         "".join(f"[{c.upper()}{c}]" for c in name) for name in PRIORITY_RANK) + ")$"},
+}
+DEADLINE = {
+    "name": "X-Wattson-Deadline", "in": "header", "required": False,
+    "description": "Seconds the whole request may take (queue waits, retries, fallbacks and generation "
+                   "included; for a job, from its submission), at most the runtime's limit "
+                   "(--request-deadline-s, --job-deadline-s), which is also the default.",
+    "schema": {"type": "string", "pattern": DEADLINE_PATTERN},
 }
 LAST_EVENT_ID = {
     "name": "Last-Event-ID", "in": "header", "required": False,

@@ -70,18 +70,20 @@ class Throttle:
         self.tokens = None if tpm is None else TokenBucket(
             tpm, now, previous.tokens.level if previous and previous.tokens else None)
 
-    def wait_s(self, tokens: int, now: float) -> float:
-        wait = 0.0 if self.requests is None else self.requests.wait_s(1, now)
-        if self.tokens is not None:
+    def wait_s(self, tokens: int, now: float, *, request: bool = True) -> float:
+        """Seconds until ``tokens`` (and with ``request``, one request) can be taken. A cache hit
+        asks for a request and no tokens; a request's later attempt asks for tokens only."""
+        wait = 0.0 if self.requests is None or not request else self.requests.wait_s(1, now)
+        if self.tokens is not None and tokens > 0:
             token_wait = self.tokens.wait_s(tokens, now)
             if token_wait > wait:
                 wait = token_wait
         return wait
 
-    def take(self, tokens: int) -> None:
-        if self.requests is not None:
+    def take(self, tokens: int, *, request: bool = True) -> None:
+        if self.requests is not None and request:
             self.requests.take(1)
-        if self.tokens is not None:
+        if self.tokens is not None and tokens > 0:
             self.tokens.take(tokens)
 
     def give_back_tokens(self, tokens: int, now: float) -> None:

@@ -11,6 +11,13 @@ which model tokenizes it:
    it awaits, so on the event loop the check and the reservation are one atomic step.
 
 ``settle`` releases a reservation and books the true amount; it is idempotent.
+
+A client request is one request to a throttle however many attempts it takes: its first attempt
+takes a request from every matching ``requests_per_minute`` bucket, a retry's or a fallback's
+(``count_request=False``) only its tokens; every attempt reserves its own worst case against the
+allowances, since every attempt may spend. A cache hit (``reserve_cache_hit``) is a request like
+any other to the throttles' request rates, but generates nothing: it takes no tokens from a
+throttle and reserves nothing from an allowance, whose ledger only counts what was generated.
 """
 
 from __future__ import annotations
@@ -189,9 +196,17 @@ class RuleEnforcer:
             return None
         return match
 
-    def reserve(self, match: Match, *, prompt_tokens: int, max_tokens: int, model: str) -> Reservation:
+    def reserve_cache_hit(self, match: Match, *, model: str, count_request: bool = True) -> Reservation:
+        """A request answered from the cache: one request from every matching throttle (refused as
+        any request when one has no room), no tokens, nothing from an allowance."""
+        return self.reserve(match, prompt_tokens=0, max_tokens=0, model=model, count_request=count_request,
+                            cache_hit=True)
+
+    def reserve(self, match: Match, *, prompt_tokens: int, max_tokens: int, model: str,
+                count_request: bool = True, cache_hit: bool = False) -> Reservation:
         """Take the request's worst case from every throttle and allowance in ``match``, or nothing
-        and raise ``RuleRejection`` if any has no room."""
+        and raise ``RuleRejection`` if any has no room. ``count_request`` False: a later attempt of a
+        request already counted in the throttles' request rates."""
         if self.compiled is None or match.version != self.compiled.version:
             # A newer ruleset arrived while the request was tokenized: its throttles and grants
             # count, not those it was matched against (the model and cap already chosen stay).
@@ -208,7 +223,7 @@ class RuleEnforcer:
                 throttle = self._throttles.get(rule.id)
                 if throttle is None:  # the rule left the ruleset between match and reserve
                     continue
-                wait = throttle.wait_s(worst_tokens, now_m)
+                wait = throttle.wait_s(worst_tokens, now_m, request=count_request)
                 if wait > 0:
                     self._count("throttle")
                     retry = max(1, math.ceil(wait))
@@ -221,7 +236,7 @@ class RuleEnforcer:
         # A "*" price is the book's price for any model it does not name (ingest prices events so too).
         price = match.prices.get(model) or match.prices.get(WILDCARD)
         held: list[tuple[CompiledAllowance, PeriodKey, Decimal]] = []
-        if match.allowances:
+        if match.allowances and not cache_hit:
             for allowance in match.allowances:
                 worst = self._worst_case(allowance, price, model, prompt_tokens, max_tokens)
                 available = self.ledger.available(allowance.period, allowance.granted, allowance.reported)
@@ -239,7 +254,7 @@ class RuleEnforcer:
                 held.append((allowance, allowance.period, worst))
         # Everything fits: take it all (no await between the checks above and here).
         for throttle, tokens in taken:
-            throttle.take(tokens)
+            throttle.take(tokens, request=count_request)
         for _, period, worst in held:
             self.ledger.reserve(period, worst)
         if match.cap is not None:

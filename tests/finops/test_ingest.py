@@ -127,6 +127,31 @@ def test_a_samples_breaker_states_are_stored_as_the_runtime_sent_them(post_batch
     assert RuntimeSample.objects.get(at=now - dt.timedelta(seconds=5)).breakers is None
 
 
+def test_each_attempt_of_a_request_is_stored_with_its_request_id_number_and_staleness(post_batch: Any) -> None:
+    failed = event_dict(request_id="5f0c1d", attempt=1, status="error", http_status=503,
+                        error_type="upstream_overloaded", model_served="big", prompt_tokens=0, completion_tokens=0)
+    stale = event_dict(request_id="5f0c1d", attempt=2, route_reason="fallback", cache_hit=True, cache_stale=True)
+    from_an_older_runtime = event_dict()  # no request_id, attempt or cache_stale keys at all
+
+    response = post_batch(batch_body(events=[failed, stale, from_an_older_runtime]))
+
+    assert response.json()["accepted"] == 3
+    rows = {str(e.event_id): e for e in RequestEvent.objects.all()}
+    assert [(rows[e["event_id"]].request_id, rows[e["event_id"]].attempt, rows[e["event_id"]].cache_stale)
+            for e in (failed, stale, from_an_older_runtime)] == [("5f0c1d", 1, False), ("5f0c1d", 2, True),
+                                                                 (None, None, False)]
+
+
+@pytest.mark.parametrize(("field", "value"), [("attempt", 0), ("attempt", 1.0), ("request_id", "x" * 101),
+                                              ("request_id", "a\nb"), ("cache_stale", "yes")])
+def test_an_attempt_number_or_request_id_outside_the_contract_is_refused(post_batch: Any, field: str,
+                                                                         value: Any) -> None:
+    response = post_batch(batch_body(events=[event_dict(**{field: value})]))
+
+    assert response.status_code == 422
+    assert response.json()["refused"][0]["errors"][0].startswith(f"{field}: ")
+
+
 def test_a_sample_with_a_breaker_state_the_contract_does_not_name_is_refused(post_batch: Any) -> None:
     good = sample_dict(at=hours_ago(1), breakers={"big": "closed"})
     bad = sample_dict(at=hours_ago(2), breakers={"big": "tripped"})

@@ -155,6 +155,7 @@ def add_event(row: Rollup | MarginalRollup, e: RequestEvent) -> None:
     row.prompt_tokens += e.prompt_tokens
     row.completion_tokens += e.completion_tokens
     row.cache_hits += e.cache_hit
+    row.saved_tokens += (e.prompt_tokens + e.completion_tokens) if e.cache_hit else 0
     row.gpu_seconds += e.gpu_seconds or 0.0
     if e.energy_joules is not None:
         row.energy_joules += e.energy_joules
@@ -195,6 +196,7 @@ def expected(events: Iterable[RequestEvent], filters: Filters) -> dict[str, Any]
         "prompt_tokens": sum(e.prompt_tokens for e in chosen),
         "completion_tokens": sum(e.completion_tokens for e in chosen),
         "cache_hits": sum(e.cache_hit for e in chosen),
+        "saved_tokens": sum(e.prompt_tokens + e.completion_tokens for e in chosen if e.cache_hit),
         "gpu_seconds": pytest.approx(sum(e.gpu_seconds or 0.0 for e in chosen)),
         "energy_joules": pytest.approx(sum(measured)) if measured else None,
         "list_cost": sum((e.list_cost for e in chosen if e.list_cost is not None), Decimal(0)),
@@ -210,8 +212,8 @@ def expected(events: Iterable[RequestEvent], filters: Filters) -> dict[str, Any]
 def measured(measures: Measures) -> dict[str, Any]:
     return {name: getattr(measures, name) for name in (
         "requests", "ok", "errors", "rejections", "cancelled", "prompt_tokens", "completion_tokens",
-        "cache_hits", "gpu_seconds", "energy_joules", "list_cost", "hardware_cost", "saved_cost", "unpriced",
-        "queue_wait_ms_mean", "queue_wait_ms_max", "rejected_rule", "rejected_budget", "shed")}
+        "cache_hits", "saved_tokens", "gpu_seconds", "energy_joules", "list_cost", "hardware_cost", "saved_cost",
+        "unpriced", "queue_wait_ms_mean", "queue_wait_ms_max", "rejected_rule", "rejected_budget", "shed")}
 
 
 STATUSES = ["ok"] * 8 + ["error", "timeout", "cancelled", "rejected_rule", "rejected_budget", "shed"]
@@ -372,6 +374,8 @@ def test_totals_equal_direct_sums_over_the_raw_events(history: list[RequestEvent
     assert measured(totals) == want
     assert want["saved_cost"] > 0  # cache hits cost nothing and add up what they saved
     assert totals.tokens == want["prompt_tokens"] + want["completion_tokens"]
+    assert 0 < want["saved_tokens"] < totals.tokens
+    assert totals.spent_tokens == totals.tokens - want["saved_tokens"], "a cache hit's tokens are saved, not spent"
     assert totals.error_rate == pytest.approx(want["errors"] / want["requests"])
     assert totals.rejection_rate == pytest.approx(want["rejections"] / want["requests"])
     assert totals.cache_hit_rate == pytest.approx(want["cache_hits"] / want["requests"])

@@ -1,6 +1,7 @@
 """A fake OpenAI-compatible server: real HTTP on a free port, answers scripted by the test.
 
-It stands in for vLLM, llama.cpp or TGI behind ``--upstream``. Tests (and benchmarks, which want an
+It stands in for vLLM, llama.cpp or TGI behind ``--upstream``; ``ConnectionDropper`` stands in for
+one that closes every connection without an answer. Tests (and benchmarks, which want an
 upstream that costs nothing) say how it answers next — how many pieces, how fast, with or without
 ``usage``, an error, or a hang — and read back what it received and whether the caller stayed to
 the end. Its wire format follows vLLM's: SSE chunks ``data: {...}``, a last chunk with ``usage``
@@ -16,6 +17,7 @@ import asyncio
 import dataclasses
 import json
 import socket
+import socketserver
 import threading
 import time
 import uuid
@@ -256,6 +258,45 @@ def fake_upstream(port: int | None = None) -> Iterator[FakeUpstream]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+class ConnectionDropper:
+    """An upstream that reads each request and closes the connection without a word: a server
+    whose process died behind its port, or a proxy cutting it. It counts the requests that reached
+    it, so a test can tell the load a failing upstream was given."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self._lock = threading.Lock()
+        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), self._handler(), bind_and_activate=True)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True, name="connection-dropper")
+
+    def _handler(self) -> type[socketserver.BaseRequestHandler]:
+        dropper = self
+
+        class Drop(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = self.request.recv(65536)
+                    if not chunk:
+                        return
+                    head += chunk
+                with dropper._lock:
+                    dropper.requests += 1
+                self.request.close()
+
+        return Drop
+
+    def __enter__(self) -> ConnectionDropper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
 
 
 def main() -> None:

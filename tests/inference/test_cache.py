@@ -308,3 +308,73 @@ def test_cache_options_and_the_sampled_key_flag_are_configurable() -> None:
 def test_bad_cache_options_are_refused(argv: list[str], env: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(argv, environ=env)
+
+
+# -- jobs use the cache -----------------------------------------------------------------------------
+
+
+def test_a_job_is_answered_from_the_cache_and_its_answer_is_kept_for_the_next_request(tiny_model: LoadedModel) -> None:
+    from tests.inference.test_jobs import finished, submitted
+
+    with serve(cache_config(), preloaded=(tiny_model,)) as live:
+        asked_first = greedy()
+        sync = post(live, asked_first)
+        before = steps(live)
+        job = finished(live, submitted(live, asked_first, url="/v1/completions"))
+        assert steps(live) == before, "the job's answer came from the cache"
+        assert answer_of(job["result"]) == answer(sync)
+
+        job_first = greedy()
+        job = finished(live, submitted(live, job_first, url="/v1/completions"))
+        again = post(live, job_first)
+        assert again.headers["x-wattson-cache"] == "hit", "the job's answer was kept"
+        assert answer(again) == answer_of(job["result"])
+        events = live.wait_for_events(4)
+        assert [(e.cache_hit, e.priority) for e in events] == [(False, "normal"), (True, "low"), (False, "low"),
+                                                               (True, "normal")]
+
+
+def answer_of(body: dict) -> tuple:
+    return body["choices"], body["usage"], body["model"]
+
+
+# -- cache hits under the rules: a request to throttles, free to budgets ----------------------------
+
+
+def test_cache_hits_count_in_a_throttles_request_rate(tiny_model: LoadedModel) -> None:
+    from tests.inference.rulesets import ADMIN_TOKEN, document, push, rule, scope
+
+    with serve(cache_config(admin_token=ADMIN_TOKEN), preloaded=(tiny_model,)) as live:
+        push(live, document(rules=[rule("r3", {"type": "throttle", "requests_per_minute": 3},
+                                        where=scope(tenant="acme"))]))
+        body = greedy()
+        assert [post(live, body).headers["x-wattson-cache"] for _ in range(3)] == ["miss", "hit", "hit"]
+
+        with live.client() as client:
+            refused = client.post("/v1/completions", json=body)
+
+        assert refused.status_code == 429, "the third request of the minute was a cache hit, and counted"
+        assert refused.json()["error"]["code"] == "rejected_rule"
+        assert live.wait_for_events(4)[-1].status == "rejected_rule"
+
+
+def test_cache_hits_take_no_tokens_from_a_throttle_nor_from_a_tokens_budget(tiny_model: LoadedModel) -> None:
+    from tests.inference.rulesets import ADMIN_TOKEN, allowance, document, held, push, rule, scope
+
+    with serve(cache_config(admin_token=ADMIN_TOKEN), preloaded=(tiny_model,)) as live:
+        body = greedy()
+        post(live, body)  # answered and kept before any rule
+        push(live, document(rules=[rule("r1", {"type": "throttle", "tokens_per_minute": 1}, where=scope("acme"))]))
+        post(live, greedy())  # a full bucket lets one oversized request through and is in debt after it
+        assert post(live, body).headers["x-wattson-cache"] == "hit", "a hit needs no tokens"
+        with live.client() as client:
+            assert client.post("/v1/completions", json=greedy()).status_code == 429
+
+        push(live, document(allowances=[allowance("7", unit="tokens", granted=5, where=scope("acme"))]))
+        hits = [post(live, body) for _ in range(3)]
+        assert [h.headers["x-wattson-cache"] for h in hits] == ["hit"] * 3, "served though 5 tokens cannot fit one"
+        (ledger,) = held(live)["state"]["allowances"]
+        assert (ledger["settled"], ledger["reserved"]) == ("0", "0"), "a hit's tokens are saved, not spent"
+        with live.client() as client:
+            refused = client.post("/v1/completions", json=greedy())
+        assert (refused.status_code, refused.json()["error"]["code"]) == (429, "rejected_budget")

@@ -382,3 +382,33 @@ def test_finished_jobs_are_forgotten_after_their_ttl(tiny_model: LoadedModel) ->
         job_id = submitted(server)
         assert finished(server, job_id)["status"] == "succeeded"
         wait_for(lambda: server.client().get(f"/v1/jobs/{job_id}").status_code == 404, timeout=5)
+
+
+def test_a_job_store_made_before_deadlines_opens_with_its_jobs_intact(tmp_path: Any) -> None:
+    import sqlite3
+
+    from inference.jobs.store import JobStore
+
+    path = tmp_path / "jobs.sqlite3"
+    old = sqlite3.connect(path)  # the first schema's jobs table, one job queued in it
+    old.executescript("""
+        CREATE TABLE jobs (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, api_key_id TEXT NOT NULL, tier TEXT NOT NULL,
+            feature TEXT NOT NULL, priority TEXT NOT NULL, url TEXT NOT NULL, request TEXT NOT NULL,
+            status TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, result TEXT, error TEXT,
+            created_at REAL NOT NULL, started_at REAL, finished_at REAL, not_before REAL NOT NULL);
+        INSERT INTO jobs VALUES ('job_old', 'acme', 'acme:…0001', 'premium', 'default', 'low', '/v1/completions',
+            '{"model": "tiny-random", "prompt": "Hi"}', 'queued', 0, NULL, NULL, 1.0, NULL, NULL, 1.0);
+    """)
+    old.close()
+    store = JobStore(path)
+    store.open()
+    try:
+        job = store.get("job_old")
+        assert job is not None and (job.status, job.deadline_at, job.cache_sampled) == ("queued", None, False)
+        assert [store.next_model_attempt("job_old") for _ in range(3)] == [1, 2, 3]
+        new = store.create(tenant="acme", api_key_id="k", tier="standard", feature="f", priority="low",
+                           url="/v1/completions", request={"model": "tiny-random", "prompt": "Hi"}, deadline_s=60,
+                           cache_sampled=True)
+        assert new.deadline_at == pytest.approx(new.created_at + 60) and new.cache_sampled
+    finally:
+        store.close()

@@ -22,7 +22,7 @@ from inference.api import create_app
 from inference.engine.models import LoadedModel
 from inference.jobs.store import ENDPOINTS
 from inference.routes.jobs import JobSubmission
-from inference.routes.openapi import PRIORITY
+from inference.routes.openapi import DEADLINE, PRIORITY
 from inference.rules.contract import RulesetDocument
 from inference.runtime import Runtime
 from inference.schemas import ChatCompletionRequest, CompletionRequest
@@ -129,13 +129,16 @@ def test_every_operation_says_who_may_call_it_and_answers_errors_in_the_error_fo
                 assert "Retry-After" in response["headers"], (label, status)
 
 
-def test_a_generation_declares_the_feature_and_priority_headers_it_reads(document: dict[str, Any]) -> None:
+def test_a_generation_declares_the_feature_priority_and_deadline_headers_it_reads(document: dict[str, Any]) -> None:
     for label in ("POST /v1/chat/completions", "POST /v1/completions", "POST /v1/jobs"):
         headers = {p["name"] for p in dict(operations(document))[label]["parameters"] if p["in"] == "header"}
-        assert headers == {"X-Wattson-Feature", "X-Wattson-Priority"}, label
+        assert headers == {"X-Wattson-Feature", "X-Wattson-Priority", "X-Wattson-Deadline"}, label
     priority = re.compile(PRIORITY["schema"]["pattern"])
     assert all(priority.match(value) for value in ("low", "normal", "high", "HIGH", "Normal"))
     assert not any(priority.match(value) for value in ("urgent", "", "highest"))
+    deadline = re.compile(DEADLINE["schema"]["pattern"])
+    assert all(deadline.match(value) for value in ("30", "0.5", "2.125"))
+    assert not any(deadline.match(value) for value in ("-1", "1e3", "", "2.1255", "soon"))
 
 
 def test_an_unsupported_method_is_405_naming_every_method_the_resource_has(app: FastAPI) -> None:

@@ -27,13 +27,13 @@ from inference.config import Fallback, RuntimeConfig, Upstream
 from inference.contracts import RequestEvent
 from inference.engine.engine import GenerationResult, TokenDelta
 from inference.engine.models import LoadedModel
-from inference.fallback import Body
+from inference.fallback import Body, CachedReplay
 from tests.inference.collector import Collector
-from tests.inference.fake_upstream import FakeUpstream, fake_upstream, text_of
+from tests.inference.fake_upstream import ConnectionDropper, FakeUpstream, fake_upstream, text_of
 from tests.inference.live import ACME, LiveRuntime, serve, tiny_config
 from tests.inference.rulesets import metric
 
-COOLDOWN_S = 1.0
+COOLDOWN_S = 2.0  # long enough that tripping a breaker (each request answered by its fallback) ends before it
 TRIP = 4  # breaker_min_requests: this many failures in a row open a breaker
 
 
@@ -85,56 +85,129 @@ def last_event(live: LiveRuntime, count: int) -> RequestEvent:
 
 
 def trip(live: LiveRuntime, fake: FakeUpstream, model: str) -> None:
+    """Open ``model``'s breaker: TRIP failures in a row (its chain, if any, answers them meanwhile)."""
     fake.fail(500, "CUDA out of memory")
     for _ in range(TRIP):
-        assert ask(live, model).status_code == 502
+        ask(live, model, max_tokens=1)
     assert metric(live, "wattson_breaker_state", model=model) == 2
 
 
-# -- the breaker and the fallback chain ------------------------------------------------------------
+def attempts_of(events: list[RequestEvent], request_id: str) -> list[RequestEvent]:
+    """A request's events, in the order of their attempts."""
+    return sorted((e for e in events if e.request_id == request_id), key=lambda e: e.attempt or 0)
 
 
-def test_a_failing_upstream_trips_its_breaker_its_traffic_falls_back_and_a_probe_recovers_it(
+def outline(events: list[RequestEvent]) -> list[tuple[Any, ...]]:
+    return [(e.attempt, e.model_served, e.route_reason, e.status, e.http_status) for e in events]
+
+
+# -- a failing model: every request gets its fallback, before and after the breaker opens -------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("fault", ["503", "dropped_connection"])
+def test_no_client_sees_a_failing_upstream_while_its_fallback_answers_and_each_failure_is_an_attempt(
+        fake: FakeUpstream, tiny_model: LoadedModel, fault: str, stream: bool) -> None:
+    """The upstream answers 503 (or closes every connection unanswered) from the start: each request
+    is sent to it, fails, and is re-sent to the fallback within the same request, until the breaker
+    opens; from then on nothing reaches the upstream. No client sees an error at any point."""
+    fake.reset()
+    with ConnectionDropper() as dropper:
+        config = gateway_config(fake, breaker_cooldown_s=60.0)  # no probe while the test runs
+        if fault == "503":
+            fake.fail(503, "overloaded")
+            failing, hits, failure_status = config, lambda: len(fake.requests), 503
+        else:
+            failing = dataclasses.replace(config, upstreams=(Upstream("big", dropper.url, "vendor/big"),
+                                                             *config.upstreams[1:]))
+            hits, failure_status = (lambda: dropper.requests), 502
+        with serve(failing, preloaded=(tiny_model,)) as live:
+            answers = [ask(live, "big", stream=stream) for _ in range(TRIP + 3)]
+
+            assert [r.status_code for r in answers] == [200] * (TRIP + 3), [r.text for r in answers]
+            assert all(r.headers["x-wattson-request-id"] for r in answers)
+            if not stream:
+                assert {r.json()["model"] for r in answers} == {"tiny-random"}
+            else:
+                assert all(r.text.rstrip().endswith("data: [DONE]") and '"error"' not in r.text for r in answers)
+            assert metric(live, "wattson_breaker_state", model="big") == 2
+            assert hits() == TRIP, "the upstream was tried until its breaker opened, and never after"
+            events = live.wait_for_events(2 * TRIP + 3)
+            for i, response in enumerate(answers):
+                taken = outline(attempts_of(events, response.headers["x-wattson-request-id"]))
+                if i < TRIP:  # a failed attempt at the upstream, then the fallback in the same request
+                    assert taken == [(1, "big", "requested", "error", failure_status),
+                                     (2, "tiny-random", "fallback", "ok", 200)], taken
+                else:  # the breaker is open: straight to the fallback
+                    assert taken == [(1, "tiny-random", "fallback", "ok", 200)], taken
+            failed = [e for e in events if e.status == "error"]
+            assert len(failed) == TRIP and {e.model_served for e in failed} == {"big"}
+            assert metric(live, "wattson_fallbacks_total", model="big", step="tiny-random") == TRIP + 3
+
+
+def test_the_attempt_that_answers_is_timed_from_the_request_and_a_failed_one_by_itself(
         live: LiveRuntime, fake: FakeUpstream) -> None:
-    assert metric(live, "wattson_breaker_state", model="big") == 0
-    fake.fail(500, "CUDA out of memory")
-    for i in range(TRIP - 1):
-        assert ask(live, "big").status_code == 502
-        assert metric(live, "wattson_breaker_state", model="big") == 0, f"still closed after {i + 1} failures"
-    trip_hits = len(fake.requests)
-    assert ask(live, "big").status_code == 502
-    assert metric(live, "wattson_breaker_state", model="big") == 2
+    fake.hang(5)  # past the upstream timeout (1 s): the attempt fails with a 504
+
+    response = ask(live, "big")
+
+    assert response.status_code == 200 and response.json()["model"] == "tiny-random"
+    failed, answered = attempts_of(live.wait_for_events(2), response.headers["x-wattson-request-id"])
+    assert (failed.status, failed.error_type, answered.status) == ("timeout", "upstream_timeout", "ok")
+    assert failed.e2e_ms >= 1000
+    assert answered.started_at == failed.started_at, "the answer's clock starts with the request"
+    assert answered.ttft_ms is not None and answered.ttft_ms >= failed.e2e_ms, "the client waited for both"
+    assert answered.e2e_ms >= failed.e2e_ms
+
+
+def test_a_model_that_refuses_the_request_itself_is_not_fallen_back_from(live: LiveRuntime,
+                                                                          fake: FakeUpstream) -> None:
+    fake.fail(400, "max_tokens is too large for this model")
+
+    response = ask(live, "big")
+
+    assert response.status_code == 400, "the request is wrong for the model: another would not help"
+    assert "too large" in response.json()["error"]["message"]
+    (event,) = live.wait_for_events(1)
+    assert (event.attempt, event.model_served, event.error_type) == (1, "big", "upstream_rejected")
+
+
+def test_a_failing_upstream_trips_its_breaker_and_a_probe_recovers_it(live: LiveRuntime,
+                                                                     fake: FakeUpstream) -> None:
+    trip(live, fake, "big")
     assert metric(live, "wattson_breaker_opens_total", model="big") == 1
+    trip_hits = len(fake.requests)
 
     fake.reply(pieces=3)
     fallback = ask(live, "big")
     assert fallback.status_code == 200, fallback.text
     assert fallback.json()["model"] == "tiny-random"
-    assert len(fake.requests) == trip_hits + 1, "nothing reached the upstream while its breaker was open"
-    event = last_event(live, TRIP + 1)
+    assert len(fake.requests) == trip_hits, "nothing reached the upstream while its breaker was open"
+    event = last_event(live, 2 * TRIP + 1)
     assert (event.model_requested, event.model_served, event.route_reason, event.status, event.device) == (
         "big", "tiny-random", "fallback", "ok", "cpu")
-    assert metric(live, "wattson_fallbacks_total", model="big", step="tiny-random") == 1
 
     time.sleep(COOLDOWN_S + 0.1)
     assert metric(live, "wattson_breaker_state", model="big") == 1, "half-open after the cool-down"
     probe = ask(live, "big")
     assert probe.status_code == 200
     assert (probe.json()["model"], probe.json()["choices"][0]["message"]["content"]) == ("big", text_of(3))
-    assert len(fake.requests) == trip_hits + 2
-    event = last_event(live, TRIP + 2)
+    assert len(fake.requests) == trip_hits + 1
+    event = last_event(live, 2 * TRIP + 2)
     assert (event.model_served, event.route_reason, event.status) == ("big", "requested", "ok")
     assert metric(live, "wattson_breaker_state", model="big") == 0, "the probe's success closed it"
     assert ask(live, "big").json()["model"] == "big"
 
 
-def test_a_probe_that_fails_opens_the_breaker_again(live: LiveRuntime, fake: FakeUpstream) -> None:
+def test_a_probe_that_fails_opens_the_breaker_again_and_its_request_still_gets_the_fallback(
+        live: LiveRuntime, fake: FakeUpstream) -> None:
     trip(live, fake, "big")
     time.sleep(COOLDOWN_S + 0.1)
     hits = len(fake.requests)
 
-    assert ask(live, "big").status_code == 502, "the probe reached the still failing upstream"
-    assert len(fake.requests) == hits + 1
+    probe = ask(live, "big")
+    assert (probe.status_code, probe.json()["model"]) == (200, "tiny-random"), "the probe failed, then fell back"
+    assert len(fake.requests) == hits + 1, "the probe reached the still failing upstream"
     assert metric(live, "wattson_breaker_state", model="big") == 2
     assert metric(live, "wattson_breaker_opens_total", model="big") == 2
     assert ask(live, "big").json()["model"] == "tiny-random"
@@ -175,7 +248,7 @@ def failing_while(loaded: LoadedModel, broken: threading.Event, name: str) -> Lo
     return dataclasses.replace(loaded, name=name, model=model)
 
 
-def test_a_local_models_breaker_opens_on_engine_errors_and_its_traffic_takes_another_model(
+def test_a_local_models_engine_errors_fall_back_per_request_and_open_its_breaker(
         tiny_model: LoadedModel) -> None:
     broken = threading.Event()
     flaky, spare = failing_while(tiny_model, broken, "flaky"), dataclasses.replace(tiny_model, name="spare")
@@ -184,12 +257,17 @@ def test_a_local_models_breaker_opens_on_engine_errors_and_its_traffic_takes_ano
     with serve(config, preloaded=(flaky, spare)) as live:
         broken.set()
         for _ in range(TRIP):
-            assert ask(live, "flaky").status_code == 500
+            served = ask(live, "flaky")
+            assert (served.status_code, served.json()["model"]) == (200, "spare"), "the engine's error fell back"
         assert metric(live, "wattson_breaker_state", model="flaky") == 2
+        failed = [e for e in live.wait_for_events(2 * TRIP) if e.status == "error"]
+        assert [(e.model_served, e.http_status, e.error_type) for e in failed] == [
+            ("flaky", 500, "engine_error")] * TRIP
         served = ask(live, "flaky")
         assert (served.status_code, served.json()["model"]) == (200, "spare")
-        event = last_event(live, TRIP + 1)
-        assert (event.model_requested, event.model_served, event.route_reason) == ("flaky", "spare", "fallback")
+        event = last_event(live, 2 * TRIP + 1)
+        assert (event.model_requested, event.model_served, event.route_reason, event.attempt) == (
+            "flaky", "spare", "fallback", 1)
 
         broken.clear()
         time.sleep(COOLDOWN_S + 0.1)
@@ -222,11 +300,11 @@ class StubCache:
     TEXT = "an answer from before"
 
     def __init__(self) -> None:
-        self.asked: list[tuple[str, str, str]] = []
+        self.asked: list[tuple[str, str, str, bool]] = []
 
-    async def cached_answer(self, body: Body, *, tenant: str, model: str,
-                            max_tokens_cap: int | None) -> Generation | None:
-        self.asked.append((tenant, model, body.model))
+    async def cached_answer(self, body: Body, *, tenant: str, model: str, max_tokens_cap: int | None,
+                            stale: bool = False) -> CachedReplay | None:
+        self.asked.append((tenant, model, body.model, stale))
         if model != "cached":
             return None
         replay, now = Generation(), time.perf_counter()
@@ -234,11 +312,20 @@ class StubCache:
         replay.outputs.put_nowait(GenerationResult(
             text=self.TEXT, finish_reason="stop", prompt_tokens=9, completion_tokens=4, submitted_at=now,
             first_token_at=now, finished_at=now, gpu_seconds=0.0, energy_joules=None, mean_batch_size=None))
-        return replay
+        return CachedReplay(replay, model, "chat")
+
+
+@pytest.fixture
+def steady(fake: FakeUpstream, tiny_model: LoadedModel) -> Iterator[LiveRuntime]:
+    """Breakers that stay open for the whole test once tripped."""
+    fake.reset()
+    with serve(gateway_config(fake, breaker_cooldown_s=60.0), preloaded=(tiny_model,)) as server:
+        yield server
 
 
 def test_the_cache_step_answers_from_a_wired_cache_and_is_passed_over_without_one(
-        live: LiveRuntime, fake: FakeUpstream) -> None:
+        steady: LiveRuntime, fake: FakeUpstream) -> None:
+    live = steady
     trip(live, fake, "cached")
     assert ask(live, "cached").status_code == 503, "no cache: the chain goes on to its 503"
 
@@ -249,13 +336,14 @@ def test_the_cache_step_answers_from_a_wired_cache_and_is_passed_over_without_on
                                   json=chat("cached", stream=True, stream_options={"include_usage": True}))
 
     assert answered.status_code == 200
+    assert answered.headers["x-wattson-cache"] == "hit"
     body = answered.json()
     assert (body["model"], body["choices"][0]["message"]["content"]) == ("cached", StubCache.TEXT)
     assert body["usage"] == {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
-    assert cache.asked == [("acme", "cached", "cached")] * 2
+    assert cache.asked == [("acme", "cached", "cached", False)] * 2
     event = last_event(live, TRIP + 3)
-    assert (event.route_reason, event.cache_hit, event.model_served, event.status) == (
-        "fallback", True, "cached", "ok")
+    assert (event.route_reason, event.cache_hit, event.cache_stale, event.model_served, event.status) == (
+        "fallback", True, False, "cached", "ok")
     assert (event.prompt_tokens, event.completion_tokens, event.gpu_seconds) == (9, 4, 0.0)
     assert (event.queue_wait_ms, event.queue_depth_at_admit) == (0, None), "a cached answer never queued"
     chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
@@ -296,8 +384,10 @@ def test_a_transient_upstream_failure_is_retried_and_the_client_never_sees_it(
     assert response.status_code == 200, response.text
     assert text_of(2).split()[0] in response.text
     assert len(fake.requests) == 3, "two failed attempts and the one that answered"
-    event = last_event(retrying, 1)
-    assert (event.status, event.model_served, event.completion_tokens) == ("ok", "big", 2)
+    taken = attempts_of(retrying.wait_for_events(3), response.headers["x-wattson-request-id"])
+    assert outline(taken) == [(1, "big", "requested", "error", 503), (2, "big", "retry", "error", 503),
+                              (3, "big", "retry", "ok", 200)]
+    assert taken[-1].completion_tokens == 2
     assert metric(retrying, "wattson_retries_total", model="big") == 2
 
 
@@ -309,11 +399,12 @@ def test_retries_of_a_transient_failure_stop_at_the_cap(retrying: LiveRuntime, f
     else:
         fake.fail(int(fault), "bad gateway")
 
-    response = ask(retrying, "big")
+    response = ask(retrying, "solo")
 
     assert response.status_code == status
     assert len(fake.requests) == 3, "the first attempt and two retries"
-    assert last_event(retrying, 1).http_status == status
+    events = retrying.wait_for_events(3)
+    assert [(e.attempt, e.http_status) for e in events] == [(1, status), (2, status), (3, status)]
 
 
 @pytest.mark.parametrize("status", [400, 404, 422, 429, 500])
@@ -321,11 +412,38 @@ def test_client_errors_rate_limits_and_server_bugs_are_not_retried(retrying: Liv
                                                                    status: int) -> None:
     fake.fail(status, "no")
 
-    response = ask(retrying, "big")
+    response = ask(retrying, "solo")
 
     assert response.status_code == (502 if status == 500 else status)
     assert len(fake.requests) == 1
-    assert metric(retrying, "wattson_retries_total", model="big") == 0
+    assert metric(retrying, "wattson_retries_total", model="solo") == 0
+
+
+@pytest.mark.parametrize(("ratio", "minimum"), [(0.1, 2), (100.0, 1000)], ids=["budget", "no_budget"])
+def test_the_retry_budget_caps_the_extra_load_retries_put_on_a_failing_upstream(
+        fake: FakeUpstream, tiny_model: LoadedModel, ratio: float, minimum: int) -> None:
+    """An upstream that drops every connection, each request allowed two retries, and a breaker
+    that never opens: without a budget it receives every request three times; with one, at most a
+    tenth more than the requests (plus the budget's minimum per ten seconds)."""
+    requests = 30
+    with ConnectionDropper() as dropper:
+        config = gateway_config(fake, upstreams=(Upstream("solo", dropper.url, "vendor/solo"),), fallbacks=(),
+                                upstream_retries=2, upstream_retry_backoff_s=0.01, breaker_min_requests=10_000,
+                                retry_budget_ratio=ratio, retry_budget_min=minimum)
+        with serve(config, preloaded=(tiny_model,)) as live:
+            started = time.monotonic()
+            answers = [ask(live, "solo").status_code for _ in range(requests)]
+            windows = int((time.monotonic() - started) // 10) + 1
+
+            assert answers == [502] * requests
+            if ratio < 1:
+                assert requests < dropper.requests <= requests * (1 + ratio) + windows * minimum, dropper.requests
+                assert metric(live, "wattson_retry_budget_exhausted_total", model="solo") > 0
+            else:
+                assert dropper.requests == 3 * requests
+            assert metric(live, "wattson_retries_total", model="solo") == dropper.requests - requests
+            events = live.wait_for_events(dropper.requests)
+            assert len(events) == dropper.requests, "each request that reached the upstream is an attempt"
 
 
 def test_a_request_refused_by_validation_never_reaches_the_upstream(retrying: LiveRuntime,
