@@ -328,9 +328,11 @@ class Exchange:
             else:  # an upstream failed mid-stream: say so in the stream, then end it
                 self.settle_error(output)
                 yield sse_event(output.body())
-            yield SSE_DONE
-            self.m.t_end = time.perf_counter()  # the last byte is with the server
+            # Recorded before the last byte leaves: a client that has read [DONE] has its event
+            # recorded (and journaled), whatever happens to the process next.
+            self.m.t_end = time.perf_counter()  # the last content byte is with the server
             self.record()
+            yield SSE_DONE
         finally:
             if not self._recorded:
                 self.abandon()
