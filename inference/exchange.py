@@ -101,10 +101,12 @@ class Exchange:
             else:  # an upstream failed mid-stream, or the deadline passed: say so in the stream, then end it
                 self.settle_error(output)
                 yield sse_event(output.body())
-            yield SSE_DONE
+            # Recorded before the last byte leaves: a client that has read [DONE] has its event
+            # recorded (and journaled), whatever happens to the process next.
             if not self._abandoned:
-                self.m.t_end = time.perf_counter()  # the last byte is with the server
+                self.m.t_end = time.perf_counter()  # the last content byte is with the server
             self.record()
+            yield SSE_DONE
         finally:
             if not self._recorded:
                 self.abandon()

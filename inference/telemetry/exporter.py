@@ -3,7 +3,10 @@
 Write-ahead, in three steps, so the serving path never waits on a disk or on the network:
 
 1. ``record_event`` / ``record_sample`` (asyncio loop, engine thread) put the record on a bounded
-   in-memory queue without blocking. A full queue turns the record away and counts it.
+   in-memory queue without blocking. A full queue turns the record away and counts it. A request
+   event queued is also appended to the event journal (``journal.py``: one write to the page cache,
+   no fsync), so that a kill -9 before the writer has spooled it does not lose it: the next start
+   spools what the journal holds and the spool does not.
 2. The writer thread numbers the events (``seq``, ``sequence.py``), stamps each sample with the
    highest number given so far (``events_recorded``), serializes them and appends them to the
    on-disk ``Spool`` (append-only segments).
@@ -41,6 +44,7 @@ from inference.backoff import backoff_s
 from inference.contracts import RequestEvent, RuntimeSample
 from inference.metrics import LiveSample, counter, gauge
 from inference.telemetry.drops import DropLog
+from inference.telemetry.journal import EventJournal, spooled_event_ids
 from inference.telemetry.refused import RefusedFile
 from inference.telemetry.sender import Sender, Wakeups
 from inference.telemetry.sequence import EventSequence
@@ -96,6 +100,15 @@ class TelemetryExporter:
         self._sequence = EventSequence(Path(spool_dir), spooled=self._spool.newest_records())
         self._queue: queue.Queue[Item | _FlushMarker] = queue.Queue(maxsize=queue_max)
         self._drops = DropLog()
+        self._journal = EventJournal(Path(spool_dir))
+        # Journaled by a process that was killed before its writer spooled them: numbered and
+        # spooled now, ahead of anything this process records.
+        for event in self._journal.recover(
+                spooled_ids=lambda: spooled_event_ids(self._spool.records_on_disk())):
+            try:
+                self._queue.put_nowait(event)
+            except queue.Full:
+                self._drops.note("in-memory queue full", 1, f"{self._queue.maxsize} records (journal replay)")
         self._turned_away: Counter[str] = Counter()  # events the full queue refused, by runtime_id, not numbered
         self._wakeups = Wakeups()
         self._sender = Sender(self._spool, self._wakeups, url=url, headers=headers, batch_size=batch_size,
@@ -135,6 +148,17 @@ class TelemetryExporter:
                 self._drops.note("in-memory queue full", 1, f"{self._queue.maxsize} records")
                 if isinstance(record, RequestEvent):
                     self._turned_away[record.runtime_id] += 1  # recorded all the same: numbered as lost
+                return
+            if isinstance(record, RequestEvent):
+                # Under the lock that queued it, so the writer cannot empty the journal between.
+                self._journal.append(record)
+
+    def _journal_spooled(self) -> None:
+        """Empty the journal once everything journaled has been through ``_store``: called by
+        the thread that drains the queue, between chunks, so an empty queue means none is in hand."""
+        with self._offer_lock:
+            if self._journal.lines and self._queue.empty():
+                self._journal.clear()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -196,6 +220,7 @@ class TelemetryExporter:
                          timeout, self._queue.qsize())
         else:
             self._store(self._drain_queue(len(self._queue.queue) + 1))  # never started: write it now
+            self._journal_spooled()
         if self._sender_thread is not None:
             with self._wakeups.cv:
                 self._wakeups.final_deadline = deadline
@@ -206,6 +231,7 @@ class TelemetryExporter:
                                "unacknowledged records stay in the spool")
         if not writer_alive:
             self._spool.close()
+            self._journal.close()
         self._drops.report(force=True)
         pending = self._spool.pending
         if pending:
@@ -238,6 +264,7 @@ class TelemetryExporter:
             "corrupt_lines": spool.corrupt_lines,
             "lost_records": spool.lost_lines,
             "io_errors": sender.io_errors + self._write_errors,
+            "journal_errors": self._journal.errors,
             "oldest_unsent_age_s": max(0.0, time.time() - oldest) if pending and oldest is not None else 0.0,
             "events_recorded": self._sequence.recorded,
             "last_error": sender.last_error,
@@ -269,6 +296,9 @@ class TelemetryExporter:
         if self._write_failing:
             problems.append(f"the telemetry spool cannot be written ({self._spool.write_error}); records wait in "
                             f"memory ({stats['queued']} queued) until the disk takes them")
+        if self._journal.write_error is not None:
+            problems.append(f"the telemetry event journal cannot be written ({self._journal.write_error}); request "
+                            "events wait in memory alone until the spool takes them, and a crash would lose them")
         if stats["lost_records"]:
             problems.append(f"{stats['lost_records']} spooled telemetry records were lost: their segment vanished "
                             "from disk")
@@ -339,6 +369,7 @@ class TelemetryExporter:
                     dirty = True
                 except Exception:  # the thread must outlive any one bad chunk
                     logger.exception("telemetry: the spool writer failed on %d records", len(items))
+                self._journal_spooled()
             if dirty and time.monotonic() - last_sync >= _SYNC_INTERVAL_S:
                 try:
                     self._spool.sync()
@@ -445,6 +476,8 @@ _TELEMETRY_TOTALS = {
     "lost_records": ("wattson_telemetry_lost_records_total",
                      "Spooled records lost with a segment that vanished from disk"),
     "io_errors": ("wattson_telemetry_io_errors_total", "Disk errors met by the spool's writer and sender"),
+    "journal_errors": ("wattson_telemetry_journal_errors_total",
+                       "Disk errors met writing the event journal (those events waited in memory alone)"),
     "events_recorded": ("wattson_telemetry_events_recorded_total",
                         "Request events numbered (the highest seq given, every runtime_id together)"),
 }

@@ -6,6 +6,7 @@ Layout of the spool directory::
     segment-0000000002.log   sample), a space, then the record's JSON exactly as it is sent
     cursor.json              {"segment": 2, "offset": 4096}: everything before it is acknowledged
     sequence.json            the highest event number given per runtime_id (``sequence.py``)
+    journal.jsonl            request events recorded and not yet known to be spooled (``journal.py``)
     rejected/                records the collector refused and lines that could not be read, kept
                              until an operator resends or discards them (``refused.py``)
 
@@ -32,7 +33,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -321,6 +322,16 @@ class Spool:
                 if records:
                     return records
         return []
+
+    def records_on_disk(self) -> Iterator[SpoolRecord]:
+        """Every readable record in the segments still on disk, acknowledged or not, oldest first
+        (a segment that vanishes meanwhile is passed over)."""
+        for segment in sorted(self._sizes):
+            try:
+                with open(self._segment_path(segment), "rb") as f:
+                    yield from (r for raw in f if (r := parse_line(raw)) is not None)
+            except FileNotFoundError:
+                continue
 
     # -- records set aside -------------------------------------------------------------------
 

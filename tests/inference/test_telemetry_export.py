@@ -8,7 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import openai
+import pytest
 
+from inference.contracts import RequestEvent
 from inference.engine.models import LoadedModel
 from inference.gpu import GpuMonitor
 from tests.inference.collector import Collector
@@ -57,6 +59,33 @@ def test_no_event_is_lost_or_duplicated_across_an_outage_and_a_restart(
     assert collector.authorizations[-1] == f"Bearer {TOKEN}"
     features = [collector.events[i]["feature"] for i in collector.event_order]
     assert features == ["before-outage"] * 3 + ["during-outage"] * 4 + ["after-restart"] * 2, "sent in order"
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
+def test_a_request_is_recorded_before_the_last_byte_of_its_answer_leaves(tiny_model: LoadedModel,
+                                                                          stream: bool) -> None:
+    # A slow listener holds the event loop inside ``record``: an answer that left before its
+    # event was recorded reaches the client while nothing has been seen yet.
+    seen: list[RequestEvent] = []
+
+    def slow_listener(event: RequestEvent) -> None:
+        time.sleep(0.5)
+        seen.append(event)
+
+    with serve(tiny_config(), preloaded=(tiny_model,)) as live:
+        live.runtime.subscribe(slow_listener)
+        body = {"model": "tiny-random", "prompt": "hello", "max_tokens": 2, "stream": stream}
+        with live.client() as client, client.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            lines = []
+            for line in response.iter_lines():
+                lines.append(line)
+                if line == "data: [DONE]":
+                    break
+            recorded_when_answered = len(seen)
+
+    assert (lines[-1] == "data: [DONE]") is stream
+    assert recorded_when_answered == 1
 
 
 def test_runtime_samples_carry_queue_state_and_gpu_readings(
