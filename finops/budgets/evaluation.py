@@ -30,7 +30,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from finops.budgets.grants import grants_top_up_many, hard_budgets_exhausted
+from finops.budgets.grants import GrantRow, grants_top_up_many, hard_budgets_exhausted
 from finops.budgets.models import AlertStatus, Budget, BudgetEvent, EventKind, State
 from finops.budgets.periods import Period, period_at
 from finops.budgets.rulesets import rulesets_compile
@@ -54,12 +54,15 @@ class Evaluation:
     alerts_pending: bool = False
     rulesets_changed: list[int] = field(default_factory=list)  # runtime pks with a new version
     rulesets_to_push: list[int] = field(default_factory=list)  # runtime pks whose ack is behind
+    # The hard budgets' grants as the pass left them, for compiling the rulesets (not in as_dict).
+    grants: dict[int, list[GrantRow]] = field(default_factory=dict, repr=False)
 
     def add(self, other: Evaluation) -> None:
         """Count a chunk's evaluation into this pass's."""
         self.evaluated += other.evaluated
         self.failed += other.failed
         self.events += other.events
+        self.grants.update(other.grants)
 
     def as_dict(self) -> dict[str, Any]:
         return {"evaluated": self.evaluated, "failed": self.failed, "events": self.events,
@@ -90,7 +93,7 @@ def budgets_evaluate(*, now: dt.datetime | None = None) -> Evaluation:
 
 def evaluation_finish(*, result: Evaluation, now: dt.datetime) -> Evaluation:
     """After a pass's last chunk: compile the rulesets and say what to push and send."""
-    result.rulesets_changed = rulesets_compile(now=now)
+    result.rulesets_changed = rulesets_compile(now=now, grants=result.grants)
     result.rulesets_to_push = rulesets_to_push(now=now)
     result.alerts_pending = BudgetEvent.objects.filter(alert_status=AlertStatus.PENDING).exists()
     return result
@@ -166,7 +169,8 @@ def _evaluate_locked(budget_ids: Sequence[int], now: dt.datetime, read: Mapping[
     BudgetEvent.objects.bulk_create(events, ignore_conflicts=True, batch_size=1000)
     rows_update(Budget, changed, ["state", "period_start", "spend"])
     Budget.objects.filter(pk__in=[budget.pk for budget in evaluated]).update(evaluated_at=now)
-    grants_top_up_many(pairs=[(budget, periods[budget.pk]) for budget in evaluated if budget.is_hard], now=now)
+    result.grants = grants_top_up_many(pairs=[(budget, periods[budget.pk]) for budget in evaluated if budget.is_hard],
+                                       now=now)
     result.evaluated += len(evaluated)
     result.events += len(events)
     return result

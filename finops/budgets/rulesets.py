@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from collections.abc import Iterable, Mapping
 from decimal import Decimal
 from typing import Any
 
+from django.db.models import Q
 from django.utils import timezone
 
 from finops.budgets.grants import ALLOWANCE_TTL, GrantRow, grants_current
-from finops.budgets.models import Action, Budget, State, Unit
+from finops.budgets.models import Action, Budget, Enforcement, State, Unit
 from finops.budgets.periods import Period, period_at
 from finops.budgets.selectors import amount_label
 from finops.lib.timezones import org_time_zone
@@ -33,22 +35,28 @@ def iso(moment: dt.datetime) -> str:
     return moment.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
-def rulesets_compile(*, now: dt.datetime | None = None) -> list[int]:
-    """Compile and store every runtime's document; return the pks of runtimes given a new version."""
+def rulesets_compile(*, now: dt.datetime | None = None, grants: Mapping[int, Iterable[GrantRow]] | None = None
+                     ) -> list[int]:
+    """Compile and store every runtime's document; return the pks of runtimes given a new version.
+    ``grants``: the hard budgets' current grants, as the evaluation pass just left them (read here
+    for any budget they do not cover)."""
     now = now or timezone.now()
-    active = Budget.objects.filter(paused=False).defer("created_at", "updated_at", "evaluated_at", "recipients",
-                                                        "thresholds")
+    # Only budgets that put something in a document: exceeded ones (rules) and hard ones (allowances).
+    active = (Budget.objects.filter(paused=False).filter(Q(state=State.EXCEEDED) | Q(enforcement=Enforcement.HARD))
+              .defer("created_at", "updated_at", "evaluated_at", "recipients", "thresholds"))
     budgets = [(budget, period_at(budget.period, now)) for budget in active]
     rules: list[dict[str, Any]] = []
     for budget, period in sorted(budgets, key=lambda item: (-item[0].specificity, item[0].pk)):
         if budget.state == State.EXCEEDED and budget.period_start == period.start:
             rules.extend(budget_rules(budget=budget, period=period))
     hard = [(budget, period) for budget, period in sorted(budgets, key=lambda item: item[0].pk) if budget.is_hard]
-    grants = grants_current(hard)
+    known = {pk: {grant.runtime_id: grant for grant in rows} for pk, rows in (grants or {}).items()}
+    missing = [(budget, period) for budget, period in hard if budget.pk not in known]
+    current = {**known, **grants_current(missing)} if missing else known
     prices = prices_document(now=now)
     changed = []
     for runtime in Runtime.objects.order_by("name"):
-        allowances = [budget_allowance(budget=budget, period=period, grant=grants[budget.pk].get(runtime.pk), now=now)
+        allowances = [budget_allowance(budget=budget, period=period, grant=current[budget.pk].get(runtime.pk), now=now)
                       for budget, period in hard]
         content = {"runtime_id": runtime.name, "prices": prices, "rules": rules, "allowances": allowances}
         _, is_new = ruleset_store(runtime=runtime, content=content, now=now)

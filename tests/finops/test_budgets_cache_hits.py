@@ -11,10 +11,10 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
+from finops.budgets.evaluation import budgets_evaluate
 from finops.budgets.models import Budget, Grant
 from finops.budgets.periods import period_at
 from finops.budgets.selectors import budget_status
-from finops.budgets.services import budgets_evaluate
 from finops.runtimes.models import Runtime
 from tests.finops.budget_factories import budget, request_event, store, user_in
 
