@@ -443,6 +443,9 @@ def main(argv: Sequence[str]) -> int:
                 progress(f"rollup lag: {settings.lag_minutes} min of ingest at {rate:,} events/s, rollup_run every "
                          f"{ROLLUP_EVERY_S:.0f} s")
                 lags.append(rollup_lag(url, tokens, rate, settings.lag_minutes, 500))
+                measured = [value for value in lags[-1].lags if not math.isnan(value)]
+                progress(f"  {lags[-1].rate:,.0f} events/s reached; lag after each rollup run: "
+                         + ", ".join(f"{value:.0f} s" for value in measured))
     finally:
         if settings.keep:
             django_disconnect()
