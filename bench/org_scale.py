@@ -46,6 +46,7 @@ from bench.ingest_throughput import (
     build_bodies,
     control_plane,
     create_database,
+    database_exists,
     django_disconnect,
     django_use,
     drop_database,
@@ -164,11 +165,12 @@ class Pass:
 
 
 def evaluation_passes(passes: int, tail_events: int, tenants: int) -> tuple[Pass, list[Pass], dt.datetime]:
-    """The first pass (grants created), then ``passes`` timed ones, each after ``tail_events`` more
-    events arrived; the moment of the last pass."""
+    """The first pass (grants created), then ``passes`` timed ones, each after the rollups caught up
+    and ``tail_events`` more events arrived; the moment of the last pass."""
     from django.utils import timezone
 
     from finops.budgets.evaluation import budgets_evaluate
+    from finops.telemetry.rollups import rollup_run
 
     def one(now: dt.datetime) -> Pass:
         began = time.perf_counter()
@@ -181,6 +183,7 @@ def evaluation_passes(passes: int, tail_events: int, tenants: int) -> tuple[Pass
              f"{first.failed} failed, {first.events:,} budget events")
     timed = []
     for i in range(passes):
+        rollup_run()  # as the beat does every 10 s: the tail is the last seconds of traffic, not the run's
         now = timezone.now()
         generate_events(tail_events, tenants, now - dt.timedelta(seconds=60), now, received_now=True, seed=i / passes)
         now = timezone.now()
@@ -377,6 +380,7 @@ class Settings:
     lag_rates: tuple[int, ...]
     workers: int
     keep: bool
+    reuse: bool
 
 
 def parse_args(argv: Sequence[str]) -> Settings:
@@ -394,6 +398,7 @@ def parse_args(argv: Sequence[str]) -> Settings:
     parser.add_argument("--lag-rates", type=int, nargs="+", help="ingest rates in events/s (2,000 and 20,000)")
     parser.add_argument("--workers", type=int, default=2, help="uvicorn workers (2)")
     parser.add_argument("--keep", action="store_true", help=f"keep the database {DATABASE} after the run")
+    parser.add_argument("--reuse", action="store_true", help=f"use a kept {DATABASE} as it is (no generation)")
     args = parser.parse_args(argv)
     quick = args.quick
     return Settings(events=args.events or (50_000 if quick else 1_000_000),
@@ -403,12 +408,14 @@ def parse_args(argv: Sequence[str]) -> Settings:
                     ingest_events=args.ingest_events or (10_000 if quick else 200_000),
                     lag_minutes=args.lag_minutes if args.lag_minutes is not None else (0.5 if quick else 5.0),
                     lag_rates=tuple(args.lag_rates or ((1_000,) if quick else (2_000, 20_000))),
-                    workers=args.workers, keep=args.keep)
+                    workers=args.workers, keep=args.keep, reuse=args.reuse)
 
 
 def main(argv: Sequence[str]) -> int:
     settings = parse_args(argv)
-    create_database(DATABASE)
+    reuse = settings.reuse and database_exists(DATABASE)
+    if not reuse:
+        create_database(DATABASE)
     migrate(DATABASE)
     django_use(DATABASE)
     from django.conf import settings as django_settings
@@ -418,17 +425,23 @@ def main(argv: Sequence[str]) -> int:
 
     ok = True
     try:
-        now = timezone.now()
-        month = period_at("monthly", now)
-        began = time.perf_counter()
-        generate_events(settings.events, settings.tenants, month.start, now - dt.timedelta(minutes=3))
-        generate_rollups(tail=0)
-        vacuum()
-        generated_s = time.perf_counter() - began
-        create_budgets_and_runtimes(settings.budgets, settings.tenants, timezone.now())
-        price_book_create()
-        progress(f"generated {settings.events:,} events and their rollups in {generated_s:.0f} s; "
-                 f"{settings.budgets:,} budgets")
+        if not reuse:
+            now = timezone.now()
+            month = period_at("monthly", now)
+            began = time.perf_counter()
+            generate_events(settings.events, settings.tenants, month.start, now - dt.timedelta(minutes=3))
+            generate_rollups(tail=0)
+            vacuum()
+            generated_s = time.perf_counter() - began
+            create_budgets_and_runtimes(settings.budgets, settings.tenants, timezone.now())
+            price_book_create()
+            progress(f"generated {settings.events:,} events and their rollups in {generated_s:.0f} s; "
+                     f"{settings.budgets:,} budgets")
+        else:
+            from finops.runtimes.models import Runtime
+
+            Runtime.objects.update(last_seen_at=timezone.now())  # the fleet is live again
+            progress(f"reusing {DATABASE} as kept")
         first, passes, last = evaluation_passes(settings.passes, settings.tail_events, settings.tenants)
         checked, wrong = spend_mismatches(last)
         ok = ok and not wrong and all(p.failed == 0 for p in [first, *passes])
