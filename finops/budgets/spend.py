@@ -99,9 +99,6 @@ class ScopeIndex:
     def use(self, tenant: str, feature: str, key: Any = None) -> Use:
         return self.cells.get((tenant, feature), {}).get(key) or Use()
 
-    def by_key(self, tenant: str, feature: str) -> dict[Any, Use]:
-        return self.cells.get((tenant, feature), {})
-
 
 def scope_index(rows: Iterable[Mapping[str, Any]], *, key: str | None = None,
                 wanted: set[tuple[str, str]] | None = None) -> ScopeIndex:
@@ -121,6 +118,7 @@ def period_use(*, period: Period, tenants: Iterable[str] = (), features: Iterabl
     filters = Filters(start=period.start, end=period.end, tenants=tuple(sorted(set(tenants))),
                       features=tuple(sorted(set(features))))
     plan = rollup_plan(filters=filters)
+
     def rolled_up() -> list[dict[str, Any]]:
         rows = Rollup.objects.filter(in_tiles(plan))
         if filters.tenants:
