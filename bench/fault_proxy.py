@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import sys
 import threading
 import time
 from collections import Counter
@@ -162,7 +163,10 @@ class _QuietServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def handle_error(self, request: object, client_address: object) -> None:
-        pass  # a runtime killed mid-request resets its connection: that is the fault, not news
+        """A runtime killed mid-request resets its connection: that is the fault, not news. Any
+        other error in the proxy is reported as the standard library would."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
 class _ProxyHandler(BaseHTTPRequestHandler):
