@@ -51,7 +51,7 @@ class BudgetEventAdmin(ReadOnlyAdmin):
 
 @admin.register(Grant)
 class GrantAdmin(ReadOnlyAdmin):
-    list_display = ("budget", "runtime", "period_start", "granted", "reported", "reported_through", "last_chunk",
+    list_display = ("budget", "runtime", "period_start", "granted", "reported", "last_chunk",
                     "expires_at")
     list_filter = ("runtime",)
     list_select_related = ("budget", "runtime")

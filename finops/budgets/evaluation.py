@@ -28,6 +28,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
 from finops.budgets.grants import GrantRow, grants_top_up_many, hard_budgets_exhausted
@@ -37,6 +38,7 @@ from finops.budgets.rulesets import rulesets_compile
 from finops.budgets.selectors import breach_forecast
 from finops.budgets.spend import active_budget_scopes, budgets_spend
 from finops.lib.bulk import rows_update
+from finops.lib.lookups import AnyOf
 from finops.lib.timezones import org_time_zone
 from finops.pricing.services import QUANTUM
 from finops.runtimes.selectors import rulesets_to_push
@@ -135,8 +137,8 @@ def budget_state(*, budget: Budget, used: Decimal) -> str:
 
 
 def _evaluate_locked(budget_ids: Sequence[int], now: dt.datetime, read: Mapping[int, Decimal] | None) -> Evaluation:
-    budgets = list(Budget.objects.select_for_update().filter(pk__in=list(budget_ids), paused=False)
-                   .defer("created_at", "updated_at", "recipients").order_by("pk"))
+    budgets = list(Budget.objects.select_for_update().filter(AnyOf(F("pk"), budget_ids), paused=False)
+                   .defer("created_at", "updated_at", "recipients", "evaluated_at").order_by("pk"))
     result = Evaluation()
     if not budgets:
         return result
@@ -147,7 +149,6 @@ def _evaluate_locked(budget_ids: Sequence[int], now: dt.datetime, read: Mapping[
     exhausted = hard_budgets_exhausted(pairs=hard, used=spend) if hard else set()
     recorded = _recorded_alerts(budgets, periods)
     events: list[BudgetEvent] = []
-    changed: list[Budget] = []
     evaluated: list[Budget] = []
     for budget in budgets:
         try:
@@ -162,13 +163,10 @@ def _evaluate_locked(budget_ids: Sequence[int], now: dt.datetime, read: Mapping[
             result.failed += 1
             continue
         events += written
-        if (budget.state, budget.period_start, budget.spend) != (state, period.start, stored):
-            budget.state, budget.period_start, budget.spend = state, period.start, stored
-            changed.append(budget)
+        budget.state, budget.period_start, budget.spend, budget.evaluated_at = state, period.start, stored, now
         evaluated.append(budget)
     BudgetEvent.objects.bulk_create(events, ignore_conflicts=True, batch_size=1000)
-    rows_update(Budget, changed, ["state", "period_start", "spend"])
-    Budget.objects.filter(pk__in=[budget.pk for budget in evaluated]).update(evaluated_at=now)
+    rows_update(Budget, evaluated, ["state", "period_start", "spend", "evaluated_at"])
     result.grants = grants_top_up_many(pairs=[(budget, periods[budget.pk]) for budget in evaluated if budget.is_hard],
                                        now=now)
     result.evaluated += len(evaluated)
@@ -180,7 +178,7 @@ def _recorded_alerts(budgets: list[Budget], periods: dict[int, Period]) -> dict[
     """The threshold and forecast events each budget has recorded in its current period."""
     recorded: dict[int, set[tuple[str, int | None]]] = {}
     rows = BudgetEvent.objects.filter(
-        budget_id__in=[budget.pk for budget in budgets], kind__in=[EventKind.THRESHOLD, EventKind.FORECAST],
+        AnyOf(F("budget_id"), [budget.pk for budget in budgets]), kind__in=[EventKind.THRESHOLD, EventKind.FORECAST],
         period_start__in={period.start for period in periods.values()},
     ).values_list("budget_id", "period_start", "kind", "threshold")
     for budget_id, period_start, kind, threshold in rows:

@@ -22,8 +22,9 @@ The policy (``grants_top_up``), run on every evaluation while the budget's row i
     the pool is down to a starter's size it is handed out whole, so the tail is not cut into crumbs.
 
 ``reported`` is what the control plane has stored from a runtime for the budget and period. It is
-computed incrementally: ``Grant.reported`` counts events received up to ``reported_through`` (a
-``received_at`` watermark), and each evaluation adds only the events received since, up to the
+computed incrementally: ``Grant.reported`` counts events received up to the budget's
+``grants_settled_through`` (a ``received_at`` watermark, one for all of its grants), and each
+evaluation adds only the events received since, up to the
 database's clock less ``ROLLUP_SETTLE_SECONDS`` (the rollups' guard against an ingest transaction
 committing late); the few seconds after the watermark are read fresh, never stored.
 """
@@ -43,6 +44,7 @@ from finops.budgets.models import ANY, Budget, Grant, Unit
 from finops.budgets.periods import Period
 from finops.budgets.spend import ScopeIndex, scope_index, use_aggregates
 from finops.lib.bulk import rows_update
+from finops.lib.lookups import AnyOf
 from finops.runtimes.models import Runtime
 from finops.telemetry.models import RequestEvent
 from finops.telemetry.rollups import database_now
@@ -111,14 +113,13 @@ class GrantRow:
     runtime_id: int
     granted: Decimal
     reported: Decimal
-    reported_through: dt.datetime
     last_chunk: Decimal
     reported_at_last_chunk: Decimal
     expires_at: dt.datetime | None
     updated_at: dt.datetime | None = None
 
 
-_READ = ("pk", "budget_id", "runtime_id", "granted", "reported", "reported_through", "last_chunk",
+_READ = ("pk", "budget_id", "runtime_id", "granted", "reported", "last_chunk",
          "reported_at_last_chunk", "expires_at")
 
 
@@ -127,11 +128,9 @@ def grants_current(pairs: list[tuple[Budget, Period]]) -> dict[int, dict[int, Gr
     grants: dict[int, dict[int, GrantRow]] = {budget.pk: {} for budget, _ in pairs}
     for period, budgets in _grouped(pairs).items():
         ids = [budget.pk for budget in budgets]
-        for at in range(0, len(ids), 5000):
-            for row in Grant.objects.filter(budget_id__in=ids[at:at + 5000], period_start=period.start).values_list(
-                    *_READ):
-                grant = GrantRow(*row)
-                grants[grant.budget_id][grant.runtime_id] = grant
+        for row in Grant.objects.filter(AnyOf(F("budget_id"), ids), period_start=period.start).values_list(*_READ):
+            grant = GrantRow(*row)
+            grants[grant.budget_id][grant.runtime_id] = grant
     return grants
 
 
@@ -139,64 +138,77 @@ def grants_settle_many(*, pairs: list[tuple[Budget, Period]], runtimes: list[Run
                        ) -> dict[int, dict[int, GrantRow]]:
     """The grant of every runtime for each (budget, its period) in ``pairs`` (created at zero
     where missing), ``reported`` advanced to the settled watermark ``until``; by budget pk, then
-    runtime pk. A few grouped queries for all of them. Call with the budgets' rows locked."""
+    runtime pk. A few grouped queries for all of them, and one write of each budget's watermark.
+    Call with the budgets' rows locked."""
     names = {r.pk: r.name for r in runtimes}
     grants = grants_current(pairs)
+    created: set[int] = set()  # counted up to ``until`` as they were created
     missing = [(budget, period) for budget, period in pairs if len(grants[budget.pk]) < len(runtimes)]
     if missing:
+        before = {grant.pk for mine in grants.values() for grant in mine.values()}
         new: list[Grant] = []
         for period, budgets in _grouped(missing).items():
             used = _use_by_runtime(period=period, budgets=budgets, until=until)
             for budget in budgets:
-                new.extend(Grant(budget=budget, runtime=runtime, period_start=period.start, reported_through=until,
+                new.extend(Grant(budget=budget, runtime=runtime, period_start=period.start,
                                  reported=used.use(budget.tenant, budget.feature, runtime.name).amount(budget.unit))
                            for runtime in runtimes if runtime.pk not in grants[budget.pk])
         Grant.objects.bulk_create(new, ignore_conflicts=True, batch_size=1000)
         grants = grants_current(pairs)
-    by_watermark: dict[tuple[Period, dt.datetime], list[tuple[Budget, GrantRow]]] = defaultdict(list)
+        created = {grant.pk for mine in grants.values() for grant in mine.values()} - before
+    # Grants settled before count events up to their budget's watermark: add those received since.
+    # Without a watermark for this period (none yet, or the budget's last was another period's),
+    # a grant's events are counted again from the start of the period.
+    by_watermark: dict[tuple[Period, dt.datetime | None], list[tuple[Budget, GrantRow]]] = defaultdict(list)
     for budget, period in pairs:
+        since = settled_through(budget=budget, period=period)
+        if since is not None and since >= until:
+            continue
         for grant in grants[budget.pk].values():
-            if grant.reported_through < until and grant.runtime_id in names:
-                by_watermark[(period, grant.reported_through)].append((budget, grant))
+            if grant.pk not in created and grant.runtime_id in names:
+                by_watermark[(period, since)].append((budget, grant))
     grew: list[GrantRow] = []
     for (period, since), group in by_watermark.items():
-        new_use = _use_by_runtime(period=period, budgets=list({b.pk: b for b, _ in group}.values()), after=since,
+        counted = _use_by_runtime(period=period, budgets=list({b.pk: b for b, _ in group}.values()), after=since,
                                   until=until)
         for budget, grant in group:
-            more = new_use.use(budget.tenant, budget.feature, names[grant.runtime_id]).amount(budget.unit)
-            grant.reported_through = until
-            if more:
-                grant.reported += more
+            more = counted.use(budget.tenant, budget.feature, names[grant.runtime_id]).amount(budget.unit)
+            total = grant.reported + more if since is not None else more
+            if total != grant.reported:
+                grant.reported = total
                 grew.append(grant)
-        # Every grant of the group moves to the new watermark in one statement; only those that
-        # counted new events are written one by one.
-        _set_where([grant.pk for _, grant in group], reported_through=until)
     rows_update(Grant, grew, ["reported"])
+    moved = []
+    for budget, period in pairs:
+        since = settled_through(budget=budget, period=period)
+        if since is None or since < until:
+            budget.grants_period_start, budget.grants_settled_through = period.start, until
+            moved.append(budget)
+    rows_update(Budget, moved, ["grants_period_start", "grants_settled_through"])
     return grants
 
 
-def _set_where(pks: list[int], **values: object) -> None:
-    """``UPDATE grant SET values WHERE pk IN pks``, in slices that fit any backend's parameter limit."""
-    for at in range(0, len(pks), 5000):
-        Grant.objects.filter(pk__in=pks[at:at + 5000]).update(**values)
+def settled_through(*, budget: Budget, period: Period) -> dt.datetime | None:
+    """The watermark up to which ``budget``'s grants of ``period`` count events (None: not settled)."""
+    return budget.grants_settled_through if budget.grants_period_start == period.start else None
 
 
 def grants_reported_many(*, pairs: list[tuple[Budget, Period]], grants: dict[int, dict[int, GrantRow]],
                          runtimes: list[Runtime]) -> dict[int, dict[int, Decimal]]:
-    """Settled ``reported`` plus the events received after each grant's watermark, by budget pk
-    then runtime pk."""
+    """Settled ``reported`` plus the events received after each budget's watermark, by budget pk
+    then runtime pk. Call after ``grants_settle_many``."""
     names = {r.pk: r.name for r in runtimes}
     reported = {pk: {runtime_pk: g.reported for runtime_pk, g in mine.items()} for pk, mine in grants.items()}
-    by_watermark: dict[tuple[Period, dt.datetime], list[tuple[Budget, GrantRow]]] = defaultdict(list)
+    by_watermark: dict[tuple[Period, dt.datetime | None], list[Budget]] = defaultdict(list)
     for budget, period in pairs:
-        for grant in grants[budget.pk].values():
-            if grant.runtime_id in names:
-                by_watermark[(period, grant.reported_through)].append((budget, grant))
-    for (period, since), group in by_watermark.items():
-        fresh = _use_by_runtime(period=period, budgets=list({b.pk: b for b, _ in group}.values()), after=since)
-        for budget, grant in group:
-            reported[budget.pk][grant.runtime_id] += fresh.use(budget.tenant, budget.feature,
-                                                               names[grant.runtime_id]).amount(budget.unit)
+        by_watermark[(period, settled_through(budget=budget, period=period))].append(budget)
+    for (period, since), budgets in by_watermark.items():
+        fresh = _use_by_runtime(period=period, budgets=budgets, after=since)
+        for budget in budgets:
+            for grant in grants[budget.pk].values():
+                if grant.runtime_id in names:
+                    reported[budget.pk][grant.runtime_id] += fresh.use(budget.tenant, budget.feature,
+                                                                       names[grant.runtime_id]).amount(budget.unit)
     return reported
 
 
@@ -216,7 +228,6 @@ def grants_top_up_many(*, pairs: list[tuple[Budget, Period]], now: dt.datetime) 
     grants = grants_settle_many(pairs=pairs, runtimes=runtimes, until=until)
     reported = grants_reported_many(pairs=pairs, grants=grants, runtimes=runtimes)
     changed: list[GrantRow] = []
-    renewed: dict[dt.datetime, list[int]] = defaultdict(list)
     for budget, _ in pairs:
         mine = grants[budget.pk]
         free = budget.limit - sum((g.granted for g in mine.values()), Decimal(0))
@@ -228,16 +239,13 @@ def grants_top_up_many(*, pairs: list[tuple[Budget, Period]], now: dt.datetime) 
                 grant.granted += increase
                 grant.last_chunk = increase
                 grant.reported_at_last_chunk = reported[budget.pk].get(grant.runtime_id, grant.reported)
-            if grant.expires_at is None or grant.expires_at - now < ALLOWANCE_TTL / 2:
+            renew = grant.expires_at is None or grant.expires_at - now < ALLOWANCE_TTL / 2
+            if renew:
                 grant.expires_at = (now + ALLOWANCE_TTL).replace(microsecond=0)
-                if increase <= 0:
-                    renewed[grant.expires_at].append(grant.pk)
-            if increase > 0:
+            if renew or increase > 0:
                 grant.updated_at = now
                 changed.append(grant)
     rows_update(Grant, changed, ["granted", "last_chunk", "reported_at_last_chunk", "expires_at", "updated_at"])
-    for expires_at, pks in renewed.items():  # renewals come in waves: all of a pass's grants at once
-        _set_where(pks, expires_at=expires_at, updated_at=now)
     return {pk: sorted(mine.values(), key=lambda g: g.runtime_id) for pk, mine in grants.items()}
 
 

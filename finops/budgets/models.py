@@ -149,6 +149,11 @@ class Budget(models.Model):
     period_start = models.DateTimeField(null=True, blank=True, editable=False)
     spend = models.DecimalField(**COST, default=0, editable=False)
     evaluated_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # Hard budgets: the grants of period ``grants_period_start`` count the events received up to
+    # ``grants_settled_through`` in their ``reported`` (one watermark for all of a budget's grants:
+    # they are settled together, and moving it is one row's write, not one per runtime).
+    grants_period_start = models.DateTimeField(null=True, blank=True, editable=False)
+    grants_settled_through = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["name", "id"]
@@ -276,16 +281,15 @@ class Grant(models.Model):
     """How much of a hard budget's limit one runtime may spend in one period (cumulative: only
     grows), and what the control plane has stored from that runtime for it so far.
 
-    ``reported`` counts the runtime's events in the budget's scope and period received up to
-    ``reported_through`` (a ``received_at`` watermark, advanced over new events only); the events
-    received since are added on read (``services.grants_reported``)."""
+    ``reported`` counts the runtime's events in the budget's scope and period received up to the
+    budget's ``grants_settled_through`` (a ``received_at`` watermark, advanced over new events only);
+    the events received since are added on read (``grants.grants_reported_many``)."""
 
     budget = models.ForeignKey(Budget, on_delete=models.CASCADE, related_name="grants")
     runtime = models.ForeignKey(Runtime, on_delete=models.CASCADE, related_name="budget_grants")
     period_start = models.DateTimeField()
     granted = models.DecimalField(**COST, default=0)
     reported = models.DecimalField(**COST, default=0)
-    reported_through = models.DateTimeField()
     last_chunk = models.DecimalField(**COST, default=0, help_text="The size of the last top-up.")
     reported_at_last_chunk = models.DecimalField(**COST, default=0)
     expires_at = models.DateTimeField(null=True, blank=True,

@@ -54,10 +54,12 @@ def rulesets_compile(*, now: dt.datetime | None = None, grants: Mapping[int, Ite
     missing = [(budget, period) for budget, period in hard if budget.pk not in known]
     current = {**known, **grants_current(missing)} if missing else known
     prices = prices_document(now=now)
+    # What an allowance says of its budget is the same in every runtime's document: built once.
+    shared = [(budget, allowance_scope(budget=budget, period=period)) for budget, period in hard]
     changed = []
     for runtime in Runtime.objects.order_by("name"):
-        allowances = [budget_allowance(budget=budget, period=period, grant=current[budget.pk].get(runtime.pk), now=now)
-                      for budget, period in hard]
+        allowances = [{**scope, **allowance_grant(budget=budget, grant=current[budget.pk].get(runtime.pk), now=now)}
+                      for budget, scope in shared]
         content = {"runtime_id": runtime.name, "prices": prices, "rules": rules, "allowances": allowances}
         _, is_new = ruleset_store(runtime=runtime, content=content, now=now)
         if is_new:
@@ -98,22 +100,23 @@ def budget_rules(*, budget: Budget, period: Period) -> list[dict[str, Any]]:
              "expires_at": iso(period.end)} for action in actions]
 
 
-def budget_allowance(*, budget: Budget, period: Period, grant: GrantRow | None, now: dt.datetime) -> dict[str, Any]:
-    """A hard budget's allowance for one runtime. ``reported`` is the grant's settled count (events
-    received up to its watermark, a few seconds behind): a floor for a runtime that lost its ledger,
-    which changes the document only as often as the watermark moves. A runtime without a grant row
-    yet (registered during this evaluation) gets an allowance of nothing rather than none at all:
-    no allowance would mean no limit."""
+def allowance_scope(*, budget: Budget, period: Period) -> dict[str, Any]:
+    """What a hard budget's allowance says of the budget, the same for every runtime."""
+    return {"budget_id": str(budget.pk), "budget_name": budget.name, "scope": _scope(budget), "unit": budget.unit,
+            "period_start": iso(period.start), "resets_at": iso(period.end), "on_expiry": budget.on_expiry}
+
+
+def allowance_grant(*, budget: Budget, grant: GrantRow | None, now: dt.datetime) -> dict[str, Any]:
+    """What one runtime's grant puts in its allowance. ``reported`` is the grant's settled count
+    (events received up to the budget's watermark, a few seconds behind): a floor for a runtime
+    that lost its ledger, which changes the document only as often as the watermark moves. A
+    runtime without a grant row yet (registered during this evaluation) gets an allowance of
+    nothing rather than none at all: no allowance would mean no limit."""
     granted = grant.granted if grant else Decimal(0)
     reported = grant.reported if grant else Decimal(0)
     expires_at = grant.expires_at if grant and grant.expires_at else (now + ALLOWANCE_TTL).replace(microsecond=0)
-    return {
-        "budget_id": str(budget.pk), "budget_name": budget.name, "scope": _scope(budget), "unit": budget.unit,
-        "period_start": iso(period.start), "resets_at": iso(period.end),
-        "granted": json_number(granted, budget.unit, down=True),
-        "reported": json_number(reported, budget.unit, down=False),
-        "expires_at": iso(expires_at), "on_expiry": budget.on_expiry,
-    }
+    return {"granted": json_number(granted, budget.unit, down=True),
+            "reported": json_number(reported, budget.unit, down=False), "expires_at": iso(expires_at)}
 
 
 def json_number(value: Decimal, unit: str, *, down: bool) -> int | float:

@@ -132,11 +132,27 @@ def test_reported_spend_advances_over_new_events_only() -> None:
 
     use(alone, Decimal(200), "tokens", received_at=NOW - dt.timedelta(minutes=1))
     # The settled count is kept, not recounted: change it behind the service's back to prove it,
-    # with the watermark set back to before the new event.
-    Grant.objects.filter(pk=grant.pk).update(reported=Decimal(1_000), reported_through=NOW - dt.timedelta(minutes=30))
+    # with the budget's watermark set back to before the new event.
+    Grant.objects.filter(pk=grant.pk).update(reported=Decimal(1_000))
+    Budget.objects.filter(pk=hard.pk).update(grants_settled_through=NOW - dt.timedelta(minutes=30))
     top_up(hard, period)
 
     assert Grant.objects.get(pk=grant.pk).reported == 1_200
+
+
+def test_a_watermark_of_another_period_counts_the_period_again() -> None:
+    (alone,) = live_runtimes(1)
+    hard = budget(enforcement="hard", action="block", unit="tokens", limit=Decimal(100_000))
+    period = period_at("monthly", NOW)
+    use(alone, Decimal(300), "tokens", received_at=NOW - dt.timedelta(minutes=40))
+    top_up(hard, period)
+    use(alone, Decimal(200), "tokens", received_at=NOW - dt.timedelta(minutes=1))
+    # A watermark left by the previous period says nothing of this period's grants: their events
+    # are counted from the period's start, not added to the count they hold.
+    Budget.objects.filter(pk=hard.pk).update(grants_period_start=period.start - dt.timedelta(days=31))
+    top_up(hard, period)
+
+    assert Grant.objects.get(budget=hard).reported == 500
 
 
 def test_lowering_a_hard_limit_below_what_was_granted_grants_nothing_more() -> None:
