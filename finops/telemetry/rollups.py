@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import DataError, IntegrityError, connection, transaction
 from django.db.models import Count, Min, QuerySet, Sum, Value
 from django.db.models.functions import Coalesce, TruncMinute
 from django.utils import timezone
@@ -40,7 +41,10 @@ from finops.telemetry.models import (
     RollupSums,
 )
 from finops.telemetry.quarantine import Quarantine
+from finops.telemetry.rollup_sql import rollups_upsert
 from finops.telemetry.sums import STORED_FIELDS, Sums, event_aggregates
+
+logger = logging.getLogger("finops.telemetry")
 
 FILL_STATE = "requests"
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -79,14 +83,26 @@ def rollup_run(*, now: dt.datetime | None = None) -> RollupResult:
             return RollupResult(0, 0, since, since, time.perf_counter() - began)
         quarantine = Quarantine(FILL_STATE)
         window = quarantine.screen(RequestEvent.objects.filter(received_at__gt=since, received_at__lte=until))
-        minutes = minute_sums(window)
-        rows = rollup_add(fold(minutes), quarantine=quarantine)
+        counted, rows = window_count(window, quarantine=quarantine)
         rows += device_use_add(device_use_minutes(window), quarantine=quarantine)
         quarantine.save()
         state.watermark = until
         state.save(update_fields=["watermark", "updated_at"])
-    counted = sum(s.requests for s in minutes.values())
     return RollupResult(counted, rows, since, until, time.perf_counter() - began, quarantine.count)
+
+
+def window_count(window: QuerySet[RequestEvent], *, quarantine: Quarantine) -> tuple[int, int]:
+    """Count ``window``'s events into the rollups: (events counted, rows written). On PostgreSQL in
+    SQL (``rollup_sql``); where that fails on a total a column cannot hold, and on other databases,
+    row by row in Python, which leaves such a row out and counts it in ``quarantine``."""
+    if connection.vendor == "postgresql":
+        try:
+            with transaction.atomic():  # a savepoint: a refused statement leaves the run's transaction usable
+                return rollups_upsert(window)
+        except (DataError, IntegrityError) as exc:
+            logger.warning("rollups: counting in SQL failed (%s); counting row by row", str(exc).splitlines()[0])
+    minutes = minute_sums(window)
+    return sum(s.requests for s in minutes.values()), rollup_add(fold(minutes), quarantine=quarantine)
 
 
 def database_now() -> dt.datetime:

@@ -186,6 +186,28 @@ def test_a_run_counts_settled_events_per_minute_hour_and_day() -> None:
 
 
 @pytest.mark.django_db
+def test_on_postgresql_a_run_adds_to_existing_rows_in_sql(caplog: pytest.LogCaptureFixture) -> None:
+    if connection.vendor != "postgresql":
+        pytest.skip("the set-based write is PostgreSQL's; other databases count row by row")
+    store(event(queue_wait_ms=40.0), event(tenant="globex", e2e_ms=900.0))
+    rollup_run(now=T0 + 10 * SECOND)
+    # Later events land in the same minute, hour and day rows: sums add, the larger queue wait
+    # stays, sketches merge bucket by bucket.
+    store(event(started_at=T0 + 20 * SECOND, queue_wait_ms=70.0, e2e_ms=900.0),
+          event(started_at=T0 + 30 * SECOND, queue_wait_ms=5.0, ttft_ms=None, ttft_bucket=None),
+          event(started_at=T0 + dt.timedelta(hours=2), tenant="globex", status="shed", model_served=None))
+    with caplog.at_level("WARNING", logger="finops.telemetry"):
+        result = rollup_run(now=T0 + dt.timedelta(hours=3))
+
+    assert "row by row" not in caplog.text
+    assert result.events == 3
+    minute = Rollup.objects.get(granularity="minute", bucket=T0, tenant="acme")
+    assert (minute.requests, minute.queue_wait_ms_max, minute.queue_wait_ms_sum) == (3, 70.0, 115.0)
+    assert minute.e2e_hist == {str(sketch.bucket_index(120.0)): 2, str(sketch.bucket_index(900.0)): 1}
+    assert_rollups_match_raw()
+
+
+@pytest.mark.django_db
 def test_events_stamped_on_arrival_by_the_database_are_counted_by_a_run_on_its_clock(post_batch: Any) -> None:
     from tests.finops.factories import batch_body, event_dict, price_book
 
