@@ -118,7 +118,10 @@ def parse_upstream(spec: str) -> Upstream:
     url, _, upstream_model = rest.partition("#")
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"--upstream {name}: URL must start with http:// or https://")
-    return Upstream(name=name, url=url.rstrip("/"), upstream_model=upstream_model or name)
+    # Users paste an OpenAI base URL (``http://host:8000/v1``); the runtime adds ``/v1/...`` itself.
+    base = url.rstrip("/")
+    base = base.removesuffix("/v1").rstrip("/")
+    return Upstream(name=name, url=base, upstream_model=upstream_model or name)
 
 
 def parse_fallback(spec: str) -> Fallback:
@@ -200,8 +203,8 @@ class RuntimeConfig:
         24 * 3600.0, "how long after its submission a job may still be attempted (every attempt, retry and fallback "
         "within it); X-Wattson-Deadline on POST /v1/jobs may ask for less", check=POSITIVE)
     upstreams: tuple[Upstream, ...] = option(
-        (), "NAME=URL[#MODEL]: serve model NAME from an OpenAI-compatible server at URL (its model MODEL, "
-        "default NAME); repeatable", flag="--upstream", repeatable=True, parse=parse_upstream)
+        (), "NAME=URL[#MODEL]: serve model NAME from an OpenAI-compatible server at URL, with or without its "
+        "/v1 (its model MODEL, default NAME); repeatable", flag="--upstream", repeatable=True, parse=parse_upstream)
     upstream_timeout_s: float = option(120.0, "timeout for one upstream request", check=POSITIVE)
     upstream_retries: int = option(
         2, "most retries of an upstream request that failed transiently (connection error, timeout, "

@@ -44,6 +44,17 @@ def test_repeatable_upstreams_parse_name_url_and_model() -> None:
     assert config.models == (), "naming upstreams alone serves no local model"
 
 
+@pytest.mark.parametrize("url", ["http://h:8000/v1", "http://h:8000/v1/", "http://h:8000", "http://h:8000/"])
+def test_an_upstream_url_is_its_openai_base_with_or_without_v1(url: str) -> None:
+    config = load_config(["--upstream", f"big={url}#m"], environ={})
+    assert config.upstreams == (Upstream("big", "http://h:8000", "m"),)
+
+
+def test_an_upstream_path_before_v1_is_kept() -> None:
+    config = load_config(["--upstream", "big=http://gw/llm/v1"], environ={})
+    assert config.upstreams[0].url == "http://gw/llm"
+
+
 @pytest.mark.parametrize(("argv", "env", "message"), [
     (["--port", "eighty"], {}, "not a valid int"),
     (["--max-batch-size", "0"], {}, "must be positive"),
