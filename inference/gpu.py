@@ -88,6 +88,11 @@ class GpuMonitor:
         """The NVML index of the GPU with this UUID (e.g. a loaded model's device label), if read."""
         return next((d.index for d in self._devices.values() if d.uuid == uuid), None)
 
+    def uuid_of(self, index: int) -> str | None:
+        """The UUID of the GPU at this NVML index, if it is read."""
+        device = self._devices.get(index)
+        return device.uuid if device is not None else None
+
     def sample(self) -> list[DeviceSample]:
         """One reading per GPU; a field is ``None`` where NVML cannot supply it."""
         nvml = self._nvml

@@ -68,6 +68,9 @@ class RequestEvent(models.Model):
     attempt = models.PositiveIntegerField(null=True, blank=True)
     # A cached answer served past its freshness because no model of the fallback chain could answer.
     cache_stale = models.BooleanField(default=False, db_default=False)
+    # How gpu_seconds and energy_joules were obtained: "measured" by the runtime's engine, or
+    # "attributed" from outside an upstream engine; null when not measured and from older runtimes.
+    device_use_source = models.CharField(max_length=10, null=True, blank=True)
     # Priced on arrival under the book in force when the request started; null when no price applies.
     price_book_id = models.BigIntegerField(null=True, blank=True)
     list_cost = models.DecimalField(**COST, null=True, blank=True)
