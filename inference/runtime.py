@@ -27,6 +27,7 @@ from inference.fallback import NO_CACHE, FallbackCache
 from inference.gpu import GpuMonitor
 from inference.measurement import RequestMeasurement
 from inference.metrics import LiveSample, RuntimeMetrics, counter, gauge
+from inference.power_caps import PowerCaps
 from inference.retries import Retries
 from inference.routing import ModelRouter
 from inference.rules import RuleEnforcer, RulesetKeeper, RulesetPuller
@@ -35,6 +36,9 @@ from inference.telemetry.sampler import RuntimeSampler
 from inference.upstream_attribution import UpstreamAttribution
 
 log = logging.getLogger("inference.runtime")
+
+# How often the ruleset's power caps are held against the GPUs: a new or expired cap takes effect within it.
+POWER_CAP_INTERVAL_S = 1.0
 
 Backend = LocalBackend | UpstreamBackend
 
@@ -70,6 +74,8 @@ class Runtime:
         self.puller: RulesetPuller | None = None
         self.router: ModelRouter | None = None
         self.cache: ResponseCache | None = None
+        self.power_caps: PowerCaps | None = None
+        self._power_task: asyncio.Task[None] | None = None
         self.metrics.watch(self._live_samples)
         self.metrics.watch(lambda: self.cache.samples() if self.cache is not None else [])
 
@@ -81,6 +87,10 @@ class Runtime:
         await asyncio.to_thread(self.ruleset.open)
         if self.gpu is None:
             self.gpu = await asyncio.to_thread(GpuMonitor)
+        if self.gpu.available:
+            self.power_caps = PowerCaps(self.gpu)
+            self.metrics.watch(self.power_caps.samples)
+            self._power_task = asyncio.get_running_loop().create_task(self._hold_power_caps(self.power_caps))
         if config.torch_threads is not None:
             torch.set_num_threads(config.torch_threads)
         device = resolve_device(config.device)
@@ -143,6 +153,11 @@ class Runtime:
             await self.cache.close()
         if self.exporter is not None:
             await asyncio.to_thread(self.exporter.close)
+        if self._power_task is not None:
+            self._power_task.cancel()
+            await asyncio.gather(self._power_task, return_exceptions=True)
+        if self.power_caps is not None:  # a stopped runtime leaves no GPU capped
+            await asyncio.to_thread(self.power_caps.restore_all)
         if self.gpu is not None:
             self.gpu.close()
         await self.ruleset.close()
@@ -152,6 +167,15 @@ class Runtime:
                               max_wait_s=self.config.max_queue_wait_s, target_wait_s=self.config.queue_target_wait_s,
                               high_reserve=self.config.high_priority_slots,
                               high_max_running=self.config.high_priority_max_running)
+
+    async def _hold_power_caps(self, caps: PowerCaps) -> None:
+        while True:
+            compiled = self.rules.compiled
+            try:
+                await asyncio.to_thread(caps.reconcile, compiled.power_caps if compiled is not None else ())
+            except Exception:  # a bug here must not stop caps being held (or lifted) from then on
+                log.exception("power caps could not be reconciled")
+            await asyncio.sleep(POWER_CAP_INTERVAL_S)
 
     def _local_backend(self, loaded: LoadedModel) -> LocalBackend:
         energy_reader = None
