@@ -83,6 +83,8 @@ class DeviceSample(BaseModel):
     power_w: float | None = None
     energy_joules_total: float | None = None
     temperature_c: float | None = None
+    # The board's power limit now (a power_cap rule's, or its own); None from older runtimes.
+    power_limit_w: float | None = None
 
 
 class RuntimeSample(BaseModel):

@@ -109,6 +109,7 @@ class GpuMonitor:
             memory = self._read(nvml.nvmlDeviceGetMemoryInfo, handle)
             power_mw = self._read(nvml.nvmlDeviceGetPowerUsage, handle)
             temperature = self._read(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU)
+            limit_mw = self._read(nvml.nvmlDeviceGetPowerManagementLimit, handle)
             samples.append(
                 DeviceSample(
                     device=device.uuid,
@@ -119,6 +120,7 @@ class GpuMonitor:
                     power_w=power_mw / 1000.0 if power_mw is not None else None,
                     energy_joules_total=self._energy(device),
                     temperature_c=float(temperature) if temperature is not None else None,
+                    power_limit_w=limit_mw / 1000.0 if limit_mw is not None else None,
                 )
             )
         return samples

@@ -162,6 +162,7 @@ class DeviceSampleRecord(BaseModel):
     power_w: float | None = Field(default=None, ge=0, le=MAX_POWER_W)
     energy_joules_total: float | None = Field(default=None, ge=0, le=MAX_JOULES)
     temperature_c: float | None = Field(default=None, ge=-273.15, le=1000)
+    power_limit_w: float | None = Field(default=None, ge=0, le=MAX_POWER_W)  # null from older runtimes
 
 
 class RuntimeSampleRecord(BaseModel):

@@ -121,6 +121,8 @@ class DeviceSample(models.Model):
     power_w = models.FloatField(null=True, blank=True)
     energy_joules_total = models.FloatField(null=True, blank=True)
     temperature_c = models.FloatField(null=True, blank=True)
+    # The board's power limit (a power cap's, or its own); null from older runtimes.
+    power_limit_w = models.FloatField(null=True, blank=True)
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["runtime_id", "device", "at"], name="device_sample_once")]
