@@ -13,7 +13,7 @@ the union of the clients' request intervals, measured here independently of the 
 little longer: it includes the runtime's own time on each request). The goal: every event has
 device seconds, and their sum is within 5% of the clients' busy time.
 
-    python -m bench upstream_attribution [--quick] [--streams 1 4 8] [--requests-per-stream 4]
+    python -m bench upstream_attribution [--quick] [--streams 1 4 8] [--requests-per-stream 2]
 """
 
 from __future__ import annotations
@@ -74,14 +74,14 @@ class Round:
 def parse_args(argv: Sequence[str]) -> Settings:
     parser = argparse.ArgumentParser(prog="python -m bench upstream_attribution", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 and 4 streams, 2 requests each, 32 tokens")
+    parser.add_argument("--quick", action="store_true", help="1 and 4 streams, 32 tokens")
     parser.add_argument("--streams", type=int, nargs="+", help="concurrent streams per round (default 1 4 8)")
-    parser.add_argument("--requests-per-stream", type=int, help="requests each stream sends in turn (default 4)")
-    parser.add_argument("--max-tokens", type=int, help="completion tokens per request (default 64)")
+    parser.add_argument("--requests-per-stream", type=int, help="requests each stream sends in turn (default 2)")
+    parser.add_argument("--max-tokens", type=int, help="completion tokens per request (default 48)")
     args = parser.parse_args(argv)
     return Settings(streams=args.streams or ([1, 4] if args.quick else [1, 4, 8]),
-                    requests_per_stream=args.requests_per_stream or (2 if args.quick else 4),
-                    max_tokens=args.max_tokens or (32 if args.quick else 64))
+                    requests_per_stream=args.requests_per_stream or 2,
+                    max_tokens=args.max_tokens or (32 if args.quick else 48))
 
 
 def union_length(intervals: list[tuple[float, float]]) -> float:
@@ -205,6 +205,7 @@ def main(argv: Sequence[str]) -> int:
             LlamaServer(binary, gguf=gguf, alias=UPSTREAM, slots=slots) as upstream, \
             runtime_server("--upstream", f"{UPSTREAM}={upstream.url}/v1", "--finops-url", collector,
                            "--spool-dir", spool, "--export-interval-s", "0.2", "--upstream-retries", "0",
+                           "--upstream-timeout-s", "900",
                            name="runtime-upstream") as url:
         rounds = measure(url, collector, settings)
     return 0 if report(settings, rounds) else 1
