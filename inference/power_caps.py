@@ -12,6 +12,7 @@ wanted limit changes, so a refusal is one log line, not one a second.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -24,7 +25,9 @@ log = logging.getLogger("inference.power_caps")
 
 
 class PowerCaps:
-    """The power limits this runtime set on its GPUs; every call comes from one thread at a time."""
+    """The power limits this runtime set on its GPUs. ``reconcile`` and ``restore_all`` hold a lock:
+    a reconcile still running in its worker thread when the runtime stops finishes before the
+    restore, so no cap is set after its GPU was given its limit back."""
 
     def __init__(self, gpu: GpuMonitor, *, clock: Callable[[], float] = time.time) -> None:
         self.gpu = gpu
@@ -35,12 +38,19 @@ class PowerCaps:
         self._uuids: dict[int, str] = {}
         self.failures: Counter[tuple[str, str]] = Counter()  # (device, reason)
         self.changes_total = 0
+        self._lock = threading.Lock()
+        self._stopped = False
 
     def applied(self) -> dict[str, float]:
         """The cap in force per GPU UUID (only GPUs this runtime capped)."""
         return {self._uuids[index]: watts for index, watts in self._applied.items()}
 
     def reconcile(self, caps: Sequence[CompiledPowerCap]) -> None:
+        with self._lock:
+            if not self._stopped:
+                self._reconcile(caps)
+
+    def _reconcile(self, caps: Sequence[CompiledPowerCap]) -> None:
         now = self._clock()
         for index, uuid, name in self.gpu.listed():
             self._uuids[index] = uuid
@@ -72,9 +82,12 @@ class PowerCaps:
             log.info("GPU %s power limit set to %g W (was %g W)", uuid, wanted, self._original[index])
 
     def restore_all(self) -> None:
-        """Give every GPU this runtime capped its limit from before (the runtime is stopping)."""
-        for index in list(self._applied):
-            self._restore(index)
+        """Give every GPU this runtime capped its limit from before; no cap is set after this (the
+        runtime is stopping)."""
+        with self._lock:
+            self._stopped = True
+            for index in list(self._applied):
+                self._restore(index)
 
     def samples(self) -> list[LiveSample]:
         rows: list[LiveSample] = []

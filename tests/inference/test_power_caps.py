@@ -95,6 +95,17 @@ def test_a_changed_cap_still_restores_the_limit_from_before_the_first() -> None:
     assert a.limit_history == [500_000, 350_000, 700_000]
 
 
+def test_no_cap_is_set_after_the_caps_were_restored_for_a_stop() -> None:
+    a, *_ = gpus = boards()
+    caps = PowerCaps(GpuMonitor(nvml=FakeNvml(gpus)), clock=Clock())
+    caps.reconcile([cap(500, device="GPU-a")])
+    caps.restore_all()
+
+    caps.reconcile([cap(500, device="GPU-a")])  # a reconcile that was still on its way
+
+    assert a.limit_history == [500_000, 700_000]
+
+
 @pytest.mark.parametrize(("board", "watts", "reason", "message"), [
     (FakeGpu(uuid="GPU-a", errors={"nvmlDeviceSetPowerManagementLimit": pynvml.NVML_ERROR_NO_PERMISSION}), 300,
      "no_permission", "Insufficient Permissions"),
