@@ -19,6 +19,7 @@ from bench.machine import print_machine
 BENCHMARKS = {
     "engine_throughput": "continuous batching vs static generate(), in process and over HTTP",
     "upstream_overhead": "latency and requests/s the runtime adds in front of an instant upstream",
+    "upstream_attribution": "events' device seconds against a real llama-server's busy time (within 5%)",
     "telemetry_overhead": "serving tokens/s with telemetry export on vs off",
     "ingest_throughput": "telemetry events/s over HTTP into PostgreSQL, next to a raw COPY",
     "selector_latency": "dashboard selector latency over 30 days of 10 million events",

@@ -5,7 +5,9 @@
 - ``POST /v1/chat/completions`` at once with a fixed short reply (non-streamed), so what a client
   measures through the runtime minus what it measures here directly is the runtime's own cost;
 - ``POST /api/v1/events`` with 202, counting the events and samples it was sent;
-- ``GET /stats`` with those counts, and ``GET /health``.
+- ``GET /stats`` with those counts, ``GET /device-use`` with each event's device figures in the
+  order received (``gpu_seconds``, ``energy_joules``, ``device_use_source``, ``device``), and
+  ``GET /health``.
 
 It runs in a process of its own so that it does not share a GIL with the runtime or the load.
 """
@@ -27,6 +29,8 @@ REPLY = "Hello from the stub."
 REPLY_TOKENS = 5
 
 received = {"posts": 0, "events": 0, "samples": 0}
+DEVICE_USE_FIELDS = ("gpu_seconds", "energy_joules", "device_use_source", "device")
+device_use: list[dict[str, object]] = []
 
 
 async def chat_completions(request: Request) -> JSONResponse:
@@ -53,6 +57,7 @@ async def events(request: Request) -> Response:
         return JSONResponse({"error": {"type": "invalid_request_error", "message": "bad batch"}},
                             status_code=400)
     received["posts"] += 1
+    device_use.extend({name: event.get(name) for name in DEVICE_USE_FIELDS} for event in batch["events"])
     received["events"] += event_count
     received["samples"] += sample_count
     return JSONResponse({"accepted": event_count + sample_count}, status_code=202)
@@ -60,6 +65,10 @@ async def events(request: Request) -> Response:
 
 async def stats(request: Request) -> JSONResponse:
     return JSONResponse(received)
+
+
+async def device_uses(request: Request) -> JSONResponse:
+    return JSONResponse(device_use)
 
 
 async def health(request: Request) -> JSONResponse:
@@ -70,6 +79,7 @@ app = Starlette(routes=[
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/api/v1/events", events, methods=["POST"]),
     Route("/stats", stats),
+    Route("/device-use", device_uses),
     Route("/health", health),
 ])
 

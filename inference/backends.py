@@ -26,6 +26,7 @@ from inference.engine.sampling import SamplingParams
 from inference.errors import ApiError
 from inference.schemas import ChatCompletionRequest, CompletionRequest
 from inference.sse import sse_data
+from inference.upstream_attribution import InFlight, UpstreamAttribution
 
 log = logging.getLogger("inference.backends")
 
@@ -180,15 +181,19 @@ class LocalBackend:
 
 
 class UpstreamBackend:
-    """A model served elsewhere; its tokens come from the upstream's ``usage``."""
+    """A model served elsewhere; its tokens come from the upstream's ``usage``, its device time and
+    energy are attributed from outside (``attribution``), and its events name ``device_label``: the
+    upstream's GPU when it is visible here, else ``upstream``."""
 
     kind = "upstream"
-    device_label = "upstream"
 
-    def __init__(self, upstream: Upstream, client: httpx.AsyncClient, admission: AdmissionQueue) -> None:
+    def __init__(self, upstream: Upstream, client: httpx.AsyncClient, admission: AdmissionQueue, *,
+                 attribution: UpstreamAttribution | None = None, device_label: str = "upstream") -> None:
         self.upstream = upstream
         self.client = client
         self.admission = admission
+        self.attribution = attribution if attribution is not None else UpstreamAttribution()
+        self.device_label = device_label
         self.name = upstream.name
         self._in_flight = 0
         self.completion_tokens_total = 0
@@ -224,7 +229,8 @@ class UpstreamBackend:
 
     async def _run(self, prepared: Prepared, gen: Generation) -> None:
         submitted = time.perf_counter()
-        state = _UpstreamProgress(submitted)
+        state = _UpstreamProgress(submitted, self.attribution, self.attribution.begin(),
+                                  prompt_tokens_estimate=_prompt_tokens_estimate(prepared.prompt_tokens_bound))
         path = "/v1/chat/completions" if prepared.kind == "chat" else "/v1/completions"
         self._in_flight += 1
         try:
@@ -250,6 +256,7 @@ class UpstreamBackend:
         finally:
             self._in_flight -= 1
             self.completion_tokens_total += state.completion_tokens
+            state.leave()  # an error or a cancellation ends its share of the upstream too
 
     async def _call(self, path: str, prepared: Prepared, gen: Generation, state: _UpstreamProgress) -> None:
         response = await self.client.post(self.upstream.url + path, json=prepared.payload)
@@ -285,8 +292,12 @@ class UpstreamBackend:
 
 
 class _UpstreamProgress:
-    def __init__(self, submitted: float) -> None:
+    def __init__(self, submitted: float, attribution: UpstreamAttribution, share: InFlight, *,
+                 prompt_tokens_estimate: int) -> None:
         self.submitted = submitted
+        self.attribution = attribution
+        self.share = share
+        self.prompt_tokens_estimate = prompt_tokens_estimate
         self.first_token_at: float | None = None
         self.text = ""
         self.pieces = 0
@@ -295,6 +306,8 @@ class _UpstreamProgress:
         self._usage_seen = False
 
     def add_piece(self, piece: str) -> None:
+        # The prompt's prefill ran before the first piece: it counts in the window that piece closes.
+        self.attribution.tokens(self.share, 1 + (self.prompt_tokens_estimate if self.first_token_at is None else 0))
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         self.text += piece
@@ -309,7 +322,13 @@ class _UpstreamProgress:
             self.prompt_tokens = _count(usage.get("prompt_tokens"))
             self.completion_tokens = _count(usage.get("completion_tokens"))
 
+    def leave(self) -> tuple[float, float | None]:
+        """End the request's share of the upstream (once): its attributed seconds and joules."""
+        use = self.attribution.end(self.share, total_tokens=self.prompt_tokens + self.completion_tokens)
+        return use.seconds, use.joules
+
     def result(self, finish_reason: str) -> GenerationResult:
+        gpu_seconds, energy_joules = self.leave()
         return GenerationResult(
             text=self.text,
             finish_reason=finish_reason,
@@ -318,9 +337,10 @@ class _UpstreamProgress:
             submitted_at=self.submitted,
             first_token_at=self.first_token_at,
             finished_at=time.perf_counter(),
-            gpu_seconds=None,
-            energy_joules=None,
+            gpu_seconds=gpu_seconds,
+            energy_joules=energy_joules,
             mean_batch_size=None,
+            device_use_source="attributed",
         )
 
 
@@ -334,6 +354,14 @@ def _prompt_tokens_bound(body: Body) -> int:
         return sum(len(m.text().encode()) + _TEMPLATE_TOKENS_PER_MESSAGE for m in body.messages) + \
             _TEMPLATE_TOKENS_PER_MESSAGE
     return len(body.prompt_text().encode()) + _TEMPLATE_TOKENS_PER_MESSAGE
+
+
+# English text in a byte-level BPE runs about four bytes a token; the bound is in bytes.
+_BYTES_PER_TOKEN = 4
+
+
+def _prompt_tokens_estimate(bytes_bound: int) -> int:
+    return max(1, bytes_bound // _BYTES_PER_TOKEN)
 
 
 def _count(value: Any) -> int:

@@ -62,6 +62,15 @@ class Upstream:
 
 
 @dataclass(frozen=True)
+class UpstreamDevice:
+    """The GPU an upstream serves from, visible on this host through NVML: its energy counter is
+    split among the upstream's requests and its idle time shown as idle capacity."""
+
+    name: str
+    gpu: str  # an NVML index ("0") or a GPU UUID ("GPU-…")
+
+
+@dataclass(frozen=True)
 class Fallback:
     """Where a model's requests go when an attempt at it fails or its circuit breaker is open, step by
     step: another served model, ``cache`` (a cached answer, with the response cache on) or ``503``."""
@@ -111,6 +120,13 @@ def parse_api_keys(spec: str) -> tuple[ApiKey, ...]:
     return tuple(keys)
 
 
+def parse_upstream_device(spec: str) -> UpstreamDevice:
+    name, sep, gpu = spec.partition("=")
+    if not sep or not _NAME_RE.match(name) or not (gpu.isdigit() or gpu.startswith(("GPU-", "MIG-"))):
+        raise ConfigError(f"--upstream-device {spec!r} must be NAME=INDEX or NAME=GPU-UUID")
+    return UpstreamDevice(name=name, gpu=gpu)
+
+
 def parse_upstream(spec: str) -> Upstream:
     name, sep, rest = spec.partition("=")
     if not sep or not _NAME_RE.match(name) or not rest:
@@ -118,7 +134,10 @@ def parse_upstream(spec: str) -> Upstream:
     url, _, upstream_model = rest.partition("#")
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"--upstream {name}: URL must start with http:// or https://")
-    return Upstream(name=name, url=url.rstrip("/"), upstream_model=upstream_model or name)
+    # Users paste an OpenAI base URL (``http://host:8000/v1``); the runtime adds ``/v1/...`` itself.
+    base = url.rstrip("/")
+    base = base.removesuffix("/v1").rstrip("/")
+    return Upstream(name=name, url=base, upstream_model=upstream_model or name)
 
 
 def parse_fallback(spec: str) -> Fallback:
@@ -200,8 +219,12 @@ class RuntimeConfig:
         24 * 3600.0, "how long after its submission a job may still be attempted (every attempt, retry and fallback "
         "within it); X-Wattson-Deadline on POST /v1/jobs may ask for less", check=POSITIVE)
     upstreams: tuple[Upstream, ...] = option(
-        (), "NAME=URL[#MODEL]: serve model NAME from an OpenAI-compatible server at URL (its model MODEL, "
-        "default NAME); repeatable", flag="--upstream", repeatable=True, parse=parse_upstream)
+        (), "NAME=URL[#MODEL]: serve model NAME from an OpenAI-compatible server at URL, with or without its "
+        "/v1 (its model MODEL, default NAME); repeatable", flag="--upstream", repeatable=True, parse=parse_upstream)
+    upstream_devices: tuple[UpstreamDevice, ...] = option(
+        (), "NAME=GPU: upstream NAME serves from this host's GPU (NVML index or UUID): its busy time and energy "
+        "counter are split among NAME's requests; repeatable", flag="--upstream-device", repeatable=True,
+        parse=parse_upstream_device)
     upstream_timeout_s: float = option(120.0, "timeout for one upstream request", check=POSITIVE)
     upstream_retries: int = option(
         2, "most retries of an upstream request that failed transiently (connection error, timeout, "
@@ -287,6 +310,7 @@ def _validate(config: RuntimeConfig) -> None:
     if len(set(served)) != len(served):
         raise ConfigError(f"model names must be unique, got {served}")
     _validate_fallbacks(config.fallbacks, served)
+    _validate_upstream_devices(config)
     check_auto_route(config, served)
     _validate_degradation(config)
 
@@ -309,6 +333,21 @@ def _validate_fallbacks(fallbacks: tuple[Fallback, ...], served: list[str]) -> N
                 raise ConfigError(f"--fallback {fallback.model}: '503' ends the chain; nothing can follow it")
         if len(set(fallback.steps)) != len(fallback.steps):
             raise ConfigError(f"--fallback {fallback.model}: a step is listed twice")
+
+
+def _validate_upstream_devices(config: RuntimeConfig) -> None:
+    upstreams = {u.name for u in config.upstreams}
+    named, gpus = set(), set()
+    for device in config.upstream_devices:
+        if device.name not in upstreams:
+            raise ConfigError(f"--upstream-device {device.name}: no upstream of that name is served here")
+        if device.name in named:
+            raise ConfigError(f"--upstream-device {device.name} is given twice")
+        # Two ledgers splitting one counter would each attribute the whole delta: joules counted twice.
+        if device.gpu in gpus:
+            raise ConfigError(f"--upstream-device: GPU {device.gpu} is given to two upstreams")
+        named.add(device.name)
+        gpus.add(device.gpu)
 
 
 def check_auto_route(config: RuntimeConfig, served: Sequence[str]) -> None:

@@ -17,6 +17,10 @@ CONTRACT_VERSION = 1
 EventStatus = Literal["ok", "error", "rejected_rule", "rejected_budget", "shed", "timeout", "cancelled"]
 Priority = Literal["low", "normal", "high"]
 BreakerState = Literal["closed", "half_open", "open"]
+# How an event's gpu_seconds and energy_joules were obtained: measured by this runtime's engine per
+# step (a cache hit, which ran nothing, too), or attributed from outside an upstream engine from its
+# busy time and device counters (docs/TELEMETRY.md).
+DeviceUseSource = Literal["measured", "attributed"]
 
 
 class RequestEvent(BaseModel):
@@ -62,6 +66,8 @@ class RequestEvent(BaseModel):
     attempt: int | None = Field(default=None, ge=1)
     # A cached answer served past its freshness because no model of the fallback chain could answer.
     cache_stale: bool = False
+    # How gpu_seconds and energy_joules were obtained; None when gpu_seconds is. None from older runtimes.
+    device_use_source: DeviceUseSource | None = None
 
 
 class DeviceSample(BaseModel):
@@ -77,6 +83,8 @@ class DeviceSample(BaseModel):
     power_w: float | None = None
     energy_joules_total: float | None = None
     temperature_c: float | None = None
+    # The board's power limit now (a power_cap rule's, or its own); None from older runtimes.
+    power_limit_w: float | None = None
 
 
 class RuntimeSample(BaseModel):

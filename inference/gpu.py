@@ -88,6 +88,15 @@ class GpuMonitor:
         """The NVML index of the GPU with this UUID (e.g. a loaded model's device label), if read."""
         return next((d.index for d in self._devices.values() if d.uuid == uuid), None)
 
+    def listed(self) -> list[tuple[int, str, str | None]]:
+        """(NVML index, UUID, name) of each GPU being read."""
+        return [(d.index, d.uuid, d.name) for d in self._devices.values()]
+
+    def uuid_of(self, index: int) -> str | None:
+        """The UUID of the GPU at this NVML index, if it is read."""
+        device = self._devices.get(index)
+        return device.uuid if device is not None else None
+
     def sample(self) -> list[DeviceSample]:
         """One reading per GPU; a field is ``None`` where NVML cannot supply it."""
         nvml = self._nvml
@@ -100,6 +109,7 @@ class GpuMonitor:
             memory = self._read(nvml.nvmlDeviceGetMemoryInfo, handle)
             power_mw = self._read(nvml.nvmlDeviceGetPowerUsage, handle)
             temperature = self._read(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU)
+            limit_mw = self._read(nvml.nvmlDeviceGetPowerManagementLimit, handle)
             samples.append(
                 DeviceSample(
                     device=device.uuid,
@@ -110,6 +120,7 @@ class GpuMonitor:
                     power_w=power_mw / 1000.0 if power_mw is not None else None,
                     energy_joules_total=self._energy(device),
                     temperature_c=float(temperature) if temperature is not None else None,
+                    power_limit_w=limit_mw / 1000.0 if limit_mw is not None else None,
                 )
             )
         return samples
@@ -125,6 +136,37 @@ class GpuMonitor:
         if not self.available or device is None:
             return None
         return self._energy(device)
+
+    def power_limit_w(self, device_index: int) -> float | None:
+        """The GPU's power limit in watts now, or ``None`` when it cannot be read."""
+        device = self._devices.get(device_index)
+        nvml = self._nvml
+        if not self.available or device is None or nvml is None:
+            return None
+        milliwatts = self._read(nvml.nvmlDeviceGetPowerManagementLimit, device.handle)
+        return milliwatts / 1000.0 if milliwatts is not None else None
+
+    def set_power_limit_w(self, device_index: int, watts: float) -> None:
+        """Set the GPU's power limit through ``nvmlDeviceSetPowerManagementLimit``.
+
+        Raises ``PowerLimitRefused`` with the driver's reason: not root (NO_PERMISSION), outside the
+        board's range (INVALID_ARGUMENT, the range read and named when NVML gives it), not supported.
+        """
+        device = self._devices.get(device_index)
+        nvml = self._nvml
+        if not self.available or device is None or nvml is None:
+            raise PowerLimitRefused("no_device", f"GPU {device_index} is not readable through NVML")
+        try:
+            nvml.nvmlDeviceSetPowerManagementLimit(device.handle, round(watts * 1000))
+        except nvml.NVMLError as exc:
+            reason = _REFUSALS.get(getattr(exc, "value", None), "driver_error")
+            detail = str(exc)
+            if reason == "out_of_range":
+                limits = self._read(nvml.nvmlDeviceGetPowerManagementLimitConstraints, device.handle)
+                if limits is not None:
+                    detail += f"; this board allows {limits[0] / 1000:g}-{limits[1] / 1000:g} W"
+            raise PowerLimitRefused(reason, f"GPU {device.uuid} refused a {watts:g} W power limit: {detail}") \
+                from None
 
     def close(self) -> None:
         """Shut NVML down; safe to call twice. Readings are empty afterwards."""
@@ -165,6 +207,18 @@ class GpuMonitor:
             return query(*args)
         except nvml.NVMLError:
             return None
+
+
+class PowerLimitRefused(RuntimeError):
+    """The driver would not set a power limit; ``reason`` is a short label for metrics."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+# NVML return codes (nvml.h) a refused power limit comes back with, as metric labels.
+_REFUSALS = {2: "out_of_range", 3: "not_supported", 4: "no_permission"}
 
 
 def _text(value: str | bytes) -> str:

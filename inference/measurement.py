@@ -100,6 +100,7 @@ class RequestMeasurement:
             mean_batch_size=r.mean_batch_size if r else None,
             gpu_seconds=r.gpu_seconds if r else None,
             energy_joules=r.energy_joules if r else None,
+            device_use_source=r.device_use_source if r is not None and r.gpu_seconds is not None else None,
         )
 
 

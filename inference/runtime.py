@@ -18,7 +18,7 @@ from inference.auth import bearer_token, token_digest
 from inference.backends import LocalBackend, UpstreamBackend
 from inference.breaker import BreakerSettings, CircuitBreakers
 from inference.cache import CacheFallback, ResponseCache
-from inference.config import ApiKey, RuntimeConfig
+from inference.config import ApiKey, RuntimeConfig, Upstream
 from inference.contracts import RequestEvent
 from inference.engine.engine import Engine
 from inference.engine.models import LoadedModel, load_model, resolve_device
@@ -27,13 +27,18 @@ from inference.fallback import NO_CACHE, FallbackCache
 from inference.gpu import GpuMonitor
 from inference.measurement import RequestMeasurement
 from inference.metrics import LiveSample, RuntimeMetrics, counter, gauge
+from inference.power_caps import PowerCaps
 from inference.retries import Retries
 from inference.routing import ModelRouter
 from inference.rules import RuleEnforcer, RulesetKeeper, RulesetPuller
 from inference.telemetry.exporter import TelemetryExporter
 from inference.telemetry.sampler import RuntimeSampler
+from inference.upstream_attribution import UpstreamAttribution
 
 log = logging.getLogger("inference.runtime")
+
+# How often the ruleset's power caps are held against the GPUs: a new or expired cap takes effect within it.
+POWER_CAP_INTERVAL_S = 1.0
 
 Backend = LocalBackend | UpstreamBackend
 
@@ -69,6 +74,8 @@ class Runtime:
         self.puller: RulesetPuller | None = None
         self.router: ModelRouter | None = None
         self.cache: ResponseCache | None = None
+        self.power_caps: PowerCaps | None = None
+        self._power_task: asyncio.Task[None] | None = None
         self.metrics.watch(self._live_samples)
         self.metrics.watch(lambda: self.cache.samples() if self.cache is not None else [])
 
@@ -80,6 +87,10 @@ class Runtime:
         await asyncio.to_thread(self.ruleset.open)
         if self.gpu is None:
             self.gpu = await asyncio.to_thread(GpuMonitor)
+        if self.gpu.available:
+            self.power_caps = PowerCaps(self.gpu)
+            self.metrics.watch(self.power_caps.samples)
+            self._power_task = asyncio.get_running_loop().create_task(self._hold_power_caps(self.power_caps))
         if config.torch_threads is not None:
             torch.set_num_threads(config.torch_threads)
         device = resolve_device(config.device)
@@ -97,7 +108,9 @@ class Runtime:
             )
             for upstream in config.upstreams:
                 admission = self._admission(config.upstream_max_concurrency)
-                self.backends[upstream.name] = UpstreamBackend(upstream, self._http, admission)
+                attribution, device_label = self._upstream_attribution(upstream)
+                self.backends[upstream.name] = UpstreamBackend(upstream, self._http, admission,
+                                                               attribution=attribution, device_label=device_label)
         # Checked against what really loaded: a preloaded model may be named otherwise than its spec.
         self.router = ModelRouter.from_config(config, self.backends)
         self.metrics.serve_models([*self.backends, *([self.router.alias] if self.router is not None else [])])
@@ -140,6 +153,11 @@ class Runtime:
             await self.cache.close()
         if self.exporter is not None:
             await asyncio.to_thread(self.exporter.close)
+        if self._power_task is not None:
+            self._power_task.cancel()
+            await asyncio.gather(self._power_task, return_exceptions=True)
+        if self.power_caps is not None:  # a stopped runtime leaves no GPU capped
+            await asyncio.to_thread(self.power_caps.restore_all)
         if self.gpu is not None:
             self.gpu.close()
         await self.ruleset.close()
@@ -149,6 +167,15 @@ class Runtime:
                               max_wait_s=self.config.max_queue_wait_s, target_wait_s=self.config.queue_target_wait_s,
                               high_reserve=self.config.high_priority_slots,
                               high_max_running=self.config.high_priority_max_running)
+
+    async def _hold_power_caps(self, caps: PowerCaps) -> None:
+        while True:
+            compiled = self.rules.compiled
+            try:
+                await asyncio.to_thread(caps.reconcile, compiled.power_caps if compiled is not None else ())
+            except Exception:  # a bug here must not stop caps being held (or lifted) from then on
+                log.exception("power caps could not be reconciled")
+            await asyncio.sleep(POWER_CAP_INTERVAL_S)
 
     def _local_backend(self, loaded: LoadedModel) -> LocalBackend:
         energy_reader = None
@@ -167,6 +194,24 @@ class Runtime:
         engine.start()
         return LocalBackend(loaded, engine, self._admission(self.config.max_batch_size),
                             default_max_tokens=self.config.default_max_tokens)
+
+    def _upstream_attribution(self, upstream: Upstream) -> tuple[UpstreamAttribution, str]:
+        """The upstream's ledger, reading its GPU's energy counter when ``--upstream-device`` names a
+        GPU this host's NVML sees; its events then name that GPU, so its idle time is idle capacity."""
+        wanted = next((d.gpu for d in self.config.upstream_devices if d.name == upstream.name), None)
+        gpu = self.gpu
+        if wanted is None:
+            return UpstreamAttribution(), "upstream"
+        index = uuid = None
+        if gpu is not None and gpu.available:
+            index = int(wanted) if wanted.isdigit() else gpu.index_of(wanted)
+            uuid = gpu.uuid_of(index) if index is not None else None
+        if gpu is None or index is None or uuid is None:
+            reason = gpu.unavailable_reason if gpu is not None and not gpu.available else "no such GPU"
+            log.warning("upstream %s: GPU %s is not readable here (%s); its energy is not measured",
+                        upstream.name, wanted, reason)
+            return UpstreamAttribution(), "upstream"
+        return UpstreamAttribution(energy_reader=lambda: gpu.energy_joules(index)), uuid
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -250,6 +295,17 @@ class Runtime:
                                 s.busy_seconds_total, model=name)
                 rows += counter("wattson_engine_energy_joules_total", "Measured energy of engine steps",
                                 s.energy_joules_total, model=name)
+            else:
+                a = b.attribution
+                rows += counter("wattson_upstream_busy_seconds_total", "Time with a request in flight to the upstream",
+                                a.busy_seconds, model=name)
+                rows += counter("wattson_upstream_idle_seconds_total", "Time with nothing in flight to the upstream",
+                                a.idle_seconds, model=name)
+                if a.measures_energy:
+                    rows += counter("wattson_upstream_busy_joules_total",
+                                    "Upstream GPU energy while a request was in flight", a.busy_joules, model=name)
+                    rows += counter("wattson_upstream_idle_joules_total",
+                                    "Upstream GPU energy with nothing in flight", a.idle_joules, model=name)
         for d in self.gpu.sample() if self.gpu is not None else []:
             for field, help_text in (("gpu_util", "GPU utilisation %"), ("mem_used", "GPU memory used bytes"),
                                      ("power_w", "GPU power W"), ("temperature_c", "GPU temperature C")):

@@ -1,7 +1,9 @@
 """Budget state compiled into one ruleset document per runtime (docs/RULESET.md).
 
-Rules (the same for every runtime) come from exceeded budgets whose action limits requests;
-narrower scopes come first, because the runtime applies the first matching downgrade. Allowances
+Rules come from exceeded budgets whose action limits requests (the same for every runtime;
+narrower scopes come first, because the runtime applies the first matching downgrade) and from the
+power caps in force for the runtime (``PowerCap``: a cap scheduled to start is put in by the first
+evaluation pass after its start; its end is the rule's ``expires_at``, which the runtime keeps). Allowances
 (per runtime) come from hard budgets' grants. The document changes only when budget state,
 grants, prices or an allowance's renewed expiry change; ``ruleset_store`` gives it a new version
 only then. Reasons name the limit, not the live spend, so a throttled budget whose spend keeps
@@ -25,7 +27,8 @@ from finops.budgets.periods import Period, period_at
 from finops.budgets.selectors import amount_label
 from finops.lib.timezones import org_time_zone
 from finops.pricing.services import PriceCatalog
-from finops.runtimes.models import Runtime
+from finops.runtimes.models import PowerCap, Runtime
+from finops.runtimes.selectors import power_caps_in_force
 from finops.runtimes.services import ruleset_store
 
 UNIT_WORDS = {Unit.USD_LIST: "list price", Unit.USD_HARDWARE: "hardware cost"}
@@ -54,13 +57,16 @@ def rulesets_compile(*, now: dt.datetime | None = None, grants: Mapping[int, Ite
     missing = [(budget, period) for budget, period in hard if budget.pk not in known]
     current = {**known, **grants_current(missing)} if missing else known
     prices = prices_document(now=now)
+    caps = power_caps_in_force(now=now)
     # What an allowance says of its budget is the same in every runtime's document: built once.
     shared = [(budget, allowance_scope(budget=budget, period=period)) for budget, period in hard]
     changed = []
     for runtime in Runtime.objects.order_by("name"):
         allowances = [{**scope, **allowance_grant(budget=budget, grant=current[budget.pk].get(runtime.pk), now=now)}
                       for budget, scope in shared]
-        content = {"runtime_id": runtime.name, "prices": prices, "rules": rules, "allowances": allowances}
+        power_rules = [power_cap_rule(cap=cap) for cap in caps if cap.runtime_id in (None, runtime.pk)]
+        content = {"runtime_id": runtime.name, "prices": prices, "rules": [*rules, *power_rules],
+                   "allowances": allowances}
         _, is_new = ruleset_store(runtime=runtime, content=content, now=now)
         if is_new:
             changed.append(runtime.pk)
@@ -98,6 +104,17 @@ def budget_rules(*, budget: Budget, period: Period) -> list[dict[str, Any]]:
     return [{"id": f"b{budget.pk}-{names[action['type']]}", "budget_id": str(budget.pk), "budget_name": budget.name,
              "scope": _scope(budget), "action": action, "reason": _reason(budget, period),
              "expires_at": iso(period.end)} for action in actions]
+
+
+def power_cap_rule(*, cap: PowerCap) -> dict[str, Any]:
+    """A power cap as the runtime's ``power_cap`` rule: its schedule's end is the rule's expiry."""
+    which = " and ".join(part for part in (cap.device_type if cap.device_type != "*" else "",
+                                           cap.device if cap.device != "*" else "") if part) or "every GPU"
+    return {"id": f"pc{cap.pk}-power_cap", "budget_id": None, "budget_name": None,
+            "scope": {"tenant": "*", "feature": "*", "model": "*"},
+            "action": {"type": "power_cap", "watts": cap.watts, "device": cap.device, "device_type": cap.device_type},
+            "reason": f"Power cap '{cap.name}': {cap.watts} W on {which}.",
+            "expires_at": iso(cap.ends_at) if cap.ends_at else None}
 
 
 def allowance_scope(*, budget: Budget, period: Period) -> dict[str, Any]:

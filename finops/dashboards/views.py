@@ -29,6 +29,8 @@ from finops.lib.tables import Table, csv_response
 from finops.lib.timezones import org_time_zone
 from finops.runtimes.selectors import runtime_ruleset_states
 from finops.telemetry.capacity import idle_capacity, runtime_gauges, runtime_history
+from finops.telemetry.power_limits import WINDOW as POWER_WINDOW
+from finops.telemetry.power_limits import power_limit_changes
 from finops.telemetry.ranges import Dimension, Filters
 from finops.telemetry.selectors import event_completeness
 from finops.telemetry.tail import tail_snapshot
@@ -247,6 +249,8 @@ def gpus(request: HttpRequest) -> HttpResponse:
         "nav": "gpus", "runtimes": runtimes, "devices": [d for g in gauges for d in g.devices],
         "idle": idle, "idle_from": idle_from if idle_from > state.start else None,
         "sample_days": sample_days, "by_model": by_model,
+        "power_changes": power_limit_changes(start=state.start, end=state.end),
+        "power_window_minutes": int(POWER_WINDOW.total_seconds() // 60),
         "totals": usage_totals(filters=state.filters()),
         "gpu_util": page_data.gpu_utilisation(gauges),
         "charts": [charts.gpu_utilisation(history, span=span), charts.gpu_memory(gauges),

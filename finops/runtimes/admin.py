@@ -10,7 +10,7 @@ from django.contrib import admin, messages
 from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest
 
-from finops.runtimes.models import Ruleset, Runtime, RuntimeToken
+from finops.runtimes.models import PowerCap, Ruleset, Runtime, RuntimeToken
 from finops.runtimes.services import runtime_token_revoke, runtime_url_validate
 
 TOKEN_FIELDS = ("prefix", "created_at", "last_used_at", "revoked_at")
@@ -120,3 +120,13 @@ class RulesetAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: Ruleset | None = None) -> bool:
         return False
+
+
+@admin.register(PowerCap)
+class PowerCapAdmin(admin.ModelAdmin):
+    """Power caps reach the runtimes with the next evaluation pass's rulesets (docs/RULESET.md)."""
+
+    list_display = ("name", "runtime", "device_type", "device", "watts", "starts_at", "ends_at", "enabled")
+    list_filter = ("enabled", "runtime")
+    list_select_related = ("runtime",)
+    search_fields = ("name", "device_type", "device")

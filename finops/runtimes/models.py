@@ -1,5 +1,5 @@
-"""Registered runtimes, the tokens they send telemetry with (stored hashed, shown once), and the
-ruleset document compiled for each of them."""
+"""Registered runtimes, the tokens they send telemetry with (stored hashed, shown once), the
+ruleset document compiled for each of them, and the power caps put in their documents."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import hmac
 import secrets
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
 
@@ -91,3 +93,36 @@ class Ruleset(models.Model):
 
     def __str__(self) -> str:
         return f"{self.runtime} v{self.version}"
+
+
+class PowerCap(models.Model):
+    """A power limit on runtimes' GPUs, sent to them as a ``power_cap`` rule (docs/RULESET.md)
+    while its schedule is in force: from ``starts_at`` (at once when blank) until ``ends_at``
+    (open-ended when blank). The runtime sets it through NVML and restores the GPU's own limit when
+    the rule expires or leaves the document."""
+
+    name = models.CharField(max_length=100, help_text="What the cap is for, shown in the rule's reason.")
+    runtime = models.ForeignKey(Runtime, on_delete=models.CASCADE, null=True, blank=True, related_name="power_caps",
+                                help_text="Blank: every runtime.")
+    device_type = models.CharField(max_length=200, default="*",
+                                   help_text="The GPUs' NVML name (e.g. 'NVIDIA H100 80GB HBM3'), or * for any.")
+    device = models.CharField(max_length=100, default="*", help_text="One GPU's UUID, or * for any.")
+    watts = models.PositiveIntegerField(validators=[MinValueValidator(1), MaxValueValidator(100_000)])
+    starts_at = models.DateTimeField(null=True, blank=True)
+    ends_at = models.DateTimeField(null=True, blank=True)
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name", "pk"]
+        constraints = [
+            models.CheckConstraint(condition=models.Q(ends_at__isnull=True) | models.Q(starts_at__isnull=True)
+                                   | models.Q(ends_at__gt=models.F("starts_at")), name="power_cap_ends_after_start"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.watts} W)"
+
+    def clean(self) -> None:
+        if self.starts_at and self.ends_at and self.ends_at <= self.starts_at:
+            raise ValidationError({"ends_at": "A cap must end after it starts."})

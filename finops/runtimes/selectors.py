@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from django.db.models import F, Q
 
-from finops.runtimes.models import Ruleset, Runtime, RuntimeToken, token_digest
+from finops.runtimes.models import PowerCap, Ruleset, Runtime, RuntimeToken, token_digest
 
 
 def runtime_get_by_token(*, token: str) -> Runtime | None:
@@ -68,3 +68,10 @@ def runtime_ruleset_states() -> list[RuntimeRulesetState]:
             runtime.name, runtime.base_url, runtime.last_seen_at, issued, runtime.last_ruleset_ack,
             ruleset.last_push_at if ruleset else None, ruleset.last_push_outcome if ruleset else ""))
     return states
+
+
+def power_caps_in_force(*, now: dt.datetime) -> list[PowerCap]:
+    """Enabled caps whose schedule covers ``now``, in a stable order (runtime-wide ones included)."""
+    return list(PowerCap.objects.filter(enabled=True)
+                .filter(Q(starts_at__isnull=True) | Q(starts_at__lte=now))
+                .filter(Q(ends_at__isnull=True) | Q(ends_at__gt=now)).order_by("pk"))

@@ -55,6 +55,9 @@ CONTRACT_VERSION = 1
 
 EventStatus = Literal["ok", "error", "rejected_rule", "rejected_budget", "shed", "timeout", "cancelled"]
 Priority = Literal["low", "normal", "high"]
+# How gpu_seconds and energy_joules were obtained: measured by the runtime's engine, or attributed
+# from outside an upstream engine (its busy time and device counters split among its requests).
+DeviceUseSource = Literal["measured", "attributed"]
 BreakerState = Literal["closed", "half_open", "open"]
 
 INT4_MAX = 2**31 - 1  # PositiveIntegerField / integer
@@ -143,6 +146,7 @@ class RequestEventRecord(BaseModel):
     request_id: Name(100) | None = None
     attempt: int | None = Field(default=None, ge=1, le=INT4_MAX)
     cache_stale: bool = False  # a cached answer served past its freshness: no model of the chain could answer
+    device_use_source: DeviceUseSource | None = None  # null when gpu_seconds is, and from older runtimes
 
 
 class DeviceSampleRecord(BaseModel):
@@ -158,6 +162,7 @@ class DeviceSampleRecord(BaseModel):
     power_w: float | None = Field(default=None, ge=0, le=MAX_POWER_W)
     energy_joules_total: float | None = Field(default=None, ge=0, le=MAX_JOULES)
     temperature_c: float | None = Field(default=None, ge=-273.15, le=1000)
+    power_limit_w: float | None = Field(default=None, ge=0, le=MAX_POWER_W)  # null from older runtimes
 
 
 class RuntimeSampleRecord(BaseModel):

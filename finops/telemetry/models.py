@@ -69,6 +69,9 @@ class RequestEvent(models.Model):
     attempt = models.PositiveIntegerField(null=True, blank=True)
     # A cached answer served past its freshness because no model of the fallback chain could answer.
     cache_stale = models.BooleanField(default=False, db_default=False)
+    # How gpu_seconds and energy_joules were obtained: "measured" by the runtime's engine, or
+    # "attributed" from outside an upstream engine; null when not measured and from older runtimes.
+    device_use_source = models.CharField(max_length=10, null=True, blank=True)
     # Priced on arrival under the book in force when the request started; null when no price applies.
     price_book_id = models.BigIntegerField(null=True, blank=True)
     list_cost = models.DecimalField(**COST, null=True, blank=True)
@@ -125,6 +128,8 @@ class DeviceSample(models.Model):
     power_w = models.FloatField(null=True, blank=True)
     energy_joules_total = models.FloatField(null=True, blank=True)
     temperature_c = models.FloatField(null=True, blank=True)
+    # The board's power limit (a power cap's, or its own); null from older runtimes.
+    power_limit_w = models.FloatField(null=True, blank=True)
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["runtime_id", "device", "at"], name="device_sample_once")]

@@ -64,7 +64,7 @@ _event_fields = operator.itemgetter(*EVENT_FIELDS)
 SAMPLE_COLUMNS = ("runtime_id", "at", "queue_depth", "running", "tokens_per_s", "kv_cache_used", "breakers",
                   "events_recorded")
 DEVICE_SAMPLE_COLUMNS = ("runtime_id", "at", "device", "name", "gpu_util", "mem_used", "mem_total", "power_w",
-                         "energy_joules_total", "temperature_c")
+                         "energy_joules_total", "temperature_c", "power_limit_w")
 DEVICE_COLUMNS = ("runtime_id", "uuid", "name", "last_seen_at")
 _SEQ = EVENT_COLUMNS.index("seq")
 
@@ -258,7 +258,7 @@ def _store_samples(samples: list[tuple[int, RuntimeSampleRecord]], *, runtime: A
             result.recorded = max(result.recorded or 0, sample.events_recorded)
         for d in sample.devices:
             device_rows.append((sample.runtime_id, at, d.device, d.name, d.gpu_util, d.mem_used, d.mem_total,
-                                d.power_w, d.energy_joules_total, d.temperature_c))
+                                d.power_w, d.energy_joules_total, d.temperature_c, d.power_limit_w))
             if d.name and d.device != "cpu":
                 devices[(sample.runtime_id, d.device)] = (sample.runtime_id, d.device, d.name, min(at, now))
     if not rows:

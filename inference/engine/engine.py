@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from inference.contracts import DeviceUseSource
 from inference.engine.attribution import attribute_step_time
 from inference.engine.detokenizer import IncrementalDetokenizer
 from inference.engine.kv_batch import KVBatch
@@ -64,6 +65,9 @@ class GenerationResult:
     energy_joules: float | None
     mean_batch_size: float | None
     error: str | None = None
+    # "measured": this engine timed the steps (a cache hit ran none); "attributed": an upstream's
+    # busy time and energy were split from outside it (inference/upstream_attribution.py).
+    device_use_source: DeviceUseSource = "measured"
 
 
 EngineOutput = TokenDelta | GenerationResult

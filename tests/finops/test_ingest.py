@@ -142,7 +142,20 @@ def test_each_attempt_of_a_request_is_stored_with_its_request_id_number_and_stal
                                                                  (None, None, False)]
 
 
+def test_each_event_is_stored_with_how_its_device_use_was_obtained(post_batch: Any) -> None:
+    engine = event_dict(gpu_seconds=0.5, device_use_source="measured")
+    upstream = event_dict(gpu_seconds=0.2, energy_joules=30.0, device_use_source="attributed")
+    from_an_older_runtime = event_dict(gpu_seconds=0.1)  # no device_use_source key at all
+
+    assert post_batch(batch_body(events=[engine, upstream, from_an_older_runtime])).json()["accepted"] == 3
+
+    rows = {str(e.event_id): e.device_use_source for e in RequestEvent.objects.all()}
+    assert [rows[e["event_id"]] for e in (engine, upstream, from_an_older_runtime)] == ["measured", "attributed",
+                                                                                       None]
+
+
 @pytest.mark.parametrize(("field", "value"), [("attempt", 0), ("attempt", 1.0), ("request_id", "x" * 101),
+                                              ("device_use_source", "guessed"),
                                               ("request_id", "a\nb"), ("cache_stale", "yes")])
 def test_an_attempt_number_or_request_id_outside_the_contract_is_refused(post_batch: Any, field: str,
                                                                          value: Any) -> None:
@@ -546,3 +559,6 @@ def test_the_contract_enumerates_the_runtimes_statuses_and_priorities() -> None:
 
     for field in ("status", "priority"):
         assert set(ours["properties"][field]["enum"]) == set(theirs["properties"][field]["enum"])
+    (ours_sources,) = [s for s in ours["properties"]["device_use_source"]["anyOf"] if "enum" in s]
+    (theirs_sources,) = [s for s in theirs["properties"]["device_use_source"]["anyOf"] if "enum" in s]
+    assert set(ours_sources["enum"]) == set(theirs_sources["enum"]) == {"measured", "attributed"}

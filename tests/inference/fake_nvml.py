@@ -22,6 +22,7 @@ NVMLError_Uninitialized = pynvml.NVMLError_Uninitialized
 NVMLError_InvalidArgument = pynvml.NVMLError_InvalidArgument
 NVMLError_LibraryNotFound = pynvml.NVMLError_LibraryNotFound
 NVMLError_DriverNotLoaded = pynvml.NVMLError_DriverNotLoaded
+NVMLError_NoPermission = pynvml.NVMLError_NoPermission
 NVML_TEMPERATURE_GPU = pynvml.NVML_TEMPERATURE_GPU
 
 T = TypeVar("T")
@@ -45,6 +46,12 @@ class FakeGpu:
     energy_mj: int = 0
     energy_mj_per_read: int = 0
     temperature_c: int = 35
+    # The power limit and its allowed range, in milliwatts, as NVML keeps them; ``limit_history``
+    # is every limit set through ``nvmlDeviceSetPowerManagementLimit``, in order.
+    power_limit_mw: int = 700_000
+    power_limit_min_mw: int = 200_000
+    power_limit_max_mw: int = 700_000
+    limit_history: list[int] = field(default_factory=list)
     unsupported: set[str] = field(default_factory=set)
     errors: dict[str, int] = field(default_factory=dict)
 
@@ -120,6 +127,22 @@ class FakeNvml:
         value = self._query(handle, "nvmlDeviceGetTotalEnergyConsumption", handle.energy_mj)
         handle.energy_mj += handle.energy_mj_per_read
         return value
+
+    def nvmlDeviceGetPowerManagementLimit(self, handle: FakeGpu) -> int:
+        return self._query(handle, "nvmlDeviceGetPowerManagementLimit", handle.power_limit_mw)
+
+    def nvmlDeviceGetPowerManagementLimitConstraints(self, handle: FakeGpu) -> list[int]:
+        return self._query(handle, "nvmlDeviceGetPowerManagementLimitConstraints",
+                           [handle.power_limit_min_mw, handle.power_limit_max_mw])
+
+    def nvmlDeviceSetPowerManagementLimit(self, handle: FakeGpu, limit: int) -> None:
+        """As the driver does: root only (``errors`` stands in for NO_PERMISSION), and a limit outside
+        the board's constraints is INVALID_ARGUMENT."""
+        self._query(handle, "nvmlDeviceSetPowerManagementLimit", None)
+        if not handle.power_limit_min_mw <= limit <= handle.power_limit_max_mw:
+            raise NVMLError_InvalidArgument()
+        handle.power_limit_mw = limit
+        handle.limit_history.append(limit)
 
     def nvmlDeviceGetTemperature(self, handle: FakeGpu, sensor: int) -> int:
         if sensor != NVML_TEMPERATURE_GPU:

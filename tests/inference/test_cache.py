@@ -77,6 +77,7 @@ def test_a_repeated_request_is_the_same_answer_without_an_engine_step(cached: Li
     assert (event.prompt_tokens, event.completion_tokens) == (first.json()["usage"]["prompt_tokens"],
                                                               first.json()["usage"]["completion_tokens"])
     assert event.gpu_seconds == 0 and event.energy_joules is None, "a hit costs nothing; CPU energy is unmeasured"
+    assert event.device_use_source == "measured", "nothing ran: the zero is known, not attributed"
     assert (event.queue_wait_ms, event.queue_depth_at_admit) == (0, None), "a hit never queued"
     assert metric(cached, "wattson_cache_hits_total") == hits_before + 1
 
@@ -119,6 +120,7 @@ def test_another_tenant_never_gets_a_hit(cached: LiveRuntime) -> None:
     assert other.headers["x-wattson-cache"] == "miss"
     assert steps(cached) > before
     (event,) = cached.wait_for_events(1)
+    assert event.device_use_source == "measured"
     assert event.tenant == "globex" and not event.cache_hit and event.gpu_seconds and event.gpu_seconds > 0
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from inference.config import ApiKey, ConfigError, RuntimeConfig, Upstream, load_config
+from inference.config import ApiKey, ConfigError, RuntimeConfig, Upstream, UpstreamDevice, load_config
 from inference.options import POSITIVE, Option, declared
 
 
@@ -42,6 +42,37 @@ def test_repeatable_upstreams_parse_name_url_and_model() -> None:
     assert config.upstreams == (Upstream("big", "http://10.0.0.1:8000", "meta/llama"),
                                 Upstream("fast", "http://h:1", "fast"))
     assert config.models == (), "naming upstreams alone serves no local model"
+
+
+@pytest.mark.parametrize("url", ["http://h:8000/v1", "http://h:8000/v1/", "http://h:8000", "http://h:8000/"])
+def test_an_upstream_url_is_its_openai_base_with_or_without_v1(url: str) -> None:
+    config = load_config(["--upstream", f"big={url}#m"], environ={})
+    assert config.upstreams == (Upstream("big", "http://h:8000", "m"),)
+
+
+def test_an_upstream_device_names_a_served_upstream_and_a_gpu_by_index_or_uuid() -> None:
+    config = load_config(["--upstream", "big=http://h:1", "--upstream", "small=http://h:2",
+                          "--upstream-device", "big=0", "--upstream-device", "small=GPU-5e1c"], environ={})
+    assert config.upstream_devices == (UpstreamDevice("big", "0"), UpstreamDevice("small", "GPU-5e1c"))
+
+
+@pytest.mark.parametrize(("devices", "message"), [
+    (["big=cuda:0"], "NAME=INDEX or NAME=GPU-UUID"),
+    (["other=0"], "no upstream of that name"),
+    (["big=0", "big=1"], "given twice"),
+    (["big=0", "small=0"], "given to two upstreams"),
+])
+def test_a_bad_upstream_device_is_refused_with_a_reason(devices: list[str], message: str) -> None:
+    argv = ["--upstream", "big=http://h:1", "--upstream", "small=http://h:2"]
+    for device in devices:
+        argv += ["--upstream-device", device]
+    with pytest.raises(ConfigError, match=message):
+        load_config(argv, environ={})
+
+
+def test_an_upstream_path_before_v1_is_kept() -> None:
+    config = load_config(["--upstream", "big=http://gw/llm/v1"], environ={})
+    assert config.upstreams[0].url == "http://gw/llm"
 
 
 @pytest.mark.parametrize(("argv", "env", "message"), [

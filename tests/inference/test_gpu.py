@@ -84,6 +84,7 @@ def test_two_gpus_are_read_in_nvml_units_converted() -> None:
     assert first.power_w == pytest.approx(312.456)
     assert first.energy_joules_total == pytest.approx(987_654.321)
     assert first.temperature_c == 61.0
+    assert first.power_limit_w == pytest.approx(700.0), "NVML's milliwatts, in watts"
     assert second.device == UUID_1
     assert second.name == "NVIDIA A10G"
     assert second.power_w == pytest.approx(60.0)
@@ -107,7 +108,7 @@ def test_unsupported_energy_counter_is_none_for_that_field_only() -> None:
 def test_any_nvml_error_on_a_reading_leaves_just_that_field_null() -> None:
     monitor = GpuMonitor(
         two_gpus(
-            unsupported={"nvmlDeviceGetPowerUsage"},
+            unsupported={"nvmlDeviceGetPowerUsage", "nvmlDeviceGetPowerManagementLimit"},
             errors={"nvmlDeviceGetTemperature": pynvml.NVML_ERROR_UNKNOWN,
                     "nvmlDeviceGetUtilizationRates": pynvml.NVML_ERROR_NO_PERMISSION},
         )
@@ -116,6 +117,7 @@ def test_any_nvml_error_on_a_reading_leaves_just_that_field_null() -> None:
     _, second = monitor.sample()
 
     assert second.power_w is None
+    assert second.power_limit_w is None
     assert second.temperature_c is None
     assert second.gpu_util is None
     assert second.mem_used == 0

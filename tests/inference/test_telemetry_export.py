@@ -106,7 +106,7 @@ def test_runtime_samples_carry_queue_state_and_gpu_readings(
     (device,) = sample["devices"]
     assert device == {"device": gpu.uuid, "name": gpu.name, "gpu_util": 73.0, "mem_used": gpu.mem_used,
                       "mem_total": gpu.mem_total, "power_w": 215.0, "energy_joules_total": 9000.0,
-                      "temperature_c": 61.0}
+                      "temperature_c": 61.0, "power_limit_w": 700.0}
 
 
 def test_samples_on_a_cpu_machine_have_no_device_readings(
