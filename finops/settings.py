@@ -109,6 +109,7 @@ INSTALLED_APPS = [
     "finops.telemetry",
     "finops.dashboards",
     "finops.budgets",
+    "finops.regressions",
 ]
 
 MIDDLEWARE = [
@@ -260,7 +261,13 @@ CELERY_BEAT_SCHEDULE = {
     # A safety net: evaluation queues alerts itself; this retries failed sends and sweeps stragglers.
     "budgets-send-alerts": {"task": "finops.budgets.tasks.send_alerts", "schedule": 60.0,
                             "options": {"expires": 55}},
+    # Each complete hour of every feature against its baseline (docs/DASHBOARDS.md, "Cost regressions").
+    "regressions-detect": {"task": "finops.regressions.tasks.detect", "schedule": 600.0, "options": {"expires": 590}},
+    "regressions-send-alerts": {"task": "finops.regressions.tasks.send_alerts", "schedule": 300.0,
+                                "options": {"expires": 290}},
 }
+# Who gets cost regression alerts (comma-separated); empty: every active superuser with an email.
+REGRESSION_ALERT_EMAILS = [a.strip() for a in os.environ.get("REGRESSION_ALERT_EMAILS", "").split(",") if a.strip()]
 
 # -- Budgets ------------------------------------------------------------------------------------
 # Budgets evaluated together in one transaction; a pass over more is split into chunks of this size,
