@@ -10,19 +10,32 @@ from finops.lib.tables import Table
 from finops.runtimes.selectors import RuntimeRulesetState
 from finops.telemetry.capacity import DeviceIdle, RuntimeGauge
 from finops.telemetry.selectors import EventCompleteness
+from finops.telemetry.task_costs import TaskFigures
 from finops.telemetry.usage import EndUser
 
 
 def breakdown_table(rows: list[BreakdownRow], *, dimension: str, stem: str) -> Table:
-    header = [dimension, "requests", "ok", "errors", "rejections", "prompt_tokens", "completion_tokens", "tokens",
-              "list_cost_usd", "hardware_cost_usd", "list_cost_per_1k_tokens_usd", "cache_hit_rate",
-              "cache_saved_usd", "error_rate",
-              "rejection_rate", "gpu_seconds", "energy_joules", "energy_joules_per_1k_tokens", "unpriced_requests"]
+    """One row per value: requests (clients' requests; ``attempts`` counts their retries and fallbacks
+    too), tokens, costs and rates, and its tasks (as far as rolled up; empty where none was counted)."""
+    header = [dimension, "requests", "attempts", "ok", "errors", "rejections", "prompt_tokens", "completion_tokens",
+              "tokens", "list_cost_usd", "hardware_cost_usd", "list_cost_per_1k_tokens_usd", "cache_hit_rate",
+              "cache_saved_usd", "error_rate", "rejection_rate", "gpu_seconds", "energy_joules",
+              "energy_joules_per_1k_tokens", "unpriced_requests", "tasks", "successful_tasks", "task_attempts",
+              "cost_per_successful_task_usd", "waste_usd", "hardware_cost_per_successful_task_usd",
+              "hardware_waste_usd"]
+
+    def tasks(t: TaskFigures) -> list[Any]:
+        if not t.tasks:
+            return [0, 0, 0, None, None, None, None]
+        return [t.tasks, t.successful_tasks, t.attempts, t.cost_per_successful_task, t.waste,
+                t.hardware_cost_per_successful_task, t.hardware_waste]
+
     return Table(stem, header, ([
-        r.row.value, r.row.requests, r.row.ok, r.row.errors, r.row.rejections, r.row.prompt_tokens,
-        r.row.completion_tokens, r.row.tokens, r.row.list_cost, r.row.hardware_cost, r.row.cost_per_1k_tokens,
-        r.row.cache_hit_rate, r.row.saved_cost, r.row.error_rate, r.row.rejection_rate, r.row.gpu_seconds,
-        r.row.energy_joules, r.row.energy_per_1k_tokens, r.row.unpriced] for r in rows))
+        r.row.value, r.row.client_requests, r.row.requests, r.row.ok, r.row.errors, r.row.rejections,
+        r.row.prompt_tokens, r.row.completion_tokens, r.row.tokens, r.row.list_cost, r.row.hardware_cost,
+        r.row.cost_per_1k_tokens, r.row.cache_hit_rate, r.row.saved_cost, r.row.error_rate, r.row.rejection_rate,
+        r.row.gpu_seconds, r.row.energy_joules, r.row.energy_per_1k_tokens, r.row.unpriced, *tasks(r.tasks)]
+        for r in rows))
 
 
 def end_users_table(users: list[EndUser], *, stem: str) -> Table:

@@ -40,7 +40,8 @@ SPLIT: dict[str, Dimension] = {"tenant": "feature", "feature": "tenant", "model"
 RANGE_CHOICES = [*((key, key) for key in PRESETS), (CUSTOM, "Custom")]
 SORT_COLUMNS = [("name", None), ("requests", "Requests"), ("tokens", "Tokens"), ("cost", "List cost"),
                 ("hardware", "Hardware cost"), ("cost_per_1k", "Per 1k tokens"), ("cache", "Cache hits"),
-                ("errors", "Errors"), ("rejections", "Rejected"), ("energy", "Energy / 1k tokens")]
+                ("errors", "Errors"), ("rejections", "Rejected"), ("energy", "Energy / 1k tokens"),
+                ("tasks", "Tasks ok / all"), ("per_task", "Per successful task"), ("waste", "Waste")]
 
 
 def _one_tail_read(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
@@ -116,8 +117,11 @@ def _csv_urls(request: HttpRequest, state: FilterState, names: list[str], **extr
 def _request_charts(state: FilterState, overview: page_data.Overview, *, fixed: dict[str, str], split: Dimension,
                     with_queue_depth: bool = False) -> list[charts.Chart]:
     total, by = page_data.series(state=state, fixed=fixed, split=split)
+    regressions = page_data.regressions_marked(state=state, fixed=fixed)
     result = [
         charts.spend_by(by, dimension=split, step=state.step),
+        charts.task_costs(page_data.task_points(state=state, fixed=fixed), step=state.step, regressions=regressions),
+        charts.tokens_per_request(total, regressions=regressions),
         charts.tokens_per_second(total, step=state.step),
         charts.latency(overview.latency.points),
         charts.time_to_first_token(overview.ttft.points),
@@ -171,7 +175,7 @@ def breakdown(request: HttpRequest, dimension: Dimension) -> HttpResponse:
     return _render(request, "dashboards/breakdown.html", {
         "nav": PLURAL[dimension], "dimension": dimension, "title": PLURAL[dimension].capitalize(),
         "charts": [charts.spend_by(table.series, dimension=dimension, step=state.step)],
-        "rows": [{"item": row, "spark": charts.sparkline(row.spark),
+        "rows": [{"item": row, "tasks": row.tasks, "spark": charts.sparkline(row.spark),
                   "url": detail_url(dimension=dimension, name=row.row.value)} for row in rows],
         "columns": columns, "sort": sort if sort != page_data.DEFAULT_SORT else "",
         "csv": _csv_urls(request, state, [PLURAL[dimension]]),
