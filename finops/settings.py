@@ -266,6 +266,9 @@ CELERY_BEAT_SCHEDULE = {
     "regressions-send-alerts": {"task": "finops.regressions.tasks.send_alerts", "schedule": 300.0,
                                 "options": {"expires": 290}},
 }
+# The FOCUS export's billing account (the organisation paying) and provider, publisher and invoice issuer.
+FOCUS_BILLING_ACCOUNT = os.environ.get("FOCUS_BILLING_ACCOUNT", "wattson")
+FOCUS_PROVIDER = os.environ.get("FOCUS_PROVIDER", "Wattson")
 # Who gets cost regression alerts (comma-separated); empty: every active superuser with an email.
 REGRESSION_ALERT_EMAILS = [a.strip() for a in os.environ.get("REGRESSION_ALERT_EMAILS", "").split(",") if a.strip()]
 

@@ -15,6 +15,7 @@ from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import render
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.cache import patch_vary_headers
 from django.utils.encoding import escape_uri_path
@@ -29,6 +30,7 @@ from finops.lib.tables import Table, csv_response
 from finops.lib.timezones import org_time_zone
 from finops.runtimes.selectors import runtime_ruleset_states
 from finops.telemetry.capacity import idle_capacity, runtime_gauges, runtime_history
+from finops.telemetry.focus import FocusRangeRefused, focus_days, focus_table
 from finops.telemetry.ranges import Dimension, Filters
 from finops.telemetry.selectors import event_completeness
 from finops.telemetry.tail import tail_snapshot
@@ -147,7 +149,21 @@ def overview(request: HttpRequest) -> HttpResponse:
         "nav": "overview",
         "overview": overview,
         "charts": _request_charts(state, overview, fixed={}, split="feature", with_queue_depth=True),
+        "focus_url": reverse("dashboards:focus") + state.query(),
     }, state=state)
+
+
+@login_required
+@require_GET
+def focus_export(request: HttpRequest) -> HttpResponse:
+    """The filter bar's range, widened to whole UTC days, as FOCUS CSV (``telemetry.focus``)."""
+    state = filter_state_parse(request.GET)
+    last = (state.end.astimezone(dt.UTC) - dt.timedelta(microseconds=1)).date()
+    try:
+        start, end = focus_days(first=state.start.astimezone(dt.UTC).date(), last=last)
+    except FocusRangeRefused as exc:
+        return HttpResponseBadRequest(f"Cannot export this range: {exc}.", content_type="text/plain; charset=utf-8")
+    return csv_response(focus_table(start=start, end=end))
 
 
 @login_required
