@@ -269,6 +269,8 @@ CELERY_BEAT_SCHEDULE = {
 # The FOCUS export's billing account (the organisation paying) and provider, publisher and invoice issuer.
 FOCUS_BILLING_ACCOUNT = os.environ.get("FOCUS_BILLING_ACCOUNT", "wattson")
 FOCUS_PROVIDER = os.environ.get("FOCUS_PROVIDER", "Wattson")
+# The bearer token a FinOps tool pulls GET /api/v1/focus with; unset, that endpoint is off.
+FOCUS_API_TOKEN = os.environ.get("FOCUS_API_TOKEN", "")
 # Who gets cost regression alerts (comma-separated); empty: every active superuser with an email.
 REGRESSION_ALERT_EMAILS = [a.strip() for a in os.environ.get("REGRESSION_ALERT_EMAILS", "").split(",") if a.strip()]
 

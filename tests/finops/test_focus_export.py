@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
-from django.test import Client
+from django.test import Client, override_settings
 from django.utils import timezone
 
 from finops.telemetry.ranges import Filters
@@ -149,3 +149,27 @@ def test_the_overview_offers_the_range_as_a_focus_download(traffic: None, days: 
     assert sum(Decimal(r["BilledCost"]) for r in rows) == Decimal("2.5323")
     old = client.get("/exports/focus.csv", {"range": "custom", "start": "2020-01-01T00:00", "end": "2020-01-02T00:00"})
     assert old.status_code == 400 and b"kept for 30 days" in old.content
+
+
+@override_settings(FOCUS_API_TOKEN="focus-secret-1")
+def test_a_finops_tool_pulls_the_export_with_its_token(traffic: None, days: tuple[dt.datetime, dt.datetime]) -> None:
+    client = Client()
+    query = {"start": f"{days[0]:%Y-%m-%d}", "end": f"{days[1]:%Y-%m-%d}"}
+    response = client.get("/api/v1/focus", query, HTTP_AUTHORIZATION="Bearer focus-secret-1")
+    assert response.status_code == 200, response.content
+    rows = list(csv.DictReader(io.StringIO(response.content.decode())))
+    assert sum(Decimal(r["BilledCost"]) for r in rows) == Decimal("2.5323")
+    for token, code in ((None, "missing_token"), ("focus-secret-2", "invalid_token"), ("x" * 600, "invalid_token")):
+        headers = {"HTTP_AUTHORIZATION": f"Bearer {token}"} if token else {}
+        refused = client.get("/api/v1/focus", query, **headers)
+        assert (refused.status_code, refused.json()["error"]["code"]) == (401, code)
+    bad_days = (({"start": "2026-13-01"}, "start"), ({"end": "tomorrow"}, "end"), ({"start": "2020-01-01"}, "start"))
+    for bad, param in bad_days:
+        answer = client.get("/api/v1/focus", {**query, **bad}, HTTP_AUTHORIZATION="Bearer focus-secret-1")
+        assert (answer.status_code, answer.json()["error"]["param"]) == (400, param), answer.content
+
+
+def test_without_a_token_configured_the_pull_api_is_off() -> None:
+    response = Client().get("/api/v1/focus", {"start": "2026-12-01", "end": "2026-12-01"},
+                            HTTP_AUTHORIZATION="Bearer anything")
+    assert (response.status_code, response.json()["error"]["code"]) == (404, "focus_api_off")
