@@ -283,6 +283,11 @@ BUDGET_EVALUATION_CHUNK = int(os.environ.get("BUDGET_EVALUATION_CHUNK", "2500"))
 RAW_RETENTION_DAYS = int(os.environ.get("RAW_RETENTION_DAYS", "30"))
 SAMPLE_RETENTION_DAYS = int(os.environ.get("SAMPLE_RETENTION_DAYS", "7"))
 MINUTE_ROLLUP_RETENTION_DAYS = int(os.environ.get("MINUTE_ROLLUP_RETENTION_DAYS", "7"))
+# Task rows (one per request or named task: cost per successful task, waste) by their first attempt.
+TASK_RETENTION_DAYS = int(os.environ.get("TASK_RETENTION_DAYS", "90"))
+if TASK_RETENTION_DAYS < RAW_RETENTION_DAYS:
+    raise ImproperlyConfigured(f"TASK_RETENTION_DAYS ({TASK_RETENTION_DAYS}) must be at least RAW_RETENTION_DAYS "
+                               f"({RAW_RETENTION_DAYS}): a late attempt must find its task")
 INGEST_MAX_BODY_BYTES = int(os.environ.get("INGEST_MAX_BODY_BYTES", str(16 * 1024 * 1024)))
 INGEST_MAX_RECORDS = int(os.environ.get("INGEST_MAX_RECORDS", "5000"))
 # Rollups leave events received in the last few seconds to the raw tail, so an ingest transaction

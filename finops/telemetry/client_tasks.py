@@ -15,7 +15,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from django.db.models import QuerySet
+from django.db.models import F, QuerySet
 
 from finops.telemetry.models import ClientTask, RequestEvent
 from finops.telemetry.sums import ZERO
@@ -77,3 +77,14 @@ def client_tasks_add(events: QuerySet[RequestEvent]) -> int:
                                        update_fields=_UPDATED, batch_size=CHUNK)
         written += len(rows)
     return written
+
+
+def client_tasks_reprice(differences: dict[tuple[str, str], tuple[Decimal, Decimal]]) -> int:
+    """Move tasks' costs by (list, hardware) differences, per (tenant, task key), under the rollups'
+    lock (a re-price of counted events); rows changed. A task whose row has expired is left alone."""
+    changed = 0
+    for (tenant, task_id), (listed, hardware) in differences.items():
+        if listed or hardware:
+            changed += ClientTask.objects.filter(tenant=tenant, task_id=task_id).update(
+                list_cost=F("list_cost") + listed, hardware_cost=F("hardware_cost") + hardware)
+    return changed

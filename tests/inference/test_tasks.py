@@ -32,7 +32,8 @@ def live(fake: FakeUpstream, tiny_model: LoadedModel) -> Iterator[LiveRuntime]:
     """``big`` on the fake upstream, retried once, then falling back to the local tiny model."""
     fake.reset()
     config = dataclasses.replace(
-        tiny_config(upstreams=(Upstream("big", fake.url, "vendor/big"),), fallbacks=(Fallback("big", ("tiny-random",)),)),
+        tiny_config(upstreams=(Upstream("big", fake.url, "vendor/big"),),
+                    fallbacks=(Fallback("big", ("tiny-random",)),)),
         upstream_timeout_s=1.0, upstream_retries=1, upstream_retry_backoff_s=0.01, breaker_min_requests=1000)
     with serve(config, preloaded=(tiny_model,)) as server:
         yield server
