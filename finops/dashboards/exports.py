@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable
 from typing import Any
 
 from finops.dashboards.page_data import BreakdownRow
 from finops.lib.tables import Table
 from finops.runtimes.selectors import RuntimeRulesetState
+from finops.telemetry.breakers import BreakerState
 from finops.telemetry.capacity import DeviceIdle, RuntimeGauge
 from finops.telemetry.selectors import EventCompleteness
 from finops.telemetry.task_costs import TaskFigures
@@ -44,10 +46,19 @@ def end_users_table(users: list[EndUser], *, stem: str) -> Table:
 
 
 def runtimes_table(gauges: list[RuntimeGauge], states: dict[str, RuntimeRulesetState],
-                   completeness: dict[str, EventCompleteness], *, stem: str) -> Table:
+                   completeness: dict[str, EventCompleteness], breakers: dict[str, list[BreakerState]], *,
+                   stem: str) -> Table:
     header = ["runtime", "last_seen_at", "ruleset_issued", "ruleset_acknowledged", "events_recorded", "events_stored",
               "events_missing", "samples", "last_sample_at", "queue_depth_avg", "queue_depth_max", "tokens_per_s_avg",
-              "gpu_util_avg_percent", "power_avg_w", "energy_joules"]
+              "gpu_util_avg_percent", "power_avg_w", "energy_joules", "breakers"]
+
+    def breaker_cell(runtime_id: str) -> str | None:
+        # "model=state@since" per model, ";"-separated; ">=" where the state held through every sample read.
+        states = breakers.get(runtime_id)
+        if not states:
+            return None
+        return ";".join(f"{b.model}={b.state}@{'>=' if b.at_least else ''}{b.since.astimezone(dt.UTC).isoformat()}"
+                        for b in states)
 
     def rows() -> Iterable[list[Any]]:
         for g in gauges:
@@ -57,7 +68,7 @@ def runtimes_table(gauges: list[RuntimeGauge], states: dict[str, RuntimeRulesetS
                    state.acknowledged if state else None, *(
                        (events.recorded, events.stored, events.missing) if events else (None, None, None)),
                    g.samples, g.last_sample_at, g.queue_depth_avg, g.queue_depth_max, g.tokens_per_s_avg,
-                   g.gpu_util_avg, g.power_avg_w, g.energy_joules]
+                   g.gpu_util_avg, g.power_avg_w, g.energy_joules, breaker_cell(g.runtime_id)]
 
     return Table(stem, header, rows())
 

@@ -29,6 +29,7 @@ from finops.dashboards.names import detail_url
 from finops.lib.tables import Table, csv_response
 from finops.lib.timezones import org_time_zone
 from finops.runtimes.selectors import runtime_ruleset_states
+from finops.telemetry.breakers import breaker_states
 from finops.telemetry.capacity import idle_capacity, runtime_gauges, runtime_history
 from finops.telemetry.focus import FocusRangeRefused, focus_days, focus_table
 from finops.telemetry.ranges import Dimension, Filters
@@ -242,6 +243,7 @@ def gpus(request: HttpRequest) -> HttpResponse:
     gauges = runtime_gauges(start=state.start, end=state.end)
     rulesets = {s.name: s for s in runtime_ruleset_states()}
     completeness = event_completeness()
+    breakers = breaker_states(runtime_ids=[g.runtime_id for g in gauges])
     stem = f"{state.start:%Y%m%dT%H%M}-{state.end:%Y%m%dT%H%M}"
     # Paid device time is counted in sampled minutes (minute rollups and raw samples, kept for
     # MINUTE_ROLLUP_RETENTION_DAYS and SAMPLE_RETENTION_DAYS): before that it is not known.
@@ -251,7 +253,8 @@ def gpus(request: HttpRequest) -> HttpResponse:
     idle = idle_capacity(start=idle_from, end=state.end) if idle_from < state.end else []
     by_model = usage_by(filters=state.filters(), dimension="model")
     csv = _csv(request, {
-        "runtimes": lambda: exports.runtimes_table(gauges, rulesets, completeness, stem=f"runtimes-{stem}"),
+        "runtimes": lambda: exports.runtimes_table(gauges, rulesets, completeness, breakers,
+                                                   stem=f"runtimes-{stem}"),
         "devices": lambda: exports.devices_table(gauges, stem=f"devices-{stem}"),
         "idle": lambda: exports.idle_table(idle, stem=f"idle-capacity-{stem}"),
         "energy": lambda: exports.breakdown_table([page_data.BreakdownRow(r, []) for r in by_model],
@@ -261,8 +264,8 @@ def gpus(request: HttpRequest) -> HttpResponse:
         return csv
     history = runtime_history(start=state.start, end=state.end, step=state.step)
     span = (state.start, state.end)
-    runtimes = [{"gauge": g, "ruleset": rulesets.get(g.runtime_id), "events": completeness.get(g.runtime_id)}
-                for g in gauges]
+    runtimes = [{"gauge": g, "ruleset": rulesets.get(g.runtime_id), "events": completeness.get(g.runtime_id),
+                 "breakers": breakers.get(g.runtime_id, [])} for g in gauges]
     return _render(request, "dashboards/gpus.html", {
         "nav": "gpus", "runtimes": runtimes, "devices": [d for g in gauges for d in g.devices],
         "idle": idle, "idle_from": idle_from if idle_from > state.start else None,
