@@ -28,6 +28,7 @@ BENCHMARKS = {
     "overload": "3x the engine's capacity with mixed priorities: high p95 vs unloaded, low shed with 503",
     "org_scale": "10,000 budgets, 1,000 tenants, 1M events, 20 runtimes: evaluation pass, budgets page, fleet ingest",
     "faults": "the telemetry pipeline broken ten ways under load: answered vs stored, lost, duplicated, recovery",
+    "regression_detection": "cost-regression detection on 30 days of generated traffic: false alarms, delay, start",
 }
 
 

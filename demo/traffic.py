@@ -3,6 +3,11 @@ its own features and rhythm, running at the same time so their requests share th
 
 Features differ in prompt length, completion length, burst size, priority and whether they
 stream. Some waves repeat an exact request (same prompt, temperature 0), as a cache would see.
+Every request names its task (``X-Wattson-Task``), and a client re-sends a request the runtime
+refused for load or budget once, under the same task, so the pages show tasks of two attempts and
+the waste of the ones that never succeeded. Halfway through its waves acme's ``summaries`` prompt
+grows by two paragraphs, the change a cost regression check looks for (it needs a day of
+baseline before it can flag one, so a short demo shows the rise on the tokens-per-request chart).
 The trial tenant ``initech`` has a hard token budget; after the plan, unless its last wave was
 refused whole, initech keeps asking until the runtime refuses a whole wave with 429.
 """
@@ -19,6 +24,11 @@ from tqdm import tqdm
 
 TRIP_TENANT = "initech"
 MAX_TRIP_REQUESTS = 60
+RESENT_STATUSES = (429, 503)  # refused for budget, throttle or load: a client tries once more
+GROWTH = ("Context: the reader is an engineer on the platform team who owns the inference budget and "
+          "reports spend to finance every month, by product feature and by tenant.\n\n"
+          "Style: keep the sentence plain, name the cause before the effect, and leave out examples, "
+          "hedges and any numbers that the text itself does not give.\n\n")
 
 
 @dataclass(frozen=True)
@@ -97,6 +107,9 @@ class Wave:
     size: int
     repeat: bool  # every request of the wave is the same exact request
     pause_s: float
+    # The feature's prompt carries two more paragraphs: summaries, second half, all but the trial tenant
+    # (whose longer worst case would be refused before its budget is spent).
+    grown: bool = False
 
 
 def plan(rounds: int, rng: random.Random) -> dict[str, list[Wave]]:
@@ -108,8 +121,9 @@ def plan(rounds: int, rng: random.Random) -> dict[str, list[Wave]]:
         rng.shuffle(mine)
         waves[tenant.name] = [
             Wave(tenant, feature, max(1, feature.burst + rng.randint(-1, 1)), rng.random() < 0.25,
-                 rng.uniform(*tenant.pause_s))
-            for feature in mine]
+                 rng.uniform(*tenant.pause_s),
+                 grown=feature is SUMMARIES and tenant.name != TRIP_TENANT and i >= len(mine) // 2)
+            for i, feature in enumerate(mine)]
     return waves
 
 
@@ -155,22 +169,38 @@ async def _wave(client: openai.AsyncOpenAI, model: str, wave: Wave, rng: random.
                 bar: tqdm) -> list[str]:
     """Send one wave at once; return each request's outcome."""
     prompt = wave.feature.prompts[0] if wave.repeat else None
-    requests = [_one(client, model, wave.feature, prompt or rng.choice(wave.feature.prompts), wave.repeat,
-                     rng.randrange(1_000_000), f"{wave.tenant.name}-user-{rng.randrange(12)}", outcomes)
-                for _ in range(wave.size)]
+    growth = GROWTH if wave.grown else ""
+    tasks = [_task(client, model, wave.feature, growth + (prompt or rng.choice(wave.feature.prompts)), wave.repeat,
+                   rng.randrange(1_000_000), f"{wave.tenant.name}-user-{rng.randrange(12)}",
+                   f"{wave.tenant.name}-{wave.feature.name}-{rng.randrange(10**9):09d}", outcomes, bar)
+             for _ in range(wave.size)]
     labels = []
-    for outcome in asyncio.as_completed(requests):
+    for outcome in asyncio.as_completed(tasks):
         label = await outcome
         labels.append(label)
-        outcomes.counts[label] += 1
-        bar.update()
         bar.set_postfix({"429 budget": outcomes.budget_rejections}, refresh=False)
     return labels
 
 
+async def _task(client: openai.AsyncOpenAI, model: str, feature: Feature, prompt: str, repeat: bool, seed: int,
+                user: str, task: str, outcomes: Outcomes, bar: tqdm) -> str:
+    """One task: a request, and once more under the same task if it was refused for budget or load.
+    Every request sent is counted; the task's outcome is its last request's."""
+    label = await _one(client, model, feature, prompt, repeat, seed, user, task, outcomes)
+    outcomes.counts[label] += 1
+    bar.update()
+    if label.split(" ")[0] in {str(status) for status in RESENT_STATUSES}:
+        bar.total += 1
+        await asyncio.sleep(0.2)
+        label = await _one(client, model, feature, prompt, repeat, seed, user, task, outcomes)
+        outcomes.counts[label] += 1
+        bar.update()
+    return label
+
+
 async def _one(client: openai.AsyncOpenAI, model: str, feature: Feature, prompt: str, repeat: bool, seed: int,
-               user: str, outcomes: Outcomes) -> str:
-    headers = {"X-Wattson-Feature": feature.name, "X-Wattson-Priority": feature.priority}
+               user: str, task: str, outcomes: Outcomes) -> str:
+    headers = {"X-Wattson-Feature": feature.name, "X-Wattson-Priority": feature.priority, "X-Wattson-Task": task}
     sampling = {"temperature": 0.0, "seed": 0} if repeat else {"temperature": 0.7, "seed": seed}
     messages = [{"role": "user", "content": prompt}]
     try:

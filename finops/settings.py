@@ -109,6 +109,7 @@ INSTALLED_APPS = [
     "finops.telemetry",
     "finops.dashboards",
     "finops.budgets",
+    "finops.regressions",
 ]
 
 MIDDLEWARE = [
@@ -260,7 +261,18 @@ CELERY_BEAT_SCHEDULE = {
     # A safety net: evaluation queues alerts itself; this retries failed sends and sweeps stragglers.
     "budgets-send-alerts": {"task": "finops.budgets.tasks.send_alerts", "schedule": 60.0,
                             "options": {"expires": 55}},
+    # Each complete hour of every feature against its baseline (docs/DASHBOARDS.md, "Cost regressions").
+    "regressions-detect": {"task": "finops.regressions.tasks.detect", "schedule": 600.0, "options": {"expires": 590}},
+    "regressions-send-alerts": {"task": "finops.regressions.tasks.send_alerts", "schedule": 300.0,
+                                "options": {"expires": 290}},
 }
+# The FOCUS export's billing account (the organisation paying) and provider, publisher and invoice issuer.
+FOCUS_BILLING_ACCOUNT = os.environ.get("FOCUS_BILLING_ACCOUNT", "wattson")
+FOCUS_PROVIDER = os.environ.get("FOCUS_PROVIDER", "Wattson")
+# The bearer token a FinOps tool pulls GET /api/v1/focus with; unset, that endpoint is off.
+FOCUS_API_TOKEN = os.environ.get("FOCUS_API_TOKEN", "")
+# Who gets cost regression alerts (comma-separated); empty: every active superuser with an email.
+REGRESSION_ALERT_EMAILS = [a.strip() for a in os.environ.get("REGRESSION_ALERT_EMAILS", "").split(",") if a.strip()]
 
 # -- Budgets ------------------------------------------------------------------------------------
 # Budgets evaluated together in one transaction; a pass over more is split into chunks of this size,
@@ -271,6 +283,11 @@ BUDGET_EVALUATION_CHUNK = int(os.environ.get("BUDGET_EVALUATION_CHUNK", "2500"))
 RAW_RETENTION_DAYS = int(os.environ.get("RAW_RETENTION_DAYS", "30"))
 SAMPLE_RETENTION_DAYS = int(os.environ.get("SAMPLE_RETENTION_DAYS", "7"))
 MINUTE_ROLLUP_RETENTION_DAYS = int(os.environ.get("MINUTE_ROLLUP_RETENTION_DAYS", "7"))
+# Task rows (one per request or named task: cost per successful task, waste) by their first attempt.
+TASK_RETENTION_DAYS = int(os.environ.get("TASK_RETENTION_DAYS", "90"))
+if TASK_RETENTION_DAYS < RAW_RETENTION_DAYS:
+    raise ImproperlyConfigured(f"TASK_RETENTION_DAYS ({TASK_RETENTION_DAYS}) must be at least RAW_RETENTION_DAYS "
+                               f"({RAW_RETENTION_DAYS}): a late attempt must find its task")
 INGEST_MAX_BODY_BYTES = int(os.environ.get("INGEST_MAX_BODY_BYTES", str(16 * 1024 * 1024)))
 INGEST_MAX_RECORDS = int(os.environ.get("INGEST_MAX_RECORDS", "5000"))
 # Rollups leave events received in the last few seconds to the raw tail, so an ingest transaction

@@ -64,6 +64,10 @@ class RequestEvent(BaseModel):
     # the one whose answer or error the client got. None from older runtimes.
     request_id: str | None = Field(default=None, max_length=100)
     attempt: int | None = Field(default=None, ge=1)
+    # The task this attempt belongs to: the client's name for it (``X-Wattson-Task`` or the body's
+    # ``metadata.task_id``), else the request's ``request_id``. Every attempt of every request a
+    # client sends under one task id counts toward that one task. None from older runtimes.
+    task_id: str | None = Field(default=None, max_length=100)
     # A cached answer served past its freshness because no model of the fallback chain could answer.
     cache_stale: bool = False
     # How gpu_seconds and energy_joules were obtained; None when gpu_seconds is. None from older runtimes.

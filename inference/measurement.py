@@ -45,6 +45,7 @@ class RequestMeasurement:
     result: GenerationResult | None = None
     request_id: str | None = None
     attempt: int | None = None
+    task_id: str | None = None
     event_id: uuid.UUID = field(default_factory=uuid.uuid4)
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     t0: float = field(default_factory=time.perf_counter)
@@ -58,7 +59,7 @@ class RequestMeasurement:
         return RequestMeasurement(runtime_id=self.runtime_id, tenant=self.tenant, api_key_id=self.api_key_id,
                                   feature=self.feature, priority=self.priority, model_requested=self.model_requested,
                                   end_user=self.end_user, route_reason=route_reason, rule_id=self.rule_id,
-                                  request_id=self.request_id, attempt=attempt)
+                                  request_id=self.request_id, attempt=attempt, task_id=self.task_id)
 
     def answers_since(self, first: RequestMeasurement) -> None:
         """This attempt is the one that answers the client: its times run from when the client's

@@ -1,6 +1,6 @@
 """What a client sends beside the body's fields, read the same way by every endpoint that takes a
 generation request (the sync endpoints and ``POST /v1/jobs``): the JSON body within its size limit,
-and the feature and priority headers. ``read_capped_body`` is every endpoint's way to read a body
+and the feature, priority and task headers. ``read_capped_body`` is every endpoint's way to read a body
 within a limit (``PUT /admin/ruleset`` too)."""
 
 from __future__ import annotations
@@ -19,6 +19,11 @@ from inference.errors import ApiError, validation_error
 MAX_BODY_BYTES = 4 * 1024 * 1024
 FEATURE_HEADER = "x-wattson-feature"
 PRIORITY_HEADER = "x-wattson-priority"
+TASK_HEADER = "x-wattson-task"
+TASK_METADATA_KEY = "task_id"
+# A task id reaches pages, URLs and CSV cells through its events: the feature's alphabet, 1-100 long.
+TASK_PATTERN = r"^[A-Za-z0-9_.:/\-]{1,100}$"
+_TASK_RE = re.compile(TASK_PATTERN)
 FEATURE_PATTERN = r"^[A-Za-z0-9_.:/\-]{1,100}$"
 DEADLINE_PATTERN = r"^[0-9]{1,9}(\.[0-9]{1,3})?$"
 _DEADLINE_RE = re.compile(DEADLINE_PATTERN)
@@ -32,6 +37,21 @@ def request_feature(request: Request) -> str:
         raise ApiError(400, "X-Wattson-Feature must be 1-100 letters, digits or _ . : / -",
                        code="invalid_feature", param="X-Wattson-Feature")
     return feature
+
+
+def request_task(request: Request, metadata: dict[str, str] | None) -> str | None:
+    """The task the client names, by the ``X-Wattson-Task`` header or the body's ``metadata.task_id``
+    (both given, they must agree); None when it names none (the request is then a task of its own)."""
+    header = request.headers.get(TASK_HEADER)
+    field = (metadata or {}).get(TASK_METADATA_KEY)
+    for value, param in ((header, "X-Wattson-Task"), (field, "metadata.task_id")):
+        if value is not None and not _TASK_RE.fullmatch(value):
+            raise ApiError(400, f"{param} must be 1-100 letters, digits or _ . : / -", code="invalid_task",
+                           param=param)
+    if header is not None and field is not None and header != field:
+        raise ApiError(400, "X-Wattson-Task and metadata.task_id name different tasks.", code="invalid_task",
+                       param="metadata.task_id")
+    return header if header is not None else field
 
 
 def request_priority(request: Request, default: PriorityName = "normal") -> PriorityName:

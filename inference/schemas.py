@@ -12,6 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_LENGTH = 200
+# OpenAI's limits on a request's ``metadata``: string keys and values, at most 16 pairs.
+MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 512
 
 
 # A stop sequence as the OpenAPI document declares it.
@@ -65,6 +69,8 @@ class GenerationFields(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = Field(default=None, max_length=256, pattern=NO_CONTROL_CHARACTERS)
     n: StrictInt = Field(default=1, ge=1, le=1)
+    # OpenAI's free-form tags; ``task_id`` among them names the task (``request_parsing.request_task``).
+    metadata: dict[str, str] | None = Field(default=None, max_length=MAX_METADATA_PAIRS)
     ignore_eos: StrictBool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
 
     @field_validator("stop")
@@ -75,6 +81,15 @@ class GenerationFields(_Strict):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
         if any(not s or len(s) > MAX_STOP_LENGTH for s in stops):
             raise ValueError(f"stop sequences must be 1-{MAX_STOP_LENGTH} characters")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_sizes(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for key, text in (value or {}).items():
+            if not 1 <= len(key) <= MAX_METADATA_KEY or len(text) > MAX_METADATA_VALUE:
+                raise ValueError(f"metadata keys must be 1-{MAX_METADATA_KEY} characters and values at most "
+                                 f"{MAX_METADATA_VALUE}")
         return value
 
     def stop_sequences(self) -> tuple[str, ...]:

@@ -32,7 +32,14 @@ from inference.errors import ApiError
 from inference.exchange import ExchangeStream
 from inference.jobs import Attempt, Job
 from inference.measurement import RequestMeasurement
-from inference.request_parsing import parse_body, request_deadline_s, request_feature, request_priority
+from inference.request_parsing import (
+    TASK_METADATA_KEY,
+    parse_body,
+    request_deadline_s,
+    request_feature,
+    request_priority,
+    request_task,
+)
 from inference.routing import ROUTE_HEADER
 from inference.rules import Match, RuleRejection
 from inference.runtime import Backend, Runtime
@@ -48,9 +55,11 @@ async def serve_completion(runtime: Runtime, request: Request,
     """Answer a sync completion request: a JSON body, an SSE stream, an error, or a bare 499 for a
     client that went away; whichever, every attempt it took is recorded once."""
     key = runtime.authenticate(request.headers.get("authorization"))
+    request_id = uuid.uuid4().hex
+    # A request is its own task until its body names one.
     m = RequestMeasurement(runtime_id=runtime.config.runtime_id, tenant=key.tenant, api_key_id=key.key_id,
                            feature="default", priority="normal", model_requested="unknown",
-                           request_id=uuid.uuid4().hex, attempt=1)
+                           request_id=request_id, attempt=1, task_id=request_id)
     attempts = RequestAttempts(runtime, m, number=itertools.count(2).__next__)
     # What the runtime did to the request, for the client to see.
     headers: dict[str, str] = {REQUEST_ID_HEADER: m.request_id or ""}
@@ -60,6 +69,7 @@ async def serve_completion(runtime: Runtime, request: Request,
         deadline = Deadline.after(request_deadline_s(request, limit_s=runtime.config.request_deadline_s))
         body = await parse_body(request, model_cls)
         m.model_requested, m.end_user = body.model, body.user
+        m.task_id = request_task(request, body.metadata) or m.request_id
         routed = _route(runtime, m, body, tier=key.tier, cache_sampled=key.cache_sampled, deadline=deadline,
                         headers=headers)
     except (RuleRejection, Shed, ApiError) as exc:  # refused before any attempt
@@ -117,7 +127,8 @@ async def run_job_attempt(runtime: Runtime, job: Job, attempt: Attempt) -> dict[
     body = job.body()
     m = RequestMeasurement(runtime_id=runtime.config.runtime_id, tenant=job.tenant, api_key_id=job.api_key_id,
                            feature=job.feature, priority=job.priority, model_requested=body.model,
-                           end_user=body.user, request_id=job.id, attempt=attempt.number())
+                           end_user=body.user, request_id=job.id, attempt=attempt.number(),
+                           task_id=(body.metadata or {}).get(TASK_METADATA_KEY) or job.id)
     attempts = RequestAttempts(runtime, m, number=attempt.number)
     try:
         # Streamed from an upstream as well, so that the job's progress shows piece by piece.

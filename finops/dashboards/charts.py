@@ -25,9 +25,11 @@ from django.utils import timezone
 
 from finops.dashboards.names import visible
 from finops.lib.timezones import org_time_zone
+from finops.regressions.models import CostRegression
 from finops.telemetry.capacity import DeviceGauge, RuntimeGauge, RuntimeHistoryPoint
 from finops.telemetry.latency import LatencyPoint
 from finops.telemetry.ranges import STEP_LENGTH
+from finops.telemetry.task_costs import TaskPoint
 from finops.telemetry.usage import SeriesPoint, SpendPoint
 
 NO_REQUESTS = ("No requests in this range — send traffic to a runtime registered with "
@@ -120,6 +122,57 @@ def spend_by(points: list[SpendPoint], *, dimension: str, step: str, chart_id: s
                        "width": _bar_width(step), "marker": {"color": PALETTE[i % len(PALETTE)]},
                        "hovertemplate": "%{y:$,.4f}"})
     return Chart(chart_id, title, {"data": traces, "layout": _layout(stacked=True, y_prefix="$")})
+
+
+def _marked(layout: dict[str, Any], regressions: Sequence[CostRegression], metric: str) -> dict[str, Any]:
+    """A dashed line at the start hour of each of ``metric``'s regressions, labelled with its size."""
+    shown = [r for r in regressions if r.metric == metric]
+    layout["shapes"] = [{"type": "line", "xref": "x", "yref": "paper", "x0": _x(r.started_at), "x1": _x(r.started_at),
+                         "y0": 0, "y1": 1, "line": {"color": "#d64545", "width": 2, "dash": "dash"}} for r in shown]
+    layout["annotations"] = [
+        {"x": _x(r.started_at), "xref": "x", "y": 1, "yref": "paper", "yanchor": "bottom", "showarrow": False,
+         "font": {"color": "#d64545", "size": 11},
+         "text": _label(f"regression {r.change:+.0%}" + (f" ({r.model})" if r.model else "")
+                        + (" · acknowledged" if r.acknowledged_at else ""))} for r in shown]
+    return layout
+
+
+def task_costs(points: list[TaskPoint], *, step: str, regressions: Sequence[CostRegression] = ()) -> Chart:
+    """Cost per successful task (line) and waste (bars: the cost of tasks that did not succeed) per
+    step of the tasks' first attempts, with the start of each cost regression marked."""
+    title = "Cost per successful task and waste (list price)"
+    if not any(p.tasks for p in points):
+        return Chart("task-costs", title, None, empty=(
+            "No task counted in this range yet: tasks are counted by the rollup run, a minute or so behind."))
+    xs = [_x(p.at) for p in points if p.at is not None]
+    per_task = [float(p.cost_per_successful_task) if p.cost_per_successful_task is not None else None for p in points]
+    traces = [
+        {"type": "bar", "name": "waste", "x": xs, "y": [float(p.waste) for p in points], "width": _bar_width(step),
+         "marker": {"color": "#e6a700"}, "hovertemplate": "%{y:$,.6f}"},
+        _line("cost per successful task", xs, per_task, 0, mode="lines+markers", yaxis="y2",
+              hovertemplate="%{y:$,.6f}"),
+    ]
+    layout = _layout(y_title="waste", y_prefix="$")
+    layout["yaxis2"] = {"title": {"text": "per successful task"}, "overlaying": "y", "side": "right",
+                        "rangemode": "tozero", "tickprefix": "$", "showgrid": False}
+    layout["margin"]["r"] = 56
+    return Chart("task-costs", title, {"data": traces, "layout": _marked(layout, regressions,
+                                                                         "cost_per_successful_task")},
+                 note="tasks in the step of their first attempt")
+
+
+def tokens_per_request(points: list[SeriesPoint], *, regressions: Sequence[CostRegression] = ()) -> Chart:
+    """Tokens a model processed per request it answered, with the start of each regression marked."""
+    title = "Tokens per request"
+    answered = [p.ok - p.cache_hits if p.ok > p.cache_hits else 0 for p in points]
+    if not any(answered):
+        return Chart("tokens-per-request", title, None)
+    xs = [_x(p.at) for p in points]
+    ys = [p.spent_tokens / n if n else None for p, n in zip(points, answered, strict=True)]
+    layout = _marked(_layout(y_title="tokens", y_format="~s"), regressions, "tokens_per_request")
+    return Chart("tokens-per-request", title, {"data": [_line("tokens per request", xs, ys, 2, mode="lines+markers")],
+                                                "layout": layout},
+                 note="requests a model answered, not from the cache")
 
 
 def tokens_per_second(points: list[SeriesPoint], *, step: str) -> Chart:

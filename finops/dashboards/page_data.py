@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 
 from django.utils import timezone
@@ -16,9 +16,12 @@ from finops.budgets.models import Budget, Period
 from finops.budgets.periods import period_at
 from finops.budgets.selectors import BudgetStatus, budget_for_scope, budget_statuses_of, budgets_naming
 from finops.dashboards.filterbar import FilterState
+from finops.regressions.models import CostRegression
+from finops.regressions.selectors import regressions_of
 from finops.telemetry.capacity import RuntimeGauge, RuntimeHistoryPoint, runtime_history
 from finops.telemetry.latency import LatencySummary, latency_summary
 from finops.telemetry.ranges import DIMENSIONS, Dimension, Filters, Step, ceil_to
+from finops.telemetry.task_costs import TaskFigures, TaskPoint, TaskRow, task_series, task_totals, tasks_by
 from finops.telemetry.usage import (
     Row,
     SeriesPoint,
@@ -55,6 +58,7 @@ class Overview:
     gpu_util: float | None  # mean over runtimes that measured it
     today: SpendAgainstBudget
     month: SpendAgainstBudget
+    tasks: TaskFigures  # tasks begun in the range, counted up to the last rollup run
 
     @property
     def p50(self) -> float | None:
@@ -119,6 +123,7 @@ def overview(*, state: FilterState, fixed: dict[str, str] | None = None, now: dt
         gpu_util=gpu_utilisation_history(runtime_history(start=state.start, end=state.end, step=_coarse(state))),
         today=spend_against_budget(state=state, period=Period.DAILY, now=now, fixed=fixed),
         month=spend_against_budget(state=state, period=Period.MONTHLY, now=now, fixed=fixed),
+        tasks=task_totals(filters=filters),
     )
 
 
@@ -132,6 +137,7 @@ def overview(*, state: FilterState, fixed: dict[str, str] | None = None, now: dt
 class BreakdownRow:
     row: Row
     spark: list[float]  # list cost per step, oldest first
+    tasks: TaskFigures = field(default_factory=TaskFigures)  # this value's tasks (none counted yet: all zero)
 
 
 SORT_KEYS = {
@@ -145,6 +151,10 @@ SORT_KEYS = {
     "errors": lambda r: r.row.error_rate if r.row.error_rate is not None else -1.0,
     "rejections": lambda r: r.row.rejection_rate if r.row.rejection_rate is not None else -1.0,
     "energy": lambda r: r.row.energy_per_1k_tokens if r.row.energy_per_1k_tokens is not None else -1.0,
+    "tasks": lambda r: r.tasks.tasks,
+    "per_task": lambda r: (r.tasks.cost_per_successful_task if r.tasks.cost_per_successful_task is not None
+                           else Decimal(-1)),
+    "waste": lambda r: r.tasks.waste,
 }
 DEFAULT_SORT = "cost"
 
@@ -163,10 +173,11 @@ def breakdown(*, state: FilterState, dimension: Dimension, sort: str = DEFAULT_S
     filters = state.filters()
     rows = usage_by(filters=filters, dimension=dimension)
     series = spend_series(filters=filters, step=state.step, dimension=dimension)
+    tasks: dict[str, TaskRow] = tasks_by(filters=filters, dimension=dimension)
     sparks: dict[str, list[float]] = {}
     for point in series:
         sparks.setdefault(point.value or "", []).append(float(point.list_cost))
-    result = [BreakdownRow(row, sparks.get(row.value, [])) for row in rows]
+    result = [BreakdownRow(row, sparks.get(row.value, []), tasks.get(row.value, TaskFigures())) for row in rows]
     ascending = sort.startswith("-")
     key = SORT_KEYS.get(sort.lstrip("-"), SORT_KEYS[DEFAULT_SORT])
     # Names read A→Z by default; numbers largest first.
@@ -178,6 +189,21 @@ def breakdown(*, state: FilterState, dimension: Dimension, sort: str = DEFAULT_S
 def budgets_for(*, dimension: Dimension, value: str) -> list[BudgetStatus]:
     """The budgets whose scope names this tenant or feature (models carry no budgets)."""
     return budget_statuses_of(list(budgets_naming(dimension=dimension, value=value)))
+
+
+def task_points(*, state: FilterState, fixed: dict[str, str] | None = None) -> list[TaskPoint]:
+    """The page's tasks per step (cost per successful task, waste)."""
+    return task_series(filters=state.filters(**(fixed or {})), step=state.step)
+
+
+def regressions_marked(*, state: FilterState, fixed: dict[str, str]) -> list[CostRegression]:
+    """The regressions a page's charts mark: a feature's (of the chosen model, or feature-wide) in the range."""
+    feature = fixed.get("feature") or state.feature
+    if not feature:
+        return []
+    model = fixed.get("model") or state.model
+    return [r for r in regressions_of(feature=feature, start=state.start, end=state.end)
+            if not r.model or not model or r.model == model]
 
 
 def series(*, state: FilterState, fixed: dict[str, str] | None = None,

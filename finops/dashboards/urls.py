@@ -15,4 +15,5 @@ urlpatterns = [
     path("models/", views.breakdown, {"dimension": "model"}, name="models"),
     path("models/<name:value>/", views.detail, {"dimension": "model"}, name="model"),
     path("gpus/", views.gpus, name="gpus"),
+    path("exports/focus.csv", views.focus_export, name="focus"),
 ]

@@ -15,6 +15,7 @@ from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import render
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.cache import patch_vary_headers
 from django.utils.encoding import escape_uri_path
@@ -28,7 +29,9 @@ from finops.dashboards.names import detail_url
 from finops.lib.tables import Table, csv_response
 from finops.lib.timezones import org_time_zone
 from finops.runtimes.selectors import runtime_ruleset_states
+from finops.telemetry.breakers import breaker_states
 from finops.telemetry.capacity import idle_capacity, runtime_gauges, runtime_history
+from finops.telemetry.focus import FocusRangeRefused, focus_days, focus_table
 from finops.telemetry.power_limits import WINDOW as POWER_WINDOW
 from finops.telemetry.power_limits import power_limit_changes
 from finops.telemetry.ranges import Dimension, Filters
@@ -42,7 +45,8 @@ SPLIT: dict[str, Dimension] = {"tenant": "feature", "feature": "tenant", "model"
 RANGE_CHOICES = [*((key, key) for key in PRESETS), (CUSTOM, "Custom")]
 SORT_COLUMNS = [("name", None), ("requests", "Requests"), ("tokens", "Tokens"), ("cost", "List cost"),
                 ("hardware", "Hardware cost"), ("cost_per_1k", "Per 1k tokens"), ("cache", "Cache hits"),
-                ("errors", "Errors"), ("rejections", "Rejected"), ("energy", "Energy / 1k tokens")]
+                ("errors", "Errors"), ("rejections", "Rejected"), ("energy", "Energy / 1k tokens"),
+                ("tasks", "Tasks ok / all"), ("per_task", "Per successful task"), ("waste", "Waste")]
 
 
 def _one_tail_read(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
@@ -118,8 +122,11 @@ def _csv_urls(request: HttpRequest, state: FilterState, names: list[str], **extr
 def _request_charts(state: FilterState, overview: page_data.Overview, *, fixed: dict[str, str], split: Dimension,
                     with_queue_depth: bool = False) -> list[charts.Chart]:
     total, by = page_data.series(state=state, fixed=fixed, split=split)
+    regressions = page_data.regressions_marked(state=state, fixed=fixed)
     result = [
         charts.spend_by(by, dimension=split, step=state.step),
+        charts.task_costs(page_data.task_points(state=state, fixed=fixed), step=state.step, regressions=regressions),
+        charts.tokens_per_request(total, regressions=regressions),
         charts.tokens_per_second(total, step=state.step),
         charts.latency(overview.latency.points),
         charts.time_to_first_token(overview.ttft.points),
@@ -145,7 +152,21 @@ def overview(request: HttpRequest) -> HttpResponse:
         "nav": "overview",
         "overview": overview,
         "charts": _request_charts(state, overview, fixed={}, split="feature", with_queue_depth=True),
+        "focus_url": reverse("dashboards:focus") + state.query(),
     }, state=state)
+
+
+@login_required
+@require_GET
+def focus_export(request: HttpRequest) -> HttpResponse:
+    """The filter bar's range, widened to whole UTC days, as FOCUS CSV (``telemetry.focus``)."""
+    state = filter_state_parse(request.GET)
+    last = (state.end.astimezone(dt.UTC) - dt.timedelta(microseconds=1)).date()
+    try:
+        start, end = focus_days(first=state.start.astimezone(dt.UTC).date(), last=last)
+    except FocusRangeRefused as exc:
+        return HttpResponseBadRequest(f"Cannot export this range: {exc}.", content_type="text/plain; charset=utf-8")
+    return csv_response(focus_table(start=start, end=end))
 
 
 @login_required
@@ -173,7 +194,7 @@ def breakdown(request: HttpRequest, dimension: Dimension) -> HttpResponse:
     return _render(request, "dashboards/breakdown.html", {
         "nav": PLURAL[dimension], "dimension": dimension, "title": PLURAL[dimension].capitalize(),
         "charts": [charts.spend_by(table.series, dimension=dimension, step=state.step)],
-        "rows": [{"item": row, "spark": charts.sparkline(row.spark),
+        "rows": [{"item": row, "tasks": row.tasks, "spark": charts.sparkline(row.spark),
                   "url": detail_url(dimension=dimension, name=row.row.value)} for row in rows],
         "columns": columns, "sort": sort if sort != page_data.DEFAULT_SORT else "",
         "csv": _csv_urls(request, state, [PLURAL[dimension]]),
@@ -224,6 +245,7 @@ def gpus(request: HttpRequest) -> HttpResponse:
     gauges = runtime_gauges(start=state.start, end=state.end)
     rulesets = {s.name: s for s in runtime_ruleset_states()}
     completeness = event_completeness()
+    breakers = breaker_states(runtime_ids=[g.runtime_id for g in gauges])
     stem = f"{state.start:%Y%m%dT%H%M}-{state.end:%Y%m%dT%H%M}"
     # Paid device time is counted in sampled minutes (minute rollups and raw samples, kept for
     # MINUTE_ROLLUP_RETENTION_DAYS and SAMPLE_RETENTION_DAYS): before that it is not known.
@@ -233,7 +255,8 @@ def gpus(request: HttpRequest) -> HttpResponse:
     idle = idle_capacity(start=idle_from, end=state.end) if idle_from < state.end else []
     by_model = usage_by(filters=state.filters(), dimension="model")
     csv = _csv(request, {
-        "runtimes": lambda: exports.runtimes_table(gauges, rulesets, completeness, stem=f"runtimes-{stem}"),
+        "runtimes": lambda: exports.runtimes_table(gauges, rulesets, completeness, breakers,
+                                                   stem=f"runtimes-{stem}"),
         "devices": lambda: exports.devices_table(gauges, stem=f"devices-{stem}"),
         "idle": lambda: exports.idle_table(idle, stem=f"idle-capacity-{stem}"),
         "energy": lambda: exports.breakdown_table([page_data.BreakdownRow(r, []) for r in by_model],
@@ -243,8 +266,8 @@ def gpus(request: HttpRequest) -> HttpResponse:
         return csv
     history = runtime_history(start=state.start, end=state.end, step=state.step)
     span = (state.start, state.end)
-    runtimes = [{"gauge": g, "ruleset": rulesets.get(g.runtime_id), "events": completeness.get(g.runtime_id)}
-                for g in gauges]
+    runtimes = [{"gauge": g, "ruleset": rulesets.get(g.runtime_id), "events": completeness.get(g.runtime_id),
+                 "breakers": breakers.get(g.runtime_id, [])} for g in gauges]
     return _render(request, "dashboards/gpus.html", {
         "nav": "gpus", "runtimes": runtimes, "devices": [d for g in gauges for d in g.devices],
         "idle": idle, "idle_from": idle_from if idle_from > state.start else None,

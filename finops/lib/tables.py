@@ -49,12 +49,17 @@ def cell(value: Any) -> str:
     return str(value)
 
 
+def table_write(table: Table, out: Any) -> None:
+    """``table`` as CSV into ``out`` (a text file or a response)."""
+    writer = csv.writer(out)
+    writer.writerow(table.header)
+    for row in table.rows:
+        writer.writerow([cell(value) for value in row])
+
+
 def csv_response(table: Table) -> HttpResponse:
     response = HttpResponse(content_type="text/csv; charset=utf-8")
     filename = re.sub(r"[^A-Za-z0-9._-]+", "-", table.name).strip("-") or "export"
     response["Content-Disposition"] = f'attachment; filename="{filename}.csv"'
-    writer = csv.writer(response)
-    writer.writerow(table.header)
-    for row in table.rows:
-        writer.writerow([cell(value) for value in row])
+    table_write(table, response)
     return response

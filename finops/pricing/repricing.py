@@ -2,11 +2,12 @@
 
 Ingest prices an event once, on arrival, under the book in force when it started; a book added
 or edited later moves no past cost by itself (DESIGN.md, "Cost model"). ``reprice_range`` is the
-one way to change past costs: it prices the raw events again and moves the rollups by exactly the
-difference, so rollups keep equalling raw sums. Raw events only live ``RAW_RETENTION_DAYS``, so a
-range reaching past that is refused rather than half re-priced. Events the rollups leave out (out of
-the contract's bounds: ``telemetry.quarantine``) are left as they are, and a price that would make an
-event cost more than one request can (``COST_LIMIT``, as at ingest) refuses the whole re-price.
+one way to change past costs: it prices the raw events again and moves the rollups (and the tasks'
+costs, ``client_tasks``) by exactly the difference, so they keep equalling raw sums. Raw events only
+live ``RAW_RETENTION_DAYS``, so a range reaching past that is refused rather than half re-priced.
+Events the rollups leave out (out of the contract's bounds: ``telemetry.quarantine``) are left as
+they are, and a price that would make an event cost more than one request can (``COST_LIMIT``, as
+at ingest) refuses the whole re-price.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from django.db.models.functions import Coalesce, TruncMinute
 from django.utils import timezone
 
 from finops.pricing.services import PriceCatalog, hardware_cost, served_list_cost
+from finops.telemetry.client_tasks import client_tasks_reprice, task_key
 from finops.telemetry.contracts import COST_LIMIT
 from finops.telemetry.models import RequestEvent
 from finops.telemetry.quarantine import in_bounds
 from finops.telemetry.retention import raw_retention_start
 from finops.telemetry.rollups import RollupKey, fill_state_lock, fold, rollup_add
 from finops.telemetry.selectors import device_types_for
-from finops.telemetry.sums import Sums
+from finops.telemetry.sums import ZERO, Sums
 
 CHUNK = 2000
 # (id, started_at, price book id, list cost, hardware cost, saved cost) of an event whose price changed.
@@ -63,11 +65,13 @@ def reprice_range(*, start: dt.datetime, end: dt.datetime, now: dt.datetime | No
                   .values_list("id", "started_at", "model_served", "prompt_tokens", "completion_tokens",
                                "cache_hit", "gpu_seconds", "energy_joules", "runtime_id", "device", "price_book_id",
                                "list_cost", "hardware_cost", "saved_cost", "counted", "minute", "tenant", "feature",
-                               "served", "status_class"))
+                               "served", "status_class", "task_id", "request_id", "event_id"))
         changed: list[Changed] = []
         differences: dict[RollupKey, Sums] = {}
+        task_differences: dict[tuple[str, str], tuple[Decimal, Decimal]] = {}
         for (pk, started, model, prompt, completion, cache_hit, gpu, energy, runtime_id, device, old_book, old_list,
-             old_hardware, old_saved, was_counted, *group) in events.iterator(chunk_size=CHUNK):
+             old_hardware, old_saved, was_counted, *group, task_id, request_id, event_id) in events.iterator(
+                chunk_size=CHUNK):
             prices = catalog.at(started)
             book = prices.book_id if prices else None
             listed, saved = served_list_cost(prices, model=model, prompt_tokens=prompt, completion_tokens=completion,
@@ -87,7 +91,12 @@ def reprice_range(*, start: dt.datetime, end: dt.datetime, now: dt.datetime | No
                 difference.hardware_cost += (hardware or Decimal(0)) - (old_hardware or Decimal(0))
                 difference.saved_cost += (saved or Decimal(0)) - (old_saved or Decimal(0))
                 difference.unpriced += (listed is None) - (old_list is None)
+                task = (group[1], task_key(task_id=task_id, request_id=request_id, event_id=event_id))
+                listed_before, hardware_before = task_differences.get(task, (ZERO, ZERO))
+                task_differences[task] = (listed_before + (listed or ZERO) - (old_list or ZERO),
+                                          hardware_before + (hardware or ZERO) - (old_hardware or ZERO))
         events_update(changed)
+        client_tasks_reprice(task_differences)
         # Only existing rows move: a missing minute row has expired (MINUTE_ROLLUP_RETENTION_DAYS).
         rollup_add(fold(differences), create=False)
     return len(changed)

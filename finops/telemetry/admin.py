@@ -12,6 +12,7 @@ from django.http import HttpRequest
 from finops.telemetry import sketch
 from finops.telemetry.models import (
     STATUS_CLASSES,
+    ClientTask,
     Device,
     DeviceRollup,
     DeviceSample,
@@ -115,6 +116,19 @@ class MarginalRollupAdmin(RollupAdmin):
                     "completion_tokens", "list_cost", "hardware_cost", "unpriced", "e2e_p50_p99")
     list_filter = ("granularity", "dimension", "status_class")
     search_fields = ("value",)
+
+
+@admin.register(ClientTask)
+class ClientTaskAdmin(ReadOnlyAdmin):
+    """Tasks as the rollup run has counted them: each one's attempts, outcome and cost in all."""
+
+    list_display = ("first_started_at", "tenant", "task_id", "feature", "model", "attempts", "requests", "succeeded",
+                    "list_cost", "hardware_cost")
+    list_filter = ("succeeded", "tenant", "feature", "model")
+    search_fields = ("task_id", "tenant", "feature")
+    date_hierarchy = "first_started_at"
+    ordering = ("-first_started_at",)
+    show_full_result_count = False
 
 
 @admin.register(FillState)

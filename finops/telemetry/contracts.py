@@ -145,6 +145,10 @@ class RequestEventRecord(BaseModel):
     # answer or error the client got). Null from older runtimes.
     request_id: Name(100) | None = None
     attempt: int | None = Field(default=None, ge=1, le=INT4_MAX)
+    # The task this attempt belongs to (the client's X-Wattson-Task or metadata.task_id, else the
+    # request's request_id): every attempt of every request under one task id counts toward one task,
+    # per tenant. Null from older runtimes: such an event is a task of one attempt.
+    task_id: Name(100) | None = None
     cache_stale: bool = False  # a cached answer served past its freshness: no model of the chain could answer
     device_use_source: DeviceUseSource | None = None  # null when gpu_seconds is, and from older runtimes
 

@@ -67,6 +67,8 @@ class RequestEvent(models.Model):
     # The client request this event is one attempt of, and its number within it; null from older runtimes.
     request_id = models.CharField(max_length=100, null=True, blank=True)
     attempt = models.PositiveIntegerField(null=True, blank=True)
+    # The task it belongs to (per tenant): the client's name for it, else the request's id; null from older runtimes.
+    task_id = models.CharField(max_length=100, null=True, blank=True)
     # A cached answer served past its freshness because no model of the fallback chain could answer.
     cache_stale = models.BooleanField(default=False, db_default=False)
     # How gpu_seconds and energy_joules were obtained: "measured" by the runtime's engine, or
@@ -167,7 +169,9 @@ class Granularity(models.TextChoices):
 class RollupSums(models.Model):
     """What a rollup row adds up over the requests of its bucket and group."""
 
-    requests = models.BigIntegerField(default=0)
+    requests = models.BigIntegerField(default=0, help_text="Events: attempts, each request's retries and fallbacks too")
+    client_requests = models.BigIntegerField(default=0, db_default=0,
+                                             help_text="Requests clients sent: events of a request's first attempt")
     prompt_tokens = models.BigIntegerField(default=0)
     completion_tokens = models.BigIntegerField(default=0)
     cache_hits = models.BigIntegerField(default=0)
@@ -328,6 +332,43 @@ class DeviceRollup(models.Model):
 
     def __str__(self) -> str:
         return f"{self.granularity} {self.bucket:%Y-%m-%d %H:%M} {self.device}"
+
+
+class ClientTask(models.Model):
+    """One task of a tenant, as far as its attempts have been rolled up: every attempt (event) that
+    carries its ``task_id`` — a request's retries and fallbacks, a job's attempts and replays, a
+    client re-sending under the same task id — whenever each arrived. Written by the request rollup
+    run (same watermark, same lock), so a task whose attempts span many runs adds up across them.
+    An event without a task id (an older runtime) is a task of its own, keyed by its ``request_id``
+    or else its ``event_id``.
+
+    A task *succeeded* if any attempt did (status ok). Its feature is its first attempt's; its model
+    the one that answered it (the latest ok attempt's), or else the latest attempt's ("" when no model
+    was served). Reads count a task in the range of its first attempt (``first_started_at``).
+    """
+
+    tenant = models.CharField(max_length=100)
+    task_id = models.CharField(max_length=100)
+    feature = models.CharField(max_length=100)
+    model = models.CharField(max_length=200, blank=True)
+    model_at = models.DateTimeField(help_text="When the attempt that named the model started")
+    first_started_at = models.DateTimeField()
+    last_started_at = models.DateTimeField()
+    attempts = models.BigIntegerField(default=0)
+    requests = models.BigIntegerField(default=0, help_text="Client requests: first attempts")
+    succeeded = models.BooleanField(default=False)
+    prompt_tokens = models.BigIntegerField(default=0)
+    completion_tokens = models.BigIntegerField(default=0)
+    list_cost = models.DecimalField(**ROLLUP_COST, default=0)
+    hardware_cost = models.DecimalField(**ROLLUP_COST, default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["tenant", "task_id"], name="one_row_per_task")]
+        indexes = [models.Index(fields=["first_started_at"]), models.Index(fields=["feature", "first_started_at"])]
+
+    def __str__(self) -> str:
+        outcome = "succeeded" if self.succeeded else "not succeeded"
+        return f"{self.tenant}/{self.task_id}: {self.attempts} attempts, {outcome}"
 
 
 class FillState(models.Model):

@@ -1,5 +1,6 @@
 """The control plane's machine API as an OpenAPI 3.1 document, ``GET /api/v1/openapi.json``:
-``POST /api/v1/events`` (the runtimes' telemetry) and ``GET /api/v1/ruleset`` (their pull).
+``POST /api/v1/events`` (the runtimes' telemetry), ``GET /api/v1/ruleset`` (their pull) and
+``GET /api/v1/focus`` (the FOCUS export a FinOps tool pulls).
 
 The request body's schemas are the ingest contract's pydantic models (``contracts.TelemetryBatch``
 and the records it holds), and a refusal's is ``contracts.Refusal``'s, so the document says what
@@ -112,6 +113,30 @@ def _ruleset_pull() -> dict[str, Any]:
     }
 
 
+def _focus_export() -> dict[str, Any]:
+    day = {"type": "string", "pattern": r"^\d{4}-\d{2}-\d{2}$"}
+    return {
+        "operationId": "focus_export",
+        "summary": "Cost and usage of whole UTC days in FOCUS 1.2 columns, as CSV (docs/DASHBOARDS.md)",
+        "security": [{"focusToken": []}],
+        "parameters": [{"name": "start", "in": "query", "required": True, "schema": day,
+                        "description": "The first UTC day."},
+                       {"name": "end", "in": "query", "required": True, "schema": day,
+                        "description": "The last UTC day, included."}],
+        "responses": {
+            "200": {"description": "One row per day, runtime, model, tenant and feature.",
+                    "content": {"text/csv": {"schema": {"type": "string"}}}},
+            "400": _error("A day is not a date, the last is before the first, or the range reaches past the "
+                          "raw events' retention."),
+            "401": _error("No bearer token, or not the FOCUS export token.",
+                          headers={"WWW-Authenticate": {"schema": {"type": "string"}}}),
+            "404": _error("The endpoint is off: no FOCUS_API_TOKEN is set."),
+            "500": _error("The control plane failed to answer; the request may be retried."),
+            "503": _error(_DATABASE_DOWN, headers=_RETRY_AFTER),
+        },
+    }
+
+
 def openapi_document() -> dict[str, Any]:
     _, top = models_json_schema([(TelemetryBatch, "validation"), (ErrorBody, "validation")], ref_template=REF)
     schemas: dict[str, Any] = top["$defs"]
@@ -122,13 +147,17 @@ def openapi_document() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "Wattson control plane: machine API", "version": str(CONTRACT_VERSION),
-                 "description": "What runtimes call: telemetry ingest and the ruleset pull. Every error is "
+                 "description": "What runtimes call: telemetry ingest and the ruleset pull; and the FOCUS export "
+                                "a FinOps tool pulls. Every error is "
                                 '`{"error": {"type", "message", "code", "param"}}`.'},
-        "paths": {"/api/v1/events": {"post": _ingest()}, "/api/v1/ruleset": {"get": _ruleset_pull()}},
+        "paths": {"/api/v1/events": {"post": _ingest()}, "/api/v1/ruleset": {"get": _ruleset_pull()},
+                  "/api/v1/focus": {"get": _focus_export()}},
         "components": {
             "schemas": schemas,
             "securitySchemes": {"runtimeToken": {"type": "http", "scheme": "bearer",
-                                                 "description": "The runtime's token, issued when it is registered."}},
+                                                 "description": "The runtime's token, issued when it is registered."},
+                                "focusToken": {"type": "http", "scheme": "bearer",
+                                               "description": "FOCUS_API_TOKEN: a FinOps tool's token."}},
         },
     }
 

@@ -4,7 +4,10 @@ Raw events go a whole day at a time (one ``DROP TABLE`` per day partition on Pos
 only once the rollups have counted them: a day is dropped when it lies wholly before both
 ``now - RAW_RETENTION_DAYS`` and every event the rollups have not yet counted. Samples likewise go
 after ``SAMPLE_RETENTION_DAYS`` once the sample rollups have counted them. Hour and day rollups are
-kept for good; minute rollups (of events and of samples) and samples expire.
+kept for good; minute rollups (of events and of samples) and samples expire, and so do task rows
+(``ClientTask``: one per request or named task) whose first attempt is older than
+``TASK_RETENTION_DAYS`` (never shorter than the raw events' retention, so that no attempt ingest still
+accepts can find its task gone).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from django.db.models import Min
 from django.utils import timezone
 
 from finops.telemetry.models import (
+    ClientTask,
     DeviceRollup,
     DeviceSample,
     DeviceUseRollup,
@@ -46,6 +50,7 @@ class RetentionResult:
     device_samples_deleted: int
     minute_rollups_deleted: int  # Rollup, MarginalRollup and DeviceUseRollup minute rows
     minute_sample_rollups_deleted: int = 0  # RuntimeRollup and DeviceRollup minute rows
+    tasks_deleted: int = 0  # ClientTask rows past TASK_RETENTION_DAYS
 
     def as_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -70,6 +75,8 @@ def retention_run(*, now: dt.datetime | None = None) -> RetentionResult:
         for model in (Rollup, MarginalRollup, DeviceUseRollup):
             deleted, _ = model.objects.filter(granularity=Granularity.MINUTE, bucket__lt=minute_cutoff).delete()
             minutes += deleted
+        tasks, _ = ClientTask.objects.filter(
+            first_started_at__lt=now - dt.timedelta(days=settings.TASK_RETENTION_DAYS)).delete()
         keep_from, dropped = None, 0
         if state is not None:  # before the first rollup nothing has been counted, so nothing goes
             keep = min(raw_retention_start(now), state.watermark)
@@ -96,4 +103,4 @@ def retention_run(*, now: dt.datetime | None = None) -> RetentionResult:
             expired = {"at__lt": sample_cutoff, "received_at__lte": samples_state.watermark}
             runtime_samples, _ = RuntimeSample.objects.filter(**expired).delete()
             device_samples, _ = DeviceSample.objects.filter(**expired).delete()
-    return RetentionResult(keep_from, dropped, runtime_samples, device_samples, minutes, sample_minutes)
+    return RetentionResult(keep_from, dropped, runtime_samples, device_samples, minutes, sample_minutes, tasks)

@@ -4,10 +4,11 @@ Zulip's analytics shape: a ``FillState`` row ("requests") records how far the ro
 a watermark over ``received_at``. One run, in one transaction: lock that row, sum in SQL every
 event received after the watermark and before ``now - ROLLUP_SETTLE_SECONDS`` per minute of
 ``started_at`` (so a late event lands in its old bucket) and per (tenant, feature, model, status
-class), fold the minutes into hours and days, add the sums to the ``Rollup`` rows, and move the
-watermark. A crashed run rolls back whole; a doubled run waits for the lock and then finds nothing
-new. Every writer of ``Rollup`` (this, re-pricing, retention) takes the same lock, which is what
-makes the read-add-write of rows below safe.
+class), fold the minutes into hours and days, add the sums to the ``Rollup`` rows and the events
+to their tasks' ``ClientTask`` rows (``client_tasks``), and move the watermark. A crashed run rolls
+back whole; a doubled run waits for the lock and then finds nothing new. Every writer of
+``Rollup`` (this, re-pricing, retention) takes the same lock, which is what makes the
+read-add-write of rows below safe.
 
 One bad row never stops a run (``quarantine``): an event out of the contract's bounds is left out of
 the sums, a rollup row the database will not store is left out of the writes, and both are logged
@@ -30,6 +31,7 @@ from django.db.models import Count, Min, QuerySet, Sum, Value
 from django.db.models.functions import Coalesce, TruncMinute
 from django.utils import timezone
 
+from finops.telemetry.client_tasks import client_tasks_add
 from finops.telemetry.models import (
     DeviceUseRollup,
     FillState,
@@ -85,6 +87,7 @@ def rollup_run(*, now: dt.datetime | None = None) -> RollupResult:
         window = quarantine.screen(RequestEvent.objects.filter(received_at__gt=since, received_at__lte=until))
         counted, rows = window_count(window, quarantine=quarantine)
         rows += device_use_add(device_use_minutes(window), quarantine=quarantine)
+        client_tasks_add(window)
         quarantine.save()
         state.watermark = until
         state.save(update_fields=["watermark", "updated_at"])

@@ -111,7 +111,10 @@ class Sums:
     """What a rollup row adds up over the events of its bucket and group; also what a read adds up
     over rollup rows and raw events, and a difference to apply to a row (re-pricing)."""
 
-    requests: int = field(default=0, metadata=_measure("int", lambda: Count("id")))
+    requests: int = field(default=0, metadata=_measure("int", lambda: Count("id")))  # events: attempts
+    # Requests clients sent: the first attempt of each (an event of an older runtime is one of its own).
+    client_requests: int = field(default=0, metadata=_measure(
+        "int", lambda: Count("id", filter=Q(attempt__isnull=True) | Q(attempt=1))))
     prompt_tokens: int = field(default=0, metadata=_measure("int", lambda: Sum("prompt_tokens")))
     completion_tokens: int = field(default=0, metadata=_measure("int", lambda: Sum("completion_tokens")))
     cache_hits: int = field(default=0, metadata=_measure("int", lambda: Count("id", filter=Q(cache_hit=True))))

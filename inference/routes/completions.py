@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from inference.routes import runtime_of
-from inference.routes.openapi import COMPLETION, DEADLINE, FEATURE, GENERATION_ERRORS, PRIORITY, operation
+from inference.routes.openapi import COMPLETION, DEADLINE, FEATURE, GENERATION_ERRORS, PRIORITY, TASK, operation
 from inference.schemas import ChatCompletionRequest, CompletionRequest
 from inference.serving import serve_completion
 
@@ -26,7 +26,7 @@ async def models(request: Request) -> JSONResponse:
 
 
 # The headers a generation request reads beside its body.
-GENERATION_HEADERS = (FEATURE, PRIORITY, DEADLINE)
+GENERATION_HEADERS = (FEATURE, PRIORITY, DEADLINE, TASK)
 
 
 @router.post("/v1/chat/completions", **operation(auth="apiKey", body=ChatCompletionRequest, headers=GENERATION_HEADERS,

@@ -20,10 +20,12 @@ from inference.errors import ApiError
 from inference.jobs.runner import JobRunner
 from inference.jobs.store import ENDPOINTS, FINISHED, Job
 from inference.request_parsing import (
+    TASK_METADATA_KEY,
     read_json_object,
     request_deadline_s,
     request_feature,
     request_priority,
+    request_task,
     validated,
 )
 from inference.routes import jobs_of, runtime_of
@@ -33,11 +35,13 @@ from inference.routes.openapi import (
     FEATURE,
     LAST_EVENT_ID,
     PRIORITY,
+    TASK,
     model_schemas,
     operation,
     ref,
 )
 from inference.runtime import Runtime
+from inference.schemas import MAX_METADATA_PAIRS
 
 KEEPALIVE_S = 15.0
 
@@ -61,8 +65,8 @@ router = APIRouter()
 
 
 @router.post("/v1/jobs", status_code=202, **operation(auth="apiKey", body=SUBMISSION_SCHEMA,
-                                                     headers=(FEATURE, PRIORITY, DEADLINE), errors=(400, 404, 413),
-                                                     ok_status=202))
+                                                     headers=(FEATURE, PRIORITY, DEADLINE, TASK),
+                                                     errors=(400, 404, 413), ok_status=202))
 async def submit_job(request: Request) -> JSONResponse:
     runtime = runtime_of(request)
     key = runtime.authenticate(request.headers.get("authorization"))
@@ -71,6 +75,7 @@ async def submit_job(request: Request) -> JSONResponse:
     deadline_s = request_deadline_s(request, limit_s=runtime.config.job_deadline_s)
     submission = validated(await read_json_object(request), JobSubmission)
     await _check(runtime, submission)
+    _name_task(request, submission)
     job = jobs_of(request).submit(tenant=key.tenant, api_key_id=key.key_id, tier=key.tier, feature=feature,
                                   priority=priority, url=submission.url, request=submission.body,
                                   deadline_s=deadline_s, cache_sampled=key.cache_sampled)
@@ -116,6 +121,19 @@ async def replay_job(job_id: str, request: Request) -> JSONResponse:
     if job is None:
         raise ApiError(404, f"No dead-lettered job '{job_id[:100]}'.", code="job_not_found")
     return JSONResponse(_admin_view(job))
+
+
+def _name_task(request: Request, submission: JobSubmission) -> None:
+    """Keep the task the client names in the job's stored body (``metadata.task_id``), where every
+    attempt and replay of the job reads it; refuse a task id that is not valid (400)."""
+    metadata = submission.body.get("metadata") or {}
+    task = request_task(request, metadata)
+    if task is None or metadata.get(TASK_METADATA_KEY) == task:
+        return
+    if len(metadata) >= MAX_METADATA_PAIRS:
+        raise ApiError(400, f"body.metadata already holds {MAX_METADATA_PAIRS} pairs: name the task in "
+                       "metadata.task_id instead of X-Wattson-Task.", code="invalid_task", param="body.metadata")
+    submission.body["metadata"] = {**metadata, TASK_METADATA_KEY: task}
 
 
 async def _check(runtime: Runtime, submission: JobSubmission) -> None:

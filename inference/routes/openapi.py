@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from inference.admission import PRIORITY_RANK
 from inference.errors import ErrorBody
-from inference.request_parsing import DEADLINE_PATTERN, FEATURE_PATTERN, MAX_BODY_BYTES
+from inference.request_parsing import DEADLINE_PATTERN, FEATURE_PATTERN, MAX_BODY_BYTES, TASK_PATTERN
 
 REF = "#/components/schemas/{model}"
 SECURITY_SCHEMES = {
@@ -53,6 +53,13 @@ FEATURE = {
     "name": "X-Wattson-Feature", "in": "header", "required": False,
     "description": "The product feature the request is for, in the cost reports (`default` without it).",
     "schema": {"type": "string", "pattern": FEATURE_PATTERN},
+}
+TASK = {
+    "name": "X-Wattson-Task", "in": "header", "required": False,
+    "description": "The task the request is an attempt at (or the body's `metadata.task_id`; both given, they "
+                   "must agree): every request sent under one task id counts toward one task's cost. Without "
+                   "it the request is a task of its own.",
+    "schema": {"type": "string", "pattern": TASK_PATTERN},
 }
 # The runtime reads the priority in any case; the pattern says so, letter by letter.
 PRIORITY = {

@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from finops.dashboards import charts, page_data
 from finops.dashboards.filterbar import filter_state_parse
+from finops.regressions.models import CostRegression, Metric
 from finops.telemetry.capacity import runtime_gauges, runtime_history
 from finops.telemetry.latency import LatencyPoint, latency_percentiles, latency_series
 from finops.telemetry.models import Rollup
@@ -25,7 +26,7 @@ from tests.finops.dashboard_factories import runtime_samples, traffic
 pytestmark = pytest.mark.django_db
 
 
-def every_chart(now: dt.datetime) -> list[charts.Chart]:
+def every_chart(now: dt.datetime, regressions: tuple[CostRegression, ...] = ()) -> list[charts.Chart]:
     state = filter_state_parse({"range": "1h"}, now=now)
     filters = state.filters()
     total, by = page_data.series(state=state, split="feature")
@@ -33,6 +34,8 @@ def every_chart(now: dt.datetime) -> list[charts.Chart]:
     gauges = runtime_gauges(start=state.start, end=state.end)
     return [
         charts.spend_by(by, dimension="feature", step=state.step),
+        charts.task_costs(page_data.task_points(state=state), step=state.step, regressions=regressions),
+        charts.tokens_per_request(total, regressions=regressions),
         charts.tokens_per_second(total, step=state.step),
         charts.latency(latency_series(filters=filters, step=state.step, metric="e2e")),
         charts.time_to_first_token(latency_series(filters=filters, step=state.step, metric="ttft")),
@@ -49,7 +52,10 @@ def every_chart(now: dt.datetime) -> list[charts.Chart]:
 def test_every_chart_is_a_valid_plotly_figure_with_traffic() -> None:
     now = timezone.now()
     traffic(now, with_gpu_runtime=True)
-    built = every_chart(now)
+    rollup_run(now=timezone.now() + dt.timedelta(minutes=1))  # tasks are counted by the rollup run
+    marks = tuple(CostRegression(feature="search", metric=metric, started_at=now - dt.timedelta(minutes=30),
+                                 detected_at=now, before=1.0, after=1.3, score=7.0) for metric in Metric.values)
+    built = every_chart(now, marks)
     assert all(chart.figure is not None for chart in built), [c.id for c in built if c.figure is None]
     for chart in built:
         go.Figure(chart.figure)  # raises on anything plotly.js would not understand
@@ -149,3 +155,19 @@ def test_a_sparkline_scales_values_into_its_box() -> None:
     assert line.points == "0.0,19.0 50.0,10.0 100.0,1.0"
     assert charts.sparkline([0.0, 0.0]).points == ""
     assert charts.sparkline([Decimal(1)]).points == ""
+
+
+def test_a_regression_is_marked_at_its_start_on_its_metric_s_chart_only() -> None:
+    now = timezone.now().replace(second=0, microsecond=0)
+    traffic(now)
+    rollup_run(now=timezone.now() + dt.timedelta(minutes=1))
+    mark = CostRegression(feature="search", metric=Metric.TOKENS_PER_REQUEST, started_at=now - dt.timedelta(minutes=30),
+                          detected_at=now, before=400.0, after=540.0, score=7.0)
+    state = filter_state_parse({"range": "1h"}, now=now)
+    total, _ = page_data.series(state=state)
+    tokens = charts.tokens_per_request(total, regressions=[mark]).figure
+    costs = charts.task_costs(page_data.task_points(state=state), step=state.step, regressions=[mark]).figure
+    assert tokens is not None and costs is not None
+    assert [a["text"] for a in tokens["layout"]["annotations"]] == ["regression +35%"]
+    assert tokens["layout"]["shapes"][0]["x0"] == charts._x(mark.started_at)
+    assert costs["layout"]["annotations"] == []

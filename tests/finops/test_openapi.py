@@ -67,12 +67,13 @@ def test_the_document_declares_ingest_and_the_ruleset_pull_behind_the_runtime_to
         document: dict[str, Any]) -> None:
     assert document["openapi"] == "3.1.0"
     assert {path: sorted(methods) for path, methods in document["paths"].items()} == {
-        "/api/v1/events": ["post"], "/api/v1/ruleset": ["get"]}
-    assert document["components"]["securitySchemes"] == {"runtimeToken": {
-        "type": "http", "scheme": "bearer", "description": "The runtime's token, issued when it is registered."}}
-    for methods in document["paths"].values():
-        for operation in methods.values():
+        "/api/v1/events": ["post"], "/api/v1/ruleset": ["get"], "/api/v1/focus": ["get"]}
+    assert document["components"]["securitySchemes"]["runtimeToken"] == {
+        "type": "http", "scheme": "bearer", "description": "The runtime's token, issued when it is registered."}
+    for path in ("/api/v1/events", "/api/v1/ruleset"):
+        for operation in document["paths"][path].values():
             assert operation["security"] == [{"runtimeToken": []}]
+    assert document["paths"]["/api/v1/focus"]["get"]["security"] == [{"focusToken": []}]
 
 
 def test_the_batch_is_declared_by_the_ingest_contract_models(document: dict[str, Any]) -> None:
@@ -163,7 +164,7 @@ def test_a_failure_inside_the_machine_api_answers_in_its_error_format(
         assert response["Retry-After"] == "5"
 
 
-@pytest.mark.parametrize("label", ["POST /api/v1/events", "GET /api/v1/ruleset"])
+@pytest.mark.parametrize("label", ["POST /api/v1/events", "GET /api/v1/ruleset", "GET /api/v1/focus"])
 def test_a_bounded_schemathesis_run_finds_nothing_the_document_does_not_declare(
         api: OpenApiSchema, runtime_with_ruleset: tuple[Runtime, str], label: str) -> None:
     method, path = label.split(" ")

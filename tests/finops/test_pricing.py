@@ -15,6 +15,7 @@ from finops.pricing.models import ModelPrice
 from finops.pricing.repricing import RepricingRefused, reprice_range
 from finops.pricing.services import PriceCatalog, hardware_cost, list_cost, served_list_cost
 from finops.telemetry.models import (
+    ClientTask,
     Device,
     Granularity,
     RequestEvent,
@@ -187,6 +188,10 @@ def test_repricing_moves_rollups_by_exactly_the_change() -> None:
     assert_rollups_match_raw([e for e in RequestEvent.objects.all() if e.id != late[0].id])
     rollup_run(now=T0 + 3 * HOUR)
     assert_rollups_match_raw()
+    # Each task (here each event is its own) costs what its events cost now.
+    for task in ClientTask.objects.all():
+        raw = RequestEvent.objects.get(event_id=task.task_id)
+        assert (task.list_cost, task.hardware_cost) == (raw.list_cost or 0, raw.hardware_cost or 0), task
 
 
 def test_repricing_twice_changes_nothing_the_second_time() -> None:

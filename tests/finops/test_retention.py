@@ -131,3 +131,16 @@ def test_samples_and_minute_rollups_expire_while_hours_and_days_stay() -> None:
             days_ago(6)}
     assert Rollup.objects.filter(granularity=Granularity.HOUR).count() == 2
     assert Rollup.objects.filter(granularity=Granularity.DAY).count() == 2
+
+
+def test_task_rows_expire_after_their_own_retention_while_recent_tasks_stay() -> None:
+    from finops.telemetry.models import ClientTask
+
+    store(event(started_at=days_ago(95), received_at=days_ago(95), task_id="old"),
+          event(started_at=days_ago(40), received_at=days_ago(40), task_id="kept"))
+    rollup_run(now=days_ago(1))
+    assert set(ClientTask.objects.values_list("task_id", flat=True)) == {"old", "kept"}
+    with override_settings(TASK_RETENTION_DAYS=90):
+        result = retention_run(now=NOW)
+    assert result.tasks_deleted == 1
+    assert list(ClientTask.objects.values_list("task_id", flat=True)) == ["kept"]

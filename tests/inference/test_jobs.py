@@ -412,3 +412,23 @@ def test_a_job_store_made_before_deadlines_opens_with_its_jobs_intact(tmp_path: 
         assert new.deadline_at == pytest.approx(new.created_at + 60) and new.cache_sampled
     finally:
         store.close()
+
+
+@pytest.mark.parametrize(("headers", "metadata", "task"), [
+    ({"X-Wattson-Task": "batch-7"}, None, "batch-7"),
+    ({}, {"task_id": "batch-8", "source": "nightly"}, "batch-8"),
+    ({}, None, None),  # no name: the job is its own task
+])
+def test_a_job_s_attempts_carry_the_task_it_names(live: LiveRuntime, headers: dict[str, str],
+                                                 metadata: dict[str, str] | None, task: str | None) -> None:
+    live.events.clear()
+    body = chat(**({"metadata": metadata} if metadata else {}))
+    job_id = submitted(live, body, **headers)
+    assert finished(live, job_id)["status"] == "succeeded"
+    (event,) = live.wait_for_events(1)
+    assert (event.request_id, event.task_id) == (job_id, task or job_id)
+
+
+def test_a_job_naming_an_invalid_task_is_refused_before_it_is_queued(live: LiveRuntime) -> None:
+    response = submit(live, **{"X-Wattson-Task": "no spaces allowed"})
+    assert_error(response, 400, "invalid_task")

@@ -22,7 +22,7 @@ from inference.api import create_app
 from inference.engine.models import LoadedModel
 from inference.jobs.store import ENDPOINTS
 from inference.routes.jobs import JobSubmission
-from inference.routes.openapi import DEADLINE, PRIORITY
+from inference.routes.openapi import DEADLINE, PRIORITY, TASK
 from inference.rules.contract import RulesetDocument
 from inference.runtime import Runtime
 from inference.schemas import ChatCompletionRequest, CompletionRequest
@@ -129,10 +129,14 @@ def test_every_operation_says_who_may_call_it_and_answers_errors_in_the_error_fo
                 assert "Retry-After" in response["headers"], (label, status)
 
 
-def test_a_generation_declares_the_feature_priority_and_deadline_headers_it_reads(document: dict[str, Any]) -> None:
+def test_a_generation_declares_the_feature_priority_deadline_and_task_headers_it_reads(
+        document: dict[str, Any]) -> None:
     for label in ("POST /v1/chat/completions", "POST /v1/completions", "POST /v1/jobs"):
         headers = {p["name"] for p in dict(operations(document))[label]["parameters"] if p["in"] == "header"}
-        assert headers == {"X-Wattson-Feature", "X-Wattson-Priority", "X-Wattson-Deadline"}, label
+        assert headers == {"X-Wattson-Feature", "X-Wattson-Priority", "X-Wattson-Deadline", "X-Wattson-Task"}, label
+    task = re.compile(TASK["schema"]["pattern"])
+    assert all(task.match(value) for value in ("ticket-42", "a:b/c.d_e", "x" * 100))
+    assert not any(task.match(value) for value in ("", "x" * 101, "two words", "<b>", "a\nb"))
     priority = re.compile(PRIORITY["schema"]["pattern"])
     assert all(priority.match(value) for value in ("low", "normal", "high", "HIGH", "Normal"))
     assert not any(priority.match(value) for value in ("urgent", "", "highest"))
