@@ -109,6 +109,7 @@ INSTALLED_APPS = [
     "finops.telemetry",
     "finops.dashboards",
     "finops.budgets",
+    "finops.caching",
 ]
 
 MIDDLEWARE = [

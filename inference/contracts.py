@@ -17,6 +17,7 @@ CONTRACT_VERSION = 1
 EventStatus = Literal["ok", "error", "rejected_rule", "rejected_budget", "shed", "timeout", "cancelled"]
 Priority = Literal["low", "normal", "high"]
 BreakerState = Literal["closed", "half_open", "open"]
+CacheKind = Literal["exact", "semantic"]
 
 
 class RequestEvent(BaseModel):
@@ -62,6 +63,13 @@ class RequestEvent(BaseModel):
     attempt: int | None = Field(default=None, ge=1)
     # A cached answer served past its freshness because no model of the fallback chain could answer.
     cache_stale: bool = False
+    # Which cache answered (``cache_hit`` true): the exact one (the same request) or the semantic one
+    # (a similar question, ``cache_similarity`` its cosine similarity); None for other requests.
+    cache_kind: CacheKind | None = None
+    cache_similarity: float | None = Field(default=None, ge=-1, le=1)
+    # Time spent looking the request up in the caches (the semantic cache's embedding and scan
+    # included); None when no cache was looked up.
+    cache_lookup_ms: float | None = Field(default=None, ge=0)
 
 
 class DeviceSample(BaseModel):

@@ -19,6 +19,7 @@ from inference.errors import ApiError, validation_error
 MAX_BODY_BYTES = 4 * 1024 * 1024
 FEATURE_HEADER = "x-wattson-feature"
 PRIORITY_HEADER = "x-wattson-priority"
+CACHE_REQUEST_HEADER = "x-wattson-cache"
 FEATURE_PATTERN = r"^[A-Za-z0-9_.:/\-]{1,100}$"
 DEADLINE_PATTERN = r"^[0-9]{1,9}(\.[0-9]{1,3})?$"
 _DEADLINE_RE = re.compile(DEADLINE_PATTERN)
@@ -32,6 +33,12 @@ def request_feature(request: Request) -> str:
         raise ApiError(400, "X-Wattson-Feature must be 1-100 letters, digits or _ . : / -",
                        code="invalid_feature", param="X-Wattson-Feature")
     return feature
+
+
+def cache_bypassed(request: Request) -> bool:
+    """Whether the client asked for a fresh answer: ``x-wattson-cache: bypass`` skips the lookups in
+    the exact and the semantic cache (the fresh answer is still kept for the next request)."""
+    return request.headers.get(CACHE_REQUEST_HEADER, "").strip().lower() == "bypass"
 
 
 def request_priority(request: Request, default: PriorityName = "normal") -> PriorityName:

@@ -23,6 +23,7 @@ from finops.budgets.grants import ALLOWANCE_TTL, GrantRow, grants_current
 from finops.budgets.models import Action, Budget, Enforcement, State, Unit
 from finops.budgets.periods import Period, period_at
 from finops.budgets.selectors import amount_label
+from finops.caching.selectors import semantic_cache_document
 from finops.lib.timezones import org_time_zone
 from finops.pricing.services import PriceCatalog
 from finops.runtimes.models import Runtime
@@ -54,11 +55,13 @@ def rulesets_compile(*, now: dt.datetime | None = None, grants: Mapping[int, Ite
     missing = [(budget, period) for budget, period in hard if budget.pk not in known]
     current = {**known, **grants_current(missing)} if missing else known
     prices = prices_document(now=now)
+    semantic_cache = semantic_cache_document()
     changed = []
     for runtime in Runtime.objects.order_by("name"):
         allowances = [budget_allowance(budget=budget, period=period, grant=current[budget.pk].get(runtime.pk), now=now)
                       for budget, period in hard]
-        content = {"runtime_id": runtime.name, "prices": prices, "rules": rules, "allowances": allowances}
+        content = {"runtime_id": runtime.name, "prices": prices, "rules": rules, "allowances": allowances,
+                   "semantic_cache": semantic_cache}
         _, is_new = ruleset_store(runtime=runtime, content=content, now=now)
         if is_new:
             changed.append(runtime.pk)

@@ -63,11 +63,11 @@ def reprice_range(*, start: dt.datetime, end: dt.datetime, now: dt.datetime | No
                   .values_list("id", "started_at", "model_served", "prompt_tokens", "completion_tokens",
                                "cache_hit", "gpu_seconds", "energy_joules", "runtime_id", "device", "price_book_id",
                                "list_cost", "hardware_cost", "saved_cost", "counted", "minute", "tenant", "feature",
-                               "served", "status_class"))
+                               "served", "status_class", "cache_kind"))
         changed: list[Changed] = []
         differences: dict[RollupKey, Sums] = {}
         for (pk, started, model, prompt, completion, cache_hit, gpu, energy, runtime_id, device, old_book, old_list,
-             old_hardware, old_saved, was_counted, *group) in events.iterator(chunk_size=CHUNK):
+             old_hardware, old_saved, was_counted, *group, cache_kind) in events.iterator(chunk_size=CHUNK):
             prices = catalog.at(started)
             book = prices.book_id if prices else None
             listed, saved = served_list_cost(prices, model=model, prompt_tokens=prompt, completion_tokens=completion,
@@ -86,6 +86,8 @@ def reprice_range(*, start: dt.datetime, end: dt.datetime, now: dt.datetime | No
                 difference.list_cost += (listed or Decimal(0)) - (old_list or Decimal(0))
                 difference.hardware_cost += (hardware or Decimal(0)) - (old_hardware or Decimal(0))
                 difference.saved_cost += (saved or Decimal(0)) - (old_saved or Decimal(0))
+                if cache_hit and cache_kind == "semantic":
+                    difference.semantic_saved_cost += (saved or Decimal(0)) - (old_saved or Decimal(0))
                 difference.unpriced += (listed is None) - (old_list is None)
         events_update(changed)
         # Only existing rows move: a missing minute row has expired (MINUTE_ROLLUP_RETENTION_DAYS).

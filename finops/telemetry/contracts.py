@@ -56,6 +56,7 @@ CONTRACT_VERSION = 1
 EventStatus = Literal["ok", "error", "rejected_rule", "rejected_budget", "shed", "timeout", "cancelled"]
 Priority = Literal["low", "normal", "high"]
 BreakerState = Literal["closed", "half_open", "open"]
+CacheKind = Literal["exact", "semantic"]
 
 INT4_MAX = 2**31 - 1  # PositiveIntegerField / integer
 INT8_MAX = 2**63 - 1  # BigIntegerField / bigint
@@ -143,6 +144,11 @@ class RequestEventRecord(BaseModel):
     request_id: Name(100) | None = None
     attempt: int | None = Field(default=None, ge=1, le=INT4_MAX)
     cache_stale: bool = False  # a cached answer served past its freshness: no model of the chain could answer
+    # Which cache answered a hit: the exact one or the semantic one (a similar question, with its
+    # cosine similarity); and the time the request's cache lookups took. Null from older runtimes.
+    cache_kind: CacheKind | None = None
+    cache_similarity: float | None = Field(default=None, ge=-1, le=1)
+    cache_lookup_ms: Milliseconds | None = None
 
 
 class DeviceSampleRecord(BaseModel):
