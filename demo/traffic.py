@@ -2,7 +2,9 @@
 its own features and rhythm, running at the same time so their requests share the engine's batches.
 
 Features differ in prompt length, completion length, burst size, priority and whether they
-stream. Some waves repeat an exact request (same prompt, temperature 0), as a cache would see.
+stream. Some waves repeat an exact request (same prompt, temperature 0), which the runtime's exact
+cache answers again; the FAQ feature asks a few questions in several phrasings (greedy), which the
+semantic cache the demo enables for it answers from the first phrasing's answer.
 The trial tenant ``initech`` has a hard token budget; after the plan, unless its last wave was
 refused whole, initech keeps asking until the runtime refuses a whole wave with 429.
 """
@@ -29,6 +31,7 @@ class Feature:
     burst: int  # requests sent together
     priority: str
     stream: bool
+    greedy: bool = False  # temperature 0 on every request: the same question gets the same answer
 
 
 SEARCH = Feature("search", ("Give three keywords for: renewable energy storage.", "Keywords for: GPU cost per token.",
@@ -51,6 +54,15 @@ TAGGING = Feature("batch-tagging", ("Tag this ticket: printer on floor 3 is jamm
                   6, 8, "low", stream=False)
 
 
+# Questions customers ask in different words (and two that only look alike: other intents).
+FAQ = Feature("faq", ("How do I reset my password?", "How can I reset my password?",
+                      "What are the steps to reset my password?", "How do I cancel my subscription?",
+                      "How can I cancel my subscription?", "What's the way to end my subscription?",
+                      "How long does shipping take?", "How many days does delivery take?",
+                      "How do I delete my account?", "How do I pause my subscription?"),
+              24, 3, "normal", stream=False, greedy=True)
+
+
 @dataclass(frozen=True)
 class Tenant:
     key: str
@@ -61,8 +73,8 @@ class Tenant:
 
 
 TENANTS = (
-    Tenant("sk-demo-acme-premium", "acme", "premium", (SEARCH, SUMMARIES, CHAT), (0.2, 1.0)),
-    Tenant("sk-demo-globex-standard", "globex", "standard", (SEARCH, TAGGING, CHAT), (1.0, 3.0)),
+    Tenant("sk-demo-acme-premium", "acme", "premium", (SEARCH, SUMMARIES, CHAT, FAQ, FAQ), (0.2, 1.0)),
+    Tenant("sk-demo-globex-standard", "globex", "standard", (SEARCH, TAGGING, CHAT, FAQ), (1.0, 3.0)),
     Tenant("sk-demo-initech-free", TRIP_TENANT, "free", (CHAT, SUMMARIES), (0.5, 1.5)),
 )
 
@@ -171,7 +183,10 @@ async def _wave(client: openai.AsyncOpenAI, model: str, wave: Wave, rng: random.
 async def _one(client: openai.AsyncOpenAI, model: str, feature: Feature, prompt: str, repeat: bool, seed: int,
                user: str, outcomes: Outcomes) -> str:
     headers = {"X-Wattson-Feature": feature.name, "X-Wattson-Priority": feature.priority}
-    sampling = {"temperature": 0.0, "seed": 0} if repeat else {"temperature": 0.7, "seed": seed}
+    if feature.greedy:
+        sampling: dict[str, float | int] = {"temperature": 0.0}
+    else:
+        sampling = {"temperature": 0.0, "seed": 0} if repeat else {"temperature": 0.7, "seed": seed}
     messages = [{"role": "user", "content": prompt}]
     try:
         if feature.stream:

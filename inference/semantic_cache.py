@@ -26,6 +26,7 @@ threshold.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -53,7 +54,10 @@ log = logging.getLogger("inference.semantic_cache")
 REDIS_PREFIX = "wattson:semcache:v1:"
 REDIS_TIMEOUT_S = 0.25
 REDIS_RETRY_AFTER_S = 5.0
-SYNC_BATCH = 2000  # stream entries read per round trip while catching up
+SYNC_BATCH = 200  # stream entries (~1.7 kB each) read per round trip while catching up
+# How long a lookup waits for its partition's sync with Redis; past it the lookup scans what is
+# here and the sync carries on in the background (a cold replica catching up on 100k entries).
+SYNC_WAIT_S = 0.05
 BYPASS_HEADER_VALUE = "bypass"  # the request header x-wattson-cache: bypass skips both caches' lookups
 
 Body = ChatCompletionRequest | CompletionRequest
@@ -307,6 +311,7 @@ class SemanticCache:
         self._ruleset_policies: list[SemanticPolicy] = []
         self._flushes_done: dict[tuple[str, str], float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._syncs: dict[str, asyncio.Task[Any]] = {}  # Redis key -> its partition's sync under way
 
     # -- policies ------------------------------------------------------------------------------
 
@@ -383,7 +388,7 @@ class SemanticCache:
         vector = await self.batcher.embed(text)
         index = self._index(partition, feature, tenant)
         if self.redis is not None:
-            await self.redis.read_new(redis_key(feature=feature, tenant=tenant, partition=partition), index)
+            await self._synced(redis_key(feature=feature, tenant=tenant, partition=partition), index)
         found = index.best(vector, now=self._clock(), not_before=policy.flushed_at)
         c = self.counters
         c.lookups += 1
@@ -394,6 +399,16 @@ class SemanticCache:
             return None, probe
         c.hits += 1
         return SemanticHit(found[0], found[1]), probe
+
+    async def _synced(self, key: str, index: VectorIndex) -> None:
+        """Bring ``index`` up to date with its Redis stream, waiting at most ``SYNC_WAIT_S``: one sync
+        per partition at a time, which a later lookup joins."""
+        assert self.redis is not None
+        task = self._syncs.get(key)
+        if task is None or task.done():
+            task = self._syncs[key] = self._spawn(self.redis.read_new(key, index))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), timeout=SYNC_WAIT_S)
 
     def recording(self, gen: Outputs, probe: SemanticProbe, *, kind: Literal["chat", "completion"]) -> Outputs:
         """``gen`` as the API reads it, keeping its answer for ``probe``'s question once it finishes well."""
@@ -435,6 +450,7 @@ class SemanticCache:
         dropped = [p for p, (f, t) in self._feature_of.items() if f == feature and tenant in ("*", t)]
         for partition in dropped:
             del self.partitions[partition], self._feature_of[partition]
+        self._syncs.clear()  # a sync under way fills an index no longer held
         deleted = await self.redis.delete_feature(feature, tenant) if self.redis is not None else 0
         self.counters.flushed += 1
         log.info("semantic cache: flushed feature %r (tenant %s): %d partitions here, %d in Redis",

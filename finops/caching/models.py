@@ -10,7 +10,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator, RegexVa
 from django.db import models
 
 # The runtime's default (inference/semantic_policy.py): under 1% false hits on the labelled pairs.
-DEFAULT_THRESHOLD = Decimal("0.900")
+DEFAULT_THRESHOLD = Decimal("0.930")
 DEFAULT_TTL_SECONDS = 24 * 3600
 MAX_TTL_SECONDS = 366 * 24 * 3600
 # What a runtime accepts as a feature (X-Wattson-Feature), and "*" or a tenant name.
@@ -26,7 +26,7 @@ class SemanticCachePolicy(models.Model):
     threshold = models.DecimalField(
         max_digits=4, decimal_places=3, default=DEFAULT_THRESHOLD,
         validators=[MinValueValidator(Decimal("0.5")), MaxValueValidator(Decimal("1"))],
-        help_text="Cosine similarity a question needs to get a stored answer (0.5-1). 0.90 gave under 1% false "
+        help_text="Cosine similarity a question needs to get a stored answer (0.5-1). 0.93 gave 0.6% false "
                   "hits on the labelled pairs (docs/BENCHMARKS.md); lower answers more, and more often wrongly")
     ttl_seconds = models.PositiveIntegerField(
         default=DEFAULT_TTL_SECONDS, validators=[MinValueValidator(1), MaxValueValidator(MAX_TTL_SECONDS)],

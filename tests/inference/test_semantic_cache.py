@@ -188,6 +188,7 @@ def test_replicas_share_answers_through_redis(tiny_model: LoadedModel, embedder:
     with serve(semantic_config(cache_redis_url=REDIS_URL), preloaded=(tiny_model,), embedder=embedder) as one, \
             serve(semantic_config(cache_redis_url=REDIS_URL), preloaded=(tiny_model,), embedder=embedder) as two:
         system = unique("Replicas.", one)
+        post(two, conversation(system, "What are your opening hours?"))  # the second replica follows the partition
         first = post(one, conversation(system, RESET))
         time.sleep(0.2)  # the write to Redis is off the request's path
         before = steps(two)
