@@ -10,11 +10,14 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import numpy as np
 import pytest
 
+from inference.cache import CachedAnswer
 from inference.config import ConfigError, RuntimeConfig, load_config
-from inference.embedding import Embedder
+from inference.embedding import DIMENSIONS, Embedder
 from inference.engine.models import LoadedModel
+from inference.semantic_cache import EXACT_SCAN_UP_TO, VectorIndex
 from inference.semantic_policy import DEFAULT_THRESHOLD, SemanticPolicy
 from tests.inference.live import ACME, GLOBEX, LiveRuntime, free_port, serve, tiny_config
 from tests.inference.rulesets import ADMIN_TOKEN, at, document, push
@@ -222,3 +225,25 @@ def test_the_flag_takes_a_feature_and_an_optional_threshold() -> None:
 
 def test_without_a_policy_nothing_is_loaded(live: LiveRuntime) -> None:
     assert live.runtime.semantic_cache.batcher is None
+
+
+def test_a_large_partition_finds_the_same_answer_and_similarity_as_an_exact_scan() -> None:
+    rng = np.random.default_rng(19)
+    vectors = rng.standard_normal((EXACT_SCAN_UP_TO * 3, DIMENSIONS)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = VectorIndex(max_entries=len(vectors))
+    for i, vector in enumerate(vectors):
+        index.add(vector, stored(str(i), expires_at=2e9 if i % 10 else 1.0), stored_at=float(i))
+    for j in range(200):
+        query = vectors[j * 37] + 0.4 * rng.standard_normal(DIMENSIONS).astype(np.float32)
+        query /= np.linalg.norm(query)
+        exact = np.where(np.arange(len(vectors)) % 10 != 0, vectors @ query, -2.0)  # every tenth has expired
+        answer, similarity = index.best(query, now=1e9, not_before=None)
+        assert (int(answer.text), similarity) == (int(np.argmax(exact)), pytest.approx(float(exact.max()), abs=1e-5))
+    flushed = index.best(vectors[7], now=1e9, not_before=100.0)
+    assert flushed is not None and flushed[0].text != "7", "an answer stored before a flush is never found"
+
+
+def stored(text: str, *, expires_at: float) -> CachedAnswer:
+    return CachedAnswer(kind="chat", pieces=(text,), finish_reason="stop", prompt_tokens=1, completion_tokens=1,
+                        gpu_seconds=None, energy_measured=False, expires_at=expires_at)
