@@ -17,12 +17,14 @@ def breakdown_table(rows: list[BreakdownRow], *, dimension: str, stem: str) -> T
     header = [dimension, "requests", "ok", "errors", "rejections", "prompt_tokens", "completion_tokens", "tokens",
               "list_cost_usd", "hardware_cost_usd", "list_cost_per_1k_tokens_usd", "cache_hit_rate",
               "cache_saved_usd", "error_rate",
-              "rejection_rate", "gpu_seconds", "energy_joules", "energy_joules_per_1k_tokens", "unpriced_requests"]
+              "rejection_rate", "gpu_seconds", "energy_joules", "energy_joules_per_1k_tokens", "unpriced_requests",
+              "semantic_cache_hits", "semantic_cache_saved_usd"]
     return Table(stem, header, ([
         r.row.value, r.row.requests, r.row.ok, r.row.errors, r.row.rejections, r.row.prompt_tokens,
         r.row.completion_tokens, r.row.tokens, r.row.list_cost, r.row.hardware_cost, r.row.cost_per_1k_tokens,
         r.row.cache_hit_rate, r.row.saved_cost, r.row.error_rate, r.row.rejection_rate, r.row.gpu_seconds,
-        r.row.energy_joules, r.row.energy_per_1k_tokens, r.row.unpriced] for r in rows))
+        r.row.energy_joules, r.row.energy_per_1k_tokens, r.row.unpriced, r.row.semantic_hits,
+        r.row.semantic_saved_cost] for r in rows))
 
 
 def end_users_table(users: list[EndUser], *, stem: str) -> Table:

@@ -5,7 +5,9 @@ the overview and feature pages show them apart, with the threshold in force."""
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
 import json
 from decimal import Decimal
 from typing import Any
@@ -121,3 +123,14 @@ def test_the_overview_and_feature_pages_show_semantic_hits_apart_with_the_thresh
     assert "threshold 0.900 for faq" in feature and "support" not in feature.split('id="kpi-semantic-cache"')[1][:400]
     chat = pm.get("/features/chat/" + query).content.decode()
     assert "off: no policy for this scope" in chat
+
+
+def test_the_features_csv_carries_semantic_hits_and_savings(post_batch: Any) -> None:
+    traffic(post_batch)
+    start, end = (timezone.localtime(HOUR_AGO + dt.timedelta(hours=h)) for h in (-1, 1))
+    response = logged_in().get(f"/features/?range=custom&start={start:%Y-%m-%dT%H:%M}&end={end:%Y-%m-%dT%H:%M}"
+                               "&format=csv")
+    rows = list(csv.DictReader(io.StringIO(response.content.decode())))
+    faq = next(row for row in rows if row["feature"] == "faq")
+    assert (int(faq["semantic_cache_hits"]), Decimal(faq["semantic_cache_saved_usd"])) == (
+        2, raw(cache_kind="semantic")[1])
