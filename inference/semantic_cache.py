@@ -155,25 +155,29 @@ class VectorIndex:
 
     def best(self, query: np.ndarray, *, now: float, not_before: float | None) -> tuple[CachedAnswer, float] | None:
         """The most similar answer still fresh (and stored after ``not_before``), with its similarity."""
-        n = len(self.answers)
+        # One consistent view: a scan may run in a worker thread while the event loop adds answers
+        # (which only append, or grow into new arrays) or compacts the partition (new arrays and list).
+        answers, vectors, coarse_vectors = self.answers, self._vectors, self._coarse
+        expires, stored = self._expires, self._stored
+        n = min(len(answers), len(expires))
         if n == 0:
             return None
-        usable = self._expires[:n] > now
+        usable = expires[:n] > now
         if not_before is not None:
-            usable &= self._stored[:n] > not_before
+            usable &= stored[:n] > not_before
         if n <= EXACT_SCAN_UP_TO:
-            similarity = np.where(usable, self._vectors[:n] @ query, -2.0)
+            similarity = np.where(usable, vectors[:n] @ query, -2.0)
             i = int(np.argmax(similarity))
-            return None if similarity[i] < -1.0 else (self.answers[i], float(similarity[i]))
-        coarse = _as_float32(self._coarse[:n] @ torch.from_numpy(query).to(torch.bfloat16))
+            return None if similarity[i] < -1.0 else (answers[i], float(similarity[i]))
+        coarse = _as_float32(coarse_vectors[:n] @ torch.from_numpy(query).to(torch.bfloat16))
         coarse = np.where(usable, coarse, -2.0)
         candidates = np.argpartition(coarse, n - RESCORED)[n - RESCORED:]
         candidates = candidates[coarse[candidates] > -1.5]
         if len(candidates) == 0:
             return None
-        exact = self._vectors[candidates] @ query
+        exact = vectors[candidates] @ query
         i = int(candidates[int(np.argmax(exact))])
-        return self.answers[i], float(exact.max())
+        return answers[i], float(exact.max())
 
     def prune(self, *, now: float) -> None:
         """Drop expired answers once they are half the partition (a scan pays for every row)."""
@@ -311,6 +315,7 @@ class SemanticCounters:
     misses: int = 0
     stores: int = 0
     unavailable: int = 0  # lookups that found no embedding model (loading, or not installed)
+    errors: int = 0  # lookups whose embedding failed (served as misses)
     lookup_seconds: float = 0.0
     flushed: int = 0
 
@@ -410,11 +415,19 @@ class SemanticCache:
         partition = partition_of(tenant=tenant, model=model, feature=feature, body=body, context=context,
                                  max_tokens_cap=max_tokens_cap, default_max_tokens=default_max_tokens)
         assert self.batcher is not None
-        vector = await self.batcher.embed(text)
+        try:
+            vector = await self.batcher.embed(text)
+        except Exception:  # the request is answered by its model, never failed by the cache
+            self.counters.errors += 1
+            log.exception("semantic cache: embedding a question failed; served as a miss")
+            return None, None
         index = self._index(partition, feature, tenant)
         if self.redis is not None:
             await self._synced(redis_key(feature=feature, tenant=tenant, partition=partition), index)
-        found = index.best(vector, now=self._clock(), not_before=policy.flushed_at)
+        if len(index) > EXACT_SCAN_UP_TO:  # milliseconds of work: off the event loop, which streams others' answers
+            found = await asyncio.to_thread(index.best, vector, now=self._clock(), not_before=policy.flushed_at)
+        else:
+            found = index.best(vector, now=self._clock(), not_before=policy.flushed_at)
         c = self.counters
         c.lookups += 1
         c.lookup_seconds += time.perf_counter() - started
@@ -511,6 +524,7 @@ class SemanticCache:
         rows += counter("wattson_semantic_cache_stores_total", "Answers kept in the semantic cache", c.stores)
         rows += counter("wattson_semantic_cache_unavailable_total", "Lookups made without an embedding model "
                         "(loading, or not installed): misses", c.unavailable)
+        rows += counter("wattson_semantic_cache_errors_total", "Lookups whose embedding failed: misses", c.errors)
         rows += counter("wattson_semantic_cache_lookup_seconds_total", "Time spent embedding and scanning",
                         c.lookup_seconds)
         rows += gauge("wattson_semantic_cache_entries", "Answers held in memory",

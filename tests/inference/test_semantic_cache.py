@@ -247,3 +247,17 @@ def test_a_large_partition_finds_the_same_answer_and_similarity_as_an_exact_scan
 def stored(text: str, *, expires_at: float) -> CachedAnswer:
     return CachedAnswer(kind="chat", pieces=(text,), finish_reason="stop", prompt_tokens=1, completion_tokens=1,
                         gpu_seconds=None, energy_measured=False, expires_at=expires_at)
+
+
+def test_an_embedding_failure_is_a_miss_not_an_error(faq: LiveRuntime, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = faq.runtime.semantic_cache
+    assert cache.batcher is not None
+
+    def broken(texts: list[str]) -> np.ndarray:
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(cache.batcher.embedder, "embed", broken)
+    before = cache.counters.errors
+    response = post(faq, ask(unique(RESET, faq)))
+    assert "x-wattson-cache" not in response.headers, "answered by the model, as without the cache"
+    assert cache.counters.errors == before + 1
