@@ -90,6 +90,10 @@ class Runtime:
         config = self.config
         # The held ruleset and ledger first: no request is served before the rules are in force.
         await asyncio.to_thread(self.ruleset.open)
+        # The semantic cache follows the held ruleset's policies, and each new one's (loading the
+        # embedding model as soon as a policy needs it, not at the first request).
+        self.semantic_cache.follow(self.rules.compiled.document if self.rules.compiled is not None else None)
+        self.ruleset.on_accept = self.semantic_cache.follow
         if self.gpu is None:
             self.gpu = await asyncio.to_thread(GpuMonitor)
         if config.torch_threads is not None:

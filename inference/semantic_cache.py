@@ -346,12 +346,15 @@ class SemanticCache:
     # -- policies ------------------------------------------------------------------------------
 
     def follow(self, document: RulesetDocument | None) -> None:
-        """Take the policies of the ruleset in force (called before each lookup; cheap when unchanged).
+        """Take the policies of the ruleset in force (when one is accepted, and before each lookup:
+        cheap when unchanged; on the event loop).
         A policy whose ``flushed_at`` moved drops that feature's entries here and in Redis."""
         if document is self._document:
             return
         self._document = document
         self._ruleset_policies = policies_of(document)
+        if self._ruleset_policies:
+            self._ready()  # starts loading the embedding model if it is not loaded
         for policy in self._ruleset_policies:
             scope = (policy.feature, policy.tenant)
             if policy.flushed_at is not None and self._flushes_done.get(scope, 0.0) < policy.flushed_at:

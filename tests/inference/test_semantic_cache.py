@@ -19,7 +19,7 @@ from inference.embedding import DIMENSIONS, Embedder
 from inference.engine.models import LoadedModel
 from inference.semantic_cache import EXACT_SCAN_UP_TO, VectorIndex
 from inference.semantic_policy import DEFAULT_THRESHOLD, SemanticPolicy
-from tests.inference.live import ACME, GLOBEX, LiveRuntime, free_port, serve, tiny_config
+from tests.inference.live import ACME, GLOBEX, LiveRuntime, free_port, serve, tiny_config, wait_until
 from tests.inference.rulesets import ADMIN_TOKEN, at, document, push
 
 REDIS_URL = "redis://127.0.0.1:6379/4"  # this suite's own Redis database
@@ -261,3 +261,12 @@ def test_an_embedding_failure_is_a_miss_not_an_error(faq: LiveRuntime, monkeypat
     response = post(faq, ask(unique(RESET, faq)))
     assert "x-wattson-cache" not in response.headers, "answered by the model, as without the cache"
     assert cache.counters.errors == before + 1
+
+
+def test_a_pushed_policy_loads_the_embedding_model_before_the_first_request(tiny_model: LoadedModel) -> None:
+    with serve(semantic_config(semantic_cache=()), preloaded=(tiny_model,)) as live:
+        assert live.runtime.semantic_cache.batcher is None, "nothing loaded without a policy"
+        push(live, {**document(), "semantic_cache": [policy("faq")]})
+        wait_until(lambda: live.runtime.semantic_cache.batcher is not None, timeout=120)
+        post(live, ask(RESET))
+        assert post(live, ask(RESET_AGAIN)).headers["x-wattson-cache"].startswith("semantic")
