@@ -54,13 +54,16 @@ TAGGING = Feature("batch-tagging", ("Tag this ticket: printer on floor 3 is jamm
                   6, 8, "low", stream=False)
 
 
-# Questions customers ask in different words (and two that only look alike: other intents).
-FAQ = Feature("faq", ("How do I reset my password?", "How can I reset my password?",
-                      "What are the steps to reset my password?", "How do I cancel my subscription?",
-                      "How can I cancel my subscription?", "What's the way to end my subscription?",
-                      "How long does shipping take?", "How many days does delivery take?",
-                      "How do I delete my account?", "How do I pause my subscription?"),
-              24, 3, "normal", stream=False, greedy=True)
+# Questions customers ask in different words, one group a wave; the last two groups only look like
+# the first two (other intents: the semantic cache must not answer them with the first two's answers).
+FAQ_GROUPS = (
+    ("How do I reset my password?", "How can I reset my password?", "What are the steps to reset my password?"),
+    ("How do I cancel my subscription?", "How can I cancel my subscription?", "What's the way to end my subscription?"),
+    ("How long does shipping take?", "How many days does delivery take?", "What is the usual shipping time?"),
+    ("How do I delete my account?", "How can I delete my account?"),
+    ("How do I pause my subscription?", "How can I pause my subscription?"),
+)
+FAQ = Feature("faq", tuple(q for group in FAQ_GROUPS for q in group), 24, 3, "normal", stream=False, greedy=True)
 
 
 @dataclass(frozen=True)
@@ -165,18 +168,26 @@ async def drive(base_url: str, *, model: str, rounds: int, seed: int = 7) -> Out
 
 async def _wave(client: openai.AsyncOpenAI, model: str, wave: Wave, rng: random.Random, outcomes: Outcomes,
                 bar: tqdm) -> list[str]:
-    """Send one wave at once; return each request's outcome."""
-    prompt = wave.feature.prompts[0] if wave.repeat else None
-    requests = [_one(client, model, wave.feature, prompt or rng.choice(wave.feature.prompts), wave.repeat,
-                     rng.randrange(1_000_000), f"{wave.tenant.name}-user-{rng.randrange(12)}", outcomes)
-                for _ in range(wave.size)]
+    """Send one wave; return each request's outcome. A wave of one repeated request, or of one FAQ
+    question in several phrasings, sends its first request alone and the rest together once it is
+    answered: the first asker pays for the answer, which the caches then serve to the others."""
+    if wave.feature.greedy:
+        group = rng.choice(FAQ_GROUPS)
+        prompts = [group[i % len(group)] for i in range(wave.size)]
+    else:
+        prompt = wave.feature.prompts[0] if wave.repeat else None
+        prompts = [prompt or rng.choice(wave.feature.prompts) for _ in range(wave.size)]
+    requests = [_one(client, model, wave.feature, prompt, wave.repeat, rng.randrange(1_000_000),
+                     f"{wave.tenant.name}-user-{rng.randrange(12)}", outcomes) for prompt in prompts]
+    stages = [requests[:1], requests[1:]] if wave.repeat or wave.feature.greedy else [requests]
     labels = []
-    for outcome in asyncio.as_completed(requests):
-        label = await outcome
-        labels.append(label)
-        outcomes.counts[label] += 1
-        bar.update()
-        bar.set_postfix({"429 budget": outcomes.budget_rejections}, refresh=False)
+    for stage in stages:
+        for outcome in asyncio.as_completed(stage):
+            label = await outcome
+            labels.append(label)
+            outcomes.counts[label] += 1
+            bar.update()
+            bar.set_postfix({"429 budget": outcomes.budget_rejections}, refresh=False)
     return labels
 
 
