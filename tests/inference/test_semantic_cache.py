@@ -6,6 +6,7 @@ answers between replicas and its outage is a miss, never an error."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 
@@ -17,7 +18,8 @@ from inference.cache import CachedAnswer
 from inference.config import ConfigError, RuntimeConfig, load_config
 from inference.embedding import DIMENSIONS, Embedder
 from inference.engine.models import LoadedModel
-from inference.semantic_cache import EXACT_SCAN_UP_TO, VectorIndex
+from inference.rules.contract import ruleset_parse
+from inference.semantic_cache import EXACT_SCAN_UP_TO, SemanticCache, VectorIndex
 from inference.semantic_policy import DEFAULT_THRESHOLD, SemanticPolicy
 from tests.inference.live import ACME, GLOBEX, LiveRuntime, free_port, serve, tiny_config, wait_until
 from tests.inference.rulesets import ADMIN_TOKEN, at, document, push
@@ -270,3 +272,17 @@ def test_a_pushed_policy_loads_the_embedding_model_before_the_first_request(tiny
         wait_until(lambda: live.runtime.semantic_cache.batcher is not None, timeout=120)
         post(live, ask(RESET))
         assert post(live, ask(RESET_AGAIN)).headers["x-wattson-cache"].startswith("semantic")
+
+
+def test_a_tenants_own_policy_wins_over_every_tenants_and_the_rulesets_over_a_flag(embedder: Embedder) -> None:
+    cache = SemanticCache(flag_policies=(SemanticPolicy("faq", threshold=0.99), SemanticPolicy("help")),
+                          embedder=embedder)
+    doc = ruleset_parse(json.dumps({**document(), "semantic_cache": [
+        policy("faq", threshold=0.95), policy("faq", tenant="acme", threshold=0.97)]}).encode())
+    cache.follow(doc)
+    assert cache.policy_for(tenant="acme", feature="faq").threshold == 0.97
+    assert cache.policy_for(tenant="globex", feature="faq").threshold == 0.95, "the ruleset's, not the flag's"
+    assert cache.policy_for(tenant="globex", feature="help").source == "flag"
+    assert cache.policy_for(tenant="globex", feature="chat") is None
+    cache.follow(None)
+    assert cache.policy_for(tenant="acme", feature="faq").threshold == 0.99, "without a ruleset, the flag's"
