@@ -228,8 +228,10 @@ class SemanticRedis:
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.xadd(key, {"v": vector.astype(np.float32).tobytes(), "a": answer.to_json(), "s": repr(stored_at)},
                           maxlen=max_entries, approximate=True)
+                # Stream ids are milliseconds: what is older than the TTL has expired, and goes.
+                pipe.xtrim(key, minid=f"{max(0, int((stored_at - ttl_s) * 1000))}-0", approximate=True)
                 pipe.pexpire(key, max(1, int(ttl_s * 1000)))
-                entry_id, _ = await pipe.execute()
+                entry_id, _, _ = await pipe.execute()
         except Exception as exc:
             self._failed("write", exc)
             return None
@@ -263,7 +265,8 @@ class SemanticRedis:
             self.errors += 1
             log.warning("semantic cache: ignoring a malformed entry in Redis")
             return
-        index.add(vector, answer, stored_at=stored_at, entry_id=entry_id)
+        if answer.expires_at > time.time():  # an expired one would only be scanned past
+            index.add(vector, answer, stored_at=stored_at, entry_id=entry_id)
 
     async def delete_feature(self, feature: str, tenant: str) -> int:
         """Delete a feature's partitions (of one tenant, or all: ``*``); how many were deleted."""

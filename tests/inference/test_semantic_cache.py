@@ -19,7 +19,7 @@ from inference.config import ConfigError, RuntimeConfig, load_config
 from inference.embedding import DIMENSIONS, Embedder
 from inference.engine.models import LoadedModel
 from inference.rules.contract import ruleset_parse
-from inference.semantic_cache import EXACT_SCAN_UP_TO, SemanticCache, VectorIndex
+from inference.semantic_cache import EXACT_SCAN_UP_TO, SemanticCache, VectorIndex, redis_key
 from inference.semantic_policy import DEFAULT_THRESHOLD, SemanticPolicy
 from tests.inference.live import ACME, GLOBEX, LiveRuntime, free_port, serve, tiny_config, wait_until
 from tests.inference.rulesets import ADMIN_TOKEN, at, document, push
@@ -286,3 +286,21 @@ def test_a_tenants_own_policy_wins_over_every_tenants_and_the_rulesets_over_a_fl
     assert cache.policy_for(tenant="globex", feature="chat") is None
     cache.follow(None)
     assert cache.policy_for(tenant="acme", feature="faq").threshold == 0.99, "without a ruleset, the flag's"
+
+
+@pytest.mark.skipif(not redis_running(), reason="no Redis on 127.0.0.1:6379")
+def test_redis_keeps_a_partition_no_longer_than_its_ttl(tiny_model: LoadedModel, embedder: Embedder) -> None:
+    import redis
+
+    shared = redis.Redis.from_url(REDIS_URL)
+    config = semantic_config(cache_redis_url=REDIS_URL, semantic_cache_ttl_s=1.0)
+    with serve(config, preloaded=(tiny_model,), embedder=embedder) as live:
+        system = unique("Trimmed.", live)
+        post(live, conversation(system, RESET))
+        time.sleep(1.2)
+        post(live, conversation(system, DELETE))
+        time.sleep(0.2)  # the write to Redis is off the request's path
+        (partition,) = live.runtime.semantic_cache.partitions  # a fresh runtime: this test's only one
+        key = redis_key(feature="faq", tenant="acme", partition=partition)
+        assert shared.xlen(key) == 1, "the expired answer was trimmed from the stream"
+        assert 0 < shared.pttl(key) <= 1000
