@@ -29,6 +29,7 @@ BENCHMARKS = {
     "org_scale": "10,000 budgets, 1,000 tenants, 1M events, 20 runtimes: evaluation pass, budgets page, fleet ingest",
     "faults": "the telemetry pipeline broken ten ways under load: answered vs stored, lost, duplicated, recovery",
     "regression_detection": "cost-regression detection on 30 days of generated traffic: false alarms, delay, start",
+    "semantic_cache": "false-hit rate, recall and threshold curve on labelled pairs; lookup p50/p95 at 100k entries",
 }
 
 

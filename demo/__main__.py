@@ -25,7 +25,7 @@ from types import FrameType
 import httpx
 
 from demo.processes import ChildFailed, Children
-from demo.traffic import Outcomes, api_keys_setting, drive
+from demo.traffic import FAQ, Outcomes, api_keys_setting, drive
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIME_NAME = "demo-runtime"
@@ -108,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {cp.demo_prices_ensure(model=args.model)}")
     for budget in cp.demo_budgets_ensure(trip_tokens=args.trip_tokens, acme_usd=ACME_USD_PER_ROUND * args.rounds):
         print(f"  budget {budget.name!r}: {budget.description}")
+    print(f"  {cp.demo_semantic_cache_ensure(feature=FAQ.name)}")
     compiled = cp.budgets_compile(runtime_name=RUNTIME_NAME)
     cp.connections_close()
 
@@ -139,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
                         # server, so the queue charts have something to show.
                         "--max-batch-size", "8", "--sample-interval-s", "2", "--export-interval-s", "0.5",
                         "--ruleset-pull-interval-s", "5",
+                        # The exact cache answers the deterministic repeats (temperature 0); the
+                        # semantic cache is on for the FAQ feature through the ruleset's policy.
+                        "--cache-enabled", "on",
                         "--log-level", "warning"],
             env=runtime_env, cwd=ROOT, log=logs / "runtime.log")
         runtime.wait_until(lambda: httpx.get(f"{runtime_url}/health", timeout=2).status_code == 200,

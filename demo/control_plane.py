@@ -28,6 +28,7 @@ from finops.budgets.periods import period_at
 from finops.budgets.permissions import BUDGET_ADMIN, PRODUCT_MANAGER
 from finops.budgets.selectors import budget_spend
 from finops.budgets.services import budget_create, budget_update
+from finops.caching.models import DEFAULT_THRESHOLD, SemanticCachePolicy
 from finops.pricing.models import ANY, DevicePrice, ModelPrice, PriceBook
 from finops.runtimes.models import Ruleset, Runtime
 from finops.runtimes.services import runtime_register, runtime_token_rotate, runtime_url_validate
@@ -174,6 +175,14 @@ def _budget_with_headroom(name: str, *, headroom: Decimal, now: dt.datetime, fie
     places = Decimal(1) if budget.unit == Unit.TOKENS else Decimal(10) ** -LIMIT["decimal_places"]
     limit = (used + headroom).quantize(places, rounding=ROUND_CEILING)
     return budget_update(budget=budget, fields={"limit": limit, "paused": False})
+
+
+def demo_semantic_cache_ensure(*, feature: str) -> str:
+    """The semantic cache on for ``feature`` of every tenant, at the default threshold; what to print."""
+    policy, _ = SemanticCachePolicy.objects.update_or_create(
+        feature=feature, tenant="*", defaults={"threshold": DEFAULT_THRESHOLD, "enabled": True})
+    return (f"semantic cache on for feature {policy.feature!r} (every tenant, threshold {policy.threshold}, "
+            f"TTL {policy.ttl_seconds} s): paraphrased questions are answered from the cache")
 
 
 def budgets_compile(*, runtime_name: str) -> int:

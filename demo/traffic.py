@@ -2,7 +2,9 @@
 its own features and rhythm, running at the same time so their requests share the engine's batches.
 
 Features differ in prompt length, completion length, burst size, priority and whether they
-stream. Some waves repeat an exact request (same prompt, temperature 0), as a cache would see.
+stream. Some waves repeat an exact request (same prompt, temperature 0), which the runtime's exact
+cache answers again; the FAQ feature asks a few questions in several phrasings (greedy), which the
+semantic cache the demo enables for it answers from the first phrasing's answer.
 Every request names its task (``X-Wattson-Task``), and a client re-sends a request the runtime
 refused for load or budget once, under the same task, so the pages show tasks of two attempts and
 the waste of the ones that never succeeded. Halfway through its waves acme's ``summaries`` prompt
@@ -39,6 +41,7 @@ class Feature:
     burst: int  # requests sent together
     priority: str
     stream: bool
+    greedy: bool = False  # temperature 0 on every request: the same question gets the same answer
 
 
 SEARCH = Feature("search", ("Give three keywords for: renewable energy storage.", "Keywords for: GPU cost per token.",
@@ -61,6 +64,18 @@ TAGGING = Feature("batch-tagging", ("Tag this ticket: printer on floor 3 is jamm
                   6, 8, "low", stream=False)
 
 
+# Questions customers ask in different words, one group a wave; the last two groups only look like
+# the first two (other intents: the semantic cache must not answer them with the first two's answers).
+FAQ_GROUPS = (
+    ("How do I reset my password?", "How can I reset my password?", "What are the steps to reset my password?"),
+    ("How do I cancel my subscription?", "How can I cancel my subscription?", "What's the way to end my subscription?"),
+    ("How long does shipping take?", "How many days does delivery take?", "What is the usual shipping time?"),
+    ("How do I delete my account?", "How can I delete my account?"),
+    ("How do I pause my subscription?", "How can I pause my subscription?"),
+)
+FAQ = Feature("faq", tuple(q for group in FAQ_GROUPS for q in group), 24, 3, "normal", stream=False, greedy=True)
+
+
 @dataclass(frozen=True)
 class Tenant:
     key: str
@@ -71,8 +86,8 @@ class Tenant:
 
 
 TENANTS = (
-    Tenant("sk-demo-acme-premium", "acme", "premium", (SEARCH, SUMMARIES, CHAT), (0.2, 1.0)),
-    Tenant("sk-demo-globex-standard", "globex", "standard", (SEARCH, TAGGING, CHAT), (1.0, 3.0)),
+    Tenant("sk-demo-acme-premium", "acme", "premium", (SEARCH, SUMMARIES, CHAT, FAQ, FAQ), (0.2, 1.0)),
+    Tenant("sk-demo-globex-standard", "globex", "standard", (SEARCH, TAGGING, CHAT, FAQ), (1.0, 3.0)),
     Tenant("sk-demo-initech-free", TRIP_TENANT, "free", (CHAT, SUMMARIES), (0.5, 1.5)),
 )
 
@@ -167,18 +182,27 @@ async def drive(base_url: str, *, model: str, rounds: int, seed: int = 7) -> Out
 
 async def _wave(client: openai.AsyncOpenAI, model: str, wave: Wave, rng: random.Random, outcomes: Outcomes,
                 bar: tqdm) -> list[str]:
-    """Send one wave at once; return each request's outcome."""
-    prompt = wave.feature.prompts[0] if wave.repeat else None
+    """Send one wave; return each request's outcome. A wave of one repeated request, or of one FAQ
+    question in several phrasings, sends its first request alone and the rest together once it is
+    answered: the first asker pays for the answer, which the caches then serve to the others."""
+    if wave.feature.greedy:
+        group = rng.choice(FAQ_GROUPS)
+        prompts = [group[i % len(group)] for i in range(wave.size)]
+    else:
+        prompt = wave.feature.prompts[0] if wave.repeat else None
+        prompts = [prompt or rng.choice(wave.feature.prompts) for _ in range(wave.size)]
     growth = GROWTH if wave.grown else ""
-    tasks = [_task(client, model, wave.feature, growth + (prompt or rng.choice(wave.feature.prompts)), wave.repeat,
-                   rng.randrange(1_000_000), f"{wave.tenant.name}-user-{rng.randrange(12)}",
+    tasks = [_task(client, model, wave.feature, growth + prompt, wave.repeat, rng.randrange(1_000_000),
+                   f"{wave.tenant.name}-user-{rng.randrange(12)}",
                    f"{wave.tenant.name}-{wave.feature.name}-{rng.randrange(10**9):09d}", outcomes, bar)
-             for _ in range(wave.size)]
+             for prompt in prompts]
+    stages = [tasks[:1], tasks[1:]] if wave.repeat or wave.feature.greedy else [tasks]
     labels = []
-    for outcome in asyncio.as_completed(tasks):
-        label = await outcome
-        labels.append(label)
-        bar.set_postfix({"429 budget": outcomes.budget_rejections}, refresh=False)
+    for stage in stages:
+        for outcome in asyncio.as_completed(stage):
+            label = await outcome
+            labels.append(label)
+            bar.set_postfix({"429 budget": outcomes.budget_rejections}, refresh=False)
     return labels
 
 
@@ -201,7 +225,10 @@ async def _task(client: openai.AsyncOpenAI, model: str, feature: Feature, prompt
 async def _one(client: openai.AsyncOpenAI, model: str, feature: Feature, prompt: str, repeat: bool, seed: int,
                user: str, task: str, outcomes: Outcomes) -> str:
     headers = {"X-Wattson-Feature": feature.name, "X-Wattson-Priority": feature.priority, "X-Wattson-Task": task}
-    sampling = {"temperature": 0.0, "seed": 0} if repeat else {"temperature": 0.7, "seed": seed}
+    if feature.greedy:
+        sampling: dict[str, float | int] = {"temperature": 0.0}
+    else:
+        sampling = {"temperature": 0.0, "seed": 0} if repeat else {"temperature": 0.7, "seed": seed}
     messages = [{"role": "user", "content": prompt}]
     try:
         if feature.stream:

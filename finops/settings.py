@@ -110,6 +110,7 @@ INSTALLED_APPS = [
     "finops.dashboards",
     "finops.budgets",
     "finops.regressions",
+    "finops.caching",
 ]
 
 MIDDLEWARE = [

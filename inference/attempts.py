@@ -23,6 +23,9 @@ cannot take it now, which is not a failure of the model, and no event is made.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
@@ -41,6 +44,7 @@ from inference.measurement import RequestMeasurement
 from inference.responses import CompletionResponse
 from inference.rules import Match, RuleRejection
 from inference.schemas import ChatCompletionRequest, CompletionRequest
+from inference.semantic_cache import BYPASS_HEADER_VALUE, SemanticProbe
 
 if TYPE_CHECKING:
     from inference.runtime import Backend, Runtime
@@ -60,6 +64,9 @@ class Routed:
     cache_key: str | None  # where the routed model's answer is kept (None: not cached)
     deadline: Deadline
     on_text: Callable[[str], None] | None = None  # also gets the answer's text as it comes (a job's progress)
+    cache_sampled: bool = False  # the key's flag: its sampled answers may be cached
+    cache_bypass: bool = False  # the client asked for a fresh answer (x-wattson-cache: bypass)
+    semantic: SemanticProbe | None = None  # where the semantic cache keeps the answer, after a miss
 
 
 class Started(NamedTuple):
@@ -153,12 +160,10 @@ async def first_output(runtime: Runtime, attempts: RequestAttempts, routed: Rout
     """The request's answer up to its first output, from the cache or the first attempt that gives
     one; or raise the ``ApiError`` its client is to get. Every attempt is recorded here, the one
     answering when its exchange ends."""
-    if routed.cache_key is not None and runtime.cache is not None:
-        hit = await runtime.cache.get(routed.cache_key)
-        headers[CACHE_HEADER] = "hit" if hit is not None else "miss"
-        if hit is not None:  # answered again without a slot or an engine step
-            replay = CachedReplay(hit.replay(), routed.backend.name, hit.kind)
-            return await _serve_cached(runtime, attempts, routed, replay, headers, route_reason=None)
+    found, routed = await _looked_up(runtime, attempts, routed, headers)
+    if found is not None:  # answered again without a slot or an engine step
+        return await _serve_cached(runtime, attempts, routed, found[0], headers, route_reason=None,
+                                   similarity=found[1])
     primary = routed.backend.name
     steps = (primary, *runtime.breakers.chain(primary))
     failure: ApiError | None = None
@@ -183,6 +188,38 @@ async def first_output(runtime: Runtime, attempts: RequestAttempts, routed: Rout
     runtime.breakers.fallbacks_total[(primary, END_STEP)] += 1
     raise attempts.refuse(attempts.candidate(None),
                           model_unavailable(primary, runtime.breakers.of(primary).retry_after_s()))
+
+
+async def _looked_up(runtime: Runtime, attempts: RequestAttempts, routed: Routed, headers: dict[str, str]
+                     ) -> tuple[tuple[CachedReplay, float | None] | None, Routed]:
+    """The request looked up in the exact cache, then the semantic one: the cached answer (with its
+    similarity, for a semantic hit), and the request as routed on (after a semantic miss, with the
+    probe its answer is kept under). The time taken is the first attempt's ``cache_lookup_ms``."""
+    if routed.cache_bypass:
+        if routed.cache_key is not None or runtime.semantic_cache.thresholds():
+            headers[CACHE_HEADER] = BYPASS_HEADER_VALUE
+        return None, routed
+    started = time.perf_counter()
+    m = attempts.first
+    found: tuple[CachedReplay, float | None] | None = None
+    if routed.cache_key is not None and runtime.cache is not None:
+        hit = await runtime.cache.get(routed.cache_key)
+        headers[CACHE_HEADER] = "hit" if hit is not None else "miss"
+        m.cache_lookup_ms = (time.perf_counter() - started) * 1000
+        if hit is not None:
+            return (CachedReplay(hit.replay(), routed.backend.name, hit.kind), None), routed
+    document = runtime.rules.compiled.document if runtime.rules.compiled is not None else None
+    semantic, probe = await runtime.semantic_cache.lookup(
+        tenant=m.tenant, feature=m.feature, model=routed.backend.name, body=routed.body, max_tokens_cap=routed.cap,
+        default_max_tokens=runtime.config.default_max_tokens, cache_sampled=routed.cache_sampled, document=document)
+    if probe is None:
+        return None, routed
+    m.cache_lookup_ms = (time.perf_counter() - started) * 1000
+    if semantic is not None:
+        found = (CachedReplay(semantic.answer.replay(), routed.backend.name, semantic.answer.kind), semantic.similarity)
+        return found, routed
+    headers[CACHE_HEADER] = "miss"
+    return None, dataclasses.replace(routed, semantic=probe)
 
 
 async def _at_model(runtime: Runtime, attempts: RequestAttempts, routed: Routed, backend: Backend, *,
@@ -253,6 +290,8 @@ async def _attempt(runtime: Runtime, attempts: RequestAttempts, routed: Routed, 
         slot.attach(outputs.pausable)  # high-priority work may preempt it
     if backend is routed.backend and routed.cache_key is not None and runtime.cache is not None:
         outputs = runtime.cache.recording(outputs, routed.cache_key, kind=prepared.kind)
+    if backend is routed.backend and routed.semantic is not None:
+        outputs = runtime.semantic_cache.recording(outputs, routed.semantic, kind=prepared.kind)
     outputs = _observed(outputs, routed)
     exchange = Exchange(runtime, m, outputs, slot, CompletionResponse(model=backend.name, kind=prepared.kind),
                         routed.deadline)
@@ -322,9 +361,10 @@ async def _chain_cache(runtime: Runtime, attempts: RequestAttempts, routed: Rout
 
 
 async def _serve_cached(runtime: Runtime, attempts: RequestAttempts, routed: Routed, found: CachedReplay,
-                        headers: dict[str, str], *, route_reason: str | None) -> Started:
+                        headers: dict[str, str], *, route_reason: str | None, similarity: float | None = None
+                        ) -> Started:
     """Answer from a cached answer, in no slot: a request like any other to the throttles' request
-    rates, free to every budget."""
+    rates, free to every budget. ``similarity``: a semantic hit's (None: the exact cache's answer)."""
     m = attempts.candidate(route_reason)
     if routed.match is not None:
         try:
@@ -335,10 +375,15 @@ async def _serve_cached(runtime: Runtime, attempts: RequestAttempts, routed: Rou
         attempts.request_counted = True
     attempts.made(m)
     m.cache_hit, m.cache_stale = True, found.stale
+    m.cache_kind, m.cache_similarity = ("exact", None) if similarity is None else ("semantic", similarity)
     m.model_served, m.device = found.model, routed.backend.device_label
     if route_reason == "fallback":
         runtime.breakers.fallbacks_total[(routed.backend.name, CACHE_STEP)] += 1
-    headers[CACHE_HEADER] = "stale" if found.stale else "hit"
+    if similarity is not None:
+        # Rounded down: a hit at the threshold never shows a similarity above what it was.
+        headers[CACHE_HEADER] = f"semantic; similarity={math.floor(similarity * 100) / 100:.2f}"
+    else:
+        headers[CACHE_HEADER] = "stale" if found.stale else "hit"
     if m is not attempts.first:
         m.answers_since(attempts.first)
     exchange = Exchange(runtime, m, _observed(found.replay, routed), NO_QUEUE,

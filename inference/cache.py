@@ -113,6 +113,19 @@ class CachedAnswer:
         return gen
 
 
+def answer_of(kind: Literal["chat", "completion"], result: GenerationResult, pieces: list[str], *,
+              expires_at: float) -> CachedAnswer | None:
+    """The answer to keep from a finished generation, or None when it did not finish well."""
+    if result.finish_reason not in _CACHED_FINISH or result.error is not None:
+        return None
+    # The streamed pieces are kept when they spell the answer; otherwise the answer in one piece.
+    kept = tuple(pieces) if "".join(pieces) == result.text else ((result.text,) if result.text else ())
+    return CachedAnswer(kind=kind, pieces=kept, finish_reason=result.finish_reason,
+                        prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                        gpu_seconds=result.gpu_seconds, energy_measured=result.energy_joules is not None,
+                        expires_at=expires_at)
+
+
 def cacheable(body: Body, *, cache_sampled: bool) -> bool:
     """Whether the answer is the same every time: greedy, seeded, or the key accepts a repeat draw
     (its ``cache-sampled`` flag)."""
@@ -319,14 +332,9 @@ class ResponseCache:
 
     def put(self, key: str, kind: Literal["chat", "completion"], result: GenerationResult,
             pieces: list[str]) -> None:
-        if result.finish_reason not in _CACHED_FINISH or result.error is not None:
+        answer = answer_of(kind, result, pieces, expires_at=self._clock() + self.ttl_s)
+        if answer is None:
             return
-        # The streamed pieces are kept when they spell the answer; otherwise the answer in one piece.
-        kept = tuple(pieces) if "".join(pieces) == result.text else ((result.text,) if result.text else ())
-        answer = CachedAnswer(kind=kind, pieces=kept, finish_reason=result.finish_reason,
-                              prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                              gpu_seconds=result.gpu_seconds, energy_measured=result.energy_joules is not None,
-                              expires_at=self._clock() + self.ttl_s)
         encoded = answer.to_json()
         self.memory.put(key, answer, len(encoded))
         self.counters.stores += 1

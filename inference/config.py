@@ -30,6 +30,7 @@ from inference.options import (
     read_options,
     starts_with,
 )
+from inference.semantic_policy import DEFAULT_THRESHOLD, DEFAULT_TTL_S, SemanticPolicy, parse_semantic_flag
 
 Tier = Literal["free", "standard", "premium"]
 TIERS: tuple[Tier, ...] = ("free", "standard", "premium")
@@ -253,6 +254,16 @@ class RuntimeConfig:
     cache_redis_url: str | None = option(
         None, "redis://HOST:PORT/DB shared by replicas behind the in-memory cache (a Redis outage is a miss, "
         "never an error)", check=starts_with("redis://", "rediss://", "unix://"))
+    # The semantic cache (inference/semantic_cache.py): off unless a feature's policy enables it.
+    semantic_cache: tuple[SemanticPolicy, ...] = option(
+        (), "FEATURE[=THRESHOLD]: answer FEATURE's questions asked again in other words (cosine similarity at "
+        f"least THRESHOLD, default {DEFAULT_THRESHOLD}) from the semantic cache, for a runtime without a control "
+        "plane (the ruleset's policies take precedence); repeatable", flag="--semantic-cache", repeatable=True,
+        parse=parse_semantic_flag)
+    semantic_cache_ttl_s: float = option(DEFAULT_TTL_S, "how long the semantic cache keeps an answer for "
+                                         "--semantic-cache features", check=POSITIVE)
+    semantic_cache_max_entries: int = option(100_000, "most answers one semantic cache partition (tenant, model, "
+                                             "feature, sampling, conversation) holds", check=POSITIVE)
     # The routing alias (inference/routing.py): on when both targets are named; its options are
     # checked with it (check_auto_route), since they mean nothing without it.
     auto_model: str = option("auto", "the alias clients ask for to have the runtime pick a model")

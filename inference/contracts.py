@@ -21,6 +21,7 @@ BreakerState = Literal["closed", "half_open", "open"]
 # step (a cache hit, which ran nothing, too), or attributed from outside an upstream engine from its
 # busy time and device counters (docs/TELEMETRY.md).
 DeviceUseSource = Literal["measured", "attributed"]
+CacheKind = Literal["exact", "semantic"]
 
 
 class RequestEvent(BaseModel):
@@ -72,6 +73,13 @@ class RequestEvent(BaseModel):
     cache_stale: bool = False
     # How gpu_seconds and energy_joules were obtained; None when gpu_seconds is. None from older runtimes.
     device_use_source: DeviceUseSource | None = None
+    # Which cache answered (``cache_hit`` true): the exact one (the same request) or the semantic one
+    # (a similar question, ``cache_similarity`` its cosine similarity); None for other requests.
+    cache_kind: CacheKind | None = None
+    cache_similarity: float | None = Field(default=None, ge=-1, le=1)
+    # Time spent looking the request up in the caches (the semantic cache's embedding and scan
+    # included); None when no cache was looked up.
+    cache_lookup_ms: float | None = Field(default=None, ge=0)
 
 
 class DeviceSample(BaseModel):

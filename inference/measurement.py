@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from inference.contracts import EventStatus, Priority, RequestEvent
+from inference.contracts import CacheKind, EventStatus, Priority, RequestEvent
 from inference.engine.engine import GenerationResult
 
 if TYPE_CHECKING:
@@ -40,6 +40,9 @@ class RequestMeasurement:
     completion_tokens: int = 0
     cache_hit: bool = False
     cache_stale: bool = False
+    cache_kind: CacheKind | None = None
+    cache_similarity: float | None = None
+    cache_lookup_ms: float | None = None
     queue_wait_s: float | None = None
     queue_depth_at_admit: int | None = None
     result: GenerationResult | None = None

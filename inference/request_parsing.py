@@ -24,6 +24,7 @@ TASK_METADATA_KEY = "task_id"
 # A task id reaches pages, URLs and CSV cells through its events: the feature's alphabet, 1-100 long.
 TASK_PATTERN = r"^[A-Za-z0-9_.:/\-]{1,100}$"
 _TASK_RE = re.compile(TASK_PATTERN)
+CACHE_REQUEST_HEADER = "x-wattson-cache"
 FEATURE_PATTERN = r"^[A-Za-z0-9_.:/\-]{1,100}$"
 DEADLINE_PATTERN = r"^[0-9]{1,9}(\.[0-9]{1,3})?$"
 _DEADLINE_RE = re.compile(DEADLINE_PATTERN)
@@ -52,6 +53,12 @@ def request_task(request: Request, metadata: dict[str, str] | None) -> str | Non
         raise ApiError(400, "X-Wattson-Task and metadata.task_id name different tasks.", code="invalid_task",
                        param="metadata.task_id")
     return header if header is not None else field
+
+
+def cache_bypassed(request: Request) -> bool:
+    """Whether the client asked for a fresh answer: ``x-wattson-cache: bypass`` skips the lookups in
+    the exact and the semantic cache (the fresh answer is still kept for the next request)."""
+    return request.headers.get(CACHE_REQUEST_HEADER, "").strip().lower() == "bypass"
 
 
 def request_priority(request: Request, default: PriorityName = "normal") -> PriorityName:

@@ -7,6 +7,7 @@ only asks it to authenticate, to find a model's backend and to record what happe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable
 
@@ -20,6 +21,7 @@ from inference.breaker import BreakerSettings, CircuitBreakers
 from inference.cache import CacheFallback, ResponseCache
 from inference.config import ApiKey, RuntimeConfig, Upstream
 from inference.contracts import RequestEvent
+from inference.embedding import Embedder
 from inference.engine.engine import Engine
 from inference.engine.models import LoadedModel, load_model, resolve_device
 from inference.errors import ApiError
@@ -31,6 +33,7 @@ from inference.power_caps import PowerCaps
 from inference.retries import Retries
 from inference.routing import ModelRouter
 from inference.rules import RuleEnforcer, RulesetKeeper, RulesetPuller
+from inference.semantic_cache import SemanticCache
 from inference.telemetry.exporter import TelemetryExporter
 from inference.telemetry.sampler import RuntimeSampler
 from inference.upstream_attribution import UpstreamAttribution
@@ -50,6 +53,7 @@ class Runtime:
         *,
         gpu: GpuMonitor | None = None,
         preloaded: Iterable[LoadedModel] = (),
+        embedder: Embedder | None = None,
     ) -> None:
         self.config = config
         self.gpu = gpu
@@ -76,8 +80,16 @@ class Runtime:
         self.cache: ResponseCache | None = None
         self.power_caps: PowerCaps | None = None
         self._power_task: asyncio.Task[None] | None = None
+        # Always there, idle until a policy (a flag or the ruleset's) turns it on for a feature: the
+        # embedding model loads then (at start, for a flag).
+        self.semantic_cache = SemanticCache(
+            flag_policies=tuple(dataclasses.replace(p, ttl_s=config.semantic_cache_ttl_s)
+                                for p in config.semantic_cache),
+            redis_url=config.cache_redis_url, device=config.device,
+            max_entries=config.semantic_cache_max_entries, embedder=embedder)
         self.metrics.watch(self._live_samples)
         self.metrics.watch(lambda: self.cache.samples() if self.cache is not None else [])
+        self.metrics.watch(self.semantic_cache.samples)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -85,6 +97,10 @@ class Runtime:
         config = self.config
         # The held ruleset and ledger first: no request is served before the rules are in force.
         await asyncio.to_thread(self.ruleset.open)
+        # The semantic cache follows the held ruleset's policies, and each new one's (loading the
+        # embedding model as soon as a policy needs it, not at the first request).
+        self.semantic_cache.follow(self.rules.compiled.document if self.rules.compiled is not None else None)
+        self.ruleset.on_accept = self.semantic_cache.follow
         if self.gpu is None:
             self.gpu = await asyncio.to_thread(GpuMonitor)
         if self.gpu.available:
@@ -117,6 +133,8 @@ class Runtime:
         if config.cache_enabled:
             self.cache = ResponseCache.from_config(config)
             self.fallback_cache = CacheFallback(self.cache, default_max_tokens=config.default_max_tokens)
+        if config.semantic_cache:
+            await self.semantic_cache.load()
         if config.finops_url:
             self.exporter = TelemetryExporter(
                 url=config.finops_url,
@@ -151,6 +169,7 @@ class Runtime:
             await self._http.aclose()
         if self.cache is not None:
             await self.cache.close()
+        await self.semantic_cache.close()
         if self.exporter is not None:
             await asyncio.to_thread(self.exporter.close)
         if self._power_task is not None:

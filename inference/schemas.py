@@ -6,7 +6,7 @@ field it does use is type-checked without coercion, so ``"max_tokens": "12"`` is
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
@@ -106,6 +106,12 @@ class GenerationFields(_Strict):
 
 class ChatCompletionRequest(GenerationFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
+    # Read only to know a request uses them (its answer then depends on more than its words: the
+    # semantic cache leaves it alone); this runtime's models do not call tools.
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
 
 
 class CompletionRequest(GenerationFields):

@@ -34,6 +34,7 @@ from inference.jobs import Attempt, Job
 from inference.measurement import RequestMeasurement
 from inference.request_parsing import (
     TASK_METADATA_KEY,
+    cache_bypassed,
     parse_body,
     request_deadline_s,
     request_feature,
@@ -71,7 +72,7 @@ async def serve_completion(runtime: Runtime, request: Request,
         m.model_requested, m.end_user = body.model, body.user
         m.task_id = request_task(request, body.metadata) or m.request_id
         routed = _route(runtime, m, body, tier=key.tier, cache_sampled=key.cache_sampled, deadline=deadline,
-                        headers=headers)
+                        headers=headers, cache_bypass=cache_bypassed(request))
     except (RuleRejection, Shed, ApiError) as exc:  # refused before any attempt
         raise attempts.refuse(m, exc).with_headers(headers) from None
     except ClientDisconnect:
@@ -159,7 +160,8 @@ def _job_deadline(runtime: Runtime, job: Job) -> Deadline:
 
 
 def _route(runtime: Runtime, m: RequestMeasurement, body: Body, *, tier: Tier, cache_sampled: bool,
-           deadline: Deadline, headers: dict[str, str], on_text: Callable[[str], None] | None = None) -> Routed:
+           deadline: Deadline, headers: dict[str, str], on_text: Callable[[str], None] | None = None,
+           cache_bypass: bool = False) -> Routed:
     """Where a parsed request goes and what acts on it, before any attempt: the ``auto`` alias, the
     rules (a block refuses here), a downgrade, the max_tokens caps (the rules' and the load's), and
     the key its answer is cached under (for a key with ``cache_sampled``, sampled answers too).
@@ -183,7 +185,8 @@ def _route(runtime: Runtime, m: RequestMeasurement, body: Body, *, tier: Tier, c
     if runtime.cache is not None:
         cache_key = runtime.cache.key_for(tenant=m.tenant, cache_sampled=cache_sampled, model=backend.name,
                                           body=body, max_tokens_cap=cap, default_max_tokens=default_max_tokens)
-    return Routed(body, tier, backend, match, cap, cache_key, deadline, on_text)
+    return Routed(body, tier, backend, match, cap, cache_key, deadline, on_text, cache_sampled=cache_sampled,
+                  cache_bypass=cache_bypass)
 
 
 def _routed(runtime: Runtime, m: RequestMeasurement, body: Body, backend: Backend,

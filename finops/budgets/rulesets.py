@@ -25,6 +25,7 @@ from finops.budgets.grants import ALLOWANCE_TTL, GrantRow, grants_current
 from finops.budgets.models import Action, Budget, Enforcement, State, Unit
 from finops.budgets.periods import Period, period_at
 from finops.budgets.selectors import amount_label
+from finops.caching.selectors import semantic_cache_document
 from finops.lib.timezones import org_time_zone
 from finops.pricing.services import PriceCatalog
 from finops.runtimes.models import PowerCap, Runtime
@@ -58,6 +59,7 @@ def rulesets_compile(*, now: dt.datetime | None = None, grants: Mapping[int, Ite
     current = {**known, **grants_current(missing)} if missing else known
     prices = prices_document(now=now)
     caps = power_caps_in_force(now=now)
+    semantic_cache = semantic_cache_document()
     # What an allowance says of its budget is the same in every runtime's document: built once.
     shared = [(budget, allowance_scope(budget=budget, period=period)) for budget, period in hard]
     changed = []
@@ -66,7 +68,7 @@ def rulesets_compile(*, now: dt.datetime | None = None, grants: Mapping[int, Ite
                       for budget, scope in shared]
         power_rules = [power_cap_rule(cap=cap) for cap in caps if cap.runtime_id in (None, runtime.pk)]
         content = {"runtime_id": runtime.name, "prices": prices, "rules": [*rules, *power_rules],
-                   "allowances": allowances}
+                   "allowances": allowances, "semantic_cache": semantic_cache}
         _, is_new = ruleset_store(runtime=runtime, content=content, now=now)
         if is_new:
             changed.append(runtime.pk)

@@ -216,8 +216,9 @@ def cache_hit_rate(points: list[SeriesPoint]) -> Chart:
     if not _any_requests(points):
         return Chart("cache", title, None)
     xs = [_x(p.at) for p in points]
-    trace = _line("cache hits", xs, [p.cache_hit_rate for p in points], 1, mode="lines+markers")
-    return Chart("cache", title, {"data": [trace], "layout": _layout(y_format=".0%", y_range=[0, 1])})
+    exact = _line("exact", xs, [p.exact_hit_rate for p in points], 1, mode="lines+markers")
+    semantic = _line("semantic", xs, [p.semantic_hit_rate for p in points], 2, mode="lines+markers")
+    return Chart("cache", title, {"data": [exact, semantic], "layout": _layout(y_format=".0%", y_range=[0, 1])})
 
 
 def _span(layout: dict[str, Any], span: tuple[dt.datetime, dt.datetime] | None) -> dict[str, Any]:

@@ -18,13 +18,14 @@ from finops.telemetry.usage import EndUser
 
 def breakdown_table(rows: list[BreakdownRow], *, dimension: str, stem: str) -> Table:
     """One row per value: requests (clients' requests; ``attempts`` counts their retries and fallbacks
-    too), tokens, costs and rates, and its tasks (as far as rolled up; empty where none was counted)."""
+    too), tokens, costs and rates, semantic cache hits and what they saved, and its tasks (as far as
+    rolled up; empty where none was counted)."""
     header = [dimension, "requests", "attempts", "ok", "errors", "rejections", "prompt_tokens", "completion_tokens",
               "tokens", "list_cost_usd", "hardware_cost_usd", "list_cost_per_1k_tokens_usd", "cache_hit_rate",
               "cache_saved_usd", "error_rate", "rejection_rate", "gpu_seconds", "energy_joules",
-              "energy_joules_per_1k_tokens", "unpriced_requests", "tasks", "successful_tasks", "task_attempts",
-              "cost_per_successful_task_usd", "waste_usd", "hardware_cost_per_successful_task_usd",
-              "hardware_waste_usd"]
+              "energy_joules_per_1k_tokens", "unpriced_requests", "semantic_cache_hits", "semantic_cache_saved_usd",
+              "tasks", "successful_tasks", "task_attempts", "cost_per_successful_task_usd", "waste_usd",
+              "hardware_cost_per_successful_task_usd", "hardware_waste_usd"]
 
     def tasks(t: TaskFigures) -> list[Any]:
         if not t.tasks:
@@ -36,7 +37,8 @@ def breakdown_table(rows: list[BreakdownRow], *, dimension: str, stem: str) -> T
         r.row.value, r.row.client_requests, r.row.requests, r.row.ok, r.row.errors, r.row.rejections,
         r.row.prompt_tokens, r.row.completion_tokens, r.row.tokens, r.row.list_cost, r.row.hardware_cost,
         r.row.cost_per_1k_tokens, r.row.cache_hit_rate, r.row.saved_cost, r.row.error_rate, r.row.rejection_rate,
-        r.row.gpu_seconds, r.row.energy_joules, r.row.energy_per_1k_tokens, r.row.unpriced, *tasks(r.tasks)]
+        r.row.gpu_seconds, r.row.energy_joules, r.row.energy_per_1k_tokens, r.row.unpriced, r.row.semantic_hits,
+        r.row.semantic_saved_cost, *tasks(r.tasks)]
         for r in rows))
 
 

@@ -23,6 +23,7 @@ from django.views.decorators.http import require_GET
 
 from finops.budgets.exports import budgets_table
 from finops.budgets.permissions import can_edit_budgets
+from finops.caching.selectors import semantic_policies_in_force
 from finops.dashboards import charts, exports, page_data
 from finops.dashboards.filterbar import CUSTOM, PRESETS, FilterState, filter_state_parse, filterable
 from finops.dashboards.names import detail_url
@@ -151,6 +152,7 @@ def overview(request: HttpRequest) -> HttpResponse:
     return _render(request, "dashboards/overview.html", {
         "nav": "overview",
         "overview": overview,
+        "semantic_policies": semantic_policies_in_force(),
         "charts": _request_charts(state, overview, fixed={}, split="feature", with_queue_depth=True),
         "focus_url": reverse("dashboards:focus") + state.query(),
     }, state=state)
@@ -229,6 +231,7 @@ def detail(request: HttpRequest, dimension: Dimension, value: str) -> HttpRespon
         "nav": PLURAL[dimension], "dimension": dimension, "value": value,
         "list_name": f"dashboards:{PLURAL[dimension]}", "plural": PLURAL[dimension],
         "overview": overview,
+        "semantic_policies": semantic_policies_in_force(**({dimension: value} if dimension != "model" else {})),
         "charts": _request_charts(state, overview, fixed=fixed, split=SPLIT[dimension]),
         "end_users_url": _path(request) + state.query(part="end-users"),
         "budgets": page_data.budgets_for(dimension=dimension, value=value),

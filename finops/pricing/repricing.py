@@ -65,13 +65,13 @@ def reprice_range(*, start: dt.datetime, end: dt.datetime, now: dt.datetime | No
                   .values_list("id", "started_at", "model_served", "prompt_tokens", "completion_tokens",
                                "cache_hit", "gpu_seconds", "energy_joules", "runtime_id", "device", "price_book_id",
                                "list_cost", "hardware_cost", "saved_cost", "counted", "minute", "tenant", "feature",
-                               "served", "status_class", "task_id", "request_id", "event_id"))
+                               "served", "status_class", "task_id", "request_id", "event_id", "cache_kind"))
         changed: list[Changed] = []
         differences: dict[RollupKey, Sums] = {}
         task_differences: dict[tuple[str, str], tuple[Decimal, Decimal]] = {}
         for (pk, started, model, prompt, completion, cache_hit, gpu, energy, runtime_id, device, old_book, old_list,
-             old_hardware, old_saved, was_counted, *group, task_id, request_id, event_id) in events.iterator(
-                chunk_size=CHUNK):
+             old_hardware, old_saved, was_counted, *group, task_id, request_id, event_id,
+             cache_kind) in events.iterator(chunk_size=CHUNK):
             prices = catalog.at(started)
             book = prices.book_id if prices else None
             listed, saved = served_list_cost(prices, model=model, prompt_tokens=prompt, completion_tokens=completion,
@@ -90,6 +90,8 @@ def reprice_range(*, start: dt.datetime, end: dt.datetime, now: dt.datetime | No
                 difference.list_cost += (listed or Decimal(0)) - (old_list or Decimal(0))
                 difference.hardware_cost += (hardware or Decimal(0)) - (old_hardware or Decimal(0))
                 difference.saved_cost += (saved or Decimal(0)) - (old_saved or Decimal(0))
+                if cache_hit and cache_kind == "semantic":
+                    difference.semantic_saved_cost += (saved or Decimal(0)) - (old_saved or Decimal(0))
                 difference.unpriced += (listed is None) - (old_list is None)
                 task = (group[1], task_key(task_id=task_id, request_id=request_id, event_id=event_id))
                 listed_before, hardware_before = task_differences.get(task, (ZERO, ZERO))

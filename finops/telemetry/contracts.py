@@ -59,6 +59,7 @@ Priority = Literal["low", "normal", "high"]
 # from outside an upstream engine (its busy time and device counters split among its requests).
 DeviceUseSource = Literal["measured", "attributed"]
 BreakerState = Literal["closed", "half_open", "open"]
+CacheKind = Literal["exact", "semantic"]
 
 INT4_MAX = 2**31 - 1  # PositiveIntegerField / integer
 INT8_MAX = 2**63 - 1  # BigIntegerField / bigint
@@ -151,6 +152,11 @@ class RequestEventRecord(BaseModel):
     task_id: Name(100) | None = None
     cache_stale: bool = False  # a cached answer served past its freshness: no model of the chain could answer
     device_use_source: DeviceUseSource | None = None  # null when gpu_seconds is, and from older runtimes
+    # Which cache answered a hit: the exact one or the semantic one (a similar question, with its
+    # cosine similarity); and the time the request's cache lookups took. Null from older runtimes.
+    cache_kind: CacheKind | None = None
+    cache_similarity: float | None = Field(default=None, ge=-1, le=1)
+    cache_lookup_ms: Milliseconds | None = None
 
 
 class DeviceSampleRecord(BaseModel):

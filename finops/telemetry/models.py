@@ -74,6 +74,11 @@ class RequestEvent(models.Model):
     # How gpu_seconds and energy_joules were obtained: "measured" by the runtime's engine, or
     # "attributed" from outside an upstream engine; null when not measured and from older runtimes.
     device_use_source = models.CharField(max_length=10, null=True, blank=True)
+    # Which cache answered a hit ("exact" or "semantic"), a semantic hit's similarity, and the time
+    # the cache lookups took; null for other requests and from older runtimes.
+    cache_kind = models.CharField(max_length=10, null=True, blank=True)
+    cache_similarity = models.FloatField(null=True, blank=True)
+    cache_lookup_ms = models.FloatField(null=True, blank=True)
     # Priced on arrival under the book in force when the request started; null when no price applies.
     price_book_id = models.BigIntegerField(null=True, blank=True)
     list_cost = models.DecimalField(**COST, null=True, blank=True)
@@ -183,6 +188,10 @@ class RollupSums(models.Model):
     list_cost = models.DecimalField(**ROLLUP_COST, default=0)
     hardware_cost = models.DecimalField(**ROLLUP_COST, default=0)
     saved_cost = models.DecimalField(**ROLLUP_COST, default=0, db_default=0, help_text="List price cache hits saved")
+    # The semantic cache's part of cache_hits and saved_cost (the exact cache's is the rest).
+    semantic_hits = models.BigIntegerField(default=0, db_default=0, help_text="Cache hits of the semantic cache")
+    semantic_saved_cost = models.DecimalField(**ROLLUP_COST, default=0, db_default=0,
+                                              help_text="List price semantic cache hits saved")
     unpriced = models.BigIntegerField(default=0, help_text="Events no price book row applied to")
     # Queue wait of the events that waited in a runtime's queue (rejected ones did not).
     queue_wait_ms_sum = models.FloatField(default=0.0, db_default=0.0)

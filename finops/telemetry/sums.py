@@ -69,13 +69,13 @@ def sqlite_functions_register(*, connection: Any, **_: Any) -> None:
         connection.connection.create_aggregate("wattson_cost_sum", 1, SqlitePicoSum)
 
 
-def cost_sum(column: str) -> Aggregate:
-    """An exact SQL sum of a cost column, however large. PostgreSQL's numeric is exact; SQLite keeps
-    decimals as REAL, whose sums drift in the last places, so there the sum is over integer
-    pico-dollars (``SqlitePicoSum``)."""
+def cost_sum(column: str, *, filter: Q | None = None) -> Aggregate:
+    """An exact SQL sum of a cost column (over the rows ``filter`` keeps), however large. PostgreSQL's
+    numeric is exact; SQLite keeps decimals as REAL, whose sums drift in the last places, so there
+    the sum is over integer pico-dollars (``SqlitePicoSum``)."""
     if connection.vendor == "sqlite":
-        return Aggregate(F(column), function="wattson_cost_sum", output_field=BigIntegerField())
-    return Sum(column)
+        return Aggregate(F(column), function="wattson_cost_sum", output_field=BigIntegerField(), filter=filter)
+    return Sum(column, filter=filter)
 
 
 def cost_value(value: Decimal | int | str | None) -> Decimal:
@@ -129,6 +129,11 @@ class Sums:
     hardware_cost: Decimal = field(default=ZERO, metadata=_measure("cost", lambda: cost_sum("hardware_cost")))
     # The list price cache hits did not cost.
     saved_cost: Decimal = field(default=ZERO, metadata=_measure("cost", lambda: cost_sum("saved_cost")))
+    # The semantic cache's hits and what they saved: part of cache_hits and saved_cost above.
+    semantic_hits: int = field(default=0, metadata=_measure(
+        "int", lambda: Count("id", filter=Q(cache_hit=True, cache_kind="semantic"))))
+    semantic_saved_cost: Decimal = field(default=ZERO, metadata=_measure(
+        "cost", lambda: cost_sum("saved_cost", filter=Q(cache_hit=True, cache_kind="semantic"))))
     # Events no list price applied to.
     unpriced: int = field(default=0, metadata=_measure("int", lambda: Count("id", filter=Q(list_cost__isnull=True))))
     # Queue wait of the events that waited in a runtime's queue (rejected ones did not).

@@ -80,6 +80,23 @@ class Measures(Sums):
         return self._rate(self.cache_hits)
 
     @property
+    def exact_hits(self) -> int:
+        """Hits of the exact cache (and of runtimes older than the hit kind, which had no other)."""
+        return self.cache_hits - self.semantic_hits
+
+    @property
+    def exact_saved_cost(self) -> Decimal:
+        return self.saved_cost - self.semantic_saved_cost
+
+    @property
+    def exact_hit_rate(self) -> float | None:
+        return self._rate(self.exact_hits)
+
+    @property
+    def semantic_hit_rate(self) -> float | None:  # semantic cache hits / requests
+        return self._rate(self.semantic_hits)
+
+    @property
     def error_rate(self) -> float | None:  # errors / requests
         return self._rate(self.errors)
 

@@ -30,6 +30,7 @@ WILDCARD = "*"
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
 MAX_RULES = 100_000
 MAX_ALLOWANCES = 100_000
+MAX_SEMANTIC_POLICIES = 10_000
 MAX_VERSION = 2**63 - 1
 
 # No control characters (C0, C1, Unicode line separators): ids travel on in request events, whose
@@ -150,6 +151,20 @@ class Allowance(_Strict):
         return self
 
 
+Similarity = Annotated[Decimal, BeforeValidator(lambda v: _number(v)), Field(gt=0, le=1, allow_inf_nan=False),
+                      WithJsonSchema({"type": "number", "exclusiveMinimum": 0, "maximum": 1})]
+
+
+class SemanticCachePolicy(_Strict):
+    """The semantic cache on for a feature (of one tenant, or of every tenant: ``*``)."""
+
+    feature: Name
+    tenant: Name = WILDCARD
+    threshold: Similarity
+    ttl_s: Annotated[StrictInt, Field(ge=1, le=366 * 24 * 3600)]
+    flushed_at: AwareDatetime | None = None
+
+
 class Price(_Strict):
     prompt_per_1m: Amount
     completion_per_1m: Amount
@@ -162,6 +177,7 @@ class RulesetDocument(_Strict):
     prices: dict[Name, Price] = Field(default_factory=dict)
     rules: list[Rule] = Field(default_factory=list, max_length=MAX_RULES)
     allowances: list[Allowance] = Field(default_factory=list, max_length=MAX_ALLOWANCES)
+    semantic_cache: list[SemanticCachePolicy] = Field(default_factory=list, max_length=MAX_SEMANTIC_POLICIES)
 
     @model_validator(mode="after")
     def _ids_unique(self) -> RulesetDocument:
@@ -170,6 +186,8 @@ class RulesetDocument(_Strict):
         # The ledger is kept per budget and period: two grants of one budget would share it.
         if len({a.budget_id for a in self.allowances}) != len(self.allowances):
             raise ValueError("allowance budget_ids must be unique")
+        if len({(p.feature, p.tenant) for p in self.semantic_cache}) != len(self.semantic_cache):
+            raise ValueError("semantic_cache policies must be unique per (feature, tenant)")
         return self
 
 

@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import IO, Any
@@ -52,6 +53,9 @@ class RulesetKeeper:
         self._lock_file: IO[str] | None = None
         self.last_accepted_at: float | None = None
         self.held_document: bytes | None = None  # the held ruleset's JSON text, as accepted
+        # Told of each document accepted (on the event loop), for what follows it beside the rules:
+        # the semantic cache's policies.
+        self.on_accept: Callable[[RulesetDocument], None] | None = None
         enforcer.on_ledger_change = self._ledger_changed
 
     # -- start and stop ------------------------------------------------------------------------
@@ -146,6 +150,8 @@ class RulesetKeeper:
             self.enforcer.apply(compiled)
             self.held_document = raw
             self.last_accepted_at = time.time()
+        if self.on_accept is not None:
+            self.on_accept(document)
         log.info("ruleset version %d accepted: %d rules, %d allowances", compiled.version,
                  compiled.rules.size, compiled.allowances.size)
         return compiled.version

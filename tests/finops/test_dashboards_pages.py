@@ -65,7 +65,7 @@ def test_the_overview_shows_kpis_and_charts_of_the_traffic(pm: Client) -> None:
     assert "Spend month to date</div><div class=\"value\">$3.50" in page
     assert '<div class="label">Requests</div><div class="value">6</div>' in page
     assert "16.7%" in page  # one cache hit, one rejection in six requests
-    assert "1 served from cache · saved $0.25" in page
+    assert "1 repeats served from cache · saved $0.25" in page
     for chart in ("spend", "tokens", "latency", "ttft", "queue-depth", "queue-wait", "cache", "rejections"):
         assert f'id="chart-{chart}"' in page
         assert f'id="figure-{chart}"' in page, f"{chart} should have a figure"

@@ -71,6 +71,8 @@ def test_the_demo_fills_the_control_plane_trips_a_budget_and_stops_everything(tm
     with sqlite3.connect(tmp_path / "wattson.sqlite3") as db:
         events = dict(db.execute("SELECT status, count(*) FROM telemetry_requestevent GROUP BY status").fetchall())
         budgets = dict(db.execute("SELECT name, state FROM budgets_budget").fetchall())
+        hits = dict(db.execute("SELECT coalesce(cache_kind, 'none'), count(*) FROM telemetry_requestevent "
+                               "WHERE cache_hit GROUP BY 1").fetchall())
         groups = {user: group for user, group in db.execute(
             "SELECT u.username, g.name FROM auth_user u JOIN auth_user_groups ug ON ug.user_id = u.id "
             "JOIN auth_group g ON g.id = ug.group_id")}
@@ -79,6 +81,7 @@ def test_the_demo_fills_the_control_plane_trips_a_budget_and_stops_everything(tm
     assert budgets["initech trial (hard)"] == "exceeded"
     assert len(budgets) == 6
     assert groups == {"demo-admin": "budget-admin", "demo-pm": "product-manager"}
+    assert hits.get("exact", 0) >= 1 and hits.get("semantic", 0) >= 1, f"the cache tiles show hits: {hits}"
 
 
 def test_ctrl_c_during_the_traffic_stops_every_child(tmp_path: Path) -> None:
