@@ -86,7 +86,7 @@ class Runtime:
         for spec in config.models:
             loaded = self._preloaded.get(spec) or await asyncio.to_thread(
                 load_model, spec, device=device, cache_dir=config.model_cache_dir,
-                max_model_len=config.max_model_len,
+                max_model_len=config.max_model_len, dtype=config.dtype, quantization=config.quantization,
             )
             self.backends[loaded.name] = self._local_backend(loaded)
         if config.upstreams:
