@@ -3,7 +3,8 @@
 Single-stream decode reads every weight once per token, so on a CPU the weights' bytes, not Python,
 set the ceiling: bf16 halves them. But bf16 is only fast where the CPU has native bf16 (AVX-512 BF16
 or AMX); elsewhere torch emulates it and fp32 wins. ``--dtype auto`` therefore decides on a CPU with
-native bf16 by measuring a few decode steps of the model in both precisions at start-up, and keeps
+native bf16 by measuring a few decode steps of the model in both precisions at start-up (at one
+stream and at 16: with AMX, bf16 wins most in a batch, where fp32 is compute-bound), and keeps
 the verdict in ``{model cache dir}/dtype-choice.json`` under a key naming the CPU, the torch version,
 the thread count and the model, so the next start on the same machine skips the measurement. A GPU
 gets bf16 where it has it, else fp16; a CPU without native bf16 gets fp32 without measuring.
@@ -15,6 +16,7 @@ import copy
 import fcntl
 import json
 import logging
+import math
 import platform
 import time
 from collections.abc import Callable
@@ -31,7 +33,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 CHOICE_FILE = "dtype-choice.json"
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
-# The start-up measurement: decode steps at batch 1 after a short prompt, best of a few rounds.
+# The start-up measurement: decode steps after a short prompt, best of a few rounds, at each batch
+# size; a precision's score is the geometric mean of its tokens/s over them.
+PROBE_BATCHES = (1, 16)
 PROBE_PROMPT_TOKENS = 16
 PROBE_STEPS = 8
 PROBE_ROUNDS = 3
@@ -106,7 +110,7 @@ def choose_cpu_dtype(
     cached = _read_choices(path).get(key)
     if cached is not None and cached.get("dtype") in ("float32", "bfloat16"):
         return DtypeChoice(DTYPES[cached["dtype"]], f"cached measurement in {path} ({_rates(cached)})")
-    measure = measure or decode_tokens_per_s
+    measure = measure or decode_score
     fp32 = measure(model)
     bf16_model = copy.deepcopy(model).to(torch.bfloat16)
     bf16 = measure(bf16_model)
@@ -122,11 +126,17 @@ def choice_key(model_name: str) -> str:
     return f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {model_name}"
 
 
-def decode_tokens_per_s(model: PreTrainedModel) -> float:
-    """Batch-1 decode tokens/s of ``model`` on its device: the best of a few short rounds."""
+def decode_score(model: PreTrainedModel) -> float:
+    """The geometric mean of ``model``'s decode tokens/s at each of ``PROBE_BATCHES``."""
+    rates = [decode_tokens_per_s(model, batch) for batch in PROBE_BATCHES]
+    return math.prod(rates) ** (1 / len(rates))
+
+
+def decode_tokens_per_s(model: PreTrainedModel, batch: int = 1) -> float:
+    """Decode tokens/s of ``model`` on its device at ``batch`` sequences: the best of a few short rounds."""
     vocab = int(model.config.get_text_config().vocab_size)
     generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, vocab, (1, PROBE_PROMPT_TOKENS), generator=generator)
+    prompt = torch.randint(0, vocab, (batch, PROBE_PROMPT_TOKENS), generator=generator)
     best = 0.0
     with torch.inference_mode():
         for _ in range(PROBE_ROUNDS):
@@ -137,13 +147,14 @@ def decode_tokens_per_s(model: PreTrainedModel) -> float:
             for _ in range(PROBE_STEPS):
                 out = model(input_ids=token, past_key_values=cache, use_cache=True)
                 token = out.logits[:, -1:].argmax(dim=-1)
-            best = max(best, PROBE_STEPS / (time.perf_counter() - started))
+            best = max(best, batch * PROBE_STEPS / (time.perf_counter() - started))
     return best
 
 
 def _rates(record: dict) -> str:
-    return (f"fp32 {record.get('float32_tokens_per_s')} tokens/s, "
-            f"bf16 {record.get('bfloat16_tokens_per_s')} tokens/s at batch 1")
+    batches = "/".join(str(b) for b in PROBE_BATCHES)
+    return (f"fp32 {record.get('float32_tokens_per_s')}, bf16 {record.get('bfloat16_tokens_per_s')} "
+            f"tokens/s, geometric mean over batches {batches}")
 
 
 def _read_choices(path: Path) -> dict[str, dict]:

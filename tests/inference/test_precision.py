@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 from inference.config import ConfigError, load_config
 from inference.engine import precision
 from inference.engine.models import LoadedModel, ModelLoadError, load_model
-from inference.engine.precision import CHOICE_FILE, choice_key, choose_cpu_dtype, decode_tokens_per_s
+from inference.engine.precision import CHOICE_FILE, choice_key, choose_cpu_dtype, decode_score, decode_tokens_per_s
 
 CPU = torch.device("cpu")
 
@@ -152,8 +152,10 @@ def test_an_unreadable_cache_is_measured_again(tmp_path: Path) -> None:
     assert choice.dtype == torch.float32 and "measured" in choice.reason
 
 
-def test_decode_probe_reports_a_positive_rate(tmp_path: Path) -> None:
-    assert decode_tokens_per_s(load_tiny(tmp_path).model) > 0
+def test_decode_probe_counts_every_sequence_of_the_batch(tmp_path: Path) -> None:
+    model = load_tiny(tmp_path).model
+    assert decode_tokens_per_s(model, 1) > 0 and decode_tokens_per_s(model, 4) > 0
+    assert decode_score(model) > 0
 
 
 def test_int8_quantizes_the_linear_weights_and_stays_close_to_fp32(tmp_path: Path) -> None:
