@@ -164,6 +164,9 @@ class RuntimeConfig:
                                      check=POSITIVE)
     max_model_len: int = option(2048, "most tokens (prompt + completion) in one sequence", check=POSITIVE)
     max_prefill_tokens: int = option(4096, "most prompt tokens prefilled in one engine step", check=POSITIVE)
+    prefill_chunk_tokens: int = option(
+        512, "a prompt longer than this is prefilled alone, this many tokens per engine step, with a decode step "
+        "of the running streams after each chunk (so a long prompt never stalls them)", check=POSITIVE)
     default_max_tokens: int = option(256, "completion length when a request gives no max_tokens", check=POSITIVE)
     finops_url: str | None = option(None, "control plane base URL for telemetry (off when unset)",
                                     check=starts_with("http://", "https://", empty_means_unset=True))

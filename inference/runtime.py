@@ -161,6 +161,7 @@ class Runtime:
             loaded,
             max_batch_size=self.config.max_batch_size,
             max_prefill_tokens=self.config.max_prefill_tokens,
+            prefill_chunk_tokens=self.config.prefill_chunk_tokens,
             energy_reader=energy_reader,
             on_step=self.metrics.step_observer(loaded.name),
         )
