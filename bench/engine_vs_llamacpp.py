@@ -59,6 +59,7 @@ class Settings:
     repeats: int
     llama: bool
     llama_gguf: Path | None
+    threads: int | None
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,10 @@ def parse_args(argv: Sequence[str]) -> Settings:
     parser.add_argument("--repeats", type=int, help="bursts per figure, best kept (default 1)")
     parser.add_argument("--no-llama", action="store_true", help="leave llama-server out")
     parser.add_argument("--llama-gguf", type=Path, help="the GGUF llama-server serves (default: SmolLM2 Q4_1)")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for every engine (--torch-threads, llama-server --threads); default: each "
+                             "engine's own choice. On a machine shared with other work, 1 avoids OpenMP threads "
+                             "spinning on a busy core")
     args = parser.parse_args(argv)
     quick = args.quick
     variants = tuple(args.variants or ("float32", "bfloat16"))
@@ -111,6 +116,7 @@ def parse_args(argv: Sequence[str]) -> Settings:
         repeats=args.repeats or 1,
         llama=not (args.no_llama or quick),
         llama_gguf=args.llama_gguf,
+        threads=args.threads,
     )
 
 
@@ -171,6 +177,8 @@ def wattson(settings: Settings, variant: str) -> Iterator[Contender]:
     options = ["--model", settings.model, "--dtype", dtype, "--quantization", quantization or "none",
                "--max-batch-size", str(max(32, *settings.streams)),
                "--max-model-len", str(settings.prompt_tokens + settings.new_tokens + 64)]
+    if settings.threads:
+        options += ["--torch-threads", str(settings.threads)]
     with runtime_server(*options, name=f"wattson-{variant}") as url:
         yield Contender(f"wattson-{variant}", url, Path(settings.model).name,
                         wattson_weight_bytes(settings.model, variant))
@@ -188,7 +196,8 @@ def llama_server(settings: Settings, stack: ExitStack) -> Contender | str:
     try:
         gguf = settings.llama_gguf or module.smollm2_gguf()
         server = stack.enter_context(module.LlamaServer(binary, gguf=gguf, slots=max(32, *settings.streams),
-                                                        slot_context=settings.prompt_tokens + settings.new_tokens + 64))
+                                                        slot_context=settings.prompt_tokens + settings.new_tokens + 64,
+                                                        threads=settings.threads))
     except Exception as exc:  # a build or start failure is reported as the reason for the skip
         return f"llama-server could not start ({type(exc).__name__}: {exc}): llama-server skipped"
     return Contender(LLAMA, server.url, server.alias, gguf.stat().st_size)
@@ -259,7 +268,8 @@ def report(settings: Settings, bandwidth: float, contenders: list[Contender],
     notes = [f"memory read bandwidth (best sum of a {PROBE_BYTES >> 20} MiB tensor): {bandwidth / 1e9:.1f} GB/s; "
              "ceiling = streams x bandwidth / weight bytes (one read of every weight per decode step)",
              f"model {settings.model}, prompt {settings.prompt_tokens} tokens, {settings.new_tokens} new tokens per "
-             f"stream (greedy, EOS ignored), streamed /v1/completions, best of {settings.repeats}"]
+             f"stream (greedy, EOS ignored), streamed /v1/completions, best of {settings.repeats}, "
+             f"threads per engine: {settings.threads or 'each engine default'}"]
     if skipped:
         notes.append(skipped)
     notes.extend(_verdicts(settings, contenders, results))
