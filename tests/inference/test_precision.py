@@ -174,3 +174,14 @@ def test_int8_quantizes_the_linear_weights_and_stays_close_to_fp32(tmp_path: Pat
 def test_an_unknown_quantization_is_a_load_error(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="--quantization 'int4' must be one of none, int8"):
         load_tiny(tmp_path, quantization="int4")
+
+
+def test_bf16_weights_on_the_cpu_keep_requires_grad_and_the_engine_records_no_grad(tmp_path: Path) -> None:
+    # torch's CPU bf16 linear is 10-20x slower in prefill on weights that do not require grad
+    # (docs/BENCHMARKS.md, issue 20), so load_model leaves the flag; inference_mode makes it moot.
+    loaded = load_tiny(tmp_path, dtype="bfloat16")
+    assert all(p.requires_grad for p in loaded.model.parameters())
+    ids = loaded.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        logits = loaded.model(ids).logits
+    assert not logits.requires_grad
