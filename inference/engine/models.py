@@ -173,6 +173,7 @@ def load_model(
         if choice.dtype != loaded.dtype:
             loaded.model = loaded.model.to(choice.dtype)
             loaded.dtype = choice.dtype
+            set_grad_flags(loaded.model, choice.dtype, device)
     try:
         quantize_weights(loaded.model, quantization)
     except QuantizationError as exc:
@@ -381,11 +382,7 @@ def _finish(
     """Put the model in serving shape and fill in what the engine needs to know about it."""
     model = model.to(device=device, dtype=dtype)
     model.eval()
-    if not (dtype == torch.bfloat16 and device.type == "cpu"):
-        # On the CPU, torch 2.13's bf16 linear layers take a path 10-20x slower in a 32-prompt prefill
-        # when their weights do not require grad (0.4 s against 4.6 s for SmolLM2, issue 20's
-        # measurement); the engine runs under inference_mode, so no grad is ever recorded anyway.
-        model.requires_grad_(False)
+    set_grad_flags(model, dtype, device)
 
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -417,6 +414,14 @@ def _finish(
         eos_token_ids=frozenset(eos),
         device_label=_device_label(device),
     )
+
+
+def set_grad_flags(model: PreTrainedModel, dtype: torch.dtype, device: torch.device) -> None:
+    """No grad for the weights, except bf16 on the CPU: there torch 2.13's bf16 linear layers take a
+    path 10-20x slower in a 32-prompt prefill when their weights do not require grad (0.4 s against
+    4.6 s for SmolLM2, issue 20's measurement). The engine runs under inference_mode, so no grad is
+    ever recorded either way."""
+    model.requires_grad_(dtype == torch.bfloat16 and device.type == "cpu")
 
 
 def _device_label(device: torch.device) -> str:

@@ -112,7 +112,8 @@ def choose_cpu_dtype(
         return DtypeChoice(DTYPES[cached["dtype"]], f"cached measurement in {path} ({_rates(cached)})")
     measure = measure or decode_score
     fp32 = measure(model)
-    bf16_model = copy.deepcopy(model).to(torch.bfloat16)
+    # Measured as it would be served: bf16 weights on the CPU keep requires_grad (models.set_grad_flags).
+    bf16_model = copy.deepcopy(model).to(torch.bfloat16).requires_grad_(True)
     bf16 = measure(bf16_model)
     del bf16_model
     verdict = "bfloat16" if bf16 > fp32 else "float32"

@@ -101,6 +101,8 @@ def test_auto_measures_both_precisions_once_and_keeps_the_faster(
 
     def measure(candidate: PreTrainedModel) -> float:
         measured.append(model_dtype(candidate))
+        if model_dtype(candidate) == torch.bfloat16:
+            assert all(p.requires_grad for p in candidate.parameters()), "measured as it would be served"
         return bf16_rate if model_dtype(candidate) == torch.bfloat16 else fp32_rate
 
     first = choose_cpu_dtype(model, model_name="m", cache_dir=tmp_path, measure=measure, native_bf16=True)
@@ -133,6 +135,7 @@ def test_auto_loads_a_model_directory_in_the_cached_verdict(
     (cache / CHOICE_FILE).write_text(json.dumps({choice_key("tiny-dir"): {"dtype": "bfloat16"}}))
     loaded = load_model(str(tiny_dir), device=CPU, cache_dir=cache, max_model_len=256, dtype="auto")
     assert loaded.dtype == torch.bfloat16 and model_dtype(loaded.model) == torch.bfloat16
+    assert all(p.requires_grad for p in loaded.model.parameters()), "served like --dtype bfloat16"
 
 
 def test_auto_measures_a_model_directory_when_nothing_is_cached(
