@@ -18,6 +18,9 @@ from bench.machine import print_machine
 
 BENCHMARKS = {
     "engine_throughput": "continuous batching vs static generate(), in process and over HTTP",
+    "engine_vs_llamacpp": "the engine per precision vs llama-server: tokens/s, TTFT, share of bandwidth ceiling",
+    "decode_compile": "one decode step eager vs torch.compile over a static KV cache, per batch size",
+    "precision_quality": "greedy agreement and perplexity of bf16 / int8 weights against fp32 on a fixed prompt set",
     "upstream_overhead": "latency and requests/s the runtime adds in front of an instant upstream",
     "upstream_attribution": "events' device seconds against a real llama-server's busy time (within 5%)",
     "telemetry_overhead": "serving tokens/s with telemetry export on vs off",

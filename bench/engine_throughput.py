@@ -97,7 +97,8 @@ def load(settings: Settings) -> LoadedModel:
     progress(f"loading {settings.model} (CPU, fp32)")
     hf_logging.set_verbosity_error()  # generate() warns about flags it is given on purpose
     max_len = settings.prompt_tokens + settings.new_tokens + 16
-    return load_model(settings.model, device=torch.device("cpu"), cache_dir=MODEL_CACHE_DIR, max_model_len=max_len)
+    return load_model(settings.model, device=torch.device("cpu"), cache_dir=MODEL_CACHE_DIR, max_model_len=max_len,
+                      dtype="float32")
 
 
 def measure_engine(engine: Engine, prompts: list[list[int]], new_tokens: int) -> Throughput:
@@ -181,8 +182,8 @@ def run_in_process(settings: Settings, loaded: LoadedModel,
 def run_over_http(settings: Settings, model_name: str, texts: list[str]) -> dict[int, Throughput]:
     """(c): the same streams through the real server in its own process."""
     results = {}
-    with runtime_server("--model", settings.model, "--max-batch-size", str(max(32, *settings.streams)),
-                        name="runtime") as url:
+    with runtime_server("--model", settings.model, "--dtype", "float32",
+                        "--max-batch-size", str(max(32, *settings.streams)), name="runtime") as url:
         progress("warming up the server")
         measure_http(url, model_name, texts[:2], min(8, settings.new_tokens))
         for n in settings.streams:

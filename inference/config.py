@@ -159,6 +159,15 @@ class RuntimeConfig:
         "random-weight model for tests) or a Hugging Face causal-LM directory; repeatable",
         flag="--model", repeatable=True)
     device: Literal["auto", "cpu", "cuda"] = option("auto", "where the engine runs", choices=("auto", "cpu", "cuda"))
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", "weight and activation precision: 'auto' picks bf16 on a GPU that has it (else fp16) and, on a "
+        "CPU with native bf16 (AVX-512 BF16 / AMX), whichever of fp32 and bf16 measures faster at start-up "
+        "(the result cached per machine in --model-cache-dir); float16 only on CUDA",
+        choices=("auto", "float32", "bfloat16", "float16"))
+    quantization: Literal["none", "int8"] = option(
+        "none", "weight-only quantization of the linear layers: 'int8' (torchao) reads half the bytes of bf16 "
+        "per decode step; quality against fp32 is measured by `python -m bench precision_quality`",
+        choices=("none", "int8"))
     torch_threads: int | None = option(
         None, "CPU threads for torch's kernels (default: torch's choice, one per core); fewer leaves cores to "
         "the HTTP layer on a shared host", parse=int, check=POSITIVE)
@@ -175,6 +184,9 @@ class RuntimeConfig:
                                      check=POSITIVE)
     max_model_len: int = option(2048, "most tokens (prompt + completion) in one sequence", check=POSITIVE)
     max_prefill_tokens: int = option(4096, "most prompt tokens prefilled in one engine step", check=POSITIVE)
+    prefill_chunk_tokens: int = option(
+        512, "a prompt longer than this is prefilled alone, this many tokens per engine step, with a decode step "
+        "of the running streams after each chunk (so a long prompt never stalls them)", check=POSITIVE)
     default_max_tokens: int = option(256, "completion length when a request gives no max_tokens", check=POSITIVE)
     finops_url: str | None = option(None, "control plane base URL for telemetry (off when unset)",
                                     check=starts_with("http://", "https://", empty_means_unset=True))
@@ -314,6 +326,8 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
 
 def _validate(config: RuntimeConfig) -> None:
     check_options(config)
+    if config.dtype == "float16" and config.device == "cpu":
+        raise ConfigError("--dtype float16 runs only on CUDA; on the CPU use float32, bfloat16 or auto")
     names = list(config.models) + [u.name for u in config.upstreams]
     if not names:
         raise ConfigError("nothing to serve: give at least one --model or --upstream")

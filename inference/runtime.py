@@ -113,7 +113,7 @@ class Runtime:
         for spec in config.models:
             loaded = self._preloaded.get(spec) or await asyncio.to_thread(
                 load_model, spec, device=device, cache_dir=config.model_cache_dir,
-                max_model_len=config.max_model_len,
+                max_model_len=config.max_model_len, dtype=config.dtype, quantization=config.quantization,
             )
             self.backends[loaded.name] = self._local_backend(loaded)
         if config.upstreams:
@@ -207,6 +207,7 @@ class Runtime:
             loaded,
             max_batch_size=self.config.max_batch_size,
             max_prefill_tokens=self.config.max_prefill_tokens,
+            prefill_chunk_tokens=self.config.prefill_chunk_tokens,
             energy_reader=energy_reader,
             on_step=self.metrics.step_observer(loaded.name),
         )

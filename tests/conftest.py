@@ -34,4 +34,6 @@ def smollm2(model_cache_dir: Path) -> LoadedModel:
         if os.environ.get("WATTSON_REQUIRE_REAL_MODEL"):
             pytest.fail(message)
         pytest.skip(message)
-    return load_model("smollm2", device=torch.device("cpu"), cache_dir=model_cache_dir, max_model_len=2048)
+    # fp32 pinned: the answers the tests expect do not move with --dtype auto's per-machine verdict.
+    return load_model("smollm2", device=torch.device("cpu"), cache_dir=model_cache_dir, max_model_len=2048,
+                      dtype="float32")

@@ -4,7 +4,9 @@ Between decode steps new sequences are prefilled and join the running batch, and
 cancelled ones leave it, so a short request is never held behind a long one. A sequence can be
 paused (``SequenceHandle.pause``: admission preempts it for high-priority work): it leaves the batch
 with its KV cache rows kept aside, and resumed, those rows join the batch again and it carries on
-where it stopped, with nothing recomputed. Every step is timed
+where it stopped, with nothing recomputed. A prompt longer than ``prefill_chunk_tokens`` is
+prefilled alone, one chunk per step with a decode step of the running batch after each, so a long
+prompt never stalls the streams already running. Every step is timed
 (and its energy read where NVML has a counter) and its cost split among the sequences in it by the
 tokens each processed (``attribute_step_time``), so the per-request GPU-seconds add up to the
 engine's measured busy time.
@@ -130,6 +132,8 @@ class _Sequence:
     finish_reason: str | None = None
     error: str | None = None
     kv: KVBatch | None = None  # its KV cache rows, kept aside while paused
+    partial: DynamicCache | None = None  # a chunked prefill's cache so far
+    prefilled: int = 0  # prompt tokens in ``partial``
 
     @property
     def prompt_len(self) -> int:
@@ -155,12 +159,15 @@ class Engine:
         *,
         max_batch_size: int = 32,
         max_prefill_tokens: int = 4096,
+        prefill_chunk_tokens: int | None = 512,
         energy_reader: EnergyReader | None = None,
         on_step: StepObserver | None = None,
     ) -> None:
         self.loaded = loaded
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self._chunking: _Sequence | None = None  # the long prompt being prefilled a chunk at a time
         self._energy_reader = energy_reader
         self._on_step = on_step
         self._cond = threading.Condition()
@@ -223,7 +230,8 @@ class Engine:
         torch.set_grad_enabled(False)
         while True:
             with self._cond:
-                if not (self._inbox or self._waiting or self._running or self._stopping or self._resumable()):
+                if not (self._inbox or self._waiting or self._running or self._chunking or self._stopping
+                        or self._resumable()):
                     self._cond.wait(timeout=1.0)
                 if self._stopping:
                     break
@@ -233,7 +241,7 @@ class Engine:
                 self._drop_cancelled()
                 self._apply_pauses()
                 with torch.inference_mode():
-                    if self._waiting and len(self._running) < self.max_batch_size:
+                    if (self._chunking or self._waiting) and len(self._running) < self.max_batch_size:
                         self._prefill()
                     if self._running:
                         self._decode()
@@ -248,6 +256,10 @@ class Engine:
         self._fail_all("the engine stopped", reason="cancelled")
 
     def _drop_cancelled(self) -> None:
+        chunking = self._chunking
+        if chunking is not None and chunking.handle.cancelled.is_set():
+            self._chunking, chunking.partial = None, None
+            self._finish(chunking, "cancelled")
         for seq in [s for s in self._waiting if s.handle.cancelled.is_set()]:
             self._waiting.remove(seq)
             self._finish(seq, "cancelled")
@@ -281,6 +293,11 @@ class Engine:
         for seq in [s for s in self._waiting if s.handle.pause_wanted.is_set()]:
             self._waiting.remove(seq)
             self._paused.append(seq)
+        chunking = self._chunking
+        if chunking is not None and chunking.handle.pause_wanted.is_set():
+            # Paused halfway through its prompt: its chunks are dropped and prefilled again on resume.
+            self._chunking, chunking.partial, chunking.prefilled = None, None, 0
+            self._paused.append(chunking)
         unprefilled: list[_Sequence] = []
         for seq in [s for s in self._paused if not s.handle.pause_wanted.is_set()]:
             if seq.kv is None:
@@ -303,6 +320,8 @@ class Engine:
         free = self.max_batch_size - len(self._running)
         while self._waiting and len(group) < free:
             candidate = self._waiting[0]
+            if group and self._chunked(candidate):
+                break  # a long prompt is prefilled alone, in chunks
             padded = max(longest, candidate.prompt_len) * (len(group) + 1)
             if group and padded > self.max_prefill_tokens:
                 break
@@ -310,7 +329,15 @@ class Engine:
             longest = max(longest, candidate.prompt_len)
         return group
 
+    def _chunked(self, seq: _Sequence) -> bool:
+        return self.prefill_chunk_tokens is not None and seq.prompt_len > self.prefill_chunk_tokens
+
     def _prefill(self) -> None:
+        if self._chunking is None and self._chunked(self._waiting[0]):
+            self._chunking = self._waiting.popleft()
+        if self._chunking is not None:
+            self._prefill_chunk(self._chunking)
+            return
         group = self._take_prefill_group()
         device = self.loaded.device
         longest = max(s.prompt_len for s in group)
@@ -348,6 +375,48 @@ class Engine:
         for seq, token in zip(group, tokens, strict=True):
             seq.first_token_at = now
             self._advance(seq, token)
+        self._retire_finished()
+
+    def _prefill_chunk(self, seq: _Sequence) -> None:
+        """The next chunk of a long prompt; after the last, the sequence joins the running batch."""
+        assert self.prefill_chunk_tokens is not None
+        device = self.loaded.device
+        start = seq.prefilled
+        end = min(start + self.prefill_chunk_tokens, seq.prompt_len)
+        ids = torch.tensor([seq.request.prompt_ids[start:end]], dtype=torch.long, device=device)
+        positions = torch.arange(start, end, dtype=torch.long, device=device).unsqueeze(0)
+        mask = torch.ones((1, end), dtype=torch.long, device=device)
+        started, energy_before = time.perf_counter(), self._read_energy()
+        try:
+            out = self.loaded.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=seq.partial or DynamicCache(config=self.loaded.model.config),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            seq.partial, seq.prefilled = out.past_key_values, end
+            last = end == seq.prompt_len
+            if last:
+                (token,) = sample_next_tokens(out.logits[:, -1, :], [seq.sampler])
+                new_rows = KVBatch(out.past_key_values, mask)
+                if self._batch is None:
+                    self._batch = new_rows
+                else:
+                    self._batch.extend(new_rows)
+        except Exception as exc:
+            self._chunking, seq.partial = None, None
+            if self._batch is not None and self._batch.rows != len(self._running):
+                raise
+            raise _PrefillFailed([seq]) from exc
+        self._account([seq], [end - start], time.perf_counter() - started, energy_before, "prefill")
+        if not last:
+            return
+        self._chunking, seq.partial = None, None
+        self._running.append(seq)
+        seq.first_token_at = time.perf_counter()
+        self._advance(seq, token)
         self._retire_finished()
 
     def _decode(self) -> None:
@@ -459,8 +528,11 @@ class Engine:
         with self._cond:
             self._waiting.extend(self._inbox)
             self._inbox.clear()
+        if self._chunking is not None:
+            self._waiting.appendleft(self._chunking)
+            self._chunking = None
         for seq in [*self._running, *self._waiting, *self._paused]:
-            seq.kv = None
+            seq.kv, seq.partial = None, None
             self._finish(seq, reason, error=message if reason == "error" else None)
         self._running, self._paused, self._batch = [], [], None
         self._waiting.clear()
@@ -474,7 +546,8 @@ class Engine:
 
     def _publish_stats(self) -> None:
         self.stats.running = len(self._running)
-        self.stats.waiting = len(self._waiting) + len(self._inbox)
+        self.stats.waiting = len(self._waiting) + len(self._inbox) + (self._chunking is not None)
         self.stats.paused = len(self._paused)
         held = [b for b in (self._batch, *(s.kv for s in self._paused)) if b is not None]
-        self.stats.kv_tokens_held = sum(b.tokens_held() for b in held)
+        self.stats.kv_tokens_held = sum(b.tokens_held() for b in held) + (
+            self._chunking.prefilled if self._chunking is not None else 0)
