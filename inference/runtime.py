@@ -148,7 +148,9 @@ class Runtime:
         return AdmissionQueue(capacity=capacity, max_depth=self.config.max_queue_depth,
                               max_wait_s=self.config.max_queue_wait_s, target_wait_s=self.config.queue_target_wait_s,
                               high_reserve=self.config.high_priority_slots,
-                              high_max_running=self.config.high_priority_max_running)
+                              high_max_running=self.config.high_priority_max_running,
+                              fair=self.config.fair_share, tier_weights=self.config.tier_weights,
+                              fair_by_feature=self.config.fair_by_feature)
 
     def _local_backend(self, loaded: LoadedModel) -> LocalBackend:
         energy_reader = None
