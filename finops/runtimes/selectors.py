@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from django.db.models import F, Q
 
-from finops.runtimes.models import Ruleset, Runtime, RuntimeToken, token_digest
+from finops.runtimes.models import ConcurrencyCap, Ruleset, Runtime, RuntimeToken, token_digest
 
 
 def runtime_get_by_token(*, token: str) -> Runtime | None:
@@ -68,3 +68,8 @@ def runtime_ruleset_states() -> list[RuntimeRulesetState]:
             runtime.name, runtime.base_url, runtime.last_seen_at, issued, runtime.last_ruleset_ack,
             ruleset.last_push_at if ruleset else None, ruleset.last_push_outcome if ruleset else ""))
     return states
+
+
+def concurrency_caps() -> list[ConcurrencyCap]:
+    """Every concurrency cap, in a stable order (the ruleset's content, and so its version, depends on it)."""
+    return list(ConcurrencyCap.objects.order_by("tenant", "feature", "model", "pk"))

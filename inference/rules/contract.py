@@ -95,7 +95,23 @@ class CapMaxTokensAction(_Strict):
     max_tokens: PositiveCount
 
 
-Action = Annotated[BlockAction | ThrottleAction | DowngradeAction | CapMaxTokensAction, Field(discriminator="type")]
+class ConcurrencyAction(_Strict):
+    """At most ``max_running`` of the scope's requests hold a running slot of a model at once (the
+    others wait while other work runs), and at most ``max_queued`` wait (more are refused)."""
+
+    type: Literal["concurrency"]
+    max_running: PositiveCount | None = None
+    max_queued: Annotated[StrictInt, Field(ge=0, le=10**12)] | None = None
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> ConcurrencyAction:
+        if self.max_running is None and self.max_queued is None:
+            raise ValueError("a concurrency cap needs max_running, max_queued or both")
+        return self
+
+
+Action = Annotated[BlockAction | ThrottleAction | DowngradeAction | CapMaxTokensAction | ConcurrencyAction,
+                   Field(discriminator="type")]
 
 
 class Rule(_Strict):
@@ -193,7 +209,7 @@ def _invalid(exc: ValidationError) -> RulesetInvalid:
 
 def _is_tag(part: Any) -> bool:
     # Pydantic names the union branch it tried (``throttle``, ``function-after[...]``): not a field.
-    return isinstance(part, str) and (part in {"block", "throttle", "downgrade", "cap_max_tokens"}
+    return isinstance(part, str) and (part in {"block", "throttle", "downgrade", "cap_max_tokens", "concurrency"}
                                       or "[" in part)
 
 
