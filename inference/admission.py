@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from inference.config import Tier
-from inference.fair_share import CapReached, ConcurrencyCap, FairShare, feature_key
+from inference.fair_share import CapReached, ConcurrencyCap, FairShare, TenantService, feature_key
 
 PriorityName = Literal["low", "normal", "high"]
 PRIORITY_RANK: dict[str, int] = {"low": 0, "normal": 1, "high": 2}
@@ -238,6 +238,14 @@ class AdmissionQueue:
         names = {t for t, n in list(self._waiting_tenants.items()) if n} | {
             t for t, n in list(self._running_tenants.items()) if n}
         return {t: (self._waiting_tenants.get(t, 0), self._running_tenants.get(t, 0)) for t in names}
+
+    def tenant_service(self) -> dict[str, TenantService]:
+        """Every tenant this queue has served: its totals, and what it has waiting and running now.
+        (Read from other threads too: the copies are taken whole before they are read.)"""
+        waiting, running = dict(self._waiting_tenants), dict(self._running_tenants)
+        return {tenant: TenantService(s.tokens_served, s.admitted, s.queue_wait_s_total,
+                                      waiting.get(tenant, 0), running.get(tenant, 0))
+                for tenant, s in list(self.fair.service.items())}
 
     async def admit(self, *, priority: PriorityName, tier: Tier, tenant: str = "", feature: str = "",
                     prompt_tokens: int = 0, caps: Sequence[ConcurrencyCap] = ()) -> Slot:

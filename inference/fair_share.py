@@ -50,11 +50,21 @@ class VirtualCounters:
 
 @dataclass
 class TenantService:
-    """What one tenant was served by one queue: real tokens and its requests' queue wait."""
+    """What one tenant was served (real tokens) and how its requests waited: running totals, and
+    the requests it has waiting and holding a slot now."""
 
     tokens_served: int = 0
     admitted: int = 0
     queue_wait_s_total: float = 0.0
+    waiting: int = 0
+    running: int = 0
+
+    def add(self, other: TenantService) -> None:
+        self.tokens_served += other.tokens_served
+        self.admitted += other.admitted
+        self.queue_wait_s_total += other.queue_wait_s_total
+        self.waiting += other.waiting
+        self.running += other.running
 
 
 @dataclass
