@@ -27,6 +27,7 @@ BENCHMARKS = {
     "overload": "3x the engine's capacity with mixed priorities: high p95 vs unloaded, low shed with 503",
     "org_scale": "10,000 budgets, 1,000 tenants, 1M events, 20 runtimes: evaluation pass, budgets page, fleet ingest",
     "faults": "the telemetry pipeline broken ten ways under load: answered vs stored, lost, duplicated, recovery",
+    "fairness": "a flooding tenant under fair share (VTC) vs FIFO: the light tenant's p95, the service gap, tokens/s",
 }
 
 
