@@ -29,6 +29,7 @@ from finops.lib.tables import Table, csv_response
 from finops.lib.timezones import org_time_zone
 from finops.runtimes.selectors import runtime_ruleset_states
 from finops.telemetry.capacity import idle_capacity, runtime_gauges, runtime_history
+from finops.telemetry.fairness import tenant_fairness
 from finops.telemetry.ranges import Dimension, Filters
 from finops.telemetry.selectors import event_completeness
 from finops.telemetry.tail import tail_snapshot
@@ -170,7 +171,9 @@ def breakdown(request: HttpRequest, dimension: Dimension) -> HttpResponse:
                         "descending": not sort.startswith("-"), "url": _path(request) + state.query(sort=target)})
     return _render(request, "dashboards/breakdown.html", {
         "nav": PLURAL[dimension], "dimension": dimension, "title": PLURAL[dimension].capitalize(),
-        "charts": [charts.spend_by(table.series, dimension=dimension, step=state.step)],
+        "charts": [charts.spend_by(table.series, dimension=dimension, step=state.step),
+                   *([charts.fairness(tenant_fairness(start=state.start, end=state.end, step=state.step))]
+                     if dimension == "tenant" else [])],
         "rows": [{"item": row, "spark": charts.sparkline(row.spark),
                   "url": detail_url(dimension=dimension, name=row.row.value)} for row in rows],
         "columns": columns, "sort": sort if sort != page_data.DEFAULT_SORT else "",
