@@ -269,7 +269,7 @@ class AdmissionQueue:
                 self._make_room_for_high()
                 return slot
         elif (rank != _HIGH and self.in_use < self._others_limit() and request.can_run()
-              and self._pick() is None):
+              and not self._paused and self._pick() is None):
             return self._grant(request, queue_wait_s=0.0)
         for cap in caps:
             if not cap.can_queue():
@@ -421,7 +421,7 @@ class AdmissionQueue:
                 if not tenants:
                     del self._backlog[waiter.rank]
         self._waiting_tenants[waiter.tenant] -= 1
-        self._waiting_features[feature_key(waiter.tenant, waiter.feature)] -= 1
+        self._count_down(self._waiting_features, feature_key(waiter.tenant, waiter.feature))
         self._depth -= 1
         for cap in waiter.caps:
             cap.queued -= 1
@@ -492,6 +492,17 @@ class AdmissionQueue:
         own = _last(tenants[tenant]) if tenant in tenants else None
         return own if own is not None and own.key[:2] > (-rank, -tier_rank) else None
 
+    def _count_down(self, counts: dict[str, int], key: str) -> None:
+        """One fewer of a feature's requests in ``counts``; a feature with none left waiting or
+        running is forgotten (features are named by clients: their number has no bound)."""
+        counts[key] -= 1
+        if not counts[key]:
+            del counts[key]
+            if not self._waiting_features.get(key) and not self._running_features.get(key):
+                self._waiting_features.pop(key, None)
+                self._running_features.pop(key, None)
+                self.fair.forget_feature(key)
+
     # -- slots ----------------------------------------------------------------------------------------
 
     def _count_shed(self, reason: ShedReason) -> None:
@@ -542,7 +553,7 @@ class AdmissionQueue:
     def _release(self, slot: Slot, held_s: float) -> None:
         # A paused request still counts against its tenant and its caps: it holds its KV cache.
         self._running_tenants[slot.tenant] -= 1
-        self._running_features[feature_key(slot.tenant, slot.feature)] -= 1
+        self._count_down(self._running_features, feature_key(slot.tenant, slot.feature))
         if slot.paused:  # its request ended while paused (a client gone): it no longer waits
             self._paused.remove(slot)
             self._depth -= 1

@@ -126,8 +126,15 @@ class FairShare:
             return
         amount = tokens / self.weight(tier)
         self.tenants.charge(tenant, amount)
-        self.features.charge(feature_key(tenant, feature), amount)
+        if self.by_feature:
+            self.features.charge(feature_key(tenant, feature), amount)
         self.service[tenant].tokens_served += tokens
+
+    def forget_feature(self, key: str) -> None:
+        """A feature with nothing waiting or running: its counter goes (a client names features, so
+        keeping every one would grow without bound). It loses nothing it is owed: were it kept, it
+        would be lifted to the least of its tenant's active features on its return anyway."""
+        self.features.values.pop(key, None)
 
     def waited(self, tenant: str, wait_s: float) -> None:
         service = self.service[tenant]

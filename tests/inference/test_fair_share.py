@@ -332,3 +332,40 @@ def test_service_and_wait_are_kept_per_tenant() -> None:
     acme = queue.fair.service["acme"]
     assert acme.tokens_served == 2 * TOKENS_PER_REQUEST and acme.admitted == 2
     assert acme.queue_wait_s_total >= 0.05
+
+
+def test_features_named_by_clients_leave_nothing_behind_once_their_requests_end() -> None:
+    async def scenario() -> AdmissionQueue:
+        queue = AdmissionQueue(capacity=1, max_depth=300, max_wait_s=5, fair_by_feature=True)
+        held = await holder(queue)
+        served = Served(queue)
+        for n in range(200):
+            await served.enqueue("acme", feature=f"made-up-{n}")
+        held.release()
+        await served.finish()
+        return queue
+
+    queue = run(scenario())
+    assert queue.fair.features.values == {} and not queue._waiting_features and not queue._running_features
+    assert queue.fair.tenants["acme"] > 0, "the tenant's own counter is kept"
+
+
+def test_a_newcomer_does_not_take_a_free_slot_ahead_of_a_paused_request() -> None:
+    class Work:
+        def pause(self) -> None: ...
+
+        def resume(self) -> None: ...
+
+    async def scenario() -> bool:
+        queue = AdmissionQueue(capacity=2, max_depth=10, max_wait_s=5, high_max_running=1)
+        normal = await queue.admit(priority="normal", tier="standard", tenant="acme")
+        normal.attach(Work())
+        high = await queue.admit(priority="high", tier="premium", tenant="globex")  # pauses acme's
+        newcomer = asyncio.create_task(queue.admit(priority="normal", tier="standard", tenant="initech"))
+        await asyncio.sleep(0)
+        waited = not newcomer.done() and normal.paused
+        high.release()  # the paused request resumes first
+        slot = await asyncio.wait_for(newcomer, 1)
+        return waited and not normal.paused and slot.queue_wait_s > 0
+
+    assert run(scenario())
