@@ -32,17 +32,15 @@ client that goes away simply leaves the queue.
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 import math
 import time
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from inference.backlog import Backlog, Key, Waiter
 from inference.config import Tier
-from inference.fair_share import CapReached, ConcurrencyCap, FairShare, TenantService, feature_key
+from inference.fair_share import CapReached, ConcurrencyCap, FairShare, TenantService
 
 PriorityName = Literal["low", "normal", "high"]
 PRIORITY_RANK: dict[str, int] = {"low": 0, "normal": 1, "high": 2}
@@ -72,7 +70,6 @@ class Shed(Exception):
         self.retry_after_s = retry_after_s
 
 
-Key = tuple[int, int, int]  # (-priority rank, -tier rank, arrival): the smallest is served first
 
 
 class Pausable(Protocol):
@@ -81,26 +78,6 @@ class Pausable(Protocol):
     def pause(self) -> None: ...
 
     def resume(self) -> None: ...
-
-
-@dataclass(order=True)
-class _Waiter:
-    key: Key
-    future: asyncio.Future[Slot] = field(compare=False)
-    enqueued_at: float = field(compare=False)
-    tenant: str = field(default="", compare=False)
-    feature: str = field(default="", compare=False)
-    tier: Tier = field(default="standard", compare=False)
-    prompt_tokens: int = field(default=0, compare=False)
-    caps: Sequence[ConcurrencyCap] = field(default=(), compare=False)
-    done: bool = field(default=False, compare=False)
-
-    @property
-    def rank(self) -> int:
-        return -self.key[0]
-
-    def can_run(self) -> bool:
-        return all(cap.can_run() for cap in self.caps)
 
 
 class Slot:
@@ -188,8 +165,6 @@ class NoQueue:
 
 NO_QUEUE = NoQueue()
 
-# rank -> tenant -> feature -> heap of waiters (tier, then arrival)
-_Backlog = dict[int, dict[str, dict[str, list[_Waiter]]]]
 
 
 class AdmissionQueue:
@@ -211,16 +186,11 @@ class AdmissionQueue:
         self.target_wait_s = target_wait_s
         # Off: first come, first served inside a class (by tier, then arrival), as before fair share;
         # the counters still run, for the metrics.
-        self.fair_ordering = fair
         self.fair = FairShare(weights=tier_weights, by_feature=fair_by_feature and fair)
         self.in_use = 0
         self._running: set[Slot] = set()
         self._paused: list[Slot] = []  # preempted, waiting to resume, in the order they were paused
-        self._backlog: _Backlog = {}
-        self._waiting_tenants: dict[str, int] = defaultdict(int)
-        self._waiting_features: dict[str, int] = defaultdict(int)
-        self._running_tenants: dict[str, int] = defaultdict(int)
-        self._running_features: dict[str, int] = defaultdict(int)
+        self.backlog = Backlog(self.fair, fair_ordering=fair, wake=self._grant_next)
         self._depth = 0
         self._arrivals = itertools.count()
         self._mean_service_s: float | None = None
@@ -235,14 +205,14 @@ class AdmissionQueue:
 
     def tenants(self) -> dict[str, tuple[int, int]]:
         """Each tenant with work here: (requests waiting, requests holding a slot)."""
-        names = {t for t, n in list(self._waiting_tenants.items()) if n} | {
-            t for t, n in list(self._running_tenants.items()) if n}
-        return {t: (self._waiting_tenants.get(t, 0), self._running_tenants.get(t, 0)) for t in names}
+        waiting, running = dict(self.backlog.waiting_tenants), dict(self.backlog.running_tenants)
+        names = {t for t, n in waiting.items() if n} | {t for t, n in running.items() if n}
+        return {t: (waiting.get(t, 0), running.get(t, 0)) for t in names}
 
     def tenant_service(self) -> dict[str, TenantService]:
         """Every tenant this queue has served: its totals, and what it has waiting and running now.
         (Read from other threads too: the copies are taken whole before they are read.)"""
-        waiting, running = dict(self._waiting_tenants), dict(self._running_tenants)
+        waiting, running = dict(self.backlog.waiting_tenants), dict(self.backlog.running_tenants)
         return {tenant: TenantService(s.tokens_served, s.admitted, s.queue_wait_s_total,
                                       waiting.get(tenant, 0), running.get(tenant, 0))
                 for tenant, s in list(self.fair.service.items())}
@@ -256,7 +226,7 @@ class AdmissionQueue:
         rank = PRIORITY_RANK[priority]
         key = (-rank, -TIER_RANK[tier], next(self._arrivals))
         self.fair.tenant_weight[tenant] = self.fair.weight(tier)
-        request = _Waiter(key, asyncio.get_running_loop().create_future(), time.perf_counter(), tenant, feature,
+        request = Waiter(key, asyncio.get_running_loop().create_future(), time.perf_counter(), tenant, feature,
                           tier, prompt_tokens, caps)
         # A high-priority request may take a kept slot while other work waits for a shared one
         # (high work never waits while a slot is free: it would have been granted), or else the
@@ -269,13 +239,13 @@ class AdmissionQueue:
                 self._make_room_for_high()
                 return slot
         elif (rank != _HIGH and self.in_use < self._others_limit() and request.can_run()
-              and not self._paused and self._pick() is None):
+              and not self._paused and self.backlog.pick() is None):
             return self._grant(request, queue_wait_s=0.0)
         for cap in caps:
             if not cap.can_queue():
                 raise CapReached(cap)
         if self._depth >= self.max_depth:
-            victim_waiter = self._displaceable(rank, TIER_RANK[tier], tenant)
+            victim_waiter = self.backlog.displaceable(rank, TIER_RANK[tier], tenant)
             if victim_waiter is None:
                 self._count_shed("queue_full")
                 raise Shed("queue_full", self.retry_after_s(), "The queue is full; try again later.")
@@ -341,7 +311,7 @@ class AdmissionQueue:
         wait = (self._depth + 1) * service / (self.capacity - self.high_reserve)
         if wait <= target * factor:
             return
-        if self._displaceable(rank, TIER_RANK[tier], tenant) is not None:
+        if self.backlog.displaceable(rank, TIER_RANK[tier], tenant) is not None:
             return  # a waiter from a lower class or a heavier tenant would be shed in its place
         self._count_shed("overloaded")
         raise self._overloaded(wait, rank)
@@ -351,7 +321,7 @@ class AdmissionQueue:
         if target is None:
             return
         while (wait := self.estimated_wait_s()) is not None:
-            lowest = self._shed_candidate()
+            lowest = self.backlog.shed_candidate()
             if lowest is None:
                 return
             factor = SHED_PAST_TARGET.get(lowest.rank)
@@ -381,140 +351,25 @@ class AdmissionQueue:
         limit = self.capacity - self.high_reserve
         return min(limit, self.high_max_running) if self._high_running() else limit
 
-    # -- the backlog: who waits, and who is next ---------------------------------------------------
-
-    def _push(self, waiter: _Waiter) -> None:
-        """Queue ``waiter``; a tenant (or feature) that had nothing waiting has its counter lifted."""
-        tenant, fair = waiter.tenant, self.fair
-        if not self._waiting_tenants.get(tenant):
-            backlogged = [t for t, n in self._waiting_tenants.items() if n]
-            fair.tenants.lift(tenant, backlogged or [t for t, n in self._running_tenants.items() if n])
-        fkey = feature_key(tenant, waiter.feature)
-        if fair.by_feature and not self._waiting_features.get(fkey):
-            prefix = feature_key(tenant, "")
-            backlogged = [f for f, n in self._waiting_features.items() if n and f.startswith(prefix)]
-            fair.features.lift(fkey, backlogged or [f for f, n in self._running_features.items()
-                                                    if n and f.startswith(prefix)])
-        heap = self._backlog.setdefault(waiter.rank, {}).setdefault(tenant, {}).setdefault(waiter.feature, [])
-        heapq.heappush(heap, waiter)
-        self._waiting_tenants[tenant] += 1
-        self._waiting_features[fkey] += 1
+    def _push(self, waiter: Waiter) -> None:
+        self.backlog.push(waiter)
         self._depth += 1
-        for cap in waiter.caps:
-            cap.queued += 1
-            cap.on_release(id(self), self._grant_next)
 
-    def _remove(self, waiter: _Waiter) -> None:
-        """Take ``waiter`` out of the backlog (once)."""
-        if waiter.done:
-            return
-        waiter.done = True
-        tenants = self._backlog[waiter.rank]
-        features = tenants[waiter.tenant]
-        heap = features[waiter.feature]
-        heap.remove(waiter)
-        heapq.heapify(heap)
-        if not heap:
-            del features[waiter.feature]
-            if not features:
-                del tenants[waiter.tenant]
-                if not tenants:
-                    del self._backlog[waiter.rank]
-        self._waiting_tenants[waiter.tenant] -= 1
-        self._count_down(self._waiting_features, feature_key(waiter.tenant, waiter.feature))
-        self._depth -= 1
-        for cap in waiter.caps:
-            cap.queued -= 1
-
-    def _pick(self, ranks: Sequence[int] = (2, 1, 0)) -> _Waiter | None:
-        """The waiter to serve next among ``ranks`` (highest class first): the least-served
-        backlogged tenant's (its least-served feature's, with ``by_feature``) first request by tier
-        and arrival, skipping those a ``concurrency`` cap holds back."""
-        fair = self.fair
-        for rank in ranks:
-            tenants = self._backlog.get(rank)
-            if not tenants:
-                continue
-            if not self.fair_ordering:
-                head = min((h for features in tenants.values() for heap in features.values() for h in heap
-                            if h.can_run()), default=None)
-                if head is not None:
-                    return head
-                continue
-            for tenant in sorted(tenants, key=lambda t: (fair.tenants[t], _first(tenants[t]).key)):
-                features = tenants[tenant]
-                if fair.by_feature:
-                    order = sorted(features, key=lambda f: (fair.features[feature_key(tenant, f)], features[f][0].key))
-                else:
-                    order = sorted(features, key=lambda f: features[f][0].key)
-                for feature in order:
-                    head = features[feature][0]
-                    if head.can_run():
-                        return head
-        return None
-
-    def _heaviest(self, tenants: dict[str, dict[str, list[_Waiter]]], extra: str | None = None) -> str:
-        """The tenant furthest above its share of this class's waiting places: the most waiting
-        requests for its weight (``extra``: one more for a newcomer), then the most service."""
-        def load(tenant: str) -> tuple[float, float, str]:
-            count = sum(len(h) for h in tenants.get(tenant, {}).values()) + (tenant == extra)
-            return count / self.fair.tenant_weight.get(tenant, 1.0), self.fair.tenants[tenant], tenant
-        names = set(tenants) | ({extra} if extra is not None else set())
-        return max(names, key=load)
-
-    def _shed_candidate(self) -> _Waiter | None:
-        """The waiter a full or overloaded queue sheds: in the lowest class waiting, the heaviest
-        tenant's least important request (lowest tier, newest)."""
-        if not self._backlog:
-            return None
-        tenants = self._backlog[min(self._backlog)]
-        if not self.fair_ordering:
-            return max(_last(features) for features in tenants.values())
-        return _last(tenants[self._heaviest(tenants)])
-
-    def _displaceable(self, rank: int, tier_rank: int, tenant: str) -> _Waiter | None:
-        """The waiter a full queue would shed for a newcomer (``rank``, ``tier_rank``, ``tenant``),
-        or None when the newcomer itself is the one to shed."""
-        if not self._backlog:
-            return None
-        lowest_rank = min(self._backlog)
-        if lowest_rank > rank:
-            return None
-        tenants = self._backlog[lowest_rank]
-        if not self.fair_ordering:
-            lowest = max(_last(features) for features in tenants.values())
-            return lowest if lowest.key[:2] > (-rank, -tier_rank) else None
-        if lowest_rank < rank:
-            return _last(tenants[self._heaviest(tenants)])
-        heaviest = self._heaviest(tenants, extra=tenant)
-        if heaviest != tenant:
-            return _last(tenants[heaviest])
-        own = _last(tenants[tenant]) if tenant in tenants else None
-        return own if own is not None and own.key[:2] > (-rank, -tier_rank) else None
-
-    def _count_down(self, counts: dict[str, int], key: str) -> None:
-        """One fewer of a feature's requests in ``counts``; a feature with none left waiting or
-        running is forgotten (features are named by clients: their number has no bound)."""
-        counts[key] -= 1
-        if not counts[key]:
-            del counts[key]
-            if not self._waiting_features.get(key) and not self._running_features.get(key):
-                self._waiting_features.pop(key, None)
-                self._running_features.pop(key, None)
-                self.fair.forget_feature(key)
+    def _remove(self, waiter: Waiter) -> None:
+        if self.backlog.remove(waiter):
+            self._depth -= 1
 
     # -- slots ----------------------------------------------------------------------------------------
 
     def _count_shed(self, reason: ShedReason) -> None:
         self.shed_total[reason] += 1
 
-    def _grant(self, waiter: _Waiter, *, queue_wait_s: float) -> Slot:
+    def _grant(self, waiter: Waiter, *, queue_wait_s: float) -> Slot:
         slot = Slot(self, waiter.key, queue_wait_s=queue_wait_s, depth_at_admit=0, tenant=waiter.tenant,
                     feature=waiter.feature, tier=waiter.tier, caps=waiter.caps)
         self.in_use += 1
         self._running.add(slot)
-        self._running_tenants[waiter.tenant] += 1
-        self._running_features[feature_key(waiter.tenant, waiter.feature)] += 1
+        self.backlog.started(waiter.tenant, waiter.feature)
         for cap in waiter.caps:
             cap.running += 1
         self.fair.waited(waiter.tenant, queue_wait_s)
@@ -526,9 +381,9 @@ class AdmissionQueue:
         return max((s for s in self._running if s.preemptible and s.queue_wait_s < self.max_wait_s),
                    key=lambda s: s.key, default=None)
 
-    def _waiting_high(self) -> _Waiter | None:
+    def _waiting_high(self) -> Waiter | None:
         """The high-priority request to serve first (none held back by a cap)."""
-        return self._pick((_HIGH,))
+        return self.backlog.pick((_HIGH,))
 
     def _preempt(self, victim: Slot) -> None:
         """Pause ``victim``: it waits to resume, and its slot is free for high-priority work."""
@@ -552,8 +407,7 @@ class AdmissionQueue:
 
     def _release(self, slot: Slot, held_s: float) -> None:
         # A paused request still counts against its tenant and its caps: it holds its KV cache.
-        self._running_tenants[slot.tenant] -= 1
-        self._count_down(self._running_features, feature_key(slot.tenant, slot.feature))
+        self.backlog.ended(slot.tenant, slot.feature)
         if slot.paused:  # its request ended while paused (a client gone): it no longer waits
             self._paused.remove(slot)
             self._depth -= 1
@@ -572,7 +426,7 @@ class AdmissionQueue:
         ahead of everything, so no request is held back without bound."""
         now = time.perf_counter()
         while True:
-            top = self._pick()
+            top = self.backlog.pick()
             paused = self._paused[0] if self._paused else None
             high_first = top is not None and top.rank == _HIGH
             if paused is not None and self.in_use < self.capacity and (
@@ -584,7 +438,7 @@ class AdmissionQueue:
             else:
                 return
 
-    def _grant_waiter(self, waiter: _Waiter, now: float) -> None:
+    def _grant_waiter(self, waiter: Waiter, now: float) -> None:
         self._remove(waiter)
         if not waiter.future.done():
             waiter.future.set_result(self._grant(waiter, queue_wait_s=now - waiter.enqueued_at))
@@ -596,11 +450,3 @@ class AdmissionQueue:
         self._running.add(slot)
         slot._resume()
 
-
-def _first(features: dict[str, list[_Waiter]]) -> _Waiter:
-    return min(heap[0] for heap in features.values())
-
-
-def _last(features: dict[str, list[_Waiter]]) -> _Waiter:
-    """A tenant's least important waiter in one class: lowest tier, newest."""
-    return max(max(heap) for heap in features.values())

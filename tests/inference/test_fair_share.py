@@ -346,7 +346,7 @@ def test_features_named_by_clients_leave_nothing_behind_once_their_requests_end(
         return queue
 
     queue = run(scenario())
-    assert queue.fair.features.values == {} and not queue._waiting_features and not queue._running_features
+    assert queue.fair.features.values == {} and not queue.backlog._waiting_features and not queue.backlog._running_features
     assert queue.fair.tenants["acme"] > 0, "the tenant's own counter is kept"
 
 
