@@ -346,7 +346,8 @@ def test_features_named_by_clients_leave_nothing_behind_once_their_requests_end(
         return queue
 
     queue = run(scenario())
-    assert queue.fair.features.values == {} and not queue.backlog._waiting_features and not queue.backlog._running_features
+    backlog = queue.backlog
+    assert queue.fair.features.values == {} and not backlog._waiting_features and not backlog._running_features
     assert queue.fair.tenants["acme"] > 0, "the tenant's own counter is kept"
 
 
