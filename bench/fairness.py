@@ -220,13 +220,15 @@ def report(settings: Settings, fair: Run, fifo: Run) -> bool:
                            ", ".join(f"{k} x{v}" for k, v in sorted(run.failures.items())) or "none"])
     fair_gap = max(fair.gap(i) for i in range(len(fair.polls)))
     fifo_gap = max(fifo.gap(i) for i in range(len(fifo.polls)))
-    unloaded_p95 = percentile(fair.unloaded_s, 95)
+    # Both servers timed the same unloaded requests: the lower p95 is the stricter baseline (on a
+    # shared machine either may have been slowed by others' load).
+    unloaded_p95 = min(percentile(fair.unloaded_s, 95), percentile(fifo.unloaded_s, 95))
     light_p95 = percentile(fair.light_latencies_s, 95) if fair.light_latencies_s else float("inf")
     light_goal = GOAL_LIGHT_RATIO * unloaded_p95 + GOAL_LIGHT_SLACK_S
     share = fair.tokens_per_s() / fifo.tokens_per_s() if fifo.tokens_per_s() else float("nan")
     goals = [
-        ("light p95 under load <= 2x unloaded p95 + 0.25 s", f"{light_p95 * 1000:.0f} ms vs {light_goal * 1000:.0f} ms",
-         light_p95 <= light_goal),
+        ("light p95 under load <= 2x unloaded p95 + 0.25 s (the lower of the two servers' unloaded p95)",
+         f"{light_p95 * 1000:.0f} ms vs {light_goal * 1000:.0f} ms", light_p95 <= light_goal),
         ("backlogged tenants' service gap within the VTC bound", f"max {fair_gap:.0f} vs {bound:.0f} tokens "
          f"(FIFO: max {fifo_gap:.0f})", fair_gap <= bound),
         ("total throughput within 5% of FIFO's", f"{fair.tokens_per_s():.0f} vs {fifo.tokens_per_s():.0f} tokens/s "
