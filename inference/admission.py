@@ -184,12 +184,12 @@ class AdmissionQueue:
         self.max_depth = max_depth
         self.max_wait_s = max_wait_s
         self.target_wait_s = target_wait_s
-        # Off: first come, first served inside a class (by tier, then arrival), as before fair share;
-        # the counters still run, for the metrics.
         self.fair = FairShare(weights=tier_weights, by_feature=fair_by_feature and fair)
         self.in_use = 0
         self._running: set[Slot] = set()
         self._paused: list[Slot] = []  # preempted, waiting to resume, in the order they were paused
+        # ``fair`` off: first come, first served inside a class (by tier, then arrival), as before
+        # fair share; the counters still run, for the metrics.
         self.backlog = Backlog(self.fair, fair_ordering=fair, wake=self._grant_next)
         self._depth = 0
         self._arrivals = itertools.count()
