@@ -1,20 +1,26 @@
 """Fair share inside a priority class (Virtual Token Counter): the least-served backlogged tenant
 first, a newly active tenant lifted to the backlogged minimum, weights per tier, shedding from the
-heaviest tenant, a ruleset's concurrency caps; priority classes still come first."""
+heaviest tenant, a ruleset's concurrency caps; priority classes still come first. The queue alone,
+then the real runtime over HTTP."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import threading
+from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 import pytest
 
 from inference.admission import AdmissionQueue, Shed, Slot
+from inference.config import ApiKey
+from inference.engine.models import LoadedModel
 from inference.fair_share import CapReached, ConcurrencyCap
+from tests.inference.live import GLOBEX, KEYS, LiveRuntime, serve, slowed, tiny_config, wait_until
 
 T = TypeVar("T")
 TOKENS_PER_REQUEST = 10
+UMBRELLA = "sk-umbrella-standard-04"
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -370,3 +376,43 @@ def test_a_newcomer_does_not_take_a_free_slot_ahead_of_a_paused_request() -> Non
         return waited and not normal.paused and slot.queue_wait_s > 0
 
     assert run(scenario())
+
+
+# -- over HTTP, on the real runtime ----------------------------------------------------------------
+
+@pytest.fixture(params=[True, False], ids=["fair", "fifo"])
+def one_slot(request: pytest.FixtureRequest, tiny_model: LoadedModel) -> Iterator[tuple[LiveRuntime, bool]]:
+    """One running slot on a model slowed to ~5 ms a step, with fair share on or off."""
+    config = tiny_config(max_batch_size=1, max_queue_depth=32, fair_share=request.param,
+                         api_keys=(*KEYS, ApiKey(UMBRELLA, "umbrella", "standard")))
+    with serve(config, preloaded=(slowed(tiny_model, 0.005),)) as server:
+        yield server, request.param
+
+
+def test_a_tenant_flooding_the_queue_does_not_make_another_wait_behind_its_backlog(
+        one_slot: tuple[LiveRuntime, bool]) -> None:
+    live, fair = one_slot
+    finished: list[str] = []
+
+    def send(key: str, tenant: str, max_tokens: int) -> threading.Thread:
+        body = {"model": "tiny-random", "prompt": "The keeper", "max_tokens": max_tokens, "ignore_eos": True}
+
+        def run() -> None:
+            with live.client(key) as client:
+                assert client.post("/v1/completions", json=body).status_code == 200
+            finished.append(tenant)
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    threads = [send(GLOBEX, "flood", 40) for _ in range(6)]  # each holds the slot for 40 steps or more
+    wait_until(lambda: live.runtime.queue_depth() == 5)
+    threads.append(send(UMBRELLA, "light", 12))  # the same tier as the flooder: only fair share tells them apart
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert len(finished) == 7
+    if fair:  # lifted to the flooder's counter, it goes next once the flooder has been charged
+        assert finished.index("light") <= 2, finished
+    else:  # first come, first served: behind the whole backlog
+        assert finished.index("light") == 6, finished
