@@ -226,6 +226,7 @@ class AdmissionQueue:
         rank = PRIORITY_RANK[priority]
         key = (-rank, -TIER_RANK[tier], next(self._arrivals))
         self.fair.tenant_weight[tenant] = self.fair.weight(tier)
+        self.backlog.arrive(tenant, feature)
         request = Waiter(key, asyncio.get_running_loop().create_future(), time.perf_counter(), tenant, feature,
                           tier, prompt_tokens, caps)
         # A high-priority request may take a kept slot while other work waits for a shared one
@@ -373,6 +374,7 @@ class AdmissionQueue:
         for cap in waiter.caps:
             cap.running += 1
         self.fair.waited(waiter.tenant, queue_wait_s)
+        self.fair.tenants.dispatched(waiter.tenant)
         slot.served(prompt_tokens=waiter.prompt_tokens)
         return slot
 

@@ -65,18 +65,26 @@ class Backlog:
     def __bool__(self) -> bool:
         return bool(self._classes)
 
-    def push(self, waiter: Waiter) -> None:
-        """Queue ``waiter``; a tenant (or feature) that had nothing waiting has its counter lifted."""
-        tenant, fair = waiter.tenant, self.fair
+    def arrive(self, tenant: str, feature: str) -> None:
+        """A request arrives, before it is granted a slot or queued: a tenant (or feature) with
+        nothing waiting has its counter lifted to the least of the backlogged ones, or when none
+        waits, of those running, or when the queue is idle, to the counter of the last one served."""
+        fair = self.fair
         if not self.waiting_tenants.get(tenant):
             backlogged = [t for t, n in self.waiting_tenants.items() if n]
-            fair.tenants.lift(tenant, backlogged or [t for t, n in self.running_tenants.items() if n])
-        fkey = feature_key(tenant, waiter.feature)
+            fair.tenants.lift(tenant, backlogged or [t for t, n in self.running_tenants.items() if n],
+                              idle_floor=fair.tenants.last_dispatched)
+        fkey = feature_key(tenant, feature)
         if fair.by_feature and not self._waiting_features.get(fkey):
             prefix = feature_key(tenant, "")
             backlogged = [f for f, n in self._waiting_features.items() if n and f.startswith(prefix)]
             fair.features.lift(fkey, backlogged or [f for f, n in self._running_features.items()
                                                     if n and f.startswith(prefix)])
+
+    def push(self, waiter: Waiter) -> None:
+        """Queue ``waiter`` (``arrive`` has lifted its counters)."""
+        tenant = waiter.tenant
+        fkey = feature_key(tenant, waiter.feature)
         heap = self._classes.setdefault(waiter.rank, {}).setdefault(tenant, {}).setdefault(waiter.feature, [])
         heapq.heappush(heap, waiter)
         self.waiting_tenants[tenant] += 1

@@ -6,8 +6,10 @@ and its completion tokens as they are generated, each divided by its tier's weig
 tenant with weight 2 is charged half as much per token, so it gets twice the service while both
 are backlogged). The queue serves the backlogged tenant with the smallest counter first. A tenant
 that becomes backlogged (it had nothing waiting) has its counter lifted to the smallest counter
-among the backlogged tenants — or, when none is, among the tenants running work — so time spent idle
-banks no credit to spend later in a burst that would starve the others. With ``by_feature``, the
+among the backlogged tenants — or, when none is, among the tenants running work, and when the queue
+is idle, the counter of the tenant last given a slot — so time spent idle banks no credit to spend
+later in a burst that would starve the others, and a tenant served much in the past does not wait
+behind newcomers until they have caught up with all of it. With ``by_feature``, the
 same rule picks a feature inside the chosen tenant.
 
 ``TenantService`` keeps what a tenant was really served (tokens, unweighted) and how long its
@@ -34,15 +36,26 @@ class VirtualCounters:
 
     def __init__(self) -> None:
         self.values: dict[str, float] = defaultdict(float)
+        self._last_dispatched: str | None = None  # the key last given a slot
 
     def charge(self, key: str, amount: float) -> None:
         self.values[key] += amount
 
-    def lift(self, key: str, floor_keys: Iterable[str]) -> None:
-        """``key`` became backlogged: raise its counter to the least of ``floor_keys``' (the VTC rule)."""
+    def dispatched(self, key: str) -> None:
+        self._last_dispatched = key
+
+    @property
+    def last_dispatched(self) -> float | None:
+        """The counter, now, of the key last given a slot (None before any was)."""
+        return None if self._last_dispatched is None else self.values.get(self._last_dispatched, 0.0)
+
+    def lift(self, key: str, floor_keys: Iterable[str], *, idle_floor: float | None = None) -> None:
+        """``key`` became backlogged: raise its counter to the least of ``floor_keys``' (the VTC
+        rule), or to ``idle_floor`` when there are none."""
         floors = [self.values[k] for k in floor_keys if k != key]
-        if floors:
-            self.values[key] = max(self.values[key], min(floors))
+        floor = min(floors) if floors else idle_floor
+        if floor is not None:
+            self.values[key] = max(self.values.get(key, 0.0), floor)
 
     def __getitem__(self, key: str) -> float:
         return self.values.get(key, 0.0)

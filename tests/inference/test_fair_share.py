@@ -416,3 +416,24 @@ def test_a_tenant_flooding_the_queue_does_not_make_another_wait_behind_its_backl
         assert finished.index("light") <= 2, finished
     else:  # first come, first served: behind the whole backlog
         assert finished.index("light") == 6, finished
+
+
+def test_a_tenant_arriving_at_an_idle_queue_starts_level_with_the_last_one_served() -> None:
+    async def scenario() -> tuple[float, list[str]]:
+        queue = AdmissionQueue(capacity=1, max_depth=20, max_wait_s=5)
+        veteran = await queue.admit(priority="normal", tier="standard", tenant="veteran")
+        veteran.served(completion_tokens=1000)  # served alone for a long while
+        veteran.release()
+        held = await holder(queue, tenant="fresh")  # the queue was idle: no one waits or runs
+        lifted = queue.fair.tenants["fresh"]
+        served = Served(queue)
+        await served.enqueue("fresh", count=3)
+        await served.enqueue("veteran", count=3)
+        held.release()
+        return lifted, await served.finish()
+
+    lifted, order = run(scenario())
+    # Without the lift the newcomer would have 1000 tokens of credit, and the veteran would wait for
+    # all of its requests.
+    assert lifted == 1000
+    assert order[:4].count("veteran") == 2
