@@ -19,7 +19,7 @@ Theorem 4.3) for two backlogged clients is ``2 · max(w_p · L_input, w_q · M)`
 ``slots × (L_input + heavy max_tokens)``. The table shows the gap over time for both modes, the light
 tenant's p50/p95 against its unloaded figures, and each mode's total tokens/s.
 
-    python -m bench fairness [--quick] [--model smollm2] [--seconds 40] [--backlog 12] ...
+    python -m bench fairness [--quick] [--model smollm2] [--seconds 40] [--backlog 12] [--rounds 1] ...
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ class Settings:
     light_pause_s: float
     unloaded_requests: int
     poll_s: float
+    rounds: int
 
 
 @dataclass
@@ -79,9 +80,45 @@ class Run:
         served = self.served_since_start(at_index)
         return abs(served["heavy"] - served["small"])
 
+    def tokens_and_seconds(self) -> tuple[float, float]:
+        return sum(self.served_since_start(len(self.polls) - 1).values()), self.polls[-1][0] - self.polls[0][0]
+
+    def max_gap(self) -> float:
+        return max(self.gap(i) for i in range(len(self.polls)))
+
+
+@dataclass
+class Rounds:
+    """One mode's runs (``--rounds``, alternating with the other mode's), taken together."""
+
+    mode: str
+    runs: list[Run]
+
+    @property
+    def unloaded_s(self) -> list[float]:
+        return [s for run in self.runs for s in run.unloaded_s]
+
+    @property
+    def light_latencies_s(self) -> list[float]:
+        return [s for run in self.runs for s in run.light_latencies_s]
+
+    @property
+    def longest_prompt(self) -> int:
+        return max(run.longest_prompt for run in self.runs)
+
+    def failures(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for run in self.runs:
+            for key, count in run.failures.items():
+                total[key] = total.get(key, 0) + count
+        return total
+
     def tokens_per_s(self) -> float:
-        elapsed = self.polls[-1][0] - self.polls[0][0]
-        return sum(self.served_since_start(len(self.polls) - 1).values()) / elapsed if elapsed > 0 else 0.0
+        tokens, seconds = (sum(x) for x in zip(*(run.tokens_and_seconds() for run in self.runs), strict=True))
+        return tokens / seconds if seconds > 0 else 0.0
+
+    def max_gap(self) -> float:
+        return max(run.max_gap() for run in self.runs)
 
 
 def parse_args(argv: Sequence[str]) -> Settings:
@@ -100,6 +137,9 @@ def parse_args(argv: Sequence[str]) -> Settings:
     parser.add_argument("--light-pause-s", type=float, default=0.2, help="pause between light requests (0.2)")
     parser.add_argument("--unloaded-requests", type=int, help="light requests timed alone (default 15)")
     parser.add_argument("--poll-s", type=float, default=0.25, help="how often service is read (default 0.25)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds of the two modes, alternating VTC, FIFO, VTC, ... (default 1): on a shared "
+                             "machine more rounds spread others' load over both modes")
     args = parser.parse_args(argv)
     quick = args.quick
     return Settings(
@@ -108,7 +148,7 @@ def parse_args(argv: Sequence[str]) -> Settings:
         prompt_words=args.prompt_words, backlog=args.backlog, seconds=args.seconds or (8.0 if quick else 40.0),
         warmup_s=args.warmup_s if args.warmup_s is not None else (1.0 if quick else 3.0),
         light_pause_s=args.light_pause_s, unloaded_requests=args.unloaded_requests or (5 if quick else 15),
-        poll_s=args.poll_s,
+        poll_s=args.poll_s, rounds=max(1, args.rounds),
     )
 
 
@@ -197,8 +237,9 @@ def vtc_bound(settings: Settings, longest_prompt: int) -> float:
     return 2.0 * max(longest_prompt, batch_tokens)
 
 
-def report(settings: Settings, fair: Run, fifo: Run) -> bool:
-    bound = vtc_bound(settings, max(fair.longest_prompt, fifo.longest_prompt))
+def report(settings: Settings, fair_rounds: Rounds, fifo_rounds: Rounds) -> bool:
+    bound = vtc_bound(settings, max(fair_rounds.longest_prompt, fifo_rounds.longest_prompt))
+    fair, fifo = fair_rounds.runs[0], fifo_rounds.runs[0]
     rows = []
     marks = sorted({min(range(len(fair.polls)), key=lambda i: abs(fair.polls[i][0] - s))
                     for s in [settings.seconds * k / 8 for k in range(1, 9)]})
@@ -207,39 +248,41 @@ def report(settings: Settings, fair: Run, fifo: Run) -> bool:
         j = min(range(len(fifo.polls)), key=lambda k: abs(fifo.polls[k][0] - at))
         f, g = fair.served_since_start(i), fifo.served_since_start(j)
         rows.append([f"{at:.0f}", f["heavy"], f["small"], fair.gap(i), g["heavy"], g["small"], fifo.gap(j), bound])
-    print_table("Fairness: service of the two backlogged tenants since the load started (tokens)",
+    print_table("Fairness: service of the two backlogged tenants since the load started (tokens; first round)",
                 ["s", "VTC heavy", "VTC small", "VTC gap", "FIFO heavy", "FIFO small", "FIFO gap", "VTC bound"], rows)
 
     light_rows = []
-    for run in (fair, fifo):
-        light = run.light_latencies_s
-        light_rows.append([run.mode, len(run.unloaded_s), percentile(run.unloaded_s, 50) * 1000,
-                           percentile(run.unloaded_s, 95) * 1000, len(light),
+    for mode in (fair_rounds, fifo_rounds):
+        light = mode.light_latencies_s
+        light_rows.append([mode.mode, len(mode.unloaded_s), percentile(mode.unloaded_s, 50) * 1000,
+                           percentile(mode.unloaded_s, 95) * 1000, len(light),
                            percentile(light, 50) * 1000 if light else None,
-                           percentile(light, 95) * 1000 if light else None, run.tokens_per_s(),
-                           ", ".join(f"{k} x{v}" for k, v in sorted(run.failures.items())) or "none"])
-    fair_gap = max(fair.gap(i) for i in range(len(fair.polls)))
-    fifo_gap = max(fifo.gap(i) for i in range(len(fifo.polls)))
+                           percentile(light, 95) * 1000 if light else None, mode.tokens_per_s(),
+                           ", ".join(f"{k} x{v}" for k, v in sorted(mode.failures().items())) or "none"])
+    fair_gap, fifo_gap = fair_rounds.max_gap(), fifo_rounds.max_gap()
     # Both servers timed the same unloaded requests: the lower p95 is the stricter baseline (on a
     # shared machine either may have been slowed by others' load).
-    unloaded_p95 = min(percentile(fair.unloaded_s, 95), percentile(fifo.unloaded_s, 95))
-    light_p95 = percentile(fair.light_latencies_s, 95) if fair.light_latencies_s else float("inf")
+    unloaded_p95 = min(percentile(fair_rounds.unloaded_s, 95), percentile(fifo_rounds.unloaded_s, 95))
+    light = fair_rounds.light_latencies_s
+    light_p95 = percentile(light, 95) if light else float("inf")
     light_goal = GOAL_LIGHT_RATIO * unloaded_p95 + GOAL_LIGHT_SLACK_S
-    share = fair.tokens_per_s() / fifo.tokens_per_s() if fifo.tokens_per_s() else float("nan")
+    fair_rate, fifo_rate = fair_rounds.tokens_per_s(), fifo_rounds.tokens_per_s()
+    share = fair_rate / fifo_rate if fifo_rate else float("nan")
     goals = [
         ("light p95 under load <= 2x unloaded p95 + 0.25 s (the lower of the two servers' unloaded p95)",
          f"{light_p95 * 1000:.0f} ms vs {light_goal * 1000:.0f} ms", light_p95 <= light_goal),
         ("backlogged tenants' service gap within the VTC bound", f"max {fair_gap:.0f} vs {bound:.0f} tokens "
          f"(FIFO: max {fifo_gap:.0f})", fair_gap <= bound),
-        ("total throughput within 5% of FIFO's", f"{fair.tokens_per_s():.0f} vs {fifo.tokens_per_s():.0f} tokens/s "
-         f"({share:.1%})", share >= GOAL_THROUGHPUT_SHARE),
+        ("total throughput within 5% of FIFO's", f"{fair_rate:.0f} vs {fifo_rate:.0f} tokens/s ({share:.1%})",
+         share >= GOAL_THROUGHPUT_SHARE),
     ]
     notes = [
         f"model {settings.model}, {settings.max_batch_size} slots; heavy {settings.heavy_tokens} tokens a request, "
         f"small {settings.small_tokens}, light {settings.light_tokens} (greedy, EOS ignored), prompts of "
-        f"{settings.prompt_words} words (longest {max(fair.longest_prompt, fifo.longest_prompt)} tokens); heavy and "
+        f"{settings.prompt_words} words (longest {fair_rounds.longest_prompt} tokens); heavy and "
         f"small keep {settings.backlog} requests outstanding each; light sends one at a time, "
-        f"{settings.light_pause_s:g} s apart, from {settings.warmup_s:g} s on; {settings.seconds:.0f} s a mode",
+        f"{settings.light_pause_s:g} s apart, from {settings.warmup_s:g} s on; {settings.seconds:.0f} s a mode, "
+        f"{settings.rounds} round(s) of each, alternating",
         *[f"goal: {what}: {figure}: {'met' if ok else 'NOT met'}" for what, figure, ok in goals],
     ]
     print_table("Fairness: the light tenant's latency and total throughput",
@@ -252,12 +295,13 @@ def main(argv: Sequence[str]) -> int:
     settings = parse_args(argv)
     keys = ",".join(f"{key}:{tenant}:standard" for tenant, key in TENANTS.items())
     prompts = prompt_texts(400, words=settings.prompt_words)
-    runs: dict[str, Run] = {}
-    for mode, flag in (("VTC", "on"), ("FIFO", "off")):
-        with runtime_server("--model", settings.model, "--max-batch-size", str(settings.max_batch_size),
-                            "--max-queue-depth", "512", "--max-queue-wait-s", "600", "--fair-share", flag,
-                            "--api-keys", keys, name=f"fairness-{flag}") as url:
-            runs[mode] = asyncio.run(measure(url, settings, mode, prompts))
+    runs: dict[str, Rounds] = {"VTC": Rounds("VTC", []), "FIFO": Rounds("FIFO", [])}
+    for round_ in range(settings.rounds):
+        for mode, flag in (("VTC", "on"), ("FIFO", "off")):
+            with runtime_server("--model", settings.model, "--max-batch-size", str(settings.max_batch_size),
+                                "--max-queue-depth", "512", "--max-queue-wait-s", "600", "--fair-share", flag,
+                                "--api-keys", keys, name=f"fairness-{flag}-{round_ + 1}") as url:
+                runs[mode].runs.append(asyncio.run(measure(url, settings, mode, prompts)))
     report(settings, runs["VTC"], runs["FIFO"])
     return 0
 
