@@ -33,6 +33,7 @@ BENCHMARKS = {
     "faults": "the telemetry pipeline broken ten ways under load: answered vs stored, lost, duplicated, recovery",
     "regression_detection": "cost-regression detection on 30 days of generated traffic: false alarms, delay, start",
     "semantic_cache": "false-hit rate, recall and threshold curve on labelled pairs; lookup p50/p95 at 100k entries",
+    "fairness": "a flooding tenant under fair share (VTC) vs FIFO: the light tenant's p95, the service gap, tokens/s",
 }
 
 

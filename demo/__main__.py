@@ -160,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
         worker.wait_until(lambda: cp.budgets_evaluated_since(worker_started), what="evaluate the budgets", timeout=120)
         print("  worker is up: budgets evaluated")
 
-        print(f"[5/5] traffic: 3 tenants, 4 features, {args.rounds} round(s), until initech's budget trips")
+        print(f"[5/5] traffic: 3 tenants, 4 features, {args.rounds} round(s), until initech's budget trips, while "
+              "umbrella floods the queue")
         traffic_started = dt.datetime.now(dt.UTC)
         sent_at = time.monotonic()
         outcomes = asyncio.run(drive(runtime_url, model=args.model, rounds=args.rounds))
@@ -174,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
         print_report(runtime_name=RUNTIME_NAME, since=traffic_started)
         cp.connections_close()
         print(f"\nDemo ready in {time.monotonic() - begun:.0f} s. Dashboards: {finops_url}/  "
-              f"(budgets: {finops_url}/budgets/, admin: {finops_url}/admin/)")
+              f"(budgets: {finops_url}/budgets/, admin: {finops_url}/admin/; the tenants page's fairness view "
+              f"{finops_url}/tenants/ shows umbrella's flood and the others still served)")
         for login in logins:
             print(f"  log in as {login.username} / {login.password}  ({login.role})")
         print(f"  runtime: {runtime_url}/v1 (metrics {runtime_url}/metrics); alert emails and logs: {logs}/")

@@ -12,6 +12,11 @@ grows by two paragraphs, the change a cost regression check looks for (it needs 
 baseline before it can flag one, so a short demo shows the rise on the tokens-per-request chart).
 The trial tenant ``initech`` has a hard token budget; after the plan, unless its last wave was
 refused whole, initech keeps asking until the runtime refuses a whole wave with 429.
+
+Meanwhile a fourth tenant, ``umbrella``, floods the queue: its bulk import keeps ``FLOOD_BACKLOG``
+requests outstanding (more than the runtime's running slots) for as long as the others send. Fair
+share (VTC) keeps the others served; the tenants page's fairness view shows umbrella with most of the
+demand and the others still getting their share of the service.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ GROWTH = ("Context: the reader is an engineer on the platform team who owns the 
           "reports spend to finance every month, by product feature and by tenant.\n\n"
           "Style: keep the sentence plain, name the cause before the effect, and leave out examples, "
           "hedges and any numbers that the text itself does not give.\n\n")
+FLOOD_TENANT = "umbrella"
+FLOOD_BACKLOG = 16  # requests the flooder keeps outstanding: twice the demo runtime's running slots
 
 
 @dataclass(frozen=True)
@@ -85,15 +92,19 @@ class Tenant:
     pause_s: tuple[float, float]  # idle time between waves: the tenant's rhythm
 
 
+BULK_IMPORT = Feature("bulk-import", ("Extract the product name: 'Acme anvil, 20 kg, black, ships in 3 days.'",
+                                       "Extract the product name: 'Globex hover board, blue, no wheels.'"),
+                      16, FLOOD_BACKLOG, "normal", stream=False)
 TENANTS = (
     Tenant("sk-demo-acme-premium", "acme", "premium", (SEARCH, SUMMARIES, CHAT, FAQ, FAQ), (0.2, 1.0)),
     Tenant("sk-demo-globex-standard", "globex", "standard", (SEARCH, TAGGING, CHAT, FAQ), (1.0, 3.0)),
     Tenant("sk-demo-initech-free", TRIP_TENANT, "free", (CHAT, SUMMARIES), (0.5, 1.5)),
 )
+FLOODER = Tenant("sk-demo-umbrella-standard", FLOOD_TENANT, "standard", (BULK_IMPORT,), (0.0, 0.0))
 
 
 def api_keys_setting() -> str:
-    return ",".join(f"{t.key}:{t.name}:{t.tier}" for t in TENANTS)
+    return ",".join(f"{t.key}:{t.name}:{t.tier}" for t in (*TENANTS, FLOODER))
 
 
 @dataclass
@@ -148,7 +159,7 @@ async def drive(base_url: str, *, model: str, rounds: int, seed: int = 7) -> Out
     waves = plan(rounds, rng)
     outcomes = Outcomes()
     clients = {t.name: openai.AsyncOpenAI(base_url=base_url + "/v1", api_key=t.key, max_retries=0, timeout=300)
-               for t in TENANTS}
+               for t in (*TENANTS, FLOODER)}
     total = sum(w.size for ws in waves.values() for w in ws)
     try:
         with tqdm(total=total, desc="demo traffic", unit="req", dynamic_ncols=True) as bar:
@@ -163,7 +174,24 @@ async def drive(base_url: str, *, model: str, rounds: int, seed: int = 7) -> Out
                         trip_refused = all(label == "429 rejected_budget" for label in labels)
                     await asyncio.sleep(wave.pause_s)
 
-            await asyncio.gather(*(tenant_loop(t) for t in TENANTS))
+            others_done = asyncio.Event()
+
+            async def flood_worker(worker: int) -> None:
+                local = random.Random(f"{seed}-{FLOOD_TENANT}-{worker}")
+                while not others_done.is_set():
+                    bar.total += 1
+                    label = await _one(clients[FLOOD_TENANT], model, BULK_IMPORT, local.choice(BULK_IMPORT.prompts),
+                                       False, local.randrange(1_000_000), f"{FLOOD_TENANT}-import",
+                                       f"{FLOOD_TENANT}-import-{local.randrange(10**9):09d}", outcomes)
+                    outcomes.counts[label] += 1
+                    bar.update()
+
+            flood = [asyncio.create_task(flood_worker(i)) for i in range(FLOOD_BACKLOG)]
+            try:
+                await asyncio.gather(*(tenant_loop(t) for t in TENANTS))
+            finally:
+                others_done.set()  # each flood worker stops after its request in flight
+                await asyncio.gather(*flood)
             trip = next(t for t in TENANTS if t.name == TRIP_TENANT)
             local = random.Random(f"{seed}-trip")
             extra = 0

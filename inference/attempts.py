@@ -39,6 +39,7 @@ from inference.deadline import DEADLINE_CODE, Deadline, DeadlineExceeded, deadli
 from inference.engine.engine import GenerationResult, TokenDelta
 from inference.errors import ApiError
 from inference.exchange import ENGINE_FAILED, SHUTTING_DOWN, Exchange, release
+from inference.fair_share import CapReached
 from inference.fallback import CACHE_STEP, END_STEP, CachedReplay, model_unavailable, sends_along_chain
 from inference.measurement import RequestMeasurement
 from inference.responses import CompletionResponse
@@ -288,6 +289,7 @@ async def _attempt(runtime: Runtime, attempts: RequestAttempts, routed: Routed, 
         return SHUTTING_DOWN
     if outputs.pausable is not None:
         slot.attach(outputs.pausable)  # high-priority work may preempt it
+    outputs = ObservedOutputs(outputs, _service_to(slot))
     if backend is routed.backend and routed.cache_key is not None and runtime.cache is not None:
         outputs = runtime.cache.recording(outputs, routed.cache_key, kind=prepared.kind)
     if backend is routed.backend and routed.semantic is not None:
@@ -322,7 +324,7 @@ async def _admit(runtime: Runtime, attempts: RequestAttempts, routed: Routed, ba
     if routed.deadline.passed:
         raise deadline_error("before the request could be sent to a model")
     m.model_served, m.device = backend.name, backend.device_label
-    backend.admission.shed_early(priority=m.priority, tier=routed.tier)
+    backend.admission.shed_early(priority=m.priority, tier=routed.tier, tenant=m.tenant)
     cap = cap_for(runtime, routed.body, routed.match, routed.cap, backend)
     if isinstance(backend, LocalBackend):
         prepared = await asyncio.to_thread(backend.prepare, routed.body, max_tokens_cap=cap)
@@ -334,10 +336,15 @@ async def _admit(runtime: Runtime, attempts: RequestAttempts, routed: Routed, ba
                                               max_tokens=prepared.params.max_tokens, model=backend.name,
                                               count_request=not attempts.request_counted)
         attempts.request_counted = True
+    queue = backend.admission
     try:
-        slot = await routed.deadline.bound(backend.admission.admit(priority=m.priority, tier=routed.tier))
+        slot = await routed.deadline.bound(queue.admit(
+            priority=m.priority, tier=routed.tier, tenant=m.tenant, feature=m.feature,
+            prompt_tokens=prepared.prompt_tokens_bound, caps=routed.match.caps if routed.match is not None else ()))
     except DeadlineExceeded:
         raise deadline_error("while the request waited in the queue") from None
+    except CapReached as reached:
+        raise runtime.rules.cap_rejection(reached.cap, retry_after_s=queue.retry_after_s()) from None
     return prepared, slot
 
 
@@ -394,6 +401,16 @@ async def _serve_cached(runtime: Runtime, attempts: RequestAttempts, routed: Rou
 
 def _observed(outputs: Outputs, routed: Routed) -> Outputs:
     return outputs if routed.on_text is None else ObservedOutputs(outputs, _text_to(routed.on_text))
+
+
+def _service_to(slot: Slot) -> Callable[[Output], None]:
+    """Charge the tokens each output brings to the slot's tenant's fair share as they are read."""
+    def charge(output: Output) -> None:
+        if isinstance(output, TokenDelta):
+            slot.served(completion_tokens=output.completion_tokens)
+        elif isinstance(output, GenerationResult):
+            slot.served(prompt_tokens=output.prompt_tokens, completion_tokens=output.completion_tokens)
+    return charge
 
 
 def _failure(first: Output) -> ApiError | None:

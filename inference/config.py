@@ -141,6 +141,24 @@ def parse_upstream(spec: str) -> Upstream:
     return Upstream(name=name, url=base, upstream_model=upstream_model or name)
 
 
+def parse_tier_weights(spec: str) -> dict[str, float]:
+    """``free=0.5,standard=1,premium=2``: every tier named at most once, each weight positive."""
+    weights: dict[str, float] = {}
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        tier, sep, value = part.partition("=")
+        if not sep or tier not in TIERS or tier in weights:
+            raise ConfigError(f"tier weights must be TIER=WEIGHT with each of {', '.join(TIERS)} at most once: "
+                              f"{part!r}")
+        try:
+            weight = float(value)
+        except ValueError:
+            raise ConfigError(f"the weight of tier {tier!r} must be a number: {value!r}") from None
+        if not (0 < weight < float("inf")):
+            raise ConfigError(f"the weight of tier {tier!r} must be positive: {value!r}")
+        weights[tier] = weight
+    return weights
+
+
 def parse_fallback(spec: str) -> Fallback:
     model, sep, rest = spec.partition("=")
     steps = tuple(step.strip() for step in rest.split(":"))
@@ -298,6 +316,15 @@ class RuntimeConfig:
     free_max_tokens_under_load: int | None = option(
         None, "max_tokens cap for free-tier keys while the queue's estimated wait is past half its target, "
         "before anything is shed (off when unset)", parse=int, check=POSITIVE)
+    # Fair share inside a priority class (inference/fair_share.py).
+    fair_share: bool = option(True, "order each priority class fairly between tenants (Virtual Token Counter: "
+                              "the least-served backlogged tenant first); off: first come, first served",
+                              choices=("on", "off"))
+    fair_by_feature: bool = option(False, "inside a tenant, share fairly between its features too",
+                                   choices=("on", "off"))
+    tier_weights: dict[str, float] | None = option(
+        None, "fair-share weight per tier as TIER=WEIGHT,...: a tenant's service while backlogged is proportional "
+        "to it (default free=0.5,standard=1,premium=2)", parse=parse_tier_weights)
     log_level: str = option("info", "logging level", choices=("debug", "info", "warning", "error"))
 
     @property

@@ -99,6 +99,18 @@ class DeviceSample(BaseModel):
     power_limit_w: float | None = None
 
 
+class TenantSample(BaseModel):
+    """One tenant's service since the runtime's previous sample, and its requests now."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tenant: str
+    tokens_per_s: float = Field(ge=0)  # prompt and completion tokens served, over the interval
+    queue_wait_ms: float | None = Field(default=None, ge=0)  # mean wait of those given a slot; None: none was
+    waiting: int = Field(ge=0)
+    running: int = Field(ge=0)
+
+
 class RuntimeSample(BaseModel):
     """The runtime's state every few seconds."""
 
@@ -116,6 +128,8 @@ class RuntimeSample(BaseModel):
     # The highest ``seq`` this runtime has given an event so far: what it recorded, for the control
     # plane to hold against what it stored. None from older runtimes.
     events_recorded: int | None = Field(default=None, ge=0)
+    # Each tenant with work or service since the previous sample (fair share); None from older runtimes.
+    tenants: list[TenantSample] | None = None
 
 
 class TelemetryBatch(BaseModel):

@@ -25,6 +25,7 @@ from inference.embedding import Embedder
 from inference.engine.engine import Engine
 from inference.engine.models import LoadedModel, load_model, resolve_device
 from inference.errors import ApiError
+from inference.fair_share import TenantService
 from inference.fallback import NO_CACHE, FallbackCache
 from inference.gpu import GpuMonitor
 from inference.measurement import RequestMeasurement
@@ -185,7 +186,9 @@ class Runtime:
         return AdmissionQueue(capacity=capacity, max_depth=self.config.max_queue_depth,
                               max_wait_s=self.config.max_queue_wait_s, target_wait_s=self.config.queue_target_wait_s,
                               high_reserve=self.config.high_priority_slots,
-                              high_max_running=self.config.high_priority_max_running)
+                              high_max_running=self.config.high_priority_max_running,
+                              fair=self.config.fair_share, tier_weights=self.config.tier_weights,
+                              fair_by_feature=self.config.fair_by_feature)
 
     async def _hold_power_caps(self, caps: PowerCaps) -> None:
         while True:
@@ -294,6 +297,14 @@ class Runtime:
     def running(self) -> int:
         return sum(b.admission.in_use for b in self.backends.values())
 
+    def tenant_service(self) -> dict[str, TenantService]:
+        """Each tenant's service over every model's queue (``inference.fair_share``)."""
+        totals: dict[str, TenantService] = {}
+        for backend in list(self.backends.values()):
+            for tenant, service in backend.admission.tenant_service().items():
+                totals.setdefault(tenant, TenantService()).add(service)
+        return totals
+
     def _live_samples(self) -> list[LiveSample]:
         rows: list[LiveSample] = []
         for name, b in self.backends.items():
@@ -333,9 +344,30 @@ class Runtime:
             rows += gauge("wattson_gpu_mem_capacity", "GPU memory bytes", d.mem_total, device=d.device)
             rows += counter("wattson_gpu_energy_joules_total", "GPU energy counter J", d.energy_joules_total,
                             device=d.device)
+        rows += self._tenant_samples()
         rows += self._rule_samples()
         if self.exporter is not None:
             rows += self.exporter.samples()
+        return rows
+
+    def _tenant_samples(self) -> list[LiveSample]:
+        rows: list[LiveSample] = []
+        for tenant, s in sorted(self.tenant_service().items()):
+            rows += counter("wattson_tenant_tokens_served_total", "Prompt and completion tokens served to the tenant "
+                            "(rate(): its service in tokens/s)", s.tokens_served, tenant=tenant)
+            rows += counter("wattson_tenant_admitted_total", "The tenant's requests given a slot", s.admitted,
+                            tenant=tenant)
+            rows += counter("wattson_tenant_queue_wait_seconds_total", "Time the tenant's requests waited for a "
+                            "slot (over wattson_tenant_admitted_total: the mean wait)", s.queue_wait_s_total,
+                            tenant=tenant)
+            rows += gauge("wattson_tenant_waiting_requests", "The tenant's requests waiting for a slot", s.waiting,
+                          tenant=tenant)
+            rows += gauge("wattson_tenant_running_requests", "The tenant's requests holding a slot", s.running,
+                          tenant=tenant)
+        for name, b in self.backends.items():
+            for tenant, value in sorted(b.admission.fair.tenants.values.items()):
+                rows += gauge("wattson_tenant_virtual_tokens", "The tenant's fair-share counter in the model's queue "
+                              "(weighted tokens served, lifted on arrival)", value, tenant=tenant, model=name)
         return rows
 
     def _rule_samples(self) -> list[LiveSample]:

@@ -1,8 +1,9 @@
 """Budget state compiled into one ruleset document per runtime (docs/RULESET.md).
 
 Rules come from exceeded budgets whose action limits requests (the same for every runtime;
-narrower scopes come first, because the runtime applies the first matching downgrade) and from the
-power caps in force for the runtime (``PowerCap``: a cap scheduled to start is put in by the first
+narrower scopes come first, because the runtime applies the first matching downgrade), from the
+concurrency caps set in the runtimes app (``concurrency`` rules, the same for every runtime) and from
+the power caps in force for the runtime (``PowerCap``: a cap scheduled to start is put in by the first
 evaluation pass after its start; its end is the rule's ``expires_at``, which the runtime keeps). Allowances
 (per runtime) come from hard budgets' grants. The document changes only when budget state,
 grants, prices or an allowance's renewed expiry change; ``ruleset_store`` gives it a new version
@@ -28,8 +29,8 @@ from finops.budgets.selectors import amount_label
 from finops.caching.selectors import semantic_cache_document
 from finops.lib.timezones import org_time_zone
 from finops.pricing.services import PriceCatalog
-from finops.runtimes.models import PowerCap, Runtime
-from finops.runtimes.selectors import power_caps_in_force
+from finops.runtimes.models import ConcurrencyCap, PowerCap, Runtime
+from finops.runtimes.selectors import concurrency_caps, power_caps_in_force
 from finops.runtimes.services import ruleset_store
 
 UNIT_WORDS = {Unit.USD_LIST: "list price", Unit.USD_HARDWARE: "hardware cost"}
@@ -53,6 +54,7 @@ def rulesets_compile(*, now: dt.datetime | None = None, grants: Mapping[int, Ite
     for budget, period in sorted(budgets, key=lambda item: (-item[0].specificity, item[0].pk)):
         if budget.state == State.EXCEEDED and budget.period_start == period.start:
             rules.extend(budget_rules(budget=budget, period=period))
+    rules.extend(cap_rule(cap=cap) for cap in concurrency_caps())
     hard = [(budget, period) for budget, period in sorted(budgets, key=lambda item: item[0].pk) if budget.is_hard]
     known = {pk: {grant.runtime_id: grant for grant in rows} for pk, rows in (grants or {}).items()}
     missing = [(budget, period) for budget, period in hard if budget.pk not in known]
@@ -106,6 +108,18 @@ def budget_rules(*, budget: Budget, period: Period) -> list[dict[str, Any]]:
     return [{"id": f"b{budget.pk}-{names[action['type']]}", "budget_id": str(budget.pk), "budget_name": budget.name,
              "scope": _scope(budget), "action": action, "reason": _reason(budget, period),
              "expires_at": iso(period.end)} for action in actions]
+
+
+def cap_rule(*, cap: ConcurrencyCap) -> dict[str, Any]:
+    """A concurrency cap as the runtime's ``concurrency`` rule; it does not expire."""
+    action: dict[str, Any] = {"type": "concurrency"}
+    if cap.max_running is not None:
+        action["max_running"] = cap.max_running
+    if cap.max_queued is not None:
+        action["max_queued"] = cap.max_queued
+    return {"id": f"cap{cap.pk}-concurrency", "budget_id": None, "budget_name": None,
+            "scope": {"tenant": cap.tenant, "feature": cap.feature, "model": cap.model}, "action": action,
+            "reason": cap.reason, "expires_at": None}
 
 
 def power_cap_rule(*, cap: PowerCap) -> dict[str, Any]:

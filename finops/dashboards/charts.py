@@ -27,6 +27,7 @@ from finops.dashboards.names import visible
 from finops.lib.timezones import org_time_zone
 from finops.regressions.models import CostRegression
 from finops.telemetry.capacity import DeviceGauge, RuntimeGauge, RuntimeHistoryPoint
+from finops.telemetry.fairness import FairnessPoint
 from finops.telemetry.latency import LatencyPoint
 from finops.telemetry.ranges import STEP_LENGTH
 from finops.telemetry.task_costs import TaskPoint
@@ -173,6 +174,31 @@ def tokens_per_request(points: list[SeriesPoint], *, regressions: Sequence[CostR
     return Chart("tokens-per-request", title, {"data": [_line("tokens per request", xs, ys, 2, mode="lines+markers")],
                                                 "layout": layout},
                  note="requests a model answered, not from the cache")
+NO_FAIRNESS = ("No runtime sample in this range says how its tenants were served — runtimes report each "
+               "tenant's service and demand every few seconds.")
+
+
+def fairness(points: list[FairnessPoint]) -> Chart:
+    """Each tenant's share of service (solid) against its share of demand (dotted), per step."""
+    title = "Fair share: each tenant's share of service (solid) and of demand (dotted)"
+    if not any(p.service_share is not None or p.demand_share is not None for p in points):
+        return Chart("fairness", title, None, empty=NO_FAIRNESS)
+    traces = []
+    by_tenant: dict[str, list[FairnessPoint]] = {}
+    for point in points:
+        by_tenant.setdefault(point.value, []).append(point)
+    for i, (tenant, mine) in enumerate(sorted(by_tenant.items())):
+        xs, name = [_x(p.at) for p in mine], _label(tenant)
+        waits = [f"{p.queue_wait_ms:,.0f} ms" if p.queue_wait_ms is not None else "n/a" for p in mine]
+        traces.append(_line(f"{name} service", xs, [p.service_share for p in mine], i, legendgroup=name,
+                            customdata=[[f"{p.tokens_per_s:,.1f}", w] for p, w in zip(mine, waits, strict=True)],
+                            hovertemplate="%{y:.0%} of service (%{customdata[0]} tokens/s, mean wait "
+                                          "%{customdata[1]})"))
+        traces.append(_line(f"{name} demand", xs, [p.demand_share for p in mine], i, legendgroup=name,
+                            line={"color": PALETTE[i % len(PALETTE)], "width": 2, "dash": "dot"},
+                            hovertemplate="%{y:.0%} of demand"))
+    return Chart("fairness", title, {"data": traces, "layout": _layout(y_format=".0%", y_range=(0, 1))},
+                 note="demand: requests waiting or running; service: tokens served; n/a where nothing was")
 
 
 def tokens_per_second(points: list[SeriesPoint], *, step: str) -> Chart:

@@ -32,6 +32,7 @@ from finops.lib.timezones import org_time_zone
 from finops.runtimes.selectors import runtime_ruleset_states
 from finops.telemetry.breakers import breaker_states
 from finops.telemetry.capacity import idle_capacity, runtime_gauges, runtime_history
+from finops.telemetry.fairness import tenant_fairness
 from finops.telemetry.focus import FocusRangeRefused, focus_days, focus_table
 from finops.telemetry.power_limits import WINDOW as POWER_WINDOW
 from finops.telemetry.power_limits import power_limit_changes
@@ -195,7 +196,9 @@ def breakdown(request: HttpRequest, dimension: Dimension) -> HttpResponse:
                         "descending": not sort.startswith("-"), "url": _path(request) + state.query(sort=target)})
     return _render(request, "dashboards/breakdown.html", {
         "nav": PLURAL[dimension], "dimension": dimension, "title": PLURAL[dimension].capitalize(),
-        "charts": [charts.spend_by(table.series, dimension=dimension, step=state.step)],
+        "charts": [charts.spend_by(table.series, dimension=dimension, step=state.step),
+                   *([charts.fairness(tenant_fairness(start=state.start, end=state.end, step=state.step))]
+                     if dimension == "tenant" else [])],
         "rows": [{"item": row, "tasks": row.tasks, "spark": charts.sparkline(row.spark),
                   "url": detail_url(dimension=dimension, name=row.row.value)} for row in rows],
         "columns": columns, "sort": sort if sort != page_data.DEFAULT_SORT else "",

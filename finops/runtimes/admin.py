@@ -1,5 +1,6 @@
-"""Admin for the runtime registry. Tokens are shown by prefix only: the plain token exists once, in
-the output of ``manage.py register_runtime``, so the admin can revoke tokens but never issue them."""
+"""Admin for the runtime registry and the concurrency caps its rulesets carry. Tokens are shown by
+prefix only: the plain token exists once, in the output of ``manage.py register_runtime``, so the
+admin can revoke tokens but never issue them."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from django.contrib import admin, messages
 from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest
 
-from finops.runtimes.models import PowerCap, Ruleset, Runtime, RuntimeToken
+from finops.runtimes.models import ConcurrencyCap, PowerCap, Ruleset, Runtime, RuntimeToken
 from finops.runtimes.services import runtime_token_revoke, runtime_url_validate
 
 TOKEN_FIELDS = ("prefix", "created_at", "last_used_at", "revoked_at")
@@ -130,3 +131,10 @@ class PowerCapAdmin(admin.ModelAdmin):
     list_filter = ("enabled", "runtime")
     list_select_related = ("runtime",)
     search_fields = ("name", "device_type", "device")
+@admin.register(ConcurrencyCap)
+class ConcurrencyCapAdmin(admin.ModelAdmin):
+    """Caps reach the runtimes with the next ruleset compilation (the budget evaluation pass)."""
+
+    list_display = ("tenant", "feature", "model", "max_running", "max_queued", "note", "updated_at")
+    search_fields = ("tenant", "feature", "note")
+    fields = ("tenant", "feature", "model", "max_running", "max_queued", "note")

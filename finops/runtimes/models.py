@@ -1,17 +1,19 @@
 """Registered runtimes, the tokens they send telemetry with (stored hashed, shown once), the
-ruleset document compiled for each of them, and the power caps put in their documents."""
+ruleset document compiled for each of them, and the power caps and concurrency caps put in their documents."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import hmac
+import re
 import secrets
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
+from django.db.models import Q
 
 
 def token_digest(token: str) -> str:
@@ -126,3 +128,67 @@ class PowerCap(models.Model):
     def clean(self) -> None:
         if self.starts_at and self.ends_at and self.ends_at <= self.starts_at:
             raise ValidationError({"ends_at": "A cap must end after it starts."})
+
+
+# A scope value as the ruleset carries it: a literal tenant, feature or model name, or "*".
+SCOPE_VALUE = re.compile(r"^(\*|[A-Za-z0-9_\-.]{1,100})$")
+ANY = "*"
+
+
+def scope_value_validate(value: str) -> None:
+    if not SCOPE_VALUE.match(value or ""):
+        raise ValidationError("Use '*' or a name of letters, digits, '_', '-' and '.' (up to 100).")
+
+
+class ConcurrencyCap(models.Model):
+    """A limit on one scope's requests at once on every runtime: at most ``max_running`` holding a
+    running slot of a model (others wait while other tenants' work runs) and at most ``max_queued``
+    waiting (more are refused with 429). Compiled into every runtime's ruleset as a ``concurrency``
+    rule (docs/RULESET.md). It is a limit on how runtimes serve traffic, not on money, so it lives
+    with the runtimes and their rulesets rather than with the budgets; it applies from the next
+    ruleset compilation (the budget evaluation pass, every few seconds)."""
+
+    tenant = models.CharField(max_length=100, validators=[scope_value_validate],
+                              help_text="A tenant, or '*' for all of them together.")
+    feature = models.CharField(max_length=100, default=ANY, validators=[scope_value_validate],
+                               help_text="A feature of the tenant, or '*' for all of them.")
+    model = models.CharField(max_length=100, default=ANY, validators=[scope_value_validate],
+                             help_text="The model requested, or '*' for any.")
+    max_running = models.PositiveIntegerField(
+        null=True, blank=True,
+        help_text="Most of the scope's requests running at once on one runtime (blank: no limit).")
+    max_queued = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Most of the scope's requests waiting for a slot on one runtime; more are "
+        "refused with 429 (blank: no limit; 0: none may wait).")
+    note = models.CharField(max_length=500, blank=True, help_text="Why: shown to a refused client.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["tenant", "feature", "model"]
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "feature", "model"], name="one_cap_per_scope"),
+            models.CheckConstraint(condition=Q(max_running__isnull=False) | Q(max_queued__isnull=False),
+                                   name="cap_limits_something"),
+            models.CheckConstraint(condition=Q(max_running__isnull=True) | Q(max_running__gte=1),
+                                   name="cap_runs_at_least_one"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant}/{self.feature}/{self.model}"
+
+    def clean(self) -> None:
+        if self.max_running is None and self.max_queued is None:
+            raise ValidationError("Set max running, max queued or both.")
+        if self.max_running is not None and self.max_running < 1:
+            raise ValidationError({"max_running": "At least 1 (leave it blank for no limit)."})
+
+    @property
+    def reason(self) -> str:
+        limits = [f"{self.max_running} running" if self.max_running is not None else "",
+                  f"{self.max_queued} waiting" if self.max_queued is not None else ""]
+        scope = f"tenant '{self.tenant}'" if self.tenant != ANY else "all tenants"
+        if self.feature != ANY:
+            scope += f", feature '{self.feature}'"
+        said = f"Concurrency cap for {scope}: at most {' and '.join(x for x in limits if x)} request(s) at once."
+        return f"{said} {self.note}".strip()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from django.db.models import F, Q
 
-from finops.runtimes.models import PowerCap, Ruleset, Runtime, RuntimeToken, token_digest
+from finops.runtimes.models import ConcurrencyCap, PowerCap, Ruleset, Runtime, RuntimeToken, token_digest
 
 
 def runtime_get_by_token(*, token: str) -> Runtime | None:
@@ -75,3 +75,6 @@ def power_caps_in_force(*, now: dt.datetime) -> list[PowerCap]:
     return list(PowerCap.objects.filter(enabled=True)
                 .filter(Q(starts_at__isnull=True) | Q(starts_at__lte=now))
                 .filter(Q(ends_at__isnull=True) | Q(ends_at__gt=now)).order_by("pk"))
+def concurrency_caps() -> list[ConcurrencyCap]:
+    """Every concurrency cap, in a stable order (the ruleset's content, and so its version, depends on it)."""
+    return list(ConcurrencyCap.objects.order_by("tenant", "feature", "model", "pk"))

@@ -69,6 +69,7 @@ MAX_GPU_SECONDS = 1e7  # device time attributed to one request: 115 days
 MAX_JOULES = 1e13  # ten kilowatts for 30 years: one request's energy, or a device's lifetime counter
 MAX_DEVICES = 64
 MAX_BREAKERS = 256  # one per served model
+MAX_TENANTS_PER_SAMPLE = 1000  # tenants with work on one runtime at once: its API keys' tenants
 MAX_TOKENS = 2**25  # 33.5 million tokens in one request: three times the longest context offered today (10M)
 MAX_IN_FLIGHT = 10**7  # requests queued or running on one runtime at once
 MAX_TOKENS_PER_S = 1e9  # a runtime's throughput: thousands of times a whole GPU server's
@@ -175,6 +176,18 @@ class DeviceSampleRecord(BaseModel):
     power_limit_w: float | None = Field(default=None, ge=0, le=MAX_POWER_W)  # null from older runtimes
 
 
+class TenantSampleRecord(BaseModel):
+    """One tenant's service since the runtime's previous sample (fair share) and its requests now."""
+
+    model_config = _STRICT
+
+    tenant: Name(100)
+    tokens_per_s: float = Field(ge=0, le=MAX_TOKENS_PER_S)
+    queue_wait_ms: Milliseconds | None = None  # mean wait of the requests given a slot; null when none was
+    waiting: InFlight
+    running: InFlight
+
+
 class RuntimeSampleRecord(BaseModel):
     """A runtime's state every few seconds."""
 
@@ -190,6 +203,8 @@ class RuntimeSampleRecord(BaseModel):
     # Each served model's circuit breaker (model -> state); absent from runtimes older than this field.
     breakers: dict[Name(200), BreakerState] | None = Field(default=None, max_length=MAX_BREAKERS)
     events_recorded: BigCount | None = None  # the highest seq the runtime has given an event so far
+    # Each tenant's service and wait since the previous sample; absent from runtimes older than this field.
+    tenants: list[TenantSampleRecord] | None = Field(default=None, max_length=MAX_TENANTS_PER_SAMPLE)
 
 
 class TelemetryBatch(BaseModel):

@@ -114,6 +114,9 @@ class RuntimeSample(models.Model):
     # Model -> circuit breaker state ("closed", "half_open", "open"); null from runtimes that do not say.
     breakers = models.JSONField(null=True, blank=True)
     events_recorded = models.BigIntegerField(null=True, blank=True, help_text="The highest seq the runtime had given")
+    # Each tenant's service since the previous sample: [{"tenant", "tokens_per_s", "queue_wait_ms",
+    # "waiting", "running"}] (docs/TELEMETRY.md); null from runtimes that do not say.
+    tenants = models.JSONField(null=True, blank=True)
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["runtime_id", "at"], name="sample_once")]

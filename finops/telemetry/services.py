@@ -62,7 +62,7 @@ DERIVED_COLUMNS = ("status_class", "price_book_id", "list_cost", "hardware_cost"
 EVENT_COLUMNS = EVENT_FIELDS + DERIVED_COLUMNS
 _event_fields = operator.itemgetter(*EVENT_FIELDS)
 SAMPLE_COLUMNS = ("runtime_id", "at", "queue_depth", "running", "tokens_per_s", "kv_cache_used", "breakers",
-                  "events_recorded")
+                  "events_recorded", "tenants")
 DEVICE_SAMPLE_COLUMNS = ("runtime_id", "at", "device", "name", "gpu_util", "mem_used", "mem_total", "power_w",
                          "energy_joules_total", "temperature_c", "power_limit_w")
 DEVICE_COLUMNS = ("runtime_id", "uuid", "name", "last_seen_at")
@@ -253,7 +253,8 @@ def _store_samples(samples: list[tuple[int, RuntimeSampleRecord]], *, runtime: A
             result.duplicates += 1
             continue
         rows[key] = (sample.runtime_id, at, sample.queue_depth, sample.running, sample.tokens_per_s,
-                     sample.kv_cache_used, sample.breakers, sample.events_recorded)
+                     sample.kv_cache_used, sample.breakers, sample.events_recorded,
+                     None if sample.tenants is None else [t.model_dump() for t in sample.tenants])
         if sample.events_recorded is not None:
             result.recorded = max(result.recorded or 0, sample.events_recorded)
         for d in sample.devices:

@@ -12,7 +12,7 @@ from typing import Literal
 from inference.rules.contract import Allowance, PowerCapAction, Rule, RulesetDocument, as_epoch
 from inference.rules.matching import ScopeIndex
 
-ActionType = Literal["block", "throttle", "downgrade", "cap_max_tokens"]
+ActionType = Literal["block", "throttle", "downgrade", "cap_max_tokens", "concurrency"]
 Unit = Literal["tokens", "usd_list", "gpu_seconds"]
 PeriodKey = tuple[str, str]  # (budget_id, period_start as ISO 8601 UTC)
 TokenPrice = tuple[Decimal, Decimal]
@@ -30,6 +30,8 @@ class CompiledRule:
     tokens_per_minute: int | None = None
     model: str | None = None
     max_tokens: int | None = None
+    max_running: int | None = None
+    max_queued: int | None = None
 
     def live(self, now: float) -> bool:
         return self.expires_at is None or now < self.expires_at
@@ -79,6 +81,7 @@ class CompiledRuleset:
     rules: ScopeIndex[CompiledRule]
     allowances: ScopeIndex[CompiledAllowance]
     throttles: dict[str, CompiledRule]
+    concurrency: dict[str, CompiledRule]
     periods: dict[str, PeriodKey]  # budget_id -> its current period
     token_prices: dict[str, TokenPrice]  # model -> list-price dollars per prompt / completion token
     earliest_expiry: float  # of any allowance; inf when none expires
@@ -98,6 +101,7 @@ def ruleset_compile(document: RulesetDocument) -> CompiledRuleset:
         rules=ScopeIndex(rules),
         allowances=ScopeIndex(allowances),
         throttles={r.id: r for _, r in rules if r.type == "throttle"},
+        concurrency={r.id: r for _, r in rules if r.type == "concurrency"},
         periods={a.budget_id: a.period for _, a in allowances},
         token_prices={model: (p.prompt_per_1m / MILLION, p.completion_per_1m / MILLION)
                       for model, p in document.prices.items()},
@@ -118,6 +122,8 @@ def _rule(rule: Rule) -> CompiledRule:
         return CompiledRule(**common, model=action.model)
     if action.type == "cap_max_tokens":
         return CompiledRule(**common, max_tokens=action.max_tokens)
+    if action.type == "concurrency":
+        return CompiledRule(**common, max_running=action.max_running, max_queued=action.max_queued)
     return CompiledRule(**common)
 
 

@@ -109,7 +109,24 @@ class PowerCapAction(_Strict):
         return self.device in (WILDCARD, uuid) and self.device_type in (WILDCARD, name)
 
 
-Action = Annotated[BlockAction | ThrottleAction | DowngradeAction | CapMaxTokensAction | PowerCapAction,
+
+class ConcurrencyAction(_Strict):
+    """At most ``max_running`` of the scope's requests hold a running slot of a model at once (the
+    others wait while other work runs), and at most ``max_queued`` wait (more are refused)."""
+
+    type: Literal["concurrency"]
+    max_running: PositiveCount | None = None
+    max_queued: Annotated[StrictInt, Field(ge=0, le=10**12)] | None = None
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> ConcurrencyAction:
+        if self.max_running is None and self.max_queued is None:
+            raise ValueError("a concurrency cap needs max_running, max_queued or both")
+        return self
+
+
+Action = Annotated[BlockAction | ThrottleAction | DowngradeAction | CapMaxTokensAction | PowerCapAction
+                   | ConcurrencyAction,
                    Field(discriminator="type")]
 
 
@@ -232,7 +249,8 @@ def _invalid(exc: ValidationError) -> RulesetInvalid:
 
 def _is_tag(part: Any) -> bool:
     # Pydantic names the union branch it tried (``throttle``, ``function-after[...]``): not a field.
-    return isinstance(part, str) and (part in {"block", "throttle", "downgrade", "cap_max_tokens", "power_cap"}
+    return isinstance(part, str) and (part in {"block", "throttle", "downgrade", "cap_max_tokens", "power_cap",
+                                               "concurrency"}
                                       or "[" in part)
 
 

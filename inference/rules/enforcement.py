@@ -12,6 +12,11 @@ which model tokenizes it:
 
 ``settle`` releases a reservation and books the true amount; it is idempotent.
 
+A ``concurrency`` rule is not checked here but handed to admission with the match (``Match.caps``):
+its counts of the scope's requests queued and running are kept by the enforcer per rule id, so a
+newer document with the same rule keeps them, and admission refuses (``cap_rejection``) a request
+past ``max_queued`` or holds it back while ``max_running`` run.
+
 A client request is one request to a throttle however many attempts it takes: its first attempt
 takes a request from every matching ``requests_per_minute`` bucket, a retry's or a fallback's
 (``count_request=False``) only its tokens; every attempt reserves its own worst case against the
@@ -29,13 +34,14 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from inference.fair_share import ConcurrencyCap
 from inference.rules.accounting import ZERO, Ledger, Throttle, seconds_until
 from inference.rules.compiled import CompiledAllowance, CompiledRule, CompiledRuleset, PeriodKey, TokenPrice
 from inference.rules.contract import WILDCARD
 
 STALE_RETRY_AFTER_S = 5
 NO_EXPIRY_RETRY_AFTER_S = 60
-REJECTION_REASONS = ("block", "throttle", "allowance", "stale", "unpriced")
+REJECTION_REASONS = ("block", "throttle", "allowance", "stale", "unpriced", "concurrency")
 
 
 class RuleRejection(Exception):
@@ -66,6 +72,7 @@ class Match:
     cap: CompiledRule | None = None
     throttles: list[CompiledRule] = field(default_factory=list)
     allowances: list[CompiledAllowance] = field(default_factory=list)
+    caps: list[ConcurrencyCap] = field(default_factory=list)
     prices: dict[str, TokenPrice] = field(default_factory=dict)
 
     @property
@@ -108,6 +115,7 @@ class RuleEnforcer:
         self.ledger = Ledger()
         self.counters = RuleCounters()
         self._throttles: dict[str, Throttle] = {}
+        self._caps: dict[str, ConcurrencyCap] = {}
         self.on_ledger_change: Callable[[], None] | None = None
 
     @property
@@ -129,6 +137,12 @@ class RuleEnforcer:
                 throttles[rule_id] = previous
             else:
                 throttles[rule_id] = Throttle(rule_id, rule.limits, now, previous)
+        caps: dict[str, ConcurrencyCap] = {}
+        for rule_id, rule in compiled.concurrency.items():
+            cap = self._caps.get(rule_id) or ConcurrencyCap(rule_id, rule.reason, rule.max_running, rule.max_queued)
+            cap.reason, cap.max_running, cap.max_queued = rule.reason, rule.max_running, rule.max_queued
+            caps[rule_id] = cap
+        self._caps = caps
         if settled is not None:
             self.ledger.settled = dict(settled)
         dropped = self.ledger.follow(compiled.periods.values())
@@ -170,6 +184,8 @@ class RuleEnforcer:
                         match.downgrade = rule
                     else:
                         self.counters.downgrades_ignored += 1
+            elif kind == "concurrency":
+                match.caps.append(self._caps[rule.id])
             elif kind == "cap_max_tokens" and (match.cap is None or rule.max_tokens < match.cap.max_tokens):  # type: ignore[operator]
                 match.cap = rule
         if block is not None:
@@ -192,9 +208,19 @@ class RuleEnforcer:
                 self.counters.fail_open += 1  # the allowance is ignored while it is stale
                 continue
             match.allowances.append(allowance)
-        if match.downgrade is None and match.cap is None and not match.throttles and not match.allowances:
+        if (match.downgrade is None and match.cap is None and not match.throttles and not match.allowances
+                and not match.caps):
             return None
         return match
+
+    def cap_rejection(self, cap: ConcurrencyCap, *, retry_after_s: int) -> RuleRejection:
+        """The refusal of a request past ``cap``'s ``max_queued``: 429, like a throttle."""
+        self._count("concurrency")
+        return RuleRejection(
+            reason="concurrency", status=429, code="rejected_rule", retry_after_s=retry_after_s,
+            message=_naming(None, cap.reason, f"Too many requests waiting under rule '{cap.rule_id}'.")
+            + f" At most {cap.max_queued} may wait; try again in {retry_after_s} s.",
+            rule_id=cap.rule_id, event_status="rejected_rule")
 
     def reserve_cache_hit(self, match: Match, *, model: str, count_request: bool = True) -> Reservation:
         """A request answered from the cache: one request from every matching throttle (refused as

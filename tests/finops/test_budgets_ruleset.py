@@ -10,6 +10,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from django.core.exceptions import ValidationError
 from django.utils import timezone
 
 from finops.budgets.evaluation import budgets_evaluate
@@ -18,8 +19,10 @@ from finops.budgets.models import Budget
 from finops.budgets.periods import period_at
 from finops.budgets.rulesets import json_number, rulesets_compile
 from finops.budgets.services import budget_pause
-from finops.runtimes.models import PowerCap, Ruleset, Runtime
+from finops.runtimes.models import ConcurrencyCap, PowerCap, Ruleset, Runtime
+from inference.rules.compiled import ruleset_compile
 from inference.rules.contract import ruleset_parse
+from inference.rules.enforcement import RuleEnforcer
 from tests.finops.budget_factories import budget, spend
 from tests.finops.factories import price_book
 
@@ -117,6 +120,55 @@ def test_the_version_changes_only_when_the_content_does(runtime: Runtime) -> Non
     budgets_evaluate(now=EARLY + dt.timedelta(seconds=15))
     assert document(runtime)["version"] == first + 2
     assert document(runtime)["rules"] == []
+
+
+def test_a_concurrency_cap_compiles_to_a_rule_the_runtime_hands_to_admission(runtime: Runtime) -> None:
+    cap = ConcurrencyCap(tenant="acme", feature="batch", max_running=2, max_queued=10, note="Batch jobs share.")
+    cap.full_clean()
+    cap.save()
+    ConcurrencyCap.objects.create(tenant="globex", max_queued=0)
+
+    budgets_evaluate(now=EARLY)
+
+    doc = document(runtime)
+    acme, globex = doc["rules"]
+    assert acme == {
+        "id": f"cap{cap.pk}-concurrency", "budget_id": None, "budget_name": None,
+        "scope": {"tenant": "acme", "feature": "batch", "model": "*"},
+        "action": {"type": "concurrency", "max_running": 2, "max_queued": 10},
+        "reason": "Concurrency cap for tenant 'acme', feature 'batch': at most 2 running and 10 waiting "
+                  "request(s) at once. Batch jobs share.",
+        "expires_at": None,
+    }
+    assert globex["action"] == {"type": "concurrency", "max_queued": 0}
+    # The runtime's side of the contract: the rule reaches admission as a cap with these limits.
+    enforcer = RuleEnforcer()
+    enforcer.apply(ruleset_compile(ruleset_parse(json.dumps(doc).encode())))
+    match = enforcer.match("acme", "batch", "tiny-random", {"tiny-random"})
+    assert match is not None
+    (held,) = match.caps
+    assert (held.rule_id, held.max_running, held.max_queued) == (f"cap{cap.pk}-concurrency", 2, 10)
+    assert enforcer.match("acme", "chat", "tiny-random", {"tiny-random"}) is None
+
+
+def test_a_cap_that_limits_nothing_is_refused() -> None:
+    with pytest.raises(ValidationError):
+        ConcurrencyCap(tenant="acme").full_clean()
+    with pytest.raises(ValidationError):
+        ConcurrencyCap(tenant="acme", max_running=0).full_clean()
+    with pytest.raises(ValidationError):
+        ConcurrencyCap(tenant="acme; drop", max_running=1).full_clean()
+
+
+def test_a_changed_cap_issues_a_new_version(runtime: Runtime) -> None:
+    cap = ConcurrencyCap.objects.create(tenant="acme", max_running=2)
+    budgets_evaluate(now=EARLY)
+    first = document(runtime)["version"]
+    cap.max_running = 3
+    cap.save()
+    budgets_evaluate(now=EARLY + dt.timedelta(seconds=5))
+    assert document(runtime)["version"] == first + 1
+    assert document(runtime)["rules"][0]["action"] == {"type": "concurrency", "max_running": 3}
 
 
 def test_each_runtime_gets_its_own_document(runtime: Runtime) -> None:

@@ -127,6 +127,25 @@ def test_a_samples_breaker_states_are_stored_as_the_runtime_sent_them(post_batch
     assert RuntimeSample.objects.get(at=now - dt.timedelta(seconds=5)).breakers is None
 
 
+def test_a_samples_tenants_are_stored_as_the_runtime_sent_them(post_batch: Any) -> None:
+    now = dt.datetime.now(dt.UTC)
+    with_tenants = runtime_contracts.RuntimeSample(
+        runtime_id=RUNTIME, at=now, queue_depth=40, running=4, tokens_per_s=90.0,
+        tenants=[runtime_contracts.TenantSample(tenant="flood", tokens_per_s=60.0, queue_wait_ms=2500.0,
+                                                waiting=40, running=2),
+                 runtime_contracts.TenantSample(tenant="light", tokens_per_s=30.0, queue_wait_ms=None,
+                                                waiting=0, running=2)])
+    records = [SpoolRecord("S", with_tenants.model_dump_json().encode())]
+
+    assert post_batch(exported_batch_body(records)).json()["accepted"] == 1
+    assert post_batch(batch_body(samples=[sample_dict(at=now - dt.timedelta(seconds=5))])).json()["accepted"] == 1
+
+    assert RuntimeSample.objects.get(at=now).tenants == [
+        {"tenant": "flood", "tokens_per_s": 60.0, "queue_wait_ms": 2500.0, "waiting": 40, "running": 2},
+        {"tenant": "light", "tokens_per_s": 30.0, "queue_wait_ms": None, "waiting": 0, "running": 2}]
+    assert RuntimeSample.objects.get(at=now - dt.timedelta(seconds=5)).tenants is None
+
+
 def test_each_attempt_of_a_request_is_stored_with_its_request_id_number_and_staleness(post_batch: Any) -> None:
     failed = event_dict(request_id="5f0c1d", attempt=1, status="error", http_status=503,
                         error_type="upstream_overloaded", model_served="big", prompt_tokens=0, completion_tokens=0)
@@ -532,7 +551,8 @@ def test_only_post_is_allowed(client: Any) -> None:
 
 @pytest.mark.parametrize(("name", "runtime_name"), [
     ("RequestEventRecord", "RequestEvent"), ("RuntimeSampleRecord", "RuntimeSample"),
-    ("DeviceSampleRecord", "DeviceSample"), ("TelemetryBatch", "TelemetryBatch")])
+    ("DeviceSampleRecord", "DeviceSample"), ("TenantSampleRecord", "TenantSample"),
+    ("TelemetryBatch", "TelemetryBatch")])
 def test_the_contract_has_the_runtimes_fields_and_required_fields(name: str, runtime_name: str) -> None:
     ours = getattr(contracts, name).model_json_schema()
     theirs = getattr(runtime_contracts, runtime_name).model_json_schema()

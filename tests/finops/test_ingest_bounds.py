@@ -61,6 +61,18 @@ SAMPLES_OUT_OF_BOUNDS: list[tuple[str, dict[str, Any], str]] = [
     ("two billion queued", {"queue_depth": 2**31 - 1}, "queue_depth: "),
     ("two billion running", {"running": 2**31 - 1}, "running: "),
     ("a KV cache larger than every device", {"kv_cache_used": 2**63 - 1}, "kv_cache_used: "),
+    ("a tenant served faster than any runtime",
+     {"tenants": [{"tenant": "acme", "tokens_per_s": 1e12, "queue_wait_ms": 1.0, "waiting": 0, "running": 1}]},
+     "tenants.0.tokens_per_s: "),
+    ("a tenant waiting for centuries",
+     {"tenants": [{"tenant": "acme", "tokens_per_s": 1.0, "queue_wait_ms": 1e15, "waiting": 0, "running": 1}]},
+     "tenants.0.queue_wait_ms: "),
+    ("a tenant with two billion waiting",
+     {"tenants": [{"tenant": "acme", "tokens_per_s": 1.0, "queue_wait_ms": None, "waiting": 2**31, "running": 1}]},
+     "tenants.0.waiting: "),
+    ("a negative tenant rate",
+     {"tenants": [{"tenant": "acme", "tokens_per_s": -1.0, "queue_wait_ms": None, "waiting": 0, "running": 0}]},
+     "tenants.0.tokens_per_s: "),
 ]
 
 

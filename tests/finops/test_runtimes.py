@@ -13,7 +13,7 @@ from django.core.management.base import CommandError
 from django.test import Client
 from django.urls import reverse
 
-from finops.runtimes.models import Runtime, RuntimeToken, token_digest
+from finops.runtimes.models import ConcurrencyCap, Runtime, RuntimeToken, token_digest
 from finops.runtimes.selectors import runtime_get_by_token
 from finops.runtimes.services import runtime_register, runtime_token_revoke, runtime_token_rotate
 
@@ -205,3 +205,17 @@ def test_the_admin_accepts_a_bare_host_name_url_and_refuses_other_schemes(admin_
     assert accepted.status_code == 302, accepted.context["errors"] if accepted.context else accepted
     runtime.refresh_from_db()
     assert runtime.base_url == "http://gpu-2:9000"
+
+
+def test_an_admin_sets_a_concurrency_cap_and_one_that_limits_nothing_is_refused(admin_client: Client) -> None:
+    add = reverse("admin:runtimes_concurrencycap_add")
+    empty = admin_client.post(add, {"tenant": "acme", "feature": "*", "model": "*", "max_running": "",
+                                    "max_queued": "", "note": ""})
+    made = admin_client.post(add, {"tenant": "acme", "feature": "batch", "model": "*", "max_running": "2",
+                                   "max_queued": "0", "note": "Batch jobs wait their turn."}, follow=True)
+
+    assert empty.status_code == 200 and "Set max running, max queued or both." in empty.content.decode()
+    assert made.status_code == 200
+    (cap,) = ConcurrencyCap.objects.all()
+    assert (cap.tenant, cap.feature, cap.max_running, cap.max_queued) == ("acme", "batch", 2, 0)
+    assert "acme" in admin_client.get(reverse("admin:runtimes_concurrencycap_changelist")).content.decode()

@@ -12,9 +12,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from inference.engine.models import LoadedModel
 from inference.gpu import GpuMonitor
 from inference.metrics import UNSERVED_MODEL, counter, gauge
+from inference.telemetry.sampler import RuntimeSampler
 from tests.inference.collector import Collector
 from tests.inference.fake_nvml import FakeGpu, FakeNvml
-from tests.inference.live import GLOBEX, LiveRuntime, serve, tiny_config
+from tests.inference.live import ACME, GLOBEX, LiveRuntime, serve, tiny_config
 from tests.inference.rulesets import ADMIN_TOKEN, at, document, push, rule, scope
 
 # What a runtime with a GPU, a response cache, a ruleset and a control plane shows after a cache hit
@@ -95,3 +96,37 @@ def test_requests_for_models_this_runtime_does_not_serve_share_one_label(live: L
     assert "made-up" not in after, "a client's string is never a label"
     assert f'wattson_requests_total{{model="{UNSERVED_MODEL}",status="error"}} 200.0' in after
     assert len(after) - len(before) < 100, "a new made-up name adds no series"
+
+
+def test_each_tenants_service_and_wait_are_on_metrics_and_in_the_runtime_sample(live: LiveRuntime) -> None:
+    sampler = RuntimeSampler(live.runtime, interval_s=3600)  # taken by hand: no thread shares its intervals
+    sampler.take()
+    before = tenant_series(live)
+    body = {"model": "tiny-random", "prompt": "The lighthouse keeper", "max_tokens": 4, "ignore_eos": True}
+    used = {"acme": 0, "globex": 0}
+    for key, tenant, times in ((ACME, "acme", 2), (GLOBEX, "globex", 1)):
+        with live.client(key) as client:
+            for _ in range(times):
+                used[tenant] += client.post("/v1/completions", json=body).json()["usage"]["total_tokens"]
+    sample = sampler.take()
+    after = tenant_series(live)
+
+    for tenant, admitted in (("acme", 2), ("globex", 1)):
+        served = after[("wattson_tenant_tokens_served_total", tenant)] - before.get(
+            ("wattson_tenant_tokens_served_total", tenant), 0)
+        assert served == used[tenant]
+        assert after[("wattson_tenant_admitted_total", tenant)] - before.get(
+            ("wattson_tenant_admitted_total", tenant), 0) == admitted
+        assert ("wattson_tenant_queue_wait_seconds_total", tenant) in after
+        assert after[("wattson_tenant_waiting_requests", tenant)] == 0
+    rows = {row.tenant: row for row in sample.tenants or []}
+    assert set(rows) >= {"acme", "globex"}
+    assert rows["acme"].tokens_per_s > rows["globex"].tokens_per_s > 0
+    assert rows["acme"].queue_wait_ms is not None and rows["acme"].waiting == rows["acme"].running == 0
+    assert sampler.take().tenants == [], "no service since the last sample: no tenant row, not a row of zeros"
+
+
+def tenant_series(live: LiveRuntime) -> dict[tuple[str, str], float]:
+    text = httpx.get(live.base_url + "/metrics", timeout=10).text
+    return {(s.name, s.labels["tenant"]): s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name.startswith("wattson_tenant_") and "model" not in s.labels}

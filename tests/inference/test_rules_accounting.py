@@ -12,7 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from inference.rules import RuleEnforcer, RuleRejection, RulesetNotNewer, ruleset_compile, ruleset_parse
+from inference.rules import (
+    RuleEnforcer,
+    RuleRejection,
+    RulesetInvalid,
+    RulesetNotNewer,
+    ruleset_compile,
+    ruleset_parse,
+)
 from inference.rules.matching import ScopeIndex
 from tests.inference.rulesets import allowance, document, rule, scope
 
@@ -111,6 +118,30 @@ def test_throttles_keep_their_buckets_across_documents() -> None:
     apply(enforcer, document(rules=[limit]))
     with pytest.raises(RuleRejection):
         enforcer.reserve(enforcer.match("a", "f", "big", SERVED), prompt_tokens=1, max_tokens=1, model="big")  # type: ignore[arg-type]
+
+
+def test_concurrency_caps_keep_their_counts_across_documents_and_take_new_limits() -> None:
+    cap = {"type": "concurrency", "max_running": 2}
+    enforcer = enforcer_with(document(rules=[rule("c1", cap, where=scope(tenant="acme"))]))
+    match = enforcer.match("acme", "chat", "big", SERVED)
+    assert match is not None
+    (held,) = match.caps
+    held.running = 2  # two of acme's requests run
+    apply(enforcer, document(rules=[rule("c1", {**cap, "max_running": 3}, where=scope(tenant="acme"))]))
+    again = enforcer.match("acme", "chat", "big", SERVED)
+    assert again is not None and again.caps == [held]
+    assert (held.running, held.max_running, held.can_run()) == (2, 3, True)
+    apply(enforcer, document())
+    assert enforcer.match("acme", "chat", "big", SERVED) is None
+
+
+@pytest.mark.parametrize("action", [
+    {"type": "concurrency"}, {"type": "concurrency", "max_running": 0}, {"type": "concurrency", "max_queued": -1},
+    {"type": "concurrency", "max_running": "2"}, {"type": "concurrency", "max_running": 1, "burst": 2},
+])
+def test_a_concurrency_action_that_limits_nothing_or_is_malformed_is_refused(action: dict[str, Any]) -> None:
+    with pytest.raises(RulesetInvalid):
+        ruleset_parse(json.dumps(document(rules=[rule("c1", action)])).encode())
 
 
 def test_an_older_document_is_not_newer() -> None:

@@ -312,3 +312,30 @@ def test_a_usd_allowance_for_a_model_without_a_price_refuses_instead_of_guessing
     refused = post(live)
     assert refused.status_code == 503
     assert refused.json()["error"]["code"] == "budget_unpriced"
+
+
+# -- concurrency caps -----------------------------------------------------------------------------
+
+def test_a_concurrency_cap_from_the_ruleset_limits_one_tenant_and_not_the_others(slow_live: LiveRuntime) -> None:
+    live = slow_live
+    push(live, document(rules=[rule("cap-acme", {"type": "concurrency", "max_running": 1, "max_queued": 0},
+                                    where=scope(tenant="acme"), reason="acme may run one request at a time")]))
+    live.events.clear()
+    with live.client() as client, client.stream(
+            "POST", "/v1/completions", json={**BODY, "max_tokens": 200, "stream": True}) as running:
+        lines = running.iter_lines()
+        next(lines)  # acme's first request holds a slot
+        second = post(live, max_tokens=2)
+        other_tenant = post(live, key=GLOBEX, max_tokens=2)
+    after = post(live, max_tokens=2)
+
+    assert second.status_code == 429
+    error = second.json()["error"]
+    assert error["code"] == "rejected_rule" and "one request at a time" in error["message"]
+    assert int(second.headers["Retry-After"]) >= 1
+    assert other_tenant.status_code == 200
+    assert after.status_code == 200  # the cap's slot was given back when the stream ended
+    refused = [e for e in live.wait_for_events(4) if e.status == "rejected_rule"]
+    assert [(e.tenant, e.rule_id, e.http_status) for e in refused] == [("acme", "cap-acme", 429)]
+    assert metric(live, "wattson_rule_rejections_total", reason="concurrency") == 1
+    push(live, document())
