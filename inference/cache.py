@@ -113,6 +113,23 @@ class CachedAnswer:
         return gen
 
 
+def answer_recorded(gen: Outputs, store: Callable[[GenerationResult, list[str]], None], *, cache: str) -> Outputs:
+    """``gen`` as the API reads it; once it finishes well, ``store`` gets its result and the pieces
+    as they were streamed (so a hit streams the same chunks). A cache that cannot store an answer
+    logs it: the answer is the client's whatever happens to the cache."""
+    pieces: list[str] = []
+
+    def keep(output: Output) -> None:
+        if isinstance(output, TokenDelta):
+            pieces.append(output.text)
+        elif isinstance(output, GenerationResult):
+            try:
+                store(output, pieces)
+            except Exception:
+                log.exception("%s: could not store an answer", cache)
+    return ObservedOutputs(gen, keep)
+
+
 def answer_of(kind: Literal["chat", "completion"], result: GenerationResult, pieces: list[str], *,
               expires_at: float) -> CachedAnswer | None:
     """The answer to keep from a finished generation, or None when it did not finish well."""
@@ -318,17 +335,7 @@ class ResponseCache:
 
     def recording(self, gen: Outputs, key: str, *, kind: Literal["chat", "completion"]) -> Outputs:
         """``gen`` as the API reads it, keeping its answer under ``key`` once it finishes well."""
-        pieces: list[str] = []  # as streamed, so a hit streams the same chunks
-
-        def keep(output: Output) -> None:
-            if isinstance(output, TokenDelta):
-                pieces.append(output.text)
-            elif isinstance(output, GenerationResult):
-                try:
-                    self.put(key, kind, output, pieces)
-                except Exception:  # the answer is the client's whatever happens to the cache
-                    log.exception("response cache: could not store an answer")
-        return ObservedOutputs(gen, keep)
+        return answer_recorded(gen, lambda result, pieces: self.put(key, kind, result, pieces), cache="response cache")
 
     def put(self, key: str, kind: Literal["chat", "completion"], result: GenerationResult,
             pieces: list[str]) -> None:

@@ -38,10 +38,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
-from inference.backends import ObservedOutputs, Output, Outputs
-from inference.cache import CachedAnswer, answer_of, cacheable
+from inference.backends import Outputs
+from inference.cache import CachedAnswer, answer_of, answer_recorded, cacheable
 from inference.embedding import DIMENSIONS, Embedder, EmbedderUnavailable, EmbeddingBatcher
-from inference.engine.engine import GenerationResult, TokenDelta
+from inference.engine.engine import GenerationResult
 from inference.engine.models import resolve_device
 from inference.metrics import LiveSample, counter, gauge
 from inference.schemas import ChatCompletionRequest, CompletionRequest
@@ -456,17 +456,8 @@ class SemanticCache:
 
     def recording(self, gen: Outputs, probe: SemanticProbe, *, kind: Literal["chat", "completion"]) -> Outputs:
         """``gen`` as the API reads it, keeping its answer for ``probe``'s question once it finishes well."""
-        pieces: list[str] = []
-
-        def keep(output: Output) -> None:
-            if isinstance(output, TokenDelta):
-                pieces.append(output.text)
-            elif isinstance(output, GenerationResult):
-                try:
-                    self.put(probe, kind, output, pieces)
-                except Exception:  # the answer is the client's whatever happens to the cache
-                    log.exception("semantic cache: could not store an answer")
-        return ObservedOutputs(gen, keep)
+        return answer_recorded(gen, lambda result, pieces: self.put(probe, kind, result, pieces),
+                               cache="semantic cache")
 
     def put(self, probe: SemanticProbe, kind: Literal["chat", "completion"], result: GenerationResult,
             pieces: list[str]) -> None:
