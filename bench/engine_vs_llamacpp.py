@@ -3,8 +3,8 @@
 Every engine is a real server in its own process, all started before the first measurement and
 measured in turn at each stream count, so drift in a shared machine hits them alike:
 
-- ``wattson-<dtype>[+int8]`` — ``python -m inference serve --model smollm2 --dtype <dtype>``
-  (``--quantization int8`` for a ``+int8`` variant), 32 running slots;
+- ``wattson-<dtype>[+int8|+int4]`` — ``python -m inference serve --model smollm2 --dtype <dtype>``
+  (``--quantization int8`` or ``int4`` for such a variant), 32 running slots;
 - ``llama-server`` — llama.cpp serving SmolLM2's Q4_1 GGUF with 32 slots, started through
   ``bench.llama_server`` (its ``locate``, ``smollm2_gguf`` and ``LlamaServer``); where that module or
   its built binary is missing, the row is skipped with the reason.
@@ -89,7 +89,7 @@ def parse_args(argv: Sequence[str]) -> Settings:
                         help="tiny-random model, 1 and 4 streams, 8 tokens, no llama-server (checks the script)")
     parser.add_argument("--model", help="smollm2 (default), tiny-random (with --quick) or a model directory")
     parser.add_argument("--variants", nargs="+",
-                        help="Wattson precisions: DTYPE or DTYPE+int8 (default float32 bfloat16)")
+                        help="Wattson precisions: DTYPE, DTYPE+int8 or DTYPE+int4 (default float32 bfloat16)")
     parser.add_argument("--streams", type=int, nargs="+", help="concurrent streams (default 1 8 32)")
     parser.add_argument("--prompt-tokens", type=int, help="prompt length in tokens (default 32)")
     parser.add_argument("--new-tokens", type=int, help="tokens per stream (default 128)")
@@ -105,8 +105,9 @@ def parse_args(argv: Sequence[str]) -> Settings:
     variants = tuple(args.variants or ("float32", "bfloat16"))
     for variant in variants:
         dtype, _, quantization = variant.partition("+")
-        if dtype not in ("auto", "float32", "bfloat16") or quantization not in ("", "int8"):
-            parser.error(f"variant {variant!r} must be DTYPE or DTYPE+int8 with DTYPE auto, float32 or bfloat16")
+        if dtype not in ("auto", "float32", "bfloat16") or quantization not in ("", "int8", "int4"):
+            parser.error(f"variant {variant!r} must be DTYPE, DTYPE+int8 or DTYPE+int4 with DTYPE auto, float32 or "
+                         "bfloat16")
     return Settings(
         model=args.model or ("tiny-random" if quick else "smollm2"),
         variants=variants,

@@ -11,7 +11,7 @@ Teacher forcing scores every position on the same context, so one early divergen
 as thirty. A candidate passes when agreement >= ``MIN_AGREEMENT`` and the perplexity ratio <=
 ``MAX_PERPLEXITY_RATIO`` (the bound docs/BENCHMARKS.md documents, issue 20).
 
-    python -m bench precision_quality [--quick] [--variants bfloat16 int8 bfloat16+int8] [--new-tokens 32]
+    python -m bench precision_quality [--quick] [--variants bfloat16 int8 bfloat16+int8 int4] [--new-tokens 32]
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ VARIANTS = {  # name -> (--dtype, --quantization)
     "bfloat16": ("bfloat16", "none"),
     "int8": ("float32", "int8"),
     "bfloat16+int8": ("bfloat16", "int8"),
+    "int4": ("bfloat16", "int4"),
 }
 
 

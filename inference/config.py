@@ -182,10 +182,11 @@ class RuntimeConfig:
         "CPU with native bf16 (AVX-512 BF16 / AMX), whichever of fp32 and bf16 measures faster at start-up "
         "(the result cached per machine in --model-cache-dir); float16 only on CUDA",
         choices=("auto", "float32", "bfloat16", "float16"))
-    quantization: Literal["none", "int8"] = option(
+    quantization: Literal["none", "int8", "int4"] = option(
         "none", "weight-only quantization of the linear layers: 'int8' (torchao) reads half the bytes of bf16 "
-        "per decode step; quality against fp32 is measured by `python -m bench precision_quality`",
-        choices=("none", "int8"))
+        "per decode step, 'int4' (CPU only, PyTorch's int4 kernel, groups of 64) a quarter; quality against "
+        "fp32 is measured by `python -m bench precision_quality`",
+        choices=("none", "int8", "int4"))
     torch_threads: int | None = option(
         None, "CPU threads for torch's kernels (default: torch's choice, one per core); fewer leaves cores to "
         "the HTTP layer on a shared host", parse=int, check=POSITIVE)

@@ -11,8 +11,11 @@ from transformers import PreTrainedModel
 
 from inference.config import ConfigError, load_config
 from inference.engine import precision
+from inference.engine.engine import Engine
 from inference.engine.models import LoadedModel, ModelLoadError, load_model
 from inference.engine.precision import CHOICE_FILE, choice_key, choose_cpu_dtype, decode_score, decode_tokens_per_s
+from inference.engine.quantization import INT4_GROUP, Int4Linear, quantize_int4
+from tests.inference.engine_driver import submit
 
 CPU = torch.device("cpu")
 
@@ -174,9 +177,48 @@ def test_int8_quantizes_the_linear_weights_and_stays_close_to_fp32(tmp_path: Pat
     assert len(greedy(quantized)) == 8
 
 
+def test_int4_packs_the_linear_weights_for_the_cpu_kernel_and_stays_close_to_fp32(tmp_path: Path) -> None:
+    reference = load_tiny(tmp_path / "a")
+    quantized = load_tiny(tmp_path / "b", quantization="int4")
+    assert quantized.quantization == "int4"
+    layer = quantized.model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, Int4Linear) and isinstance(layer.mlp.down_proj, Int4Linear)
+    assert not isinstance(quantized.model.get_output_embeddings(), Int4Linear), "the output layer keeps its weights"
+    ids = reference.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        a, b = reference.model(ids).logits[0], quantized.model(ids).logits[0]
+    assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.95
+    assert len(greedy(quantized)) == 8
+
+
+def test_the_engine_serves_an_int4_model_in_a_batch_as_it_generates_alone(tmp_path: Path) -> None:
+    quantized = load_tiny(tmp_path, quantization="int4")
+    prompts = ["The capital of France is", "Tell me a story about", "Why is the sky"]
+    engine = Engine(quantized, max_batch_size=4)
+    engine.start()
+    try:
+        batched = [submit(engine, quantized.tokenizer.encode(text), max_tokens=6, ignore_eos=True) for text in prompts]
+        texts = [handle.result().text for handle in batched]
+    finally:
+        engine.stop()
+    alone = [quantized.tokenizer.decode(greedy(quantized, text, 6), skip_special_tokens=True) for text in prompts]
+    assert texts == alone
+
+
+def test_int4_groups_reproduce_a_weight_within_half_a_step() -> None:
+    weight = torch.randn(32, 128)
+    packed, scales_and_zeros = quantize_int4(weight)
+    eye = torch.eye(128, dtype=torch.bfloat16)
+    restored = torch._weight_int4pack_mm_for_cpu(eye, packed, INT4_GROUP, scales_and_zeros).float().T  # [out, in]
+    groups = weight.reshape(32, 128 // INT4_GROUP, INT4_GROUP)
+    step = (groups.amax(-1) - groups.amin(-1)) / 15
+    error = (restored - weight).abs().reshape(32, 128 // INT4_GROUP, INT4_GROUP).amax(-1)
+    assert (error <= step / 2 + 0.02 * weight.abs().max()).all()  # half a step, plus bf16's rounding
+
+
 def test_an_unknown_quantization_is_a_load_error(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match="--quantization 'int4' must be one of none, int8"):
-        load_tiny(tmp_path, quantization="int4")
+    with pytest.raises(ModelLoadError, match="--quantization 'int3' must be one of none, int8, int4"):
+        load_tiny(tmp_path, quantization="int3")
 
 
 def test_bf16_weights_on_the_cpu_keep_requires_grad_and_the_engine_records_no_grad(tmp_path: Path) -> None:
