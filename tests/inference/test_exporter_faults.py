@@ -161,7 +161,9 @@ def test_a_really_full_disk_stops_nothing_and_export_resumes_when_room_comes_bac
         during = [make_event() for _ in range(10)]
         for event in during:
             exporter.record_event(event)
-        assert wait_until(lambda: exporter.stats()["queued"] == 0)
+        # The writer takes them off the queue at its next try, after a backoff of up to 5 s
+        # (_WRITE_RETRY_MAX_S): wait for three of those, not one (5 s failed once in CI).
+        assert wait_until(lambda: exporter.stats()["queued"] == 0, timeout=15)
 
         filler.unlink()
         after = [make_event() for _ in range(5)]
