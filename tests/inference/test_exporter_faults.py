@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -159,11 +160,15 @@ def test_a_really_full_disk_stops_nothing_and_export_resumes_when_room_comes_bac
         collector.up()
         assert wait_until(lambda: failing(exporter)), "the cursor cannot be saved on a full disk"
         during = [make_event() for _ in range(10)]
+        started = time.monotonic()
         for event in during:
             exporter.record_event(event)
-        # The writer takes them off the queue at its next try, after a backoff of up to 5 s
-        # (_WRITE_RETRY_MAX_S): wait for three of those, not one (5 s failed once in CI).
-        assert wait_until(lambda: exporter.stats()["queued"] == 0, timeout=15)
+        assert time.monotonic() - started < 1.0, "recording never waits for the disk"
+        # They are held in memory: those the writer took before the disk refused them in its batch,
+        # retried after a backoff, the rest on the queue behind it (how many of each is a race: a
+        # check that the queue was empty failed whenever the writer woke between two of them).
+        assert wait_until(lambda: exporter.stats()["io_errors"] > 0)
+        assert exporter.stats()["dropped_records"] == 0
 
         filler.unlink()
         after = [make_event() for _ in range(5)]
