@@ -1,7 +1,7 @@
 """``field = ANY(array)``: one parameter for a list of values, where ``field__in`` sends one per value.
 
 A pass over 10,000 budgets filters on thousands of primary keys at a time; with ``__in``, psycopg
-splits and quotes a query of 2,500 placeholders on every call (a tenth of a second each on a
+splits and quotes a query of 2,500 parameters on every call (a tenth of a second each on a
 loaded 2-core machine). One array parameter costs nothing to split; SQLite reads the same list
 from one JSON text.
 """
