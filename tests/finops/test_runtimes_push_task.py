@@ -201,8 +201,13 @@ def test_a_down_runtime_costs_the_others_nothing_on_one_worker(broker: str, tmp_
     try:
         up_runtimes = [make_runtime(f"rt-up-{n}", stub.url) for n, stub in enumerate(ups)]
         queue = unique_queue("push-test")
-        down_id, *up_ids = (send(tasks.push_ruleset, (runtime.pk,), broker=broker, var_dir=tmp_path, queue=queue)
-                            for runtime in (down, *up_runtimes))
+        sent = []
+        for runtime in (down, *up_runtimes):
+            sent.append(send(tasks.push_ruleset, (runtime.pk,), broker=broker, var_dir=tmp_path, queue=queue))
+            # The filesystem transport names a message by the millisecond it was queued and a random
+            # uuid, and delivers in name order: two queued in one millisecond come in either order.
+            time.sleep(0.005)
+        down_id, *up_ids = sent
         with celery_worker(broker=broker, var_dir=tmp_path, queue=queue, log=tmp_path / "worker.log") as worker:
 
             def seen() -> tuple[list[str], list[str]]:
