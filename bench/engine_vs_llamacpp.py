@@ -19,7 +19,7 @@ N streams is ``N x bandwidth / weight bytes``: each row reports tokens/s as a fr
 bytes are what one decode step reads: every linear layer's weight (the LM head included, the
 embedding table only through it) as stored, for Wattson; the GGUF file's size for llama-server.
 
-    python -m bench engine_vs_llamacpp [--quick] [--variants float32 bfloat16] [--streams 1 8 32]
+    python -m bench engine_vs_llamacpp [--quick] [--variants float32 bfloat16 bfloat16+int4] [--streams 1 8 32]
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ def parse_args(argv: Sequence[str]) -> Settings:
                         help="tiny-random model, 1 and 4 streams, 8 tokens, no llama-server (checks the script)")
     parser.add_argument("--model", help="smollm2 (default), tiny-random (with --quick) or a model directory")
     parser.add_argument("--variants", nargs="+",
-                        help="Wattson precisions: DTYPE, DTYPE+int8 or DTYPE+int4 (default float32 bfloat16)")
+                        help="Wattson precisions: DTYPE, DTYPE+int8 or DTYPE+int4 "
+                             "(default float32 bfloat16 bfloat16+int4)")
     parser.add_argument("--streams", type=int, nargs="+", help="concurrent streams (default 1 8 32)")
     parser.add_argument("--prompt-tokens", type=int, help="prompt length in tokens (default 32)")
     parser.add_argument("--new-tokens", type=int, help="tokens per stream (default 128)")
@@ -102,7 +103,7 @@ def parse_args(argv: Sequence[str]) -> Settings:
                              "spinning on a busy core")
     args = parser.parse_args(argv)
     quick = args.quick
-    variants = tuple(args.variants or ("float32", "bfloat16"))
+    variants = tuple(args.variants or ("float32", "bfloat16", "bfloat16+int4"))
     for variant in variants:
         dtype, _, quantization = variant.partition("+")
         if dtype not in ("auto", "float32", "bfloat16") or quantization not in ("", "int8", "int4"):
@@ -138,13 +139,17 @@ def read_bandwidth_bytes_per_s(size: int = PROBE_BYTES, rounds: int = PROBE_ROUN
 
 def decode_weight_bytes(model: PreTrainedModel) -> int:
     """Bytes one decode step reads from weights: each linear layer's weight as stored (quantized
-    tensors by their parts), each counted once; norms are included, embedding rows are not."""
+    tensors by their parts, packed 4- and 8-bit layers by their buffers), each counted once; norms
+    are included, embedding rows are not."""
     seen: set[int] = set()
+    # --quantization int4 keeps each layer's dense weights for prefill and wide batches: a
+    # one-stream decode step does not read them.
+    kept_dense = {id(module.dense) for module in model.modules() if getattr(module, "dense", None) is not None}
     total = 0
     for module in model.modules():
-        if isinstance(module, torch.nn.Embedding):
+        if isinstance(module, torch.nn.Embedding) or id(module) in kept_dense:
             continue
-        for param in module.parameters(recurse=False):
+        for param in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
             if id(param) not in seen:
                 seen.add(id(param))
                 total += _stored_bytes(param)

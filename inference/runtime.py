@@ -12,7 +12,6 @@ import logging
 from collections.abc import Callable, Iterable
 
 import httpx
-import torch
 
 from inference.admission import AdmissionQueue
 from inference.auth import bearer_token, token_digest
@@ -24,6 +23,7 @@ from inference.contracts import RequestEvent
 from inference.embedding import Embedder
 from inference.engine.engine import Engine
 from inference.engine.models import LoadedModel, load_model, resolve_device
+from inference.engine.threads import DEFAULT_THREADS, pin_torch_threads, run_in_own_thread
 from inference.errors import ApiError
 from inference.fair_share import TenantService
 from inference.fallback import NO_CACHE, FallbackCache
@@ -108,12 +108,12 @@ class Runtime:
             self.power_caps = PowerCaps(self.gpu)
             self.metrics.watch(self.power_caps.samples)
             self._power_task = asyncio.get_running_loop().create_task(self._hold_power_caps(self.power_caps))
-        if config.torch_threads is not None:
-            torch.set_num_threads(config.torch_threads)
+        threads = config.torch_threads or DEFAULT_THREADS
+        pin_torch_threads(1)  # the event loop's thread, and the helpers' threads it starts, run kernels on one core
         device = resolve_device(config.device)
         for spec in config.models:
-            loaded = self._preloaded.get(spec) or await asyncio.to_thread(
-                load_model, spec, device=device, cache_dir=config.model_cache_dir,
+            loaded = self._preloaded.get(spec) or await run_in_own_thread(
+                load_model, spec, device=device, cache_dir=config.model_cache_dir, threads=threads,
                 max_model_len=config.max_model_len, dtype=config.dtype, quantization=config.quantization,
             )
             self.backends[loaded.name] = self._local_backend(loaded)
@@ -213,6 +213,7 @@ class Runtime:
             prefill_chunk_tokens=self.config.prefill_chunk_tokens,
             energy_reader=energy_reader,
             on_step=self.metrics.step_observer(loaded.name),
+            torch_threads=self.config.torch_threads,
         )
         engine.start()
         return LocalBackend(loaded, engine, self._admission(self.config.max_batch_size),

@@ -32,8 +32,10 @@ from inference.contracts import DeviceUseSource
 from inference.engine.attribution import attribute_step_time
 from inference.engine.detokenizer import IncrementalDetokenizer
 from inference.engine.kv_batch import KVBatch
+from inference.engine.llama_forward import model_forward
 from inference.engine.models import LoadedModel
 from inference.engine.sampling import SamplerState, SamplingParams, sample_next_tokens
+from inference.engine.threads import DEFAULT_THREADS, pin_torch_threads
 
 log = logging.getLogger("inference.engine")
 
@@ -162,8 +164,13 @@ class Engine:
         prefill_chunk_tokens: int | None = 512,
         energy_reader: EnergyReader | None = None,
         on_step: StepObserver | None = None,
+        torch_threads: int | None = None,
     ) -> None:
         self.loaded = loaded
+        # The engine's thread runs the model on this many cores (default: what torch would use here);
+        # see inference.engine.threads for why other threads get one.
+        self.torch_threads = torch_threads or DEFAULT_THREADS
+        self._pinned = threading.Event()
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.prefill_chunk_tokens = prefill_chunk_tokens
@@ -180,6 +187,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.stats = EngineStats(energy_joules_total=0.0 if energy_reader else None)
+        self._forward = model_forward(loaded.model, loaded.device)
         pad = loaded.tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else next(iter(loaded.eos_token_ids), 0)
 
@@ -188,6 +196,7 @@ class Engine:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"engine-{self.loaded.name}", daemon=True)
         self._thread.start()
+        self._pinned.wait()
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cond:
@@ -227,6 +236,8 @@ class Engine:
     # -- the loop ------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        pin_torch_threads(self.torch_threads)
+        self._pinned.set()
         torch.set_grad_enabled(False)
         while True:
             with self._cond:
@@ -351,16 +362,10 @@ class Engine:
 
         started, energy_before = time.perf_counter(), self._read_energy()
         try:
-            out = self.loaded.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=DynamicCache(config=self.loaded.model.config),
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            tokens = sample_next_tokens(out.logits[:, -1, :], [s.sampler for s in group])
-            new_rows = KVBatch(out.past_key_values, mask)
+            cache = DynamicCache(config=self.loaded.model.config)
+            logits = self._forward(ids, mask, positions, cache)
+            tokens = sample_next_tokens(logits, [s.sampler for s in group])
+            new_rows = KVBatch(cache, mask)
             if self._batch is None:
                 self._batch = new_rows
             else:
@@ -388,19 +393,13 @@ class Engine:
         mask = torch.ones((1, end), dtype=torch.long, device=device)
         started, energy_before = time.perf_counter(), self._read_energy()
         try:
-            out = self.loaded.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=seq.partial or DynamicCache(config=self.loaded.model.config),
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            seq.partial, seq.prefilled = out.past_key_values, end
+            cache = seq.partial or DynamicCache(config=self.loaded.model.config)
+            logits = self._forward(ids, mask, positions, cache)
+            seq.partial, seq.prefilled = cache, end
             last = end == seq.prompt_len
             if last:
-                (token,) = sample_next_tokens(out.logits[:, -1, :], [seq.sampler])
-                new_rows = KVBatch(out.past_key_values, mask)
+                (token,) = sample_next_tokens(logits, [seq.sampler])
+                new_rows = KVBatch(cache, mask)
                 if self._batch is None:
                     self._batch = new_rows
                 else:
@@ -427,14 +426,8 @@ class Engine:
         ids = torch.tensor([[s.last_token] for s in self._running], dtype=torch.long, device=device)
         positions = batch.next_positions()
         mask = batch.append_step()
-        out = self.loaded.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=batch.cache,
-            use_cache=True,
-        )
-        tokens = sample_next_tokens(out.logits[:, -1, :], [s.sampler for s in self._running])
+        logits = self._forward(ids, mask, positions, batch.cache)
+        tokens = sample_next_tokens(logits, [s.sampler for s in self._running])
         elapsed = time.perf_counter() - started
         self._account(self._running, [1] * len(self._running), elapsed, energy_before, "decode")
         for seq, token in zip(self._running, tokens, strict=True):

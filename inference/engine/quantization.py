@@ -6,15 +6,15 @@ about a quarter of fp32's weight bytes. The embedding table is left as it is.
 
 ``int4`` (CPU) stores each linear layer's weight but the output layer's as 4-bit integers in groups
 of 32 along the input with a bf16 scale and zero per group, and multiplies with PyTorch's own CPU
-kernel for that layout (``_weight_int4pack_mm_for_cpu``; activations in bf16 for the product). On a
-2-core Xeon SmolLM2 then decoded one stream at 67 tokens/s against 35 in bf16 (served: 55.5 against
-31.4), with greedy answers agreeing with fp32's on 97% of tokens; but the kernel is slow on many
-rows at once, so prefill and wide batches lose (32 streams served: 348 tokens/s against 517, first
-token 1.5 s against 0.37 s): a choice for a runtime that serves few streams at a time
-(docs/BENCHMARKS.md, issue 20). The output layer (tied to
-the embedding table in SmolLM2) keeps its weights: in 4 bits too it decoded at 82 tokens/s but
-agreed on only 87%. So does a layer whose shape the kernel does not take (outputs not a multiple
-of 16, inputs not of the group).
+kernel for that layout (``_weight_int4pack_mm_for_cpu``; activations in bf16 for the product). The
+output layer (tied to the embedding table in SmolLM2) goes to int8 with a scale per output
+(``_weight_int8pack_mm``): in 4 bits it agreed with fp32's greedy answers on only 87% of tokens; in
+8 bits 96.9%, as in bf16, at half bf16's bytes. A layer whose shape the kernel does not take
+(outputs not a multiple of 16, inputs not of the group) keeps its weights. On a 2-core Xeon
+SmolLM2 decoded one stream at 67 tokens/s against 35 in bf16 (served: 55.5 against 31.4); but the
+kernel is slow on many rows at once, so prefill and wide batches lose (32 streams served: 348
+tokens/s against 517, first token 1.5 s against 0.37 s): a choice for a runtime that serves few
+streams at a time (docs/BENCHMARKS.md, issue 20).
 
 Whether a method is faster than fp32/bf16 depends on the CPU's kernels: ``python -m bench
 precision_quality`` and ``python -m bench engine_vs_llamacpp`` measure quality and speed.
@@ -34,6 +34,17 @@ QUANTIZATION_CHOICES = ("none", "int8", "int4")
 # Input channels sharing one scale and zero: with the output layer in 4 bits as well, groups of 64 kept
 # 68% of SmolLM2's greedy tokens, groups of 32 87% (bench precision_quality).
 INT4_GROUP = 32
+# Output rows the CPU kernel interleaves in its packed layout: packed layers join along their rows
+# only in whole blocks.
+INT4_PACK_BLOCK = 64
+# Rows up to which the 4-bit kernel beats the dense weights: it reads a quarter of bf16's bytes, but
+# its cost grows with the rows where a dense product's barely does (on a 2-core AMD EPYC, a 3072x576
+# layer took 0.38 ms in 4 bits against 0.51 in bf16 at 16 rows, 1.37 against 0.82 at 32). Wider
+# inputs (prefill, wide decode batches) use the dense weights, which ``--quantization int4`` keeps.
+INT4_MAX_ROWS = 16
+# The same for the int8 output layer: SmolLM2's (49152 x 576) took 2.8 ms in int8 against 3.8 in bf16
+# at 4 rows, 5.7 against 4.5 at 8, 23.4 against 7.6 at 32.
+INT8_MAX_ROWS = 4
 
 
 class QuantizationError(ValueError):
@@ -65,13 +76,49 @@ class Int4Linear(torch.nn.Module):
     """A linear layer whose weight is held as 4-bit groups (``quantize_int4``) for PyTorch's CPU
     int4 kernel; the input is multiplied in bf16 and the output given back in the input's dtype."""
 
-    def __init__(self, linear: torch.nn.Linear) -> None:
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, in_features: int,
+                 bias: torch.Tensor | None = None, dense: torch.nn.Linear | None = None) -> None:
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        packed, scales_and_zeros = quantize_int4(linear.weight.detach())
+        self.in_features, self.out_features = in_features, int(packed.shape[0])
         self.register_buffer("packed", packed)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
-        self.bias = linear.bias
+        self.bias = bias
+        self.dense = dense  # the layer as it was, for inputs of more than INT4_MAX_ROWS rows
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear) -> Int4Linear:
+        packed, scales_and_zeros = quantize_int4(linear.weight.detach())
+        return cls(packed, scales_and_zeros, linear.in_features, linear.bias, dense=linear)
+
+    def wide(self, rows: int) -> bool:
+        """Whether an input of ``rows`` rows goes through the kept dense weights instead."""
+        return self.dense is not None and rows > INT4_MAX_ROWS
+
+    @staticmethod
+    def stackable(layers: list[torch.nn.Module]) -> bool:
+        """Whether ``stacked`` can join ``layers``: 4-bit layers of one input size, each a whole number of
+        the kernel's packing blocks (its packed rows are interleaved within blocks of 64 outputs)."""
+        return (all(isinstance(layer, Int4Linear) for layer in layers)
+                and len({layer.in_features for layer in layers}) == 1
+                and all(layer.out_features % INT4_PACK_BLOCK == 0 for layer in layers))
+
+    @classmethod
+    def stacked(cls, layers: list[Int4Linear]) -> Int4Linear:
+        """One layer computing ``layers``' outputs side by side (for the same input), so a decode step
+        calls the kernel once where it called it ``len(layers)`` times. The packed rows are shared
+        with ``layers``, which keep working on views of them."""
+        packed = torch.cat([layer.packed for layer in layers])
+        scales_and_zeros = torch.cat([layer.scales_and_zeros for layer in layers], dim=1).contiguous()
+        biases = [layer.bias for layer in layers]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([b if b is not None else packed.new_zeros(layer.out_features, dtype=torch.bfloat16)
+                              for b, layer in zip(biases, layers, strict=True)])
+        start = 0
+        for layer in layers:
+            layer.packed = packed[start:start + layer.out_features]
+            start += layer.out_features
+        return cls(packed, scales_and_zeros, layers[0].in_features, bias)
 
     @staticmethod
     def fits(linear: torch.nn.Linear) -> bool:
@@ -79,8 +126,40 @@ class Int4Linear(torch.nn.Module):
                 and linear.in_features % INT4_GROUP == 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.wide(x.numel() // self.in_features):
+            return self.dense(x)
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
         y = torch._weight_int4pack_mm_for_cpu(rows, self.packed, INT4_GROUP, self.scales_and_zeros).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class Int8Linear(torch.nn.Module):
+    """A linear layer whose weight is held as int8 with one bf16 scale per output channel, for
+    PyTorch's CPU int8 weight-only kernel (``_weight_int8pack_mm``); used for the output layer under
+    ``--quantization int4``, where 4 bits cost too much agreement and bf16 twice the bytes."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().float()
+        scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-8)
+        self.register_buffer("weight_int8", (weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales.to(torch.bfloat16))
+        self.bias = linear.bias
+        # The layer as it was, for inputs of more than INT8_MAX_ROWS rows (tied to the embedding
+        # table in SmolLM2, so keeping it costs nothing).
+        self.dense = linear
+
+    def wide(self, rows: int) -> bool:
+        return rows > INT8_MAX_ROWS
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.wide(x.numel() // self.in_features):
+            return self.dense(x)
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        y = torch._weight_int8pack_mm(rows, self.weight_int8, self.scales).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -103,16 +182,18 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _int4_linears(model: PreTrainedModel) -> PreTrainedModel:
     if model.device.type != "cpu":
         raise QuantizationError("--quantization int4 runs on PyTorch's CPU int4 kernel: on CUDA use --dtype bfloat16")
-    # The output layer stays as it is: in 4 bits SmolLM2's greedy answers agreed with fp32's on 87%
-    # of tokens (the bound is 90%), against 97% with it kept (bench precision_quality).
+    # The output layer goes to 8 bits, not 4: in 4 bits SmolLM2's greedy answers agreed with fp32's
+    # on 87% of tokens (the bound is 90%), against 97% with it kept in bf16 (bench precision_quality).
     output = model.get_output_embeddings()
     kept = []
 
     def swap(module: torch.nn.Module, path: str) -> None:
         for name, child in module.named_children():
             if isinstance(child, torch.nn.Linear):
-                if child is not output and Int4Linear.fits(child):
-                    setattr(module, name, Int4Linear(child))
+                if child is output:
+                    setattr(module, name, Int8Linear(child))
+                elif Int4Linear.fits(child):
+                    setattr(module, name, Int4Linear.from_linear(child))
                 else:
                     kept.append(f"{path}{name}")
             else:

@@ -14,7 +14,7 @@ from inference.engine import precision
 from inference.engine.engine import Engine
 from inference.engine.models import LoadedModel, ModelLoadError, load_model
 from inference.engine.precision import CHOICE_FILE, choice_key, choose_cpu_dtype, decode_score, decode_tokens_per_s
-from inference.engine.quantization import INT4_GROUP, Int4Linear, quantize_int4
+from inference.engine.quantization import INT4_GROUP, INT4_MAX_ROWS, Int4Linear, Int8Linear, quantize_int4
 from tests.inference.engine_driver import submit
 
 CPU = torch.device("cpu")
@@ -183,7 +183,7 @@ def test_int4_packs_the_linear_weights_for_the_cpu_kernel_and_stays_close_to_fp3
     assert quantized.quantization == "int4"
     layer = quantized.model.model.layers[0]
     assert isinstance(layer.self_attn.q_proj, Int4Linear) and isinstance(layer.mlp.down_proj, Int4Linear)
-    assert not isinstance(quantized.model.get_output_embeddings(), Int4Linear), "the output layer keeps its weights"
+    assert isinstance(quantized.model.get_output_embeddings(), Int8Linear), "the output layer goes to 8 bits, not 4"
     ids = reference.tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         a, b = reference.model(ids).logits[0], quantized.model(ids).logits[0]
@@ -193,6 +193,9 @@ def test_int4_packs_the_linear_weights_for_the_cpu_kernel_and_stays_close_to_fp3
 
 def test_the_engine_serves_an_int4_model_in_a_batch_as_it_generates_alone(tmp_path: Path) -> None:
     quantized = load_tiny(tmp_path, quantization="int4")
+    for module in quantized.model.modules():  # every product in 4 bits, however wide the batch
+        if isinstance(module, Int4Linear):
+            module.dense = None
     prompts = ["The capital of France is", "Tell me a story about", "Why is the sky"]
     engine = Engine(quantized, max_batch_size=4)
     engine.start()
@@ -203,6 +206,16 @@ def test_the_engine_serves_an_int4_model_in_a_batch_as_it_generates_alone(tmp_pa
         engine.stop()
     alone = [quantized.tokenizer.decode(greedy(quantized, text, 6), skip_special_tokens=True) for text in prompts]
     assert texts == alone
+
+
+def test_int4_multiplies_few_rows_in_4_bits_and_more_with_the_weights_it_kept() -> None:
+    linear = torch.nn.Linear(64, 64, bias=False)
+    quantized = Int4Linear.from_linear(linear)
+    with torch.no_grad():
+        few, many = torch.randn(INT4_MAX_ROWS, 64), torch.randn(INT4_MAX_ROWS + 1, 64)
+        assert not torch.equal(quantized(few), linear(few))  # 4-bit rounding
+        assert torch.nn.functional.cosine_similarity(quantized(few), linear(few), dim=-1).min() > 0.99
+        assert torch.equal(quantized(many), linear(many))
 
 
 def test_int4_groups_reproduce_a_weight_within_half_a_step() -> None:
