@@ -39,14 +39,13 @@ from inference.config import RuntimeConfig
 from inference.engine.engine import GenerationResult, TokenDelta
 from inference.fallback import CachedReplay
 from inference.metrics import LiveSample, counter, gauge
+from inference.optional_redis import OptionalRedis
 from inference.schemas import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger("inference.cache")
 
 KEY_VERSION = 1
 REDIS_PREFIX = "wattson:cache:v1:"
-REDIS_TIMEOUT_S = 0.25
-REDIS_RETRY_AFTER_S = 5.0
 CACHE_HEADER = "x-wattson-cache"
 _CACHED_FINISH = ("stop", "length")
 
@@ -219,26 +218,12 @@ class MemoryStore:
         self.bytes -= size
 
 
-class RedisStore:
+class RedisStore(OptionalRedis):
     """Answers shared by replicas. Every failure is reported to the caller as ``None`` (a miss)
-    and counted; after one, Redis is skipped for ``REDIS_RETRY_AFTER_S``."""
+    and counted; after one, Redis is skipped for a while (``inference.optional_redis``)."""
 
     def __init__(self, url: str) -> None:
-        try:
-            import redis.asyncio as redis
-            from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
-        except ImportError as exc:  # the runtime extra installs it; say what is missing if not
-            raise RuntimeError("--cache-redis-url needs the 'redis' package (pip install redis)") from exc
-        self.url = url
-        self._client = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S,
-                                            socket_connect_timeout=REDIS_TIMEOUT_S, retry=Retry(NoBackoff(), 0))
-        self._skip_until = 0.0
-        self.errors = 0
-
-    @property
-    def available(self) -> bool:
-        return time.monotonic() >= self._skip_until
+        super().__init__(url, name="response cache")
 
     async def get(self, key: str) -> bytes | None:
         if not self.available:
@@ -257,19 +242,6 @@ class RedisStore:
             await self._client.set(REDIS_PREFIX + key, value, px=max(1, int(ttl_s * 1000)))
         except Exception as exc:
             self._failed("write", exc)
-
-    async def close(self) -> None:
-        try:
-            await self._client.aclose()
-        except Exception as exc:  # closing a connection to a Redis that is gone must not fail the stop
-            log.debug("closing the Redis client: %s", exc)
-
-    def _failed(self, what: str, exc: Exception) -> None:
-        self.errors += 1
-        if self.available:
-            log.warning("response cache: Redis %s failed (%s: %s); serving without it for %.0f s",
-                        what, type(exc).__name__, exc, REDIS_RETRY_AFTER_S)
-        self._skip_until = time.monotonic() + REDIS_RETRY_AFTER_S
 
 
 @dataclass

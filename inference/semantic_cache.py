@@ -44,6 +44,7 @@ from inference.embedding import DIMENSIONS, Embedder, EmbedderUnavailable, Embed
 from inference.engine.engine import GenerationResult
 from inference.engine.models import resolve_device
 from inference.metrics import LiveSample, counter, gauge
+from inference.optional_redis import OptionalRedis
 from inference.schemas import ChatCompletionRequest, CompletionRequest
 from inference.semantic_policy import SemanticPolicy
 
@@ -53,8 +54,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("inference.semantic_cache")
 
 REDIS_PREFIX = "wattson:semcache:v1:"
-REDIS_TIMEOUT_S = 0.25
-REDIS_RETRY_AFTER_S = 5.0
 SYNC_BATCH = 200  # stream entries (~1.7 kB each) read per round trip while catching up
 # How long a lookup waits for its partition's sync with Redis; past it the lookup scans what is
 # here and the sync carries on in the background (a cold replica catching up on 100k entries).
@@ -200,25 +199,12 @@ def _as_float32(values: torch.Tensor) -> np.ndarray:
     return (values.view(torch.int16).numpy().astype(np.int32) << 16).view(np.float32)
 
 
-class SemanticRedis:
+class SemanticRedis(OptionalRedis):
     """Partitions shared by replicas, one Redis stream each. Every failure is a miss (``None`` or
-    nothing) and counted; after one, Redis is skipped for ``REDIS_RETRY_AFTER_S``."""
+    nothing) and counted; after one, Redis is skipped for a while (``inference.optional_redis``)."""
 
     def __init__(self, url: str) -> None:
-        try:
-            import redis.asyncio as redis
-            from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
-        except ImportError as exc:
-            raise RuntimeError("--cache-redis-url needs the 'redis' package (pip install redis)") from exc
-        self._client = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
-                                            retry=Retry(NoBackoff(), 0))
-        self._skip_until = 0.0
-        self.errors = 0
-
-    @property
-    def available(self) -> bool:
-        return time.monotonic() >= self._skip_until
+        super().__init__(url, name="semantic cache")
 
     async def append(self, key: str, vector: np.ndarray, answer: CachedAnswer, *, stored_at: float, ttl_s: float,
                      max_entries: int) -> str | None:
@@ -280,19 +266,6 @@ class SemanticRedis:
         except Exception as exc:
             self._failed("flush", exc)
         return deleted
-
-    async def close(self) -> None:
-        try:
-            await self._client.aclose()
-        except Exception as exc:  # a Redis that is gone must not fail the stop
-            log.debug("closing the semantic cache's Redis client: %s", exc)
-
-    def _failed(self, what: str, exc: Exception) -> None:
-        self.errors += 1
-        if self.available:
-            log.warning("semantic cache: Redis %s failed (%s: %s); serving without it for %.0f s",
-                        what, type(exc).__name__, exc, REDIS_RETRY_AFTER_S)
-        self._skip_until = time.monotonic() + REDIS_RETRY_AFTER_S
 
 
 @dataclass(frozen=True)
