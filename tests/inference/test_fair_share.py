@@ -60,33 +60,31 @@ async def holder(queue: AdmissionQueue, tenant: str = "holder") -> Slot:
     return await queue.admit(priority="normal", tier="standard", tenant=tenant)
 
 
-def test_the_least_served_backlogged_tenant_goes_first_even_when_it_arrived_last() -> None:
+def order_served(*groups: tuple[str, dict[str, Any]], **queue_options: Any) -> list[str]:
+    """The order in which one slot serves ``groups`` of requests (tenant, ``Served.enqueue``'s
+    options), all queued while the slot is held, on a queue made with ``queue_options``."""
+
     async def scenario() -> list[str]:
-        queue = AdmissionQueue(capacity=1, max_depth=20, max_wait_s=5)
+        queue = AdmissionQueue(capacity=1, max_depth=30, max_wait_s=5, **queue_options)
         held = await holder(queue)
         served = Served(queue)
-        await served.enqueue("flood", count=4)
-        await served.enqueue("light")
+        for tenant, options in groups:
+            await served.enqueue(tenant, **options)
         held.release()
         return await served.finish()
 
-    order = run(scenario())
+    return run(scenario())
+
+
+def test_the_least_served_backlogged_tenant_goes_first_even_when_it_arrived_last() -> None:
+    order = order_served(("flood", {"count": 4}), ("light", {}))
     # Lifted to the flooder's counter on arrival, the light tenant is served as soon as the
     # flooder has been charged for one request, not after all four.
     assert order.index("light") == 1
 
 
 def test_first_come_first_served_when_fair_share_is_off() -> None:
-    async def scenario() -> list[str]:
-        queue = AdmissionQueue(capacity=1, max_depth=20, max_wait_s=5, fair=False)
-        held = await holder(queue)
-        served = Served(queue)
-        await served.enqueue("flood", count=4)
-        await served.enqueue("light")
-        held.release()
-        return await served.finish()
-
-    assert run(scenario()) == ["flood", "flood", "flood", "flood", "light"]
+    assert order_served(("flood", {"count": 4}), ("light", {}), fair=False) == ["flood"] * 4 + ["light"]
 
 
 def test_a_newly_active_tenant_is_lifted_to_the_backlogged_minimum_so_idle_time_banks_no_credit() -> None:
@@ -125,57 +123,27 @@ def test_a_tenant_that_was_backlogged_keeps_its_counter_when_it_arrives_again() 
 
 
 def test_tier_weights_give_a_premium_tenant_twice_a_standard_tenants_service() -> None:
-    async def scenario() -> list[str]:
-        queue = AdmissionQueue(capacity=1, max_depth=30, max_wait_s=5)
-        held = await holder(queue)
-        served = Served(queue)
-        await served.enqueue("standard-co", tier="standard", count=8)
-        await served.enqueue("premium-co", tier="premium", count=8)
-        held.release()
-        return await served.finish()
-
-    first_nine = run(scenario())[:9]
+    first_nine = order_served(("standard-co", {"tier": "standard", "count": 8}),
+                              ("premium-co", {"tier": "premium", "count": 8}))[:9]
     assert first_nine.count("premium-co") == 6 and first_nine.count("standard-co") == 3
 
 
 def test_configured_tier_weights_replace_the_defaults() -> None:
-    async def scenario() -> list[str]:
-        queue = AdmissionQueue(capacity=1, max_depth=30, max_wait_s=5, tier_weights={"free": 1, "standard": 3})
-        held = await holder(queue)
-        served = Served(queue)
-        await served.enqueue("free-co", tier="free", count=8)
-        await served.enqueue("standard-co", tier="standard", count=8)
-        held.release()
-        return await served.finish()
-
-    first_eight = run(scenario())[:8]
+    first_eight = order_served(("free-co", {"tier": "free", "count": 8}),
+                               ("standard-co", {"tier": "standard", "count": 8}),
+                               tier_weights={"free": 1, "standard": 3})[:8]
     assert first_eight.count("standard-co") == 6 and first_eight.count("free-co") == 2
 
 
 def test_with_fair_by_feature_a_tenants_features_share_its_turns() -> None:
-    async def scenario() -> list[str]:
-        queue = AdmissionQueue(capacity=1, max_depth=30, max_wait_s=5, fair_by_feature=True)
-        held = await holder(queue)
-        served = Served(queue)
-        await served.enqueue("acme", feature="batch", count=4)
-        await served.enqueue("acme", feature="chat", count=2)
-        held.release()
-        return await served.finish()
-
-    assert run(scenario())[:4] == ["acme/batch", "acme/chat", "acme/batch", "acme/chat"]
+    order = order_served(("acme", {"feature": "batch", "count": 4}), ("acme", {"feature": "chat", "count": 2}),
+                         fair_by_feature=True)
+    assert order[:4] == ["acme/batch", "acme/chat", "acme/batch", "acme/chat"]
 
 
 def test_without_fair_by_feature_a_tenants_requests_go_in_arrival_order() -> None:
-    async def scenario() -> list[str]:
-        queue = AdmissionQueue(capacity=1, max_depth=30, max_wait_s=5)
-        held = await holder(queue)
-        served = Served(queue)
-        await served.enqueue("acme", feature="batch", count=3)
-        await served.enqueue("acme", feature="chat", count=1)
-        held.release()
-        return await served.finish()
-
-    assert run(scenario()) == ["acme/batch", "acme/batch", "acme/batch", "acme/chat"]
+    order = order_served(("acme", {"feature": "batch", "count": 3}), ("acme", {"feature": "chat"}))
+    assert order == ["acme/batch", "acme/batch", "acme/batch", "acme/chat"]
 
 
 def test_a_full_queue_sheds_the_heaviest_tenants_newest_request_not_the_newcomer() -> None:
