@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from inference.engine.llama_forward import model_forward
+
 log = logging.getLogger(__name__)
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -134,20 +136,22 @@ def decode_score(model: PreTrainedModel) -> float:
 
 
 def decode_tokens_per_s(model: PreTrainedModel, batch: int = 1) -> float:
-    """Decode tokens/s of ``model`` on its device at ``batch`` sequences: the best of a few short rounds."""
+    """Decode tokens/s of ``model`` on its device at ``batch`` sequences, through the forward pass the
+    engine would use (``model_forward``): the best of a few short rounds."""
     vocab = int(model.config.get_text_config().vocab_size)
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (batch, PROBE_PROMPT_TOKENS), generator=generator)
+    forward = model_forward(model, model.device)
     best = 0.0
     with torch.inference_mode():
         for _ in range(PROBE_ROUNDS):
             cache = DynamicCache(config=model.config)
-            out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            token = out.logits[:, -1:].argmax(dim=-1)
+            mask = torch.ones_like(prompt)
+            token = forward(prompt, mask, torch.arange(PROBE_PROMPT_TOKENS).expand(batch, -1), cache).argmax(-1)
             started = time.perf_counter()
             for _ in range(PROBE_STEPS):
-                out = model(input_ids=token, past_key_values=cache, use_cache=True)
-                token = out.logits[:, -1:].argmax(dim=-1)
+                mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=-1)
+                token = forward(token[:, None], mask, mask.sum(-1, keepdim=True) - 1, cache).argmax(-1)
             best = max(best, batch * PROBE_STEPS / (time.perf_counter() - started))
     return best
 
