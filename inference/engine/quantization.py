@@ -38,12 +38,13 @@ INT4_GROUP = 32
 # only in whole blocks.
 INT4_PACK_BLOCK = 64
 # Rows up to which the 4-bit kernel beats the dense weights: it reads a quarter of bf16's bytes, but
-# its cost grows with the rows where a dense product's barely does (on a 2-core AMD EPYC, a 3072x576
-# layer took 0.38 ms in 4 bits against 0.51 in bf16 at 16 rows, 1.37 against 0.82 at 32). Wider
-# inputs (prefill, wide decode batches) use the dense weights, which ``--quantization int4`` keeps.
-INT4_MAX_ROWS = 16
-# The same for the int8 output layer: SmolLM2's (49152 x 576) took 2.8 ms in int8 against 3.8 in bf16
-# at 4 rows, 5.7 against 4.5 at 8, 23.4 against 7.6 at 32.
+# its cost grows with the rows where a dense product's barely does (on a quiet 2-core AMD EPYC, a
+# 3072x576 layer took 0.09 ms in 4 bits against 0.35 in bf16 at 1 row, 0.28 against 0.46 at 8, 0.60
+# against 0.48 at 16, 0.79 against 0.54 at 32). Wider inputs (prefill, wide decode batches) use the
+# dense weights, which ``--quantization int4`` keeps.
+INT4_MAX_ROWS = 8
+# The same for the int8 output layer: SmolLM2's (49152 x 576) took 2.3 ms in int8 against 4.6 in bf16
+# at 1 row, 3.1 against 4.2 at 4, 6.0 against 5.4 at 8, 23.6 against 8.6 at 32.
 INT8_MAX_ROWS = 4
 
 
