@@ -236,8 +236,10 @@ class Engine:
     # -- the loop ------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        pin_torch_threads(self.torch_threads)
-        self._pinned.set()
+        try:
+            pin_torch_threads(self.torch_threads)
+        finally:
+            self._pinned.set()  # start() waits for this: never leave it waiting
         torch.set_grad_enabled(False)
         while True:
             with self._cond:

@@ -10,11 +10,13 @@ kernel for that layout (``_weight_int4pack_mm_for_cpu``; activations in bf16 for
 output layer (tied to the embedding table in SmolLM2) goes to int8 with a scale per output
 (``_weight_int8pack_mm``): in 4 bits it agreed with fp32's greedy answers on only 87% of tokens; in
 8 bits 96.9%, as in bf16, at half bf16's bytes. A layer whose shape the kernel does not take
-(outputs not a multiple of 16, inputs not of the group) keeps its weights. On a 2-core Xeon
-SmolLM2 decoded one stream at 67 tokens/s against 35 in bf16 (served: 55.5 against 31.4); but the
-kernel is slow on many rows at once, so prefill and wide batches lose (32 streams served: 348
-tokens/s against 517, first token 1.5 s against 0.37 s): a choice for a runtime that serves few
-streams at a time (docs/BENCHMARKS.md, issue 20).
+(outputs not a multiple of 16, inputs not of the group) keeps its weights. The kernels are slow on
+many rows at once, so each layer also keeps its dense weights and multiplies inputs of more than
+``INT4_MAX_ROWS`` rows (``INT8_MAX_ROWS`` for the output layer) with them: prefill and wide batches
+run as in the model's dtype, at the cost of holding both copies (the tied output layer's dense
+weights are the embedding table, held anyway). Served on a 2-core AMD EPYC, SmolLM2 decoded one
+stream at 70-79 tokens/s against 28-30 in bf16, and 32 streams at 310 against 323-358
+(docs/BENCHMARKS.md, issue 20).
 
 Whether a method is faster than fp32/bf16 depends on the CPU's kernels: ``python -m bench
 precision_quality`` and ``python -m bench engine_vs_llamacpp`` measure quality and speed.
