@@ -268,7 +268,9 @@ def test_an_upstream_with_nothing_listening_is_a_502(gateway: LiveRuntime) -> No
 
 
 def test_admission_sheds_the_request_past_the_queue_with_503_and_retry_after(fake: FakeUpstream) -> None:
-    fake.reply(pieces=4, delay_s=0.1)  # each answer takes 0.4 s
+    # Each answer takes 2 s: the second request must be seen queued before the first ends, which took
+    # longer than 0.4 s once in CI on a loaded 2-core machine.
+    fake.reply(pieces=4, delay_s=0.5)
     config = tiny_config(models=(), upstreams=(Upstream("big", fake.url, "vendor/big-model"),),
                          upstream_max_concurrency=1, max_queue_depth=1, upstream_timeout_s=5.0)
     with serve(config) as live:
