@@ -155,17 +155,27 @@ def cache_key(*, tenant: str, model: str, body: Body, max_tokens_cap: int | None
                                    "messages": [[m.role, m.name, m.text()] for m in body.messages]}
     else:
         request = {"kind": "completion", "prompt": body.prompt_text()}
+    return identity_digest({"v": KEY_VERSION, "tenant": tenant, "model": model, "request": request,
+                            **generation_settings(body, max_tokens_cap=max_tokens_cap,
+                                                  default_max_tokens=default_max_tokens)})
+
+
+def generation_settings(body: Body, *, max_tokens_cap: int | None, default_max_tokens: int) -> dict[str, Any]:
+    """What besides the prompt decides an answer: its length and sampling. Both caches key on it."""
     asked = body.requested_max_tokens()
     if asked is not None and max_tokens_cap is not None:
         asked = min(asked, max_tokens_cap)
-    identity = {
-        "v": KEY_VERSION, "tenant": tenant, "model": model, "request": request,
+    return {
         # Without max_tokens the length is the runtime's default (or the cap): both are in the key.
         "max_tokens": asked, "cap": max_tokens_cap if asked is None else None,
         "default_max_tokens": default_max_tokens if asked is None else None,
         "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed,
         "stop": list(body.stop_sequences()), "ignore_eos": body.ignore_eos,
     }
+
+
+def identity_digest(identity: dict[str, Any]) -> str:
+    """A stable hash of ``identity`` (keys sorted, compact JSON)."""
     encoded = json.dumps(identity, separators=(",", ":"), ensure_ascii=False, sort_keys=True).encode()
     return hashlib.sha256(encoded).hexdigest()
 

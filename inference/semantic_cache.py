@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 
 from inference.backends import Outputs
-from inference.cache import CachedAnswer, answer_of, answer_recorded, cacheable
+from inference.cache import CachedAnswer, answer_of, answer_recorded, cacheable, generation_settings, identity_digest
 from inference.embedding import DIMENSIONS, Embedder, EmbedderUnavailable, EmbeddingBatcher
 from inference.engine.engine import GenerationResult
 from inference.engine.models import resolve_device
@@ -91,19 +90,11 @@ def question_of(body: Body) -> tuple[str, list[Any]] | None:
 def partition_of(*, tenant: str, model: str, feature: str, body: Body, context: list[Any],
                  max_tokens_cap: int | None, default_max_tokens: int) -> str:
     """The partition a request is compared within: all that must be identical for an answer to apply."""
-    asked = body.requested_max_tokens()
-    if asked is not None and max_tokens_cap is not None:
-        asked = min(asked, max_tokens_cap)
-    identity = {
+    return identity_digest({
         "tenant": tenant, "model": model, "feature": feature,
         "kind": "completion" if isinstance(body, CompletionRequest) else "chat", "context": context,
-        "max_tokens": asked, "cap": max_tokens_cap if asked is None else None,
-        "default_max_tokens": default_max_tokens if asked is None else None,
-        "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed,
-        "stop": list(body.stop_sequences()), "ignore_eos": body.ignore_eos,
-    }
-    encoded = json.dumps(identity, separators=(",", ":"), ensure_ascii=False, sort_keys=True).encode()
-    return hashlib.sha256(encoded).hexdigest()
+        **generation_settings(body, max_tokens_cap=max_tokens_cap, default_max_tokens=default_max_tokens),
+    })
 
 
 def _digest(value: str) -> str:

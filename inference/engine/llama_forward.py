@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, LlamaForCausalLM, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from inference.engine.quantization import INT4_GROUP, INT4_MAX_ROWS, INT8_MAX_ROWS, Int4Linear, Int8Linear
+from inference.engine.quantization import INT4_GROUP, Int4Linear, Int8Linear
 
 ModelForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache], torch.Tensor]
 """``(ids [rows, new], mask [rows, cached + new], positions [rows, new], cache)`` -> the logits of
@@ -73,20 +73,20 @@ def direct(module: torch.nn.Module) -> Projection:
     """``module`` as a call straight to its kernel where it is a quantized layer without bias, for an
     input already [tokens, in] in bf16: a module call costs as much as a small product."""
     if isinstance(module, Int4Linear) and module.bias is None:
-        packed, scales_and_zeros, dense = module.packed, module.scales_and_zeros, module.dense
+        packed, scales_and_zeros = module.packed, module.scales_and_zeros
 
         def int4(x: torch.Tensor) -> torch.Tensor:
-            if dense is not None and x.shape[0] > INT4_MAX_ROWS:
-                return dense(x)
+            if module.wide(x.shape[0]):
+                return module.dense(x)
             return torch._weight_int4pack_mm_for_cpu(x, packed, INT4_GROUP, scales_and_zeros)
 
         return int4
     if isinstance(module, Int8Linear) and module.bias is None:
-        weight, scales, kept = module.weight_int8, module.scales, module.dense
+        weight, scales = module.weight_int8, module.scales
 
         def int8(x: torch.Tensor) -> torch.Tensor:
-            if x.shape[0] > INT8_MAX_ROWS:
-                return kept(x)
+            if module.wide(x.shape[0]):
+                return module.dense(x)
             return torch._weight_int8pack_mm(x, weight, scales)
 
         return int8

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench.upstream_attribution import union_length
 from inference.gpu import GpuMonitor
 from inference.upstream_attribution import AttributedUse, InFlight, UpstreamAttribution
 from tests.inference.fake_nvml import FakeGpu, FakeNvml
@@ -64,15 +65,6 @@ def run(ledger: UpstreamAttribution, clock: Clock, counter: Counter, plan: list[
             intervals.append((began, clock.now))
     intervals += [(began, clock.now) for _, began in flying]
     return ended, [share for share, _ in flying], intervals
-
-
-def union_length(intervals: list[tuple[float, float]]) -> float:
-    total, reach = 0.0, -math.inf
-    for start, end in sorted(intervals):
-        if end > reach:
-            total += end - max(start, reach)
-            reach = end
-    return total
 
 
 @settings(max_examples=300)
