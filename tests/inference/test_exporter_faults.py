@@ -29,11 +29,12 @@ def failing(exporter: Any) -> bool:
 def test_a_full_disk_while_the_cursor_is_saved_does_not_stop_the_sender(
     make_exporter: Any, collector: Collector, disk: DiskFaults
 ) -> None:
-    exporter = make_exporter()
+    exporter = make_exporter(start=False)  # all five queued first, so the sender takes them as one batch
     before = [make_event() for _ in range(5)]
     disk.fail("replace", errno.ENOSPC, "cursor.json")
     for event in before:
         exporter.record_event(event)
+    exporter.start()
 
     assert wait_until(lambda: failing(exporter))
     assert collector.event_order == ids(before), "the collector has them; the cursor could not move"
@@ -48,7 +49,8 @@ def test_a_full_disk_while_the_cursor_is_saved_does_not_stop_the_sender(
 
     assert exporter.flush(timeout=5)
     assert collector.event_order == ids(before + after)
-    assert len(collector.bodies) == len(collector.accepted_bodies) == 2, "a batch taken is never posted again"
+    assert collector.duplicates == 0, "a batch taken is never posted again"
+    assert len(collector.bodies) == len(collector.accepted_bodies)
     assert exporter.problems() == []
 
 
