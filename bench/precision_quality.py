@@ -2,10 +2,13 @@
 
 fp32 is the reference: it generates ``--new-tokens`` greedy tokens for each prompt in
 ``QUALITY_PROMPTS`` (chat-formatted). Each candidate precision then reads the same prompt plus that
-continuation in one forward pass (teacher forcing) and is scored by
+continuation the way the engine serves it, through the engine's forward (``model_forward``): the
+prompt prefilled in one call, then the continuation fed back one token per decode step (teacher
+forcing), so that the decode path a precision ships with (under ``--quantization int4``, the 4-bit
+kernels; prefill runs on the dense weights) is the one scored. It is scored by
 
 - greedy agreement: the share of continuation positions where its top-1 token is fp32's token;
-- perplexity: over the prompt and continuation tokens, as a ratio to fp32's on the same tokens.
+- perplexity: over the continuation tokens, as a ratio to fp32's on the same tokens.
 
 Teacher forcing scores every position on the same context, so one early divergence does not count
 as thirty. A candidate passes when agreement >= ``MIN_AGREEMENT`` and the perplexity ratio <=
@@ -24,10 +27,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
 from bench.report import print_table, progress
 from bench.servers import MODEL_CACHE_DIR
+from inference.engine.llama_forward import ModelForward, model_forward
 from inference.engine.models import LoadedModel, load_model
 
 MIN_AGREEMENT = 0.90
@@ -104,21 +109,31 @@ def reference_samples(
     return samples
 
 
+def served_logits(forward: ModelForward, config: PretrainedConfig, sample: Sample) -> torch.Tensor:
+    """The logits predicting each continuation token, [continuation, vocab]: the prompt prefilled,
+    then each continuation token but the last decoded, as the engine does for one stream."""
+    cache = DynamicCache(config=config)
+    prompt = torch.tensor([sample.ids[:sample.prompt_len]])
+    logits = [forward(prompt, torch.ones_like(prompt), torch.arange(sample.prompt_len)[None], cache)]
+    for position in range(sample.prompt_len, len(sample.ids) - 1):
+        token = torch.tensor([[sample.ids[position]]])
+        logits.append(forward(token, torch.ones(1, position + 1, dtype=torch.long), torch.tensor([[position]]), cache))
+    return torch.cat(logits).float()
+
+
 def score(loaded: LoadedModel, samples: Sequence[Sample]) -> tuple[float, float]:
-    """(greedy agreement with the samples' continuations, perplexity over all their tokens)."""
+    """(greedy agreement with the samples' continuations, perplexity over the continuations)."""
+    forward = model_forward(loaded.model, loaded.model.device)
     agree = positions = 0
-    nll, counted = 0.0, 0
+    nll = 0.0
     with torch.inference_mode():
         for sample in samples:
-            ids = torch.tensor([sample.ids])
-            logits = loaded.model(input_ids=ids).logits[0, :-1].float()
-            targets = ids[0, 1:]
+            logits = served_logits(forward, loaded.model.config, sample)
+            targets = torch.tensor(sample.ids[sample.prompt_len:])
             nll += float(F.cross_entropy(logits, targets, reduction="sum"))
-            counted += targets.numel()
-            tail = slice(sample.prompt_len - 1, None)  # the positions that predict the continuation
-            agree += int((logits[tail].argmax(dim=-1) == targets[tail]).sum())
-            positions += targets[tail].numel()
-    return agree / positions, math.exp(nll / counted)
+            agree += int((logits.argmax(dim=-1) == targets).sum())
+            positions += targets.numel()
+    return agree / positions, math.exp(nll / positions)
 
 
 def measure(model: str, variants: Sequence[str], new_tokens: int,

@@ -18,9 +18,11 @@ step took 20 ms through transformers' forward, of which the products were about 
 - 4-bit query/key/value projections are one kernel call, and so are gate/up
   (``Int4Linear.stacked``), called straight, not through their modules; inputs of more rows than
   the 4-bit kernel handles well (prefill, wide batches) go through the dense weights instead;
-- keys and values are written into buffers with room to grow (``_append``) instead of being
+- keys and values are written into buffers with room to grow (``kv_buffers``) instead of being
   concatenated, which copied the whole cache every step (16 rows at 400 tokens: 73 ms a step
-  against 97).
+  against 97);
+- under ``--quantization int4``, a decode step of up to ``q4_decode.MAX_ROWS`` rows is one call to a
+  compiled kernel (``q4_decode``) where the machine has a C compiler.
 
 Prefill (many tokens per row) uses PyTorch's scaled-dot-product attention with a boolean mask, and
 every other layer goes through the model's own modules, so quantized layers (``--quantization``)
@@ -35,8 +37,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, LlamaForCausalLM, PreTrainedModel
-from transformers.cache_utils import DynamicLayer
 
+from inference.engine import q4_decode
+from inference.engine.kv_buffers import append
 from inference.engine.quantization import INT4_GROUP, Int4Linear, Int8Linear
 
 ModelForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache], torch.Tensor]
@@ -61,8 +64,6 @@ def model_forward(model: PreTrainedModel, device: torch.device) -> ModelForward:
 
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
-# Positions a layer's key/value buffer grows by beyond what it holds (at least; half again when longer).
-KV_HEADROOM = 64
 
 
 def _module(module: torch.nn.Module) -> Projection:
@@ -128,7 +129,8 @@ class _Layer:
 class LlamaForward:
     """``ModelForward`` for a ``LlamaForCausalLM``: see the module's docstring."""
 
-    def __init__(self, model: LlamaForCausalLM) -> None:
+    def __init__(self, model: LlamaForCausalLM, *, compiled: bool = True) -> None:
+        """``compiled=False`` keeps PyTorch's kernels for every step (the compiled step's reference)."""
         config = model.config
         inner = model.model
         self.heads = config.num_attention_heads
@@ -146,6 +148,8 @@ class LlamaForward:
         # rotate_half(x) = cat(-x2, x1) = roll(x, d/2) * sign: the sign goes into the sine once a step.
         half = self.head_dim // 2
         self.rotation_sign = torch.cat([-torch.ones(half), torch.ones(self.head_dim - half)])
+        self.compiled = q4_decode.build(model) if compiled else None
+        self.compiled_rows = q4_decode.MAX_ROWS
 
     @staticmethod
     def fits(model: PreTrainedModel, device: torch.device) -> bool:
@@ -160,6 +164,9 @@ class LlamaForward:
         tokens, heads, kv_heads, d = rows * new, self.heads, self.kv_heads, self.head_dim
         x = self.embed(ids).reshape(tokens, -1).float()  # the residual stream, [tokens, hidden]
         cos, sin = self.rotary(x, positions)  # [rows, new, d]
+        if new == 1 and self.compiled is not None and rows <= self.compiled_rows:
+            return self.compiled.step(x.contiguous(), cos.reshape(rows, d).float().contiguous(),
+                                      sin.reshape(rows, d).float().contiguous(), mask, cache)
         cos = cos.reshape(tokens, 1, d)
         sin = (sin * self.rotation_sign.to(sin.device)).reshape(tokens, 1, d)
         allowed = _allowed(mask, new)
@@ -170,7 +177,7 @@ class LlamaForward:
             qk = qk * cos + qk.roll(d // 2, dims=-1) * sin
             k = qk[:, heads:].view(rows, new, kv_heads, d).transpose(1, 2)
             v = v.float().view(rows, new, kv_heads, d).transpose(1, 2)
-            keys, values = _append(cache.layers[index], k, v)
+            keys, values = append(cache.layers[index], k, v)
             attended = self._attend(qk[:, :heads], keys, values, allowed, rows, new)
             x.add_(layer.o(attended.to(self.dtype)))
             gate, up = layer.project_gate_up(self._norm(x, layer.post_norm))
@@ -198,38 +205,6 @@ class LlamaForward:
             out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed, scale=self.scaling,
                                                  enable_gqa=True).transpose(1, 2)
         return out.reshape(rows * new, heads * d)
-
-
-def _append(layer: DynamicLayer, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Add ``k``, ``v`` ([rows, kv heads, new, d]) to ``layer``; return its keys and values.
-
-    ``DynamicLayer.update`` concatenates, copying the whole cache every step: at 32 rows that copy
-    took a quarter of a decode step. Here the keys and values are views of buffers with room to
-    grow, so a step writes only its own column. ``KVBatch`` may replace them with tensors of its
-    own (rows selected, batches joined): those have no room, and get a buffer again here."""
-    if not layer.is_initialized:
-        layer.lazy_initialization(k, v)
-    keys, values = layer.keys, layer.values
-    length, new = keys.shape[-2] if keys.numel() else 0, k.shape[-2]
-    buffers = getattr(layer, "wattson_buffers", None)
-    if buffers is None or length == 0 or not _is_prefix(keys, buffers[0]) or not _is_prefix(values, buffers[1]) \
-            or buffers[0].shape[:2] != k.shape[:2] or buffers[0].shape[-2] < length + new:
-        capacity = length + new + max(KV_HEADROOM, (length + new) // 2)
-        buffers = tuple(k.new_empty((*k.shape[:2], capacity, k.shape[-1])) for _ in range(2))
-        if length:
-            buffers[0][:, :, :length].copy_(keys)
-            buffers[1][:, :, :length].copy_(values)
-        layer.wattson_buffers = buffers
-    buffers[0][:, :, length:length + new].copy_(k)
-    buffers[1][:, :, length:length + new].copy_(v)
-    layer.keys, layer.values = buffers[0][:, :, :length + new], buffers[1][:, :, :length + new]
-    return layer.keys, layer.values
-
-
-def _is_prefix(view: torch.Tensor, buffer: torch.Tensor) -> bool:
-    """Whether ``view`` is ``buffer[:, :, :n]`` for some n (what ``_append`` leaves in a layer)."""
-    return (view.data_ptr() == buffer.data_ptr() and view.stride() == buffer.stride()
-            and view.shape[:2] == buffer.shape[:2])
 
 
 def _allowed(mask: torch.Tensor, new: int) -> torch.Tensor | None:

@@ -35,7 +35,7 @@ def padded_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def run_both(loaded: LoadedModel, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each step's logits from both forwards, fed the same tokens (the reference's argmax)."""
     model = loaded.model
-    ours, theirs = LlamaForward(model), hf_forward(model)
+    ours, theirs = LlamaForward(model, compiled=False), hf_forward(model)  # q4_decode: its own tests
     ids, mask, positions = padded_batch(model.config.vocab_size)
     our_cache, their_cache = DynamicCache(config=model.config), DynamicCache(config=model.config)
     results = []

@@ -1,4 +1,5 @@
-"""bf16 and int8 weights stay within the documented quality bound of fp32 on SmolLM2 (real weights)."""
+"""bf16, int8 and int4 weights stay within the documented quality bound of fp32 on SmolLM2 (real weights),
+scored through the engine's own prefill and decode steps."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from inference.engine.models import LoadedModel
 
 
 @pytest.mark.real_model
-def test_bf16_and_int8_agree_with_fp32_within_the_documented_bound(smollm2: LoadedModel) -> None:
+def test_bf16_int8_and_int4_agree_with_fp32_within_the_documented_bound(smollm2: LoadedModel) -> None:
     # The fixture skips (or, under `make test`, fails) where SmolLM2 is not prepared; measure() loads
     # each precision itself, from the same cache.
-    results = {r.variant: r for r in measure("smollm2", ["bfloat16", "int8"], new_tokens=16)}
+    results = {r.variant: r for r in measure("smollm2", ["bfloat16", "int8", "int4"], new_tokens=16)}
     assert len(QUALITY_PROMPTS) >= 12
-    for variant in ("bfloat16", "int8"):
+    for variant in ("bfloat16", "int8", "int4"):
         quality = results[variant]
         assert quality.agreement >= MIN_AGREEMENT, f"{variant}: greedy agreement {quality.agreement:.1%}"
         ratio = quality.perplexity_ratio

@@ -1,0 +1,283 @@
+"""A compiled decode step for Llama models under ``--quantization int4`` on the CPU (issue 20).
+
+At one stream a decode step of SmolLM2 in PyTorch is about 900 small kernel calls around 240 products;
+on a 2-core CPU what surrounds the products cost as much as the products themselves, and PyTorch's
+4-bit kernel multiplies a bf16 input. ``q4_decode.c`` does the whole step (every layer, the output
+layer) in one call and one OpenMP parallel region, with the inputs of each product quantized to int8
+per group of 32 so that AVX-512 VNNI multiplies 64 weights by 64 inputs in one instruction (the Q4_1 ×
+Q8_1 scheme llama.cpp uses); everything else (residual stream, norms, rotary embedding, attention, the
+key/value cache) stays float32, in the same cache buffers ``LlamaForward`` uses, so a step can go
+either way.
+
+The weights are the 4-bit ones ``--quantization int4`` makes (groups of 32 inputs, a scale and an
+offset each), repacked for the kernel, and the int8 output layer's. The source is compiled on first
+use with the machine's C compiler (``$CC``, else ``cc``; ``-O3 -march=native -fopenmp``) into a cache
+directory (``WATTSON_KERNEL_DIR``, else ``~/.cache/wattson/kernels``) under a name that hashes the
+source, the compiler and the CPU, so a copy built for another CPU is never loaded. Where there is no
+compiler or the build fails, ``library()`` says why and ``LlamaForward`` keeps PyTorch's kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, LlamaForCausalLM
+
+from inference.engine.kv_buffers import reserve
+from inference.engine.quantization import Int4Linear, Int8Linear
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("q4_decode.c")
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC")
+# Output rows a product computes together (one per lane of a 512-bit register), and inputs per
+# quantization group.
+TILE = 16
+GROUP = 32
+# Rows one call to the kernel decodes (its MAX_ROWS); a wider step is several calls, each reading
+# the weights once for its rows.
+CALL_ROWS = 8
+# Rows up to which a decode step runs compiled; wider ones use the dense weights (see BENCHMARKS).
+MAX_ROWS = 32
+
+
+class _Q4(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("d", ctypes.c_void_p), ("m", ctypes.c_void_p)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("qkv", _Q4), ("o", _Q4), ("gate_up", _Q4), ("down", _Q4),
+                ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [("layers", ctypes.c_int32), ("hidden", ctypes.c_int32), ("heads", ctypes.c_int32),
+                ("kv_heads", ctypes.c_int32), ("head_dim", ctypes.c_int32), ("inter", ctypes.c_int32),
+                ("vocab", ctypes.c_int32), ("eps", ctypes.c_float), ("scaling", ctypes.c_float),
+                ("layer", ctypes.POINTER(_Layer)), ("final_norm", ctypes.c_void_p),
+                ("head_w", ctypes.c_void_p), ("head_s", ctypes.c_void_p)]
+
+
+class KernelUnavailable(RuntimeError):
+    """The compiled step cannot be used here; the message says why."""
+
+
+def kernel_dir() -> Path:
+    configured = os.environ.get("WATTSON_KERNEL_DIR")
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wattson" / "kernels"
+
+
+def _cpu_signature() -> str:
+    """The CPU's model name and feature flags (what ``-march=native`` compiles for)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return os.uname().machine
+    wanted = [line for line in lines if line.startswith(("model name", "flags"))]
+    return "\n".join(dict.fromkeys(wanted))
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """The compiled kernel, built on first use; raises ``KernelUnavailable`` with the reason."""
+    compiler = os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        raise KernelUnavailable(f"no C compiler ({compiler}) on PATH")
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise KernelUnavailable(f"{compiler} --version failed: {exc}") from exc
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(),
+                                     _cpu_signature().encode()])).hexdigest()[:16]
+    target = kernel_dir() / f"q4_decode-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Built beside the target and renamed over it: processes starting together never load half a file.
+        handle, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
+        os.close(handle)
+        try:
+            built = subprocess.run([compiler, *FLAGS, "-o", partial, str(SOURCE), "-lm"],
+                                   capture_output=True, text=True, timeout=300)
+            if built.returncode != 0:
+                raise KernelUnavailable(f"{compiler} could not build {SOURCE.name}: {built.stderr.strip()[-500:]}")
+            os.replace(partial, target)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise KernelUnavailable(f"building {SOURCE.name} failed: {exc}") from exc
+        finally:
+            Path(partial).unlink(missing_ok=True)
+        logger.info("compiled %s into %s", SOURCE.name, target)
+    lib = ctypes.CDLL(str(target))
+    lib.q4_decode_isa.restype = ctypes.c_char_p
+    lib.q4_decode_step.restype = ctypes.c_int
+    lib.q4_decode_step.argtypes = [
+        ctypes.POINTER(_Model), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_int,
+    ]
+    return lib
+
+
+def pack_q4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``weight`` [out, in] in the kernel's 4-bit layout (see ``q4_decode.c``): the nibbles
+    [out/16, in/32, 4, 16, 4] uint8, and each group's scale and offset as fp16 bits [out/16, in/32, 16]
+    int16. Each group of 32 inputs maps its minimum to 0 and its maximum to 15, as ``quantize_int4``
+    does for PyTorch's kernel."""
+    out_features, in_features = weight.shape
+    tiles, groups = out_features // TILE, in_features // GROUP
+    values = weight.detach().float().reshape(out_features, groups, GROUP)
+    low = values.amin(dim=-1, keepdim=True).to(torch.float16)
+    scale = ((values.amax(dim=-1, keepdim=True) - low.float()) / 15).clamp(min=1e-7).to(torch.float16)
+    q = ((values - low.float()) / scale.float()).round().clamp(0, 15).to(torch.uint8)
+    # [tiles, 16 rows, groups, 2 halves, 4 vectors, 4 inputs] -> [tiles, groups, halves, vectors, rows, inputs]
+    q = q.reshape(tiles, TILE, groups, 2, 4, 4).permute(0, 2, 3, 4, 1, 5)
+    nibbles = (q[:, :, 0] | (q[:, :, 1] << 4)).contiguous()
+
+    def per_tile(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(tiles, TILE, groups).transpose(1, 2).contiguous().view(torch.int16)
+
+    return nibbles, per_tile(scale), per_tile(low)
+
+
+def pack_head(weight_int8: torch.Tensor) -> torch.Tensor:
+    """The int8 output layer [vocab, hidden] as the kernel reads it: uint8 (w + 128) in
+    [vocab/16, hidden/32, 8, 16, 4]."""
+    out_features, in_features = weight_int8.shape
+    shifted = (weight_int8.to(torch.int16) + 128).to(torch.uint8)
+    return shifted.reshape(out_features // TILE, TILE, in_features // GROUP, 8, 4).permute(0, 2, 3, 1, 4).contiguous()
+
+
+def _dense_weight(module: torch.nn.Module) -> torch.Tensor:
+    linear = module.dense if isinstance(module, Int4Linear) else module
+    return linear.weight
+
+
+class Q4Decode:
+    """The compiled decode step over one int4 ``LlamaForCausalLM``'s weights (repacked at build)."""
+
+    def __init__(self, model: LlamaForCausalLM, lib: ctypes.CDLL) -> None:
+        config, inner = model.config, model.model
+        attn = inner.layers[0].self_attn
+        self.lib = lib
+        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, attn.head_dim
+        self.hidden, self.inter, self.vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+        self._keep: list[torch.Tensor] = []  # every tensor the C structs point into
+        layers = (_Layer * len(inner.layers))()
+        for index, layer in enumerate(inner.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            layers[index] = _Layer(
+                qkv=self._q4(torch.cat([_dense_weight(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)])),
+                o=self._q4(_dense_weight(attn.o_proj)),
+                gate_up=self._q4(torch.cat([_dense_weight(mlp.gate_proj), _dense_weight(mlp.up_proj)])),
+                down=self._q4(_dense_weight(mlp.down_proj)),
+                input_norm=self._floats(layer.input_layernorm.weight),
+                post_norm=self._floats(layer.post_attention_layernorm.weight),
+            )
+        head = model.lm_head
+        if isinstance(head, Int8Linear):
+            weight_int8, scales = head.weight_int8, head.scales.float()
+        else:
+            dense = head.weight.detach().float()
+            scales = (dense.abs().amax(dim=1) / 127).clamp(min=1e-8)
+            weight_int8 = (dense / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+        self._layers = layers
+        self.model = _Model(
+            layers=len(inner.layers), hidden=self.hidden, heads=self.heads, kv_heads=self.kv_heads,
+            head_dim=self.head_dim, inter=self.inter, vocab=self.vocab, eps=config.rms_norm_eps,
+            scaling=attn.scaling, layer=layers, final_norm=self._floats(inner.norm.weight),
+            head_w=self._pin(pack_head(weight_int8)),
+            head_s=self._floats(scales),
+        )
+        self.isa = lib.q4_decode_isa().decode()
+
+    @staticmethod
+    def fits(model: torch.nn.Module) -> str | None:
+        """Why ``model`` cannot take the compiled step, or None when it can."""
+        if not isinstance(model, LlamaForCausalLM):
+            return "not a Llama model"
+        config, inner = model.config, model.model
+        head_dim = inner.layers[0].self_attn.head_dim
+        if getattr(config, "hidden_act", None) != "silu" or getattr(config, "pretraining_tp", 1) != 1:
+            return "not a plain SiLU Llama"
+        inputs = (config.hidden_size, config.intermediate_size, config.num_attention_heads * head_dim)
+        outputs = ((config.num_attention_heads + 2 * config.num_key_value_heads) * head_dim, config.hidden_size,
+                   2 * config.intermediate_size, config.vocab_size)
+        if any(width % GROUP for width in inputs) or any(width % TILE for width in outputs):
+            return f"inputs not a multiple of {GROUP} ({inputs}) or outputs not of {TILE} ({outputs})"
+        for layer in inner.layers:
+            modules = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                       layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
+            if not all(isinstance(m, Int4Linear) and m.dense is not None and m.bias is None for m in modules):
+                return "not every layer in 4 bits (--quantization int4) without bias"
+        if model.lm_head.bias is not None:
+            return "an output layer with a bias"
+        return None
+
+    def _pin(self, tensor: torch.Tensor) -> int:
+        tensor = tensor.contiguous()
+        self._keep.append(tensor)
+        return tensor.data_ptr()
+
+    def _floats(self, tensor: torch.Tensor) -> int:
+        return self._pin(tensor.detach().float())
+
+    def _q4(self, weight: torch.Tensor) -> _Q4:
+        nibbles, scale, offset = pack_q4(weight)
+        return _Q4(w=self._pin(nibbles), d=self._pin(scale), m=self._pin(offset))
+
+    def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+             cache: DynamicCache) -> torch.Tensor:
+        """One new token per row: ``x`` [rows, hidden] float32 embeddings (overwritten), ``cos``/``sin``
+        [rows, head_dim] float32, ``mask`` [rows, length + 1] (1 real, 0 padding); the cache grows by
+        one position. Returns the logits [rows, vocab] float32."""
+        rows = x.shape[0]
+        shape = (rows, self.kv_heads, 1, self.head_dim)
+        layers = len(self._layers)
+        buffers = []
+        length = 0
+        for index in range(layers):
+            pair, length = reserve(cache.layers[index], shape, torch.float32, x.device)
+            buffers.append(pair)
+        capacities = (ctypes.c_int32 * layers)(*(pair[0].shape[-2] for pair in buffers))
+        real = None if bool(mask.all()) else mask.to(torch.uint8).contiguous()
+        logits = torch.empty(rows, self.vocab, dtype=torch.float32)
+        threads = torch.get_num_threads()
+        for start in range(0, rows, CALL_ROWS):
+            count = min(CALL_ROWS, rows - start)
+            keys = (ctypes.c_void_p * layers)(*(pair[0][start].data_ptr() for pair in buffers))
+            values = (ctypes.c_void_p * layers)(*(pair[1][start].data_ptr() for pair in buffers))
+            status = self.lib.q4_decode_step(
+                ctypes.byref(self.model), count, x[start].data_ptr(), cos[start].data_ptr(), sin[start].data_ptr(),
+                keys, values, capacities, length, None if real is None else real[start].data_ptr(),
+                logits[start].data_ptr(), threads)
+            if status == -1:
+                raise MemoryError("the compiled decode step could not allocate its working memory")
+            if status != 0:
+                raise RuntimeError(f"the compiled decode step refused {count} rows (status {status})")
+        return logits
+
+
+def build(model: torch.nn.Module) -> Q4Decode | None:
+    """The compiled step for ``model``, or None (logged) where it does not apply or cannot be built."""
+    reason = Q4Decode.fits(model)
+    if reason is not None:
+        return None
+    try:
+        lib = library()
+    except KernelUnavailable as exc:
+        logger.warning("--quantization int4: PyTorch's 4-bit kernels, not the compiled step: %s", exc)
+        return None
+    step = Q4Decode(model, lib)
+    logger.info("--quantization int4: decode steps run compiled (%s)", step.isa)
+    return step

@@ -1,0 +1,157 @@
+"""The compiled 4-bit decode step (``q4_decode``) gives PyTorch's 4-bit step's logits within int8
+activation rounding, on the engine's cache layout: left padding, a cache prefilled by PyTorch, steps
+wider than one kernel call, and a cache handed back and forth between the two paths. Where no compiler
+is found, ``--quantization int4`` keeps PyTorch's kernels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DynamicCache, PretrainedConfig
+
+from inference.engine import q4_decode, quantization
+from inference.engine.llama_forward import LlamaForward
+from inference.engine.models import LoadedModel, load_model
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def int4(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    return load_model("tiny-random", device=CPU, cache_dir=tmp_path_factory.mktemp("models"), max_model_len=256,
+                      dtype="bfloat16", quantization="int4")
+
+
+@pytest.fixture(scope="module")
+def compiled(int4: LoadedModel) -> LlamaForward:
+    forward = LlamaForward(int4.model)
+    if forward.compiled is None:
+        pytest.fail("the kernel did not build: this machine has a C compiler (the runtime's image does too)")
+    return forward
+
+
+def padded(vocab: int, rows: int, width: int = 12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``rows`` prompts left-padded to ``width``, row r with r % 5 padding tokens."""
+    ids = torch.randint(0, vocab, (rows, width), generator=torch.Generator().manual_seed(rows))
+    mask = torch.ones(rows, width, dtype=torch.long)
+    for row in range(rows):
+        mask[row, : row % 5] = 0
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def decode(forwards: list[LlamaForward], config: PretrainedConfig, rows: int, steps: int) -> list[list[torch.Tensor]]:
+    """Each forward's logits per step (the prefill first) over its own cache, all fed the last
+    forward's greedy tokens."""
+    ids, mask, positions = padded(config.vocab_size, rows)
+    caches = [DynamicCache(config=config) for _ in forwards]
+    results: list[list[torch.Tensor]] = []
+    with torch.inference_mode():
+        for _ in range(steps + 1):
+            step = [forward(ids, mask, positions, cache) for forward, cache in zip(forwards, caches, strict=True)]
+            results.append(step)
+            ids = step[-1].argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones(rows, 1, dtype=torch.long)], dim=-1)
+            positions = mask.sum(-1, keepdim=True) - 1
+    return results
+
+
+def assert_near(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Within what int8 inputs to the products move the logits (measured: under 2% of their range)."""
+    scale = expected.abs().amax(dim=-1, keepdim=True)
+    assert ((got - expected).abs() / scale).max() < 0.05
+    assert torch.nn.functional.cosine_similarity(got, expected, dim=-1).min() > 0.999
+
+
+@pytest.mark.parametrize("rows", [1, 3, q4_decode.CALL_ROWS + 3])
+def test_the_compiled_step_gives_pytorchs_logits_on_a_padded_batch(
+    int4: LoadedModel, compiled: LlamaForward, rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # PyTorch's path multiplies a step of more rows than these with the dense weights: keep it in 4 and 8 bits.
+    monkeypatch.setattr(quantization, "INT4_MAX_ROWS", q4_decode.MAX_ROWS)
+    monkeypatch.setattr(quantization, "INT8_MAX_ROWS", q4_decode.MAX_ROWS)
+    reference = LlamaForward(int4.model, compiled=False)
+    steps = decode([compiled, reference], int4.model.config, rows, steps=6)
+    prefill, decoded = steps[0], steps[1:]
+    torch.testing.assert_close(prefill[0], prefill[1])  # the prompt goes through PyTorch either way
+    agree = total = 0
+    for ours, theirs in decoded:
+        assert_near(ours, theirs)
+        agree += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
+        total += rows
+    assert agree / total >= 0.9
+
+
+def test_a_cache_passes_between_the_compiled_and_the_pytorch_step(int4: LoadedModel, compiled: LlamaForward) -> None:
+    """The engine switches paths when a batch grows past ``MAX_ROWS``: the keys and values either writes
+    are the other's to read."""
+    model = int4.model
+    reference = LlamaForward(model, compiled=False)
+    ids, mask, positions = padded(model.config.vocab_size, 3)
+    mixed, pure = DynamicCache(config=model.config), DynamicCache(config=model.config)
+    with torch.inference_mode():
+        token = reference(ids, mask, positions, pure).argmax(-1, keepdim=True)
+        reference(ids, mask, positions, mixed)
+        for step in range(6):
+            mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=-1)
+            positions = mask.sum(-1, keepdim=True) - 1
+            expected = reference(token, mask, positions, pure)
+            got = (compiled if step % 2 == 0 else reference)(token, mask, positions, mixed)
+            assert_near(got, expected)
+            token = expected.argmax(-1, keepdim=True)
+    for ours, theirs in zip(mixed.layers, pure.layers, strict=True):
+        assert ours.keys.shape == theirs.keys.shape
+        assert torch.nn.functional.cosine_similarity(ours.keys.flatten(), theirs.keys.flatten(), dim=0) > 0.999
+
+
+def test_packed_weights_hold_each_weight_within_half_a_step_of_its_group() -> None:
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    nibbles, scale, offset = q4_decode.pack_q4(weight)
+    assert nibbles.dtype == torch.uint8 and nibbles.numel() == weight.numel() // 2
+    # Undo the layout: [tiles, groups, vectors, rows, inputs] low nibbles are inputs 4v + j, high 16 + 4v + j.
+    low, high = nibbles & 0x0F, nibbles >> 4
+    q = torch.cat([low, high], dim=2)  # [tiles, groups, 8 (input quads), rows, 4]
+    q = q.permute(0, 3, 1, 2, 4).reshape(32, 2, 32).float()
+    d = scale.view(torch.float16).float().transpose(1, 2).reshape(32, 2, 1)
+    m = offset.view(torch.float16).float().transpose(1, 2).reshape(32, 2, 1)
+    restored = (q * d + m).reshape(32, 64)
+    assert ((restored - weight).abs() <= d.reshape(32, 2, 1).expand(32, 2, 32).reshape(32, 64) * 0.51 + 1e-3).all()
+
+
+def test_without_a_compiler_int4_keeps_pytorchs_kernels(
+    int4: LoadedModel, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("CC", "no-such-compiler")
+    monkeypatch.setenv("WATTSON_KERNEL_DIR", str(tmp_path))
+    q4_decode.library.cache_clear()
+    try:
+        forward = LlamaForward(int4.model)
+    finally:
+        q4_decode.library.cache_clear()
+    assert forward.compiled is None
+    assert "no C compiler (no-such-compiler)" in caplog.text
+    assert list(tmp_path.iterdir()) == []
+    ids, mask, positions = padded(int4.model.config.vocab_size, 2)
+    with torch.inference_mode():
+        assert torch.isfinite(forward(ids, mask, positions, DynamicCache(config=int4.model.config))).all()
+
+
+def test_the_kernel_is_built_once_into_the_cache_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("WATTSON_KERNEL_DIR", str(tmp_path))
+    q4_decode.library.cache_clear()
+    try:
+        q4_decode.library()
+        built = sorted(p.name for p in tmp_path.iterdir())
+        q4_decode.library.cache_clear()
+        q4_decode.library()
+    finally:
+        q4_decode.library.cache_clear()
+    assert len(built) == 1 and built[0].startswith("q4_decode-") and built[0].endswith(".so")
+    assert sorted(p.name for p in tmp_path.iterdir()) == built, "the second process found it built"
+
+
+def test_a_model_the_kernel_cannot_take_says_why(tmp_path: Path) -> None:
+    plain = load_model("tiny-random", device=CPU, cache_dir=tmp_path, max_model_len=256)
+    assert q4_decode.Q4Decode.fits(plain.model) == "not every layer in 4 bits (--quantization int4) without bias"
+    assert LlamaForward(plain.model).compiled is None
