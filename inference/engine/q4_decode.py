@@ -11,7 +11,8 @@ either way.
 
 The weights are the 4-bit ones ``--quantization int4`` makes (groups of 32 inputs, a scale and an
 offset each), repacked for the kernel, and the int8 output layer's. The source is compiled on first
-use with the machine's C compiler (``$CC``, else ``cc``; ``-O3 -march=native -fopenmp``) into a cache
+use with the machine's C compiler (``$CC``, else ``cc``; ``-O3 -march=native -ffast-math -fopenmp``, linked
+without ``-ffast-math`` so the process keeps its floating-point mode) into a cache
 directory (``WATTSON_KERNEL_DIR``, else ``~/.cache/wattson/kernels``) under a name that hashes the
 source, the compiler and the CPU, so a copy built for another CPU is never loaded. Where there is no
 compiler or the build fails, ``library()`` says why and ``LlamaForward`` keeps PyTorch's kernels.
@@ -38,7 +39,10 @@ from inference.engine.quantization import Int4Linear, Int8Linear
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("q4_decode.c")
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC")
+# Compiled with -ffast-math but linked without it: linked with it, the library would carry GCC's
+# crtfastmath, which at load sets the CPU to flush subnormal floats to zero for the whole process.
+COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC")
+LINK_FLAGS = ("-shared", "-fopenmp")
 # Output rows a product computes together (one per lane of a 512-bit register), and inputs per
 # quantization group.
 TILE = 16
@@ -99,7 +103,7 @@ def library() -> ctypes.CDLL:
     except (OSError, subprocess.SubprocessError) as exc:
         raise KernelUnavailable(f"{compiler} --version failed: {exc}") from exc
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(),
+    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(COMPILE_FLAGS + LINK_FLAGS).encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
     target = kernel_dir() / f"q4_decode-{key}.so"
     if not target.exists():
@@ -107,16 +111,19 @@ def library() -> ctypes.CDLL:
         # Built beside the target and renamed over it: processes starting together never load half a file.
         handle, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
         os.close(handle)
+        objects = Path(partial).with_suffix(".o")
         try:
-            built = subprocess.run([compiler, *FLAGS, "-o", partial, str(SOURCE), "-lm"],
-                                   capture_output=True, text=True, timeout=300)
-            if built.returncode != 0:
-                raise KernelUnavailable(f"{compiler} could not build {SOURCE.name}: {built.stderr.strip()[-500:]}")
+            for command in ([compiler, *COMPILE_FLAGS, "-c", "-o", str(objects), str(SOURCE)],
+                            [compiler, *LINK_FLAGS, "-o", partial, str(objects), "-lm"]):
+                built = subprocess.run(command, capture_output=True, text=True, timeout=300)
+                if built.returncode != 0:
+                    raise KernelUnavailable(f"{compiler} could not build {SOURCE.name}: {built.stderr.strip()[-500:]}")
             os.replace(partial, target)
         except (OSError, subprocess.SubprocessError) as exc:
             raise KernelUnavailable(f"building {SOURCE.name} failed: {exc}") from exc
         finally:
             Path(partial).unlink(missing_ok=True)
+            objects.unlink(missing_ok=True)
         logger.info("compiled %s into %s", SOURCE.name, target)
     lib = ctypes.CDLL(str(target))
     lib.q4_decode_isa.restype = ctypes.c_char_p
@@ -242,6 +249,9 @@ class Q4Decode:
         [rows, head_dim] float32, ``mask`` [rows, length + 1] (1 real, 0 padding); the cache grows by
         one position. Returns the logits [rows, vocab] float32."""
         rows = x.shape[0]
+        held = cache.get_seq_length()
+        if mask.shape != (rows, held + 1):
+            raise ValueError(f"a mask of {tuple(mask.shape)} for {rows} rows of {held} cached positions and one new")
         shape = (rows, self.kv_heads, 1, self.head_dim)
         layers = len(self._layers)
         buffers = []

@@ -14,9 +14,12 @@ output layer (tied to the embedding table in SmolLM2) goes to int8 with a scale 
 many rows at once, so each layer also keeps its dense weights and multiplies inputs of more than
 ``INT4_MAX_ROWS`` rows (``INT8_MAX_ROWS`` for the output layer) with them: prefill and wide batches
 run as in the model's dtype, at the cost of holding both copies (the tied output layer's dense
-weights are the embedding table, held anyway). Served on a 2-core AMD EPYC, SmolLM2 decoded one
-stream at 70-79 tokens/s against 28-30 in bf16, and 32 streams at 310 against 323-358
-(docs/BENCHMARKS.md, issue 20).
+weights are the embedding table, held anyway).
+
+These PyTorch kernels are what ``--quantization int4`` falls back on: where the machine has a C
+compiler, a Llama model's decode steps of up to ``q4_decode.MAX_ROWS`` rows run in one compiled call
+over the same 4-bit weights repacked (``q4_decode``), several times faster (docs/BENCHMARKS.md,
+issue 20).
 
 Whether a method is faster than fp32/bf16 depends on the CPU's kernels: ``python -m bench
 precision_quality`` and ``python -m bench engine_vs_llamacpp`` measure quality and speed.

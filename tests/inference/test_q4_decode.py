@@ -5,6 +5,7 @@ is found, ``--quantization int4`` keeps PyTorch's kernels."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ def int4(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
 def compiled(int4: LoadedModel) -> LlamaForward:
     forward = LlamaForward(int4.model)
     if forward.compiled is None:
-        pytest.fail("the kernel did not build: this machine has a C compiler (the runtime's image does too)")
+        pytest.fail("the kernel did not build: make test installs on machines with a C compiler (cc)")
     return forward
 
 
@@ -151,7 +152,28 @@ def test_the_kernel_is_built_once_into_the_cache_directory(monkeypatch: pytest.M
     assert sorted(p.name for p in tmp_path.iterdir()) == built, "the second process found it built"
 
 
+def test_loading_the_kernel_leaves_subnormal_floats_to_the_rest_of_the_process(compiled: LlamaForward) -> None:
+    # Linked with -ffast-math, the library would switch the CPU to flush subnormals to zero at load
+    # (GCC's crtfastmath), under torch and every other library in the process.
+    assert compiled.compiled is not None
+    smallest_normal = sys.float_info.min
+    assert smallest_normal / 2 > 0.0
+    assert torch.tensor(smallest_normal, dtype=torch.float64) / 2 > 0
+
+
 def test_a_model_the_kernel_cannot_take_says_why(tmp_path: Path) -> None:
     plain = load_model("tiny-random", device=CPU, cache_dir=tmp_path, max_model_len=256)
     assert q4_decode.Q4Decode.fits(plain.model) == "not every layer in 4 bits (--quantization int4) without bias"
     assert LlamaForward(plain.model).compiled is None
+
+
+def test_a_mask_that_does_not_fit_the_cache_is_refused_before_the_cache_grows(
+    int4: LoadedModel, compiled: LlamaForward
+) -> None:
+    ids, mask, positions = padded(int4.model.config.vocab_size, 2)
+    cache = DynamicCache(config=int4.model.config)
+    with torch.inference_mode():
+        token = compiled(ids, mask, positions, cache).argmax(-1, keepdim=True)
+        with pytest.raises(ValueError, match="cached positions and one new"):
+            compiled(token, mask, positions[:, -1:] + 1, cache)  # the mask lacks the new token's column
+    assert cache.get_seq_length() == ids.shape[1]
