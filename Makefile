@@ -34,8 +34,9 @@ test: install lint
 demo: install
 	$(BIN)/python -m demo
 
+# BENCH="name ..." runs only those benchmarks (make bench BENCH="precision_quality engine_vs_llamacpp").
 bench: install
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

@@ -30,8 +30,10 @@
 #define Q4_VNNI 0
 #endif
 
-/* Rows one call decodes at most (q4_decode.py's MAX_ROWS). */
-#define MAX_ROWS 8
+/* Rows one call decodes at most (q4_decode.py's CALL_ROWS); the output layer takes them HEAD_ROWS at a
+ * time (its accumulators for more would not fit in the registers). */
+#define MAX_ROWS 16
+#define HEAD_ROWS 8
 
 typedef struct {
     const uint8_t *w;   /* [out/16][in/32][256] */
@@ -203,7 +205,15 @@ static inline __attribute__((always_inline)) void tile_head_rows(const Model *mo
     case 5: call(5); break;                                                                          \
     case 6: call(6); break;                                                                          \
     case 7: call(7); break;                                                                          \
-    default: call(8); break;                                                                         \
+    case 8: call(8); break;                                                                          \
+    case 9: call(9); break;                                                                          \
+    case 10: call(10); break;                                                                        \
+    case 11: call(11); break;                                                                        \
+    case 12: call(12); break;                                                                        \
+    case 13: call(13); break;                                                                        \
+    case 14: call(14); break;                                                                        \
+    case 15: call(15); break;                                                                        \
+    default: call(16); break;                                                                        \
     }
 
 static void tile_q4(const Q4 *layer, int tile, int in, const Act *a, int rows, float *out, size_t stride) {
@@ -212,10 +222,13 @@ static void tile_q4(const Q4 *layer, int tile, int in, const Act *a, int rows, f
 #undef TILE_Q4
 }
 
-static void tile_head(const Model *model, int tile, const Act *a, int rows, float *out, size_t stride) {
-#define TILE_HEAD(n) tile_head_rows(model, tile, a, n, out, stride)
-    DISPATCH_ROWS(TILE_HEAD)
+static void tile_head(const Model *model, int tile, const Act *a, int all_rows, float *out, size_t stride) {
+    for (int first = 0; first < all_rows; first += HEAD_ROWS) {
+        const int rows = all_rows - first < HEAD_ROWS ? all_rows - first : HEAD_ROWS;
+#define TILE_HEAD(n) tile_head_rows(model, tile, a + first, n, out + first * stride, stride)
+        DISPATCH_ROWS(TILE_HEAD)
 #undef TILE_HEAD
+    }
 }
 
 static void rms_norm(const float *x, const float *weight, int n, float eps, float *out) {
