@@ -149,7 +149,6 @@ class LlamaForward:
         half = self.head_dim // 2
         self.rotation_sign = torch.cat([-torch.ones(half), torch.ones(self.head_dim - half)])
         self.compiled = q4_decode.build(model) if compiled else None
-        self.compiled_rows = q4_decode.MAX_ROWS
 
     @staticmethod
     def fits(model: PreTrainedModel, device: torch.device) -> bool:
@@ -164,7 +163,7 @@ class LlamaForward:
         tokens, heads, kv_heads, d = rows * new, self.heads, self.kv_heads, self.head_dim
         x = self.embed(ids).reshape(tokens, -1).float()  # the residual stream, [tokens, hidden]
         cos, sin = self.rotary(x, positions)  # [rows, new, d]
-        if new == 1 and self.compiled is not None and rows <= self.compiled_rows:
+        if new == 1 and self.compiled is not None and rows <= q4_decode.MAX_ROWS:
             return self.compiled.step(x.contiguous(), cos.reshape(rows, d).float().contiguous(),
                                       sin.reshape(rows, d).float().contiguous(), mask, cache)
         cos = cos.reshape(tokens, 1, d)

@@ -282,6 +282,32 @@ static void free_acts(Act *acts, int rows) {
     free(acts);
 }
 
+/* y[r] = layer . a[r] for each row ([rows][out]): the tiles shared among the team (an orphaned `omp for`). */
+static void project_q4(const Q4 *layer, int in, const Act *a, int rows, float *y, int out) {
+#pragma omp for schedule(static)
+    for (int t = 0; t < out / 16; t++) tile_q4(layer, t, in, a, rows, y + 16 * t, out);
+}
+
+/* x[r] += layer . a[r] for each row: the tiles shared among the team (an orphaned `omp for`). */
+static void add_q4(const Q4 *layer, int in, const Act *a, int rows, float *x, int out) {
+#pragma omp for schedule(static)
+    for (int t = 0; t < out / 16; t++) {
+        float y[MAX_ROWS * 16];
+        tile_q4(layer, t, in, a, rows, y, 16);
+        for (int r = 0; r < rows; r++)
+            for (int i = 0; i < 16; i++) x[(size_t)r * out + 16 * t + i] += y[16 * r + i];
+    }
+}
+
+/* h[r] = rms_norm(x[r]) quantized into acts[r], by one thread of the team. */
+static void norm_rows(const float *x, const float *weight, int rows, int n, float eps, float *h, Act *acts) {
+#pragma omp single
+    for (int r = 0; r < rows; r++) {
+        rms_norm(x + (size_t)r * n, weight, n, eps, h + (size_t)r * n);
+        quantize_act(h + (size_t)r * n, n, &acts[r]);
+    }
+}
+
 /* One decode step for `rows` rows (one new token each).
  *
  * x        [rows][hidden]  the new tokens' embeddings; the residual stream, overwritten
@@ -321,14 +347,9 @@ int q4_decode_step(const Model *model, int rows, float *x, const float *cos, con
             float *kc = keys[l], *vc = values[l];
             const size_t capacity = (size_t)capacities[l];
 
-#pragma omp single
-            for (int r = 0; r < rows; r++) {
-                rms_norm(x + (size_t)r * hidden, layer->input_norm, hidden, model->eps, h + (size_t)r * hidden);
-                quantize_act(h + (size_t)r * hidden, hidden, &small[r]);
-            }
+            norm_rows(x, layer->input_norm, rows, hidden, model->eps, h, small);
 
-#pragma omp for schedule(static)
-            for (int t = 0; t < qkv_out / 16; t++) tile_q4(&layer->qkv, t, hidden, small, rows, qkv + 16 * t, qkv_out);
+            project_q4(&layer->qkv, hidden, small, rows, qkv, qkv_out);
 
 #pragma omp single
             for (int r = 0; r < rows; r++) {
@@ -374,23 +395,11 @@ int q4_decode_step(const Model *model, int rows, float *x, const float *cos, con
 #pragma omp single
             quantize_rows(attended, rows, heads * d, small);
 
-#pragma omp for schedule(static)
-            for (int t = 0; t < hidden / 16; t++) {
-                float y[MAX_ROWS * 16];
-                tile_q4(&layer->o, t, heads * d, small, rows, y, 16);
-                for (int r = 0; r < rows; r++)
-                    for (int i = 0; i < 16; i++) x[(size_t)r * hidden + 16 * t + i] += y[16 * r + i];
-            }
+            add_q4(&layer->o, heads * d, small, rows, x, hidden);
 
-#pragma omp single
-            for (int r = 0; r < rows; r++) {
-                rms_norm(x + (size_t)r * hidden, layer->post_norm, hidden, model->eps, h + (size_t)r * hidden);
-                quantize_act(h + (size_t)r * hidden, hidden, &small[r]);
-            }
+            norm_rows(x, layer->post_norm, rows, hidden, model->eps, h, small);
 
-#pragma omp for schedule(static)
-            for (int t = 0; t < 2 * inter / 16; t++)
-                tile_q4(&layer->gate_up, t, hidden, small, rows, gate_up + 16 * t, 2 * inter);
+            project_q4(&layer->gate_up, hidden, small, rows, gate_up, 2 * inter);
 
 #pragma omp for schedule(static)
             for (int r = 0; r < rows; r++) {
@@ -401,20 +410,10 @@ int q4_decode_step(const Model *model, int rows, float *x, const float *cos, con
                 quantize_act(a, inter, &wide[r]);
             }
 
-#pragma omp for schedule(static)
-            for (int t = 0; t < hidden / 16; t++) {
-                float y[MAX_ROWS * 16];
-                tile_q4(&layer->down, t, inter, wide, rows, y, 16);
-                for (int r = 0; r < rows; r++)
-                    for (int i = 0; i < 16; i++) x[(size_t)r * hidden + 16 * t + i] += y[16 * r + i];
-            }
+            add_q4(&layer->down, inter, wide, rows, x, hidden);
         }
 
-#pragma omp single
-        for (int r = 0; r < rows; r++) {
-            rms_norm(x + (size_t)r * hidden, model->final_norm, hidden, model->eps, h + (size_t)r * hidden);
-            quantize_act(h + (size_t)r * hidden, hidden, &small[r]);
-        }
+        norm_rows(x, model->final_norm, rows, hidden, model->eps, h, small);
 
 #pragma omp for schedule(static)
         for (int t = 0; t < model->vocab / 16; t++) tile_head(model, t, small, rows, logits + 16 * t, model->vocab);

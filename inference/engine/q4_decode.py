@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("q4_decode.c")
 # Compiled with -ffast-math but linked without it: linked with it, the library would carry GCC's
 # crtfastmath, which at load sets the CPU to flush subnormal floats to zero for the whole process.
-COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC")
+COMPILE_FLAGS = ("-O3", "-ffast-math", "-fopenmp", "-fPIC")
 LINK_FLAGS = ("-shared", "-fopenmp")
 # Output rows a product computes together (one per lane of a 512-bit register), and inputs per
 # quantization group.
@@ -96,8 +96,11 @@ def _cpu_signature() -> str:
 
 
 @functools.cache
-def library() -> ctypes.CDLL:
-    """The compiled kernel, built on first use; raises ``KernelUnavailable`` with the reason."""
+def library(march: str = "native") -> ctypes.CDLL:
+    """The compiled kernel, built on first use for ``-march={march}``; raises ``KernelUnavailable`` with
+    the reason. (An older ``march``, such as ``x86-64-v3``, builds the portable path a CPU without
+    AVX-512 VNNI gets.)"""
+    flags = (*COMPILE_FLAGS, f"-march={march}")
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         raise KernelUnavailable(f"no C compiler ({compiler}) on PATH")
@@ -106,7 +109,7 @@ def library() -> ctypes.CDLL:
     except (OSError, subprocess.SubprocessError) as exc:
         raise KernelUnavailable(f"{compiler} --version failed: {exc}") from exc
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(COMPILE_FLAGS + LINK_FLAGS).encode(),
+    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags + LINK_FLAGS).encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
     target = kernel_dir() / f"q4_decode-{key}.so"
     if not target.exists():
@@ -116,7 +119,7 @@ def library() -> ctypes.CDLL:
         os.close(handle)
         objects = Path(partial).with_suffix(".o")
         try:
-            for command in ([compiler, *COMPILE_FLAGS, "-c", "-o", str(objects), str(SOURCE)],
+            for command in ([compiler, *flags, "-c", "-o", str(objects), str(SOURCE)],
                             [compiler, *LINK_FLAGS, "-o", partial, str(objects), "-lm"]):
                 built = subprocess.run(command, capture_output=True, text=True, timeout=300)
                 if built.returncode != 0:

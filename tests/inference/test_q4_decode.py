@@ -5,6 +5,7 @@ is found, ``--quantization int4`` keeps PyTorch's kernels."""
 
 from __future__ import annotations
 
+import platform
 import sys
 from pathlib import Path
 
@@ -177,3 +178,16 @@ def test_a_mask_that_does_not_fit_the_cache_is_refused_before_the_cache_grows(
         with pytest.raises(ValueError, match="cached positions and one new"):
             compiled(token, mask, positions[:, -1:] + 1, cache)  # the mask lacks the new token's column
     assert cache.get_seq_length() == ids.shape[1]
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64-v3 names an x86 instruction set")
+def test_a_cpu_without_avx512_vnni_gets_the_portable_path_and_the_same_logits(
+    int4: LoadedModel, compiled: LlamaForward
+) -> None:
+    portable = LlamaForward(int4.model, compiled=False)
+    portable.compiled = q4_decode.Q4Decode(int4.model, q4_decode.library("x86-64-v3"))  # AVX2, no AVX-512
+    assert portable.compiled.isa == "portable"
+    steps = decode([portable, compiled], int4.model.config, rows=3, steps=4)
+    for ours, theirs in steps[1:]:
+        torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-4)
+        assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
