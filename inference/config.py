@@ -184,8 +184,9 @@ class RuntimeConfig:
         choices=("auto", "float32", "bfloat16", "float16"))
     quantization: Literal["none", "int8", "int4"] = option(
         "none", "weight-only quantization of the linear layers: 'int8' (torchao) reads half the bytes of bf16 "
-        "per decode step, 'int4' (CPU only, PyTorch's int4 kernel, groups of 64) a quarter; quality against "
-        "fp32 is measured by `python -m bench precision_quality`",
+        "per decode step, 'int4' (CPU only, groups of 32, the output layer int8) a quarter, its decode steps "
+        "run by a kernel compiled with the machine's C compiler at first start (PyTorch's int4 kernel where "
+        "there is none); quality against fp32 is measured by `python -m bench precision_quality`",
         choices=("none", "int8", "int4"))
     torch_threads: int | None = option(
         None, "CPU threads for torch's kernels (default: torch's choice, one per core); fewer leaves cores to "

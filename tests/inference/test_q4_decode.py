@@ -5,6 +5,7 @@ is found, ``--quantization int4`` keeps PyTorch's kernels."""
 
 from __future__ import annotations
 
+import difflib
 import platform
 import sys
 from pathlib import Path
@@ -14,8 +15,10 @@ import torch
 from transformers import DynamicCache, PretrainedConfig
 
 from inference.engine import q4_decode, quantization
+from inference.engine.engine import Engine
 from inference.engine.llama_forward import LlamaForward
 from inference.engine.models import LoadedModel, load_model
+from tests.inference.engine_driver import submit
 
 CPU = torch.device("cpu")
 
@@ -191,3 +194,38 @@ def test_a_cpu_without_avx512_vnni_gets_the_portable_path_and_the_same_logits(
     for ours, theirs in steps[1:]:
         torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-4)
         assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+def test_the_engine_decodes_with_it_and_a_sequence_reads_the_same_alone_as_in_a_changing_batch(
+    int4: LoadedModel, compiled: LlamaForward
+) -> None:
+    """Rows finish at different steps (the batch keeps some rows) and a request joins late (batches
+    join): each sequence's text is the one it gets alone. (Alone, a prompt is prefilled without
+    padding, which moves the random tiny model's near-tied logits in the last bits: a late token may
+    flip, so the texts are compared as nearly equal; a row read from another row's cache would share
+    nothing with its text alone.)"""
+    prompts = ["The capital of France is", "Tell me a story about a lighthouse", "Why is the sky", "Two plus two"]
+    lengths = [3, 60, 45, 30]
+
+    def serve(indices: list[int], late: int | None = None) -> dict[int, str]:
+        engine = Engine(int4, max_batch_size=8)
+        assert isinstance(engine._forward, LlamaForward) and engine._forward.compiled is not None
+        engine.start()
+        try:
+            handles = {i: submit(engine, int4.tokenizer.encode(prompts[i]), max_tokens=lengths[i], ignore_eos=True)
+                       for i in indices}
+            texts = {}
+            if late is not None:
+                # The first has finished (the others are mid-decode) when the late one arrives.
+                texts[indices[0]] = handles.pop(indices[0]).result().text
+                handles[late] = submit(engine, int4.tokenizer.encode(prompts[late]), max_tokens=lengths[late],
+                                       ignore_eos=True)
+            return texts | {i: handle.result().text for i, handle in handles.items()}
+        finally:
+            engine.stop()
+
+    together = serve([0, 1, 2], late=3)
+    alone = {i: serve([i])[i] for i in range(len(prompts))}
+    assert together.keys() == alone.keys()
+    for i, text in alone.items():
+        assert difflib.SequenceMatcher(None, together[i], text).ratio() > 0.9, (together[i], text)
