@@ -113,25 +113,12 @@ def library(march: str = "native") -> ctypes.CDLL:
                                      _cpu_signature().encode()])).hexdigest()[:16]
     target = kernel_dir() / f"q4_decode-{key}.so"
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Built beside the target and renamed over it: processes starting together never load half a file.
-        handle, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
-        os.close(handle)
-        objects = Path(partial).with_suffix(".o")
-        try:
-            for command in ([compiler, *flags, "-c", "-o", str(objects), str(SOURCE)],
-                            [compiler, *LINK_FLAGS, "-o", partial, str(objects), "-lm"]):
-                built = subprocess.run(command, capture_output=True, text=True, timeout=300)
-                if built.returncode != 0:
-                    raise KernelUnavailable(f"{compiler} could not build {SOURCE.name}: {built.stderr.strip()[-500:]}")
-            os.replace(partial, target)
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise KernelUnavailable(f"building {SOURCE.name} failed: {exc}") from exc
-        finally:
-            Path(partial).unlink(missing_ok=True)
-            objects.unlink(missing_ok=True)
+        _build(compiler, flags, target)
         logger.info("compiled %s into %s", SOURCE.name, target)
-    lib = ctypes.CDLL(str(target))
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as exc:  # a directory mounted noexec, a file another process left broken
+        raise KernelUnavailable(f"could not load {target}: {exc}") from exc
     lib.q4_decode_isa.restype = ctypes.c_char_p
     lib.q4_decode_step.restype = ctypes.c_int
     lib.q4_decode_step.argtypes = [
@@ -140,6 +127,30 @@ def library(march: str = "native") -> ctypes.CDLL:
         ctypes.c_int,
     ]
     return lib
+
+
+def _build(compiler: str, flags: tuple[str, ...], target: Path) -> None:
+    """Compile and link ``SOURCE`` into ``target``; raises ``KernelUnavailable`` with the reason."""
+    partial: str | None = None
+    objects: Path | None = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Built beside the target and renamed over it: processes starting together never load half a file.
+        handle, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
+        os.close(handle)
+        objects = Path(partial).with_suffix(".o")
+        for command in ([compiler, *flags, "-c", "-o", str(objects), str(SOURCE)],
+                        [compiler, *LINK_FLAGS, "-o", partial, str(objects), "-lm"]):
+            built = subprocess.run(command, capture_output=True, text=True, timeout=300)
+            if built.returncode != 0:
+                raise KernelUnavailable(f"{compiler} could not build {SOURCE.name}: {built.stderr.strip()[-500:]}")
+        os.replace(partial, target)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise KernelUnavailable(f"building {SOURCE.name} into {target.parent} failed: {exc}") from exc
+    finally:
+        for leftover in (partial, objects):
+            if leftover is not None:
+                Path(leftover).unlink(missing_ok=True)
 
 
 def pack_q4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -152,6 +163,8 @@ def pack_q4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     values = weight.detach().float().reshape(out_features, groups, GROUP)
     low = values.amin(dim=-1, keepdim=True).to(torch.float16)
     scale = ((values.amax(dim=-1, keepdim=True) - low.float()) / 15).clamp(min=1e-7).to(torch.float16)
+    if not (torch.isfinite(low).all() and torch.isfinite(scale).all()):
+        raise ValueError("weights beyond fp16's range: the kernel's scales and offsets are fp16")
     q = ((values - low.float()) / scale.float()).round().clamp(0, 15).to(torch.uint8)
     # [tiles, 16 rows, groups, 2 halves, 4 vectors, 4 inputs] -> [tiles, groups, halves, vectors, rows, inputs]
     q = q.reshape(tiles, TILE, groups, 2, 4, 4).permute(0, 2, 3, 4, 1, 5)
@@ -286,14 +299,12 @@ class Q4Decode:
 
 def build(model: torch.nn.Module) -> Q4Decode | None:
     """The compiled step for ``model``, or None (logged) where it does not apply or cannot be built."""
-    reason = Q4Decode.fits(model)
-    if reason is not None:
+    if Q4Decode.fits(model) is not None:
         return None
     try:
-        lib = library()
-    except KernelUnavailable as exc:
+        step = Q4Decode(model, library())
+    except (KernelUnavailable, ValueError) as exc:
         logger.warning("--quantization int4: PyTorch's 4-bit kernels, not the compiled step: %s", exc)
         return None
-    step = Q4Decode(model, lib)
     logger.info("--quantization int4: decode steps run compiled (%s)", step.isa)
     return step

@@ -142,6 +142,20 @@ def test_without_a_compiler_int4_keeps_pytorchs_kernels(
         assert torch.isfinite(forward(ids, mask, positions, DynamicCache(config=int4.model.config))).all()
 
 
+def test_a_cache_directory_that_cannot_be_written_keeps_pytorchs_kernels(
+    int4: LoadedModel, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("WATTSON_KERNEL_DIR", str(blocker / "kernels"))  # under a file: mkdir fails
+    q4_decode.library.cache_clear()
+    try:
+        assert LlamaForward(int4.model).compiled is None
+    finally:
+        q4_decode.library.cache_clear()
+    assert f"into {blocker / 'kernels'} failed" in caplog.text
+
+
 def test_the_kernel_is_built_once_into_the_cache_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("WATTSON_KERNEL_DIR", str(tmp_path))
     q4_decode.library.cache_clear()
