@@ -29,7 +29,8 @@ def reserve(layer: DynamicLayer, shape: tuple[int, int, int, int], dtype: torch.
     length = keys.shape[-2] if keys.numel() else 0
     buffers = getattr(layer, "wattson_buffers", None)
     if buffers is None or length == 0 or not _is_prefix(keys, buffers[0]) or not _is_prefix(values, buffers[1]) \
-            or buffers[0].shape[:2] != (rows, kv_heads) or buffers[0].shape[-2] < length + new:
+            or buffers[0].shape[:2] != (rows, kv_heads) or buffers[0].shape[-2] < length + new \
+            or buffers[0].dtype != dtype or buffers[0].device != device:
         capacity = length + new + max(KV_HEADROOM, (length + new) // 2)
         buffers = tuple(torch.empty((rows, kv_heads, capacity, head_dim), dtype=dtype, device=device)
                         for _ in range(2))

@@ -65,6 +65,8 @@ typedef struct {
 
 const char *q4_decode_isa(void) { return Q4_VNNI ? "avx512-vnni" : "portable"; }
 
+int q4_decode_max_rows(void) { return MAX_ROWS; }
+
 static void quantize_act(const float *x, int n, Act *a) {
     a->xs_total = 0.0f;
     for (int g = 0; g < n / 32; g++) {
@@ -316,8 +318,8 @@ static void norm_rows(const float *x, const float *weight, int rows, int n, floa
  *          holding `length` cached positions; the new token's key and value are written at `length`
  * mask     [rows][length + 1] 1 for a real token, 0 for padding, or NULL when all are real
  * logits   [rows][vocab]    out
- * Returns 0; -1 when memory could not be allocated, -2 when rows is out of 1..MAX_ROWS (nothing is
- * written to the caches then). */
+ * Returns 0; -1 when memory could not be allocated, -2 when rows is out of 1..MAX_ROWS (the caches are
+ * left as they were then). */
 int q4_decode_step(const Model *model, int rows, float *x, const float *cos, const float *sin,
                    float *const *keys, float *const *values, const int32_t *capacities, int length,
                    const uint8_t *mask, float *logits, int threads) {

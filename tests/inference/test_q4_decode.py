@@ -12,29 +12,54 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import DynamicCache, PretrainedConfig
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
 from inference.engine import q4_decode, quantization
 from inference.engine.engine import Engine
 from inference.engine.llama_forward import LlamaForward
 from inference.engine.models import LoadedModel, load_model
-from tests.inference.engine_driver import submit
+from inference.engine.quantization import quantize_weights
+from tests.inference.engine_driver import Submitted, submit
 
 CPU = torch.device("cpu")
+QK_SCALE = 4.0
 
 
 @pytest.fixture(scope="module")
 def int4(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    return load_model("tiny-random", device=CPU, cache_dir=tmp_path_factory.mktemp("models"), max_model_len=256,
-                      dtype="bfloat16", quantization="int4")
+    """The tiny model in bf16 + int4, made less forgiving first: its norms weigh each channel differently
+    (they are all ones as built, so a norm applied with the wrong weight would pass unseen), and its
+    queries and keys are scaled up so attention is sharp (near-uniform attention hides a wrong rotation)."""
+    loaded = load_model("tiny-random", device=CPU, cache_dir=tmp_path_factory.mktemp("models"), max_model_len=256,
+                        dtype="bfloat16")
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, parameter in loaded.model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.copy_(1 + 0.5 * torch.randn(parameter.shape, generator=generator))
+            elif name.endswith(("q_proj.weight", "k_proj.weight")):
+                parameter.mul_(QK_SCALE)
+    quantize_weights(loaded.model, "int4")
+    loaded.quantization = "int4"
+    return loaded
 
 
 @pytest.fixture(scope="module")
 def compiled(int4: LoadedModel) -> LlamaForward:
-    forward = LlamaForward(int4.model)
-    if forward.compiled is None:
-        pytest.fail("the kernel did not build: make test installs on machines with a C compiler (cc)")
+    """The forward with the kernel this CPU builds (AVX-512 VNNI or the portable path), used for decode."""
+    forward = LlamaForward(int4.model, compiled=False)
+    try:
+        forward.compiled = q4_decode.Q4Decode(int4.model, q4_decode.library())
+    except q4_decode.KernelUnavailable as exc:
+        pytest.fail(f"the kernel did not build ({exc}): make test needs a C compiler (cc)")
     return forward
+
+
+def test_the_runtime_decodes_with_the_kernel_exactly_where_it_has_avx512_vnni(
+    int4: LoadedModel, compiled: LlamaForward
+) -> None:
+    assert compiled.compiled is not None
+    assert (LlamaForward(int4.model).compiled is not None) == (compiled.compiled.isa == "avx512-vnni")
 
 
 def padded(vocab: int, rows: int, width: int = 12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -46,9 +71,10 @@ def padded(vocab: int, rows: int, width: int = 12) -> tuple[torch.Tensor, torch.
     return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def decode(forwards: list[LlamaForward], config: PretrainedConfig, rows: int, steps: int) -> list[list[torch.Tensor]]:
+def decode(forwards: list[LlamaForward], config: PretrainedConfig, rows: int,
+           steps: int) -> tuple[list[list[torch.Tensor]], list[DynamicCache]]:
     """Each forward's logits per step (the prefill first) over its own cache, all fed the last
-    forward's greedy tokens."""
+    forward's greedy tokens; and the caches."""
     ids, mask, positions = padded(config.vocab_size, rows)
     caches = [DynamicCache(config=config) for _ in forwards]
     results: list[list[torch.Tensor]] = []
@@ -59,7 +85,7 @@ def decode(forwards: list[LlamaForward], config: PretrainedConfig, rows: int, st
             ids = step[-1].argmax(-1, keepdim=True)
             mask = torch.cat([mask, torch.ones(rows, 1, dtype=torch.long)], dim=-1)
             positions = mask.sum(-1, keepdim=True) - 1
-    return results
+    return results, caches
 
 
 def assert_near(got: torch.Tensor, expected: torch.Tensor) -> None:
@@ -77,7 +103,7 @@ def test_the_compiled_step_gives_pytorchs_logits_on_a_padded_batch(
     monkeypatch.setattr(quantization, "INT4_MAX_ROWS", q4_decode.MAX_ROWS)
     monkeypatch.setattr(quantization, "INT8_MAX_ROWS", q4_decode.MAX_ROWS)
     reference = LlamaForward(int4.model, compiled=False)
-    steps = decode([compiled, reference], int4.model.config, rows, steps=6)
+    steps, (our_cache, their_cache) = decode([compiled, reference], int4.model.config, rows, steps=6)
     prefill, decoded = steps[0], steps[1:]
     torch.testing.assert_close(prefill[0], prefill[1])  # the prompt goes through PyTorch either way
     agree = total = 0
@@ -86,6 +112,12 @@ def test_the_compiled_step_gives_pytorchs_logits_on_a_padded_batch(
         agree += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
         total += rows
     assert agree / total >= 0.9
+    # Every row's keys, rotated at its own position, and values, as PyTorch wrote them.
+    for ours, theirs in zip(our_cache.layers, their_cache.layers, strict=True):
+        for got, expected in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
+            assert got.shape == expected.shape
+            per_row = torch.nn.functional.cosine_similarity(got.flatten(1), expected.flatten(1), dim=-1)
+            assert per_row.min() > 0.999, per_row
 
 
 def test_a_cache_passes_between_the_compiled_and_the_pytorch_step(int4: LoadedModel, compiled: LlamaForward) -> None:
@@ -204,42 +236,80 @@ def test_a_cpu_without_avx512_vnni_gets_the_portable_path_and_the_same_logits(
     portable = LlamaForward(int4.model, compiled=False)
     portable.compiled = q4_decode.Q4Decode(int4.model, q4_decode.library("x86-64-v3"))  # AVX2, no AVX-512
     assert portable.compiled.isa == "portable"
-    steps = decode([portable, compiled], int4.model.config, rows=3, steps=4)
-    for ours, theirs in steps[1:]:
-        torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-4)
-        assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+    reference = LlamaForward(int4.model, compiled=False)
+    steps, _ = decode([portable, compiled, reference], int4.model.config, rows=3, steps=4)
+    for ours, vnni, theirs in steps[1:]:
+        assert_near(ours, theirs)
+        if compiled.compiled is not None and compiled.compiled.isa == "avx512-vnni":
+            torch.testing.assert_close(ours, vnni, rtol=1e-3, atol=1e-4)
+            assert torch.equal(ours.argmax(-1), vnni.argmax(-1))
 
 
 def test_the_engine_decodes_with_it_and_a_sequence_reads_the_same_alone_as_in_a_changing_batch(
     int4: LoadedModel, compiled: LlamaForward
 ) -> None:
-    """Rows finish at different steps (the batch keeps some rows) and a request joins late (batches
-    join): each sequence's text is the one it gets alone. (Alone, a prompt is prefilled without
-    padding, which moves the random tiny model's near-tied logits in the last bits: a late token may
-    flip, so the texts are compared as nearly equal; a row read from another row's cache would share
-    nothing with its text alone.)"""
-    prompts = ["The capital of France is", "Tell me a story about a lighthouse", "Why is the sky", "Two plus two"]
-    lengths = [3, 60, 45, 30]
+    """Requests join a running batch one at a time (batches join), one finishes while the others run
+    (the batch keeps some rows), and a last one arrives after it: each sequence's text is the one it
+    gets alone. Each request is prefilled alone, as it is alone, so the texts agree but for a rare late
+    flip of the random tiny model's near-tied logits (decode steps in different batches run in
+    different OpenMP chunks); a row that read another row's cache would share nothing with its text."""
+    if compiled.compiled is None or compiled.compiled.isa != "avx512-vnni":
+        pytest.skip("without AVX-512 VNNI the engine serves int4 with PyTorch's kernels")
+    prompts = ["Tell me a story about a lighthouse", "Why is the sky", "The capital of France is", "Two plus two"]
+    lengths = [60, 45, 3, 30]
 
-    def serve(indices: list[int], late: int | None = None) -> dict[int, str]:
+    def start(engine: Engine, i: int) -> Submitted:
+        """Submit prompt ``i`` and wait for its first token, so that it is prefilled alone."""
+        submitted = submit(engine, int4.tokenizer.encode(prompts[i]), max_tokens=lengths[i], ignore_eos=True)
+        first = submitted.outputs.get(timeout=60)
+        submitted.outputs.put(first)  # result() reads it again
+        return submitted
+
+    def serve(indices: list[int]) -> dict[int, str]:
         engine = Engine(int4, max_batch_size=8)
         assert isinstance(engine._forward, LlamaForward) and engine._forward.compiled is not None
         engine.start()
         try:
-            handles = {i: submit(engine, int4.tokenizer.encode(prompts[i]), max_tokens=lengths[i], ignore_eos=True)
-                       for i in indices}
-            texts = {}
-            if late is not None:
-                # The first has finished (the others are mid-decode) when the late one arrives.
-                texts[indices[0]] = handles.pop(indices[0]).result().text
-                handles[late] = submit(engine, int4.tokenizer.encode(prompts[late]), max_tokens=lengths[late],
-                                       ignore_eos=True)
-            return texts | {i: handle.result().text for i, handle in handles.items()}
+            texts, running = {}, {}
+            for i in indices:
+                running[i] = start(engine, i)
+                if lengths[i] < 10 and len(indices) > 1:  # the short one finishes while the others decode
+                    texts[i] = running.pop(i).result().text
+            return texts | {i: submitted.result().text for i, submitted in running.items()}
         finally:
             engine.stop()
 
-    together = serve([0, 1, 2], late=3)
+    together = serve([0, 1, 2, 3])
     alone = {i: serve([i])[i] for i in range(len(prompts))}
     assert together.keys() == alone.keys()
     for i, text in alone.items():
         assert difflib.SequenceMatcher(None, together[i], text).ratio() > 0.9, (together[i], text)
+
+
+def test_the_output_layer_is_its_int8_weights_times_the_int8_quantized_normed_input() -> None:
+    """A one-layer model whose layer adds nothing (its output projections are zero): the step's logits
+    are the final norm of the embedding, quantized to int8 per group of 32 as the kernel does, times
+    the int8 output layer, computed here in float64."""
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
+    torch.manual_seed(5)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.zero_()
+        model.model.layers[0].mlp.down_proj.weight.zero_()
+        model.model.norm.weight.copy_(1 + 0.5 * torch.randn(64))
+    quantize_weights(model, "int4")
+    step = q4_decode.Q4Decode(model, q4_decode.library())
+    rows = 3
+    x = torch.randn(rows, 64)
+    cache = DynamicCache(config=config)
+    with torch.inference_mode():
+        got = step.step(x.clone(), torch.ones(rows, 16), torch.zeros(rows, 16), torch.ones(rows, 1), cache)
+    h = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + config.rms_norm_eps)
+    h = h * model.model.norm.weight.double()
+    groups = h.view(rows, 2, 32)
+    scale = groups.abs().amax(-1, keepdim=True) / 127
+    quantized = (groups / scale).round() * scale  # what the kernel multiplies: int8 values times their scale
+    head = model.lm_head
+    expected = quantized.view(rows, 64) @ head.weight_int8.double().T * head.scales.double()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
