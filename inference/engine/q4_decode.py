@@ -15,7 +15,8 @@ use with the machine's C compiler (``$CC``, else ``cc``; ``-O3 -march=native -ff
 without ``-ffast-math`` so the process keeps its floating-point mode) into a cache
 directory (``WATTSON_KERNEL_DIR``, else ``~/.cache/wattson/kernels``) under a name that hashes the
 source, the compiler and the CPU, so a copy built for another CPU is never loaded. Where there is no
-compiler or the build fails, ``library()`` says why and ``LlamaForward`` keeps PyTorch's kernels.
+compiler, the build fails or the CPU lacks AVX-512 VNNI (the portable C path is slower than PyTorch's
+own 4-bit kernel), ``build()`` logs why and ``LlamaForward`` keeps PyTorch's kernels.
 """
 
 from __future__ import annotations
