@@ -1,7 +1,7 @@
 """The compiled 4-bit decode step (``q4_decode``) gives PyTorch's 4-bit step's logits within int8
 activation rounding, on the engine's cache layout: left padding, a cache prefilled by PyTorch, steps
 wider than one kernel call, and a cache handed back and forth between the two paths. Where no compiler
-is found, ``--quantization int4`` keeps PyTorch's kernels."""
+is found or the CPU lacks AVX-512 VNNI, ``--quantization int4`` keeps PyTorch's kernels."""
 
 from __future__ import annotations
 
