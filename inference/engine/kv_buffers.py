@@ -26,7 +26,7 @@ def reserve(layer: DynamicLayer, shape: tuple[int, int, int, int], dtype: torch.
         empty = torch.empty(shape, dtype=dtype, device=device)
         layer.lazy_initialization(empty, empty)
     keys, values = layer.keys, layer.values
-    length = keys.shape[-2] if keys.numel() else 0
+    length = layer.get_seq_length()
     buffers = getattr(layer, "wattson_buffers", None)
     if buffers is None or length == 0 or not _is_prefix(keys, buffers[0]) or not _is_prefix(values, buffers[1]) \
             or buffers[0].shape[:2] != (rows, kv_heads) or buffers[0].shape[-2] < length + new \

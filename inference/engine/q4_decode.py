@@ -112,18 +112,32 @@ def library(march: str = "native") -> ctypes.CDLL:
         raise KernelUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
 
-def _load(march: str) -> ctypes.CDLL:
-    flags = (*COMPILE_FLAGS, f"-march={march}")
+def _compiler() -> list[str]:
     compiler = shlex.split(os.environ.get("CC") or "cc")  # CC="ccache gcc" is a compiler too
     if not compiler or shutil.which(compiler[0]) is None:
         raise KernelUnavailable(f"no C compiler ({' '.join(compiler)}) on PATH")
+    return compiler
+
+
+def kernel_path(march: str = "native") -> Path:
+    """Where ``library(march)`` keeps its build: named by a hash of the source, the compiler, the flags
+    and the CPU. Raises ``KernelUnavailable`` without a compiler, ``OSError`` when the source is missing."""
+    compiler = _compiler()
     version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags + LINK_FLAGS).encode(),
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), version.encode(),
+                                     " ".join(_flags(march) + LINK_FLAGS).encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
-    target = kernel_dir() / f"q4_decode-{key}.so"
+    return kernel_dir() / f"q4_decode-{key}.so"
+
+
+def _flags(march: str) -> tuple[str, ...]:
+    return (*COMPILE_FLAGS, f"-march={march}")
+
+
+def _load(march: str) -> ctypes.CDLL:
+    target = kernel_path(march)
     if not target.exists():
-        _build(compiler, flags, target)
+        _build(_compiler(), _flags(march), target)
         logger.info("compiled %s into %s", SOURCE.name, target)
     try:
         lib = ctypes.CDLL(str(target))
@@ -223,20 +237,14 @@ class Q4Decode:
                 input_norm=self._floats(layer.input_layernorm.weight),
                 post_norm=self._floats(layer.post_attention_layernorm.weight),
             )
-        head = model.lm_head
-        if isinstance(head, Int8Linear):
-            weight_int8, scales = head.weight_int8, head.scales.float()
-        else:
-            dense = head.weight.detach().float()
-            scales = (dense.abs().amax(dim=1) / 127).clamp(min=1e-8)
-            weight_int8 = (dense / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+        head = model.lm_head if isinstance(model.lm_head, Int8Linear) else Int8Linear(model.lm_head)
         self._layers = layers
         self.model = _Model(
             layers=len(inner.layers), hidden=self.hidden, heads=self.heads, kv_heads=self.kv_heads,
             head_dim=self.head_dim, inter=self.inter, vocab=self.vocab, eps=config.rms_norm_eps,
             scaling=attn.scaling, layer=layers, final_norm=self._floats(inner.norm.weight),
-            head_w=self._pin(pack_head(weight_int8)),
-            head_s=self._floats(scales),
+            head_w=self._pin(pack_head(head.weight_int8)),
+            head_s=self._floats(head.scales),
         )
         self.isa = lib.q4_decode_isa().decode()
 
@@ -299,10 +307,13 @@ class Q4Decode:
         real = None if bool(mask.all()) else mask.to(torch.uint8).contiguous()
         logits = torch.empty(rows, self.vocab, dtype=torch.float32)
         threads = torch.get_num_threads()
+        # Each call's rows start `start` rows into every buffer ([rows, kv heads, capacity, d], contiguous).
+        key_rows = [(pair[0].data_ptr(), pair[0].stride(0) * pair[0].element_size()) for pair in buffers]
+        value_rows = [(pair[1].data_ptr(), pair[1].stride(0) * pair[1].element_size()) for pair in buffers]
         for start in range(0, rows, CALL_ROWS):
             count = min(CALL_ROWS, rows - start)
-            keys = (ctypes.c_void_p * layers)(*(pair[0][start].data_ptr() for pair in buffers))
-            values = (ctypes.c_void_p * layers)(*(pair[1][start].data_ptr() for pair in buffers))
+            keys = (ctypes.c_void_p * layers)(*(base + start * stride for base, stride in key_rows))
+            values = (ctypes.c_void_p * layers)(*(base + start * stride for base, stride in value_rows))
             status = self.lib.q4_decode_step(
                 ctypes.byref(self.model), count, x[start].data_ptr(), cos[start].data_ptr(), sin[start].data_ptr(),
                 keys, values, capacities, length, None if real is None else real[start].data_ptr(),

@@ -17,9 +17,9 @@ run as in the model's dtype, at the cost of holding both copies (the tied output
 weights are the embedding table, held anyway).
 
 These PyTorch kernels are what ``--quantization int4`` falls back on: where the machine has a C
-compiler and AVX-512 VNNI, a Llama model's decode steps of up to ``q4_decode.MAX_ROWS`` rows run in one compiled call
-over the same 4-bit weights repacked (``q4_decode``), several times faster (docs/BENCHMARKS.md,
-issue 20).
+compiler and AVX-512 VNNI, a Llama model's decode steps of up to ``q4_decode.MAX_ROWS`` rows run in
+one compiled call over the same 4-bit weights repacked (``q4_decode``), several times faster
+(docs/BENCHMARKS.md, issue 20).
 
 Whether a method is faster than fp32/bf16 depends on the CPU's kernels: ``python -m bench
 precision_quality`` and ``python -m bench engine_vs_llamacpp`` measure quality and speed.

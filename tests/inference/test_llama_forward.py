@@ -15,6 +15,7 @@ from inference.engine.llama_forward import LlamaForward, hf_forward, model_forwa
 from inference.engine.models import LoadedModel, load_model
 from inference.engine.quantization import INT8_MAX_ROWS, Int4Linear, Int8Linear
 from inference.engine.threads import pin_torch_threads
+from tests.inference.llama_batches import decode, padded
 
 CPU = torch.device("cpu")
 
@@ -23,30 +24,12 @@ def load_tiny(cache_dir: Path, **kwargs: str) -> LoadedModel:
     return load_model("tiny-random", device=CPU, cache_dir=cache_dir, max_model_len=256, **kwargs)
 
 
-def padded_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Three prompts of 12, 7 and 10 tokens, left-padded to 12."""
-    ids = torch.randint(0, vocab, (3, 12), generator=torch.Generator().manual_seed(7))
-    mask = torch.ones(3, 12, dtype=torch.long)
-    mask[1, :5] = 0
-    mask[2, :2] = 0
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
-
-
 def run_both(loaded: LoadedModel, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each step's logits from both forwards, fed the same tokens (the reference's argmax)."""
     model = loaded.model
     ours, theirs = LlamaForward(model, compiled=False), hf_forward(model)  # q4_decode: its own tests
-    ids, mask, positions = padded_batch(model.config.vocab_size)
-    our_cache, their_cache = DynamicCache(config=model.config), DynamicCache(config=model.config)
-    results = []
-    with torch.inference_mode():
-        for _ in range(steps + 1):
-            a, b = ours(ids, mask, positions, our_cache), theirs(ids, mask, positions, their_cache)
-            results.append((a, b.float()))
-            ids = b.argmax(-1, keepdim=True)
-            mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=-1)
-            positions = mask.sum(-1, keepdim=True) - 1
-    return results
+    results, _ = decode([ours, theirs], model.config, rows=3, steps=steps)
+    return [(a, b.float()) for a, b in results]
 
 
 def test_prefill_and_decode_of_a_padded_batch_match_transformers(tmp_path: Path) -> None:
@@ -159,7 +142,7 @@ def test_int8_output_layer_multiplies_a_wide_input_with_the_weights_it_kept() ->
 def test_decode_writes_into_room_left_in_the_cache_and_a_rebuilt_batch_gets_room_again(tmp_path: Path) -> None:
     model = load_tiny(tmp_path).model
     forward = LlamaForward(model)
-    ids, mask, positions = padded_batch(model.config.vocab_size)
+    ids, mask, positions = padded(model.config.vocab_size, 3)
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
         token = forward(ids, mask, positions, cache).argmax(-1, keepdim=True)

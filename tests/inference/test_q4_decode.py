@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PretrainedConfig
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from inference.engine import q4_decode, quantization
 from inference.engine.engine import Engine
@@ -20,6 +20,7 @@ from inference.engine.llama_forward import LlamaForward
 from inference.engine.models import LoadedModel, load_model
 from inference.engine.quantization import quantize_weights
 from tests.inference.engine_driver import Submitted, submit
+from tests.inference.llama_batches import decode, padded
 
 CPU = torch.device("cpu")
 QK_SCALE = 4.0
@@ -60,32 +61,6 @@ def test_the_runtime_decodes_with_the_kernel_exactly_where_it_has_avx512_vnni(
 ) -> None:
     assert compiled.compiled is not None
     assert (LlamaForward(int4.model).compiled is not None) == (compiled.compiled.isa == "avx512-vnni")
-
-
-def padded(vocab: int, rows: int, width: int = 12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``rows`` prompts left-padded to ``width``, row r with r % 5 padding tokens."""
-    ids = torch.randint(0, vocab, (rows, width), generator=torch.Generator().manual_seed(rows))
-    mask = torch.ones(rows, width, dtype=torch.long)
-    for row in range(rows):
-        mask[row, : row % 5] = 0
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def decode(forwards: list[LlamaForward], config: PretrainedConfig, rows: int,
-           steps: int) -> tuple[list[list[torch.Tensor]], list[DynamicCache]]:
-    """Each forward's logits per step (the prefill first) over its own cache, all fed the last
-    forward's greedy tokens; and the caches."""
-    ids, mask, positions = padded(config.vocab_size, rows)
-    caches = [DynamicCache(config=config) for _ in forwards]
-    results: list[list[torch.Tensor]] = []
-    with torch.inference_mode():
-        for _ in range(steps + 1):
-            step = [forward(ids, mask, positions, cache) for forward, cache in zip(forwards, caches, strict=True)]
-            results.append(step)
-            ids = step[-1].argmax(-1, keepdim=True)
-            mask = torch.cat([mask, torch.ones(rows, 1, dtype=torch.long)], dim=-1)
-            positions = mask.sum(-1, keepdim=True) - 1
-    return results, caches
 
 
 def assert_near(got: torch.Tensor, expected: torch.Tensor) -> None:
@@ -186,6 +161,34 @@ def test_a_cache_directory_that_cannot_be_written_keeps_pytorchs_kernels(
     finally:
         q4_decode.library.cache_clear()
     assert f"into {blocker / 'kernels'} failed" in caplog.text
+
+
+def test_a_cache_directory_that_cannot_even_be_looked_at_keeps_pytorchs_kernels(
+    int4: LoadedModel, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A name past the file system's limit: asking whether the kernel exists raises (ENAMETOOLONG), as
+    # an unreadable directory does for a user without permission.
+    monkeypatch.setenv("WATTSON_KERNEL_DIR", str(tmp_path / ("k" * 300)))
+    q4_decode.library.cache_clear()
+    try:
+        assert LlamaForward(int4.model).compiled is None
+    finally:
+        q4_decode.library.cache_clear()
+    assert "File name too long" in caplog.text
+
+
+def test_a_kernel_file_left_broken_keeps_pytorchs_kernels(
+    int4: LoadedModel, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("WATTSON_KERNEL_DIR", str(tmp_path))
+    built = q4_decode.kernel_path()
+    built.write_bytes(b"not a shared library")  # written by hand, or a disk that answered garbage
+    q4_decode.library.cache_clear()
+    try:
+        assert LlamaForward(int4.model).compiled is None
+    finally:
+        q4_decode.library.cache_clear()
+    assert f"could not load {built}" in caplog.text
 
 
 def test_the_kernel_is_built_once_into_the_cache_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
