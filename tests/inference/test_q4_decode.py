@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import platform
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,14 @@ def compiled(int4: LoadedModel) -> LlamaForward:
     except q4_decode.KernelUnavailable as exc:
         pytest.fail(f"the kernel did not build ({exc}): make test needs a C compiler (cc)")
     return forward
+
+
+@pytest.fixture
+def fresh_library() -> Iterator[None]:
+    """``library()`` as a new process finds it: it keeps one build per process, cleared before and after."""
+    q4_decode.library.cache_clear()
+    yield
+    q4_decode.library.cache_clear()
 
 
 def test_the_runtime_decodes_with_the_kernel_exactly_where_it_has_avx512_vnni(
@@ -131,16 +140,13 @@ def test_packed_weights_hold_each_weight_within_half_a_step_of_its_group() -> No
     assert ((restored - weight).abs() <= d.reshape(32, 2, 1).expand(32, 2, 32).reshape(32, 64) * 0.51 + 1e-3).all()
 
 
+@pytest.mark.usefixtures("fresh_library")
 def test_without_a_compiler_int4_keeps_pytorchs_kernels(
     int4: LoadedModel, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("CC", "no-such-compiler")
     monkeypatch.setenv("WATTSON_KERNEL_DIR", str(tmp_path))
-    q4_decode.library.cache_clear()
-    try:
-        forward = LlamaForward(int4.model)
-    finally:
-        q4_decode.library.cache_clear()
+    forward = LlamaForward(int4.model)
     assert forward.compiled is None
     assert "no C compiler (no-such-compiler)" in caplog.text
     assert list(tmp_path.iterdir()) == []
@@ -149,58 +155,46 @@ def test_without_a_compiler_int4_keeps_pytorchs_kernels(
         assert torch.isfinite(forward(ids, mask, positions, DynamicCache(config=int4.model.config))).all()
 
 
+@pytest.mark.usefixtures("fresh_library")
 def test_a_cache_directory_that_cannot_be_written_keeps_pytorchs_kernels(
     int4: LoadedModel, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("WATTSON_KERNEL_DIR", str(blocker / "kernels"))  # under a file: mkdir fails
-    q4_decode.library.cache_clear()
-    try:
-        assert LlamaForward(int4.model).compiled is None
-    finally:
-        q4_decode.library.cache_clear()
+    assert LlamaForward(int4.model).compiled is None
     assert f"into {blocker / 'kernels'} failed" in caplog.text
 
 
+@pytest.mark.usefixtures("fresh_library")
 def test_a_cache_directory_that_cannot_even_be_looked_at_keeps_pytorchs_kernels(
     int4: LoadedModel, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A name past the file system's limit: asking whether the kernel exists raises (ENAMETOOLONG), as
     # an unreadable directory does for a user without permission.
     monkeypatch.setenv("WATTSON_KERNEL_DIR", str(tmp_path / ("k" * 300)))
-    q4_decode.library.cache_clear()
-    try:
-        assert LlamaForward(int4.model).compiled is None
-    finally:
-        q4_decode.library.cache_clear()
+    assert LlamaForward(int4.model).compiled is None
     assert "File name too long" in caplog.text
 
 
+@pytest.mark.usefixtures("fresh_library")
 def test_a_kernel_file_left_broken_keeps_pytorchs_kernels(
     int4: LoadedModel, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("WATTSON_KERNEL_DIR", str(tmp_path))
     built = q4_decode.kernel_path()
     built.write_bytes(b"not a shared library")  # written by hand, or a disk that answered garbage
-    q4_decode.library.cache_clear()
-    try:
-        assert LlamaForward(int4.model).compiled is None
-    finally:
-        q4_decode.library.cache_clear()
+    assert LlamaForward(int4.model).compiled is None
     assert f"could not load {built}" in caplog.text
 
 
+@pytest.mark.usefixtures("fresh_library")
 def test_the_kernel_is_built_once_into_the_cache_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("WATTSON_KERNEL_DIR", str(tmp_path))
+    q4_decode.library()
+    built = sorted(p.name for p in tmp_path.iterdir())
     q4_decode.library.cache_clear()
-    try:
-        q4_decode.library()
-        built = sorted(p.name for p in tmp_path.iterdir())
-        q4_decode.library.cache_clear()
-        q4_decode.library()
-    finally:
-        q4_decode.library.cache_clear()
+    q4_decode.library()
     assert len(built) == 1 and built[0].startswith("q4_decode-") and built[0].endswith(".so")
     assert sorted(p.name for p in tmp_path.iterdir()) == built, "the second process found it built"
 
